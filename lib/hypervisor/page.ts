@@ -1,0 +1,97 @@
+// A 4 KiB page of some domain's memory as code outside that domain may touch
+// it. A domain's own pages are reachable directly; a foreign page only through
+// a grant map, which hands out a Page whose store methods work only when the
+// grant was writable and which goes dead when it is unmapped.
+
+import { XenError } from '../errors.js';
+
+export const PAGE_SHIFT = 12;
+export const PAGE_SIZE = 4096;
+
+export interface Page {
+  readonly writable: boolean;
+  /** Atomic loads and stores; offsets are within the page and aligned to the width. */
+  load8(offset: number): number;
+  load16(offset: number): number;
+  load32(offset: number): number;
+  store8(offset: number, value: number): void;
+  store16(offset: number, value: number): void;
+  store32(offset: number, value: number): void;
+  /** Copy `into.length` bytes out of the page from `offset`. */
+  read(offset: number, into: Uint8Array): void;
+  /** Copy `from` into the page at `offset`. */
+  write(offset: number, from: Uint8Array): void;
+}
+
+/** Views on one SharedArrayBuffer, made once per domain and shared by its pages. */
+export class MemoryViews {
+  readonly u8: Uint8Array;
+  readonly u16: Uint16Array;
+  readonly u32: Uint32Array;
+  readonly nrPages: number;
+
+  constructor(readonly buffer: SharedArrayBuffer) {
+    if (buffer.byteLength % PAGE_SIZE !== 0) throw new XenError('EINVAL', 'memory is not a whole number of pages');
+    this.u8 = new Uint8Array(buffer);
+    this.u16 = new Uint16Array(buffer);
+    this.u32 = new Uint32Array(buffer);
+    this.nrPages = buffer.byteLength / PAGE_SIZE;
+  }
+}
+
+function checkSpan(offset: number, length: number): void {
+  if (!Number.isInteger(offset) || offset < 0 || length < 0 || offset + length > PAGE_SIZE) {
+    throw new XenError('EFAULT', `access [${offset}, ${offset + length}) outside the page`);
+  }
+}
+
+/**
+ * A page at a guest frame number. `live()` is consulted on every access so a
+ * grant mapping can be revoked by unmap without the holder's cooperation.
+ */
+export class FramePage implements Page {
+  private readonly base: number;
+
+  constructor(
+    private readonly mem: MemoryViews,
+    readonly gfn: number,
+    readonly writable: boolean,
+    private readonly live: () => boolean = () => true,
+  ) {
+    if (!Number.isInteger(gfn) || gfn < 0 || gfn >= mem.nrPages) throw new XenError('EFAULT', `gfn ${gfn} out of range`);
+    this.base = gfn * PAGE_SIZE;
+  }
+
+  private enter(offset: number, length: number, store: boolean): number {
+    if (!this.live()) throw new XenError('EFAULT', `page ${this.gfn} is no longer mapped`);
+    if (store && !this.writable) throw new XenError('EACCES', `page ${this.gfn} is mapped read-only`);
+    checkSpan(offset, length);
+    return this.base + offset;
+  }
+
+  load8(offset: number): number {
+    return Atomics.load(this.mem.u8, this.enter(offset, 1, false));
+  }
+  load16(offset: number): number {
+    return Atomics.load(this.mem.u16, this.enter(offset, 2, false) >> 1);
+  }
+  load32(offset: number): number {
+    return Atomics.load(this.mem.u32, this.enter(offset, 4, false) >> 2);
+  }
+  store8(offset: number, value: number): void {
+    Atomics.store(this.mem.u8, this.enter(offset, 1, true), value);
+  }
+  store16(offset: number, value: number): void {
+    Atomics.store(this.mem.u16, this.enter(offset, 2, true) >> 1, value);
+  }
+  store32(offset: number, value: number): void {
+    Atomics.store(this.mem.u32, this.enter(offset, 4, true) >> 2, value);
+  }
+  read(offset: number, into: Uint8Array): void {
+    const at = this.enter(offset, into.length, false);
+    into.set(this.mem.u8.subarray(at, at + into.length));
+  }
+  write(offset: number, from: Uint8Array): void {
+    this.mem.u8.set(from, this.enter(offset, from.length, true));
+  }
+}
