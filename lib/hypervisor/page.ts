@@ -69,23 +69,28 @@ export class FramePage implements Page {
     return this.base + offset;
   }
 
+  private word(offset: number, width: 2 | 4, store: boolean): number {
+    if (offset % width !== 0) throw new XenError('EFAULT', `unaligned ${width * 8}-bit access at ${offset}`);
+    return this.enter(offset, width, store);
+  }
+
   load8(offset: number): number {
     return Atomics.load(this.mem.u8, this.enter(offset, 1, false));
   }
   load16(offset: number): number {
-    return Atomics.load(this.mem.u16, this.enter(offset, 2, false) >> 1);
+    return Atomics.load(this.mem.u16, this.word(offset, 2, false) >> 1);
   }
   load32(offset: number): number {
-    return Atomics.load(this.mem.u32, this.enter(offset, 4, false) >> 2);
+    return Atomics.load(this.mem.u32, this.word(offset, 4, false) >> 2);
   }
   store8(offset: number, value: number): void {
     Atomics.store(this.mem.u8, this.enter(offset, 1, true), value);
   }
   store16(offset: number, value: number): void {
-    Atomics.store(this.mem.u16, this.enter(offset, 2, true) >> 1, value);
+    Atomics.store(this.mem.u16, this.word(offset, 2, true) >> 1, value);
   }
   store32(offset: number, value: number): void {
-    Atomics.store(this.mem.u32, this.enter(offset, 4, true) >> 2, value);
+    Atomics.store(this.mem.u32, this.word(offset, 4, true) >> 2, value);
   }
   read(offset: number, into: Uint8Array): void {
     const at = this.enter(offset, into.length, false);
