@@ -4,10 +4,15 @@
 
 export type Field = { readonly offset: number; readonly size: number };
 
+/** What C calls a named layout: `struct tag` or `union tag`. */
+export type CType = { readonly kind: 'struct' | 'union'; readonly tag: string };
+
 export type Layout = {
   readonly size: number;
   readonly align: number;
   readonly fields: Readonly<Record<string, Field>>;
+  /** Set by struct() and unionOf(); absent on scalars, arrays and anonymous bodies. */
+  readonly c?: CType;
 };
 
 export type Member = readonly [name: string, type: Layout];
@@ -70,21 +75,21 @@ export function union(members: readonly Member[]): Layout {
   return { size: alignUp(size, align), align, fields };
 }
 
-function checked(tag: string, sizeBytes: number, layout: Layout): Layout {
+function checked(c: CType, sizeBytes: number, layout: Layout): Layout {
   if (layout.size !== sizeBytes) {
-    throw new Error(`abi: ${tag} lays out to ${layout.size} bytes, the header says ${sizeBytes}`);
+    throw new Error(`abi: ${c.tag} lays out to ${layout.size} bytes, the header says ${sizeBytes}`);
   }
-  return Object.freeze({ ...layout, fields: Object.freeze({ ...layout.fields }) });
+  return Object.freeze({ ...layout, fields: Object.freeze({ ...layout.fields }), c: Object.freeze(c) });
 }
 
 /** A named struct whose size is checked against the header's sizeof. */
 export function struct(tag: string, sizeBytes: number, members: readonly Member[]): Layout {
-  return checked(tag, sizeBytes, record(members));
+  return checked({ kind: 'struct', tag }, sizeBytes, record(members));
 }
 
 /** A named union whose size is checked against the header's sizeof. */
 export function unionOf(tag: string, sizeBytes: number, members: readonly Member[]): Layout {
-  return checked(tag, sizeBytes, union(members));
+  return checked({ kind: 'union', tag }, sizeBytes, union(members));
 }
 
 /** The offset of a member; throws at load for a name the layout lacks. */
