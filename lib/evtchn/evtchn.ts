@@ -1,0 +1,213 @@
+// Guest interrupts over event channels, after OpenBSD sys/dev/pv/xen.c
+// (xen_intr, xen_intr_establish, xen_intr_mask, ...). The upcall scans the
+// 2-level pending bitmap in shared_info and hands each port to its handler.
+// A handler runs as a task outside the upcall with its port masked, and the
+// port is unmasked when the handler returns, so a handler never re-enters.
+
+import { offsetOf } from '../abi/layout.js';
+import { shared_info, vcpu_info, DOMID_SELF, __HYPERVISOR_event_channel_op } from '../abi/xen.js';
+import {
+  EVTCHNOP_alloc_unbound,
+  EVTCHNOP_close,
+  EVTCHNOP_send,
+  EVTCHNOP_unmask,
+  EVTCHNOP_bind_virq,
+} from '../abi/event_channel.js';
+import { XenError } from '../errors.js';
+import { errnoName } from '../hypervisor/errno.js';
+import { logger, type Log } from '../log.js';
+import type { MemoryViews } from '../hypervisor/page.js';
+import type { Hypercall } from '../hypervisor/hypercall.js';
+import type { Vcpu } from '../hypervisor/vcpu.js';
+
+const PENDING = offsetOf(shared_info, 'evtchn_pending');
+const MASK = offsetOf(shared_info, 'evtchn_mask');
+const UPCALL_PENDING = offsetOf(vcpu_info, 'evtchn_upcall_pending');
+const PENDING_SEL = offsetOf(vcpu_info, 'evtchn_pending_sel');
+/** 2-level ABI on a 64-bit guest: 64 rows of 64 ports. */
+const NR_ROWS = 64;
+
+export type IntrHandler = () => void | Promise<void>;
+
+/** One established port (OpenBSD's struct xen_intsrc). */
+export class IntrHandle {
+  count = 0;
+  running: Promise<void> | null = null;
+  closed = false;
+
+  constructor(
+    readonly port: number,
+    readonly name: string,
+    readonly handler: IntrHandler,
+    readonly closeOnDisestablish: boolean,
+  ) {}
+}
+
+export class Interrupts {
+  private readonly handles = new Map<number, IntrHandle>();
+  private readonly log: Log;
+  private stopped = false;
+  /** Events that arrived for a port nobody established; counted, not fatal. */
+  spurious = 0;
+
+  constructor(
+    private readonly hypercall: Hypercall,
+    private readonly mem: MemoryViews,
+    private readonly sharedInfoGfn: number,
+    private readonly vcpu: Vcpu,
+    name: string,
+  ) {
+    this.log = logger('evtchn', name);
+  }
+
+  private word(base: number, bit: number): number {
+    return (this.sharedInfoGfn * 4096 + base + (bit >> 5) * 4) >> 2;
+  }
+
+  private setMask(port: number): void {
+    Atomics.or(this.mem.u32, this.word(MASK, port), 1 << (port & 31));
+  }
+
+  private isMasked(port: number): boolean {
+    return (Atomics.load(this.mem.u32, this.word(MASK, port)) & (1 << (port & 31))) !== 0;
+  }
+
+  private evtchnOp(cmd: number, arg: object, what: string): void {
+    const rc = this.hypercall(__HYPERVISOR_event_channel_op, cmd, arg);
+    if (rc !== 0) throw new XenError(errnoName(-rc), `${what} failed`);
+  }
+
+  /**
+   * xen_intr_establish: attach `handler` to `port`; port 0 allocates an
+   * unbound port that `remoteDomid` may bind. The port stays masked until
+   * intrUnmask, so the caller finishes its setup first.
+   */
+  intrEstablish(port: number, remoteDomid: number, handler: IntrHandler, name: string): IntrHandle {
+    let closeOnDisestablish = false;
+    if (port === 0) {
+      const op = { dom: DOMID_SELF, remote_dom: remoteDomid, port: 0 };
+      this.evtchnOp(EVTCHNOP_alloc_unbound, op, 'alloc_unbound');
+      port = op.port;
+      closeOnDisestablish = true;
+    }
+    if (this.handles.has(port)) throw new XenError('EEXIST', `port ${port} is already established`);
+    this.setMask(port);
+    const h = new IntrHandle(port, name, handler, closeOnDisestablish);
+    this.handles.set(port, h);
+    this.log('established port %d for %s', port, name);
+    return h;
+  }
+
+  /** Bind a VIRQ on vCPU 0 and establish a handler on its port. */
+  virqEstablish(virq: number, handler: IntrHandler, name: string): IntrHandle {
+    const op = { virq, vcpu: 0, port: 0 };
+    this.evtchnOp(EVTCHNOP_bind_virq, op, 'bind_virq');
+    const h = this.intrEstablish(op.port, DOMID_SELF, handler, name);
+    return Object.assign(h, { closeOnDisestablish: true });
+  }
+
+  /** Take over a port bound elsewhere (e.g. by bind_interdomain) and own its close. */
+  adopt(port: number, handler: IntrHandler, name: string): IntrHandle {
+    const h = this.intrEstablish(port, DOMID_SELF, handler, name);
+    return Object.assign(h, { closeOnDisestablish: true });
+  }
+
+  /** xen_intr_disestablish: mask, wait for a running handler, forget, close. */
+  async intrDisestablish(h: IntrHandle): Promise<void> {
+    if (h.closed) return;
+    h.closed = true;
+    this.setMask(h.port);
+    await this.intrBarrier(h);
+    this.handles.delete(h.port);
+    if (h.closeOnDisestablish) this.evtchnOp(EVTCHNOP_close, { port: h.port }, 'close');
+  }
+
+  intrMask(h: IntrHandle): void {
+    this.setMask(h.port);
+  }
+
+  /** xen_intr_unmask: the hypervisor clears the mask and re-delivers a held-back event. */
+  intrUnmask(h: IntrHandle): void {
+    if (h.closed) return;
+    this.evtchnOp(EVTCHNOP_unmask, { port: h.port }, 'unmask');
+  }
+
+  /** xen_intr_signal: notify the other end of the port. */
+  intrSignal(h: IntrHandle): void {
+    this.evtchnOp(EVTCHNOP_send, { port: h.port }, 'send');
+  }
+
+  /** xen_intr_barrier: resolve once a handler that is running has returned. */
+  async intrBarrier(h: IntrHandle): Promise<void> {
+    while (h.running !== null) await h.running;
+  }
+
+  /** xen_intr: the upcall. Fan pending, unmasked ports out to their handlers. */
+  upcall(): void {
+    const u8 = this.mem.u8;
+    const u32 = this.mem.u32;
+    const vi = this.sharedInfoGfn * 4096 + this.vcpu.id * vcpu_info.size;
+    while (Atomics.exchange(u8, vi + UPCALL_PENDING, 0) !== 0) {
+      for (let half = 0; half < 2; half++) {
+        let sel = Atomics.exchange(u32, (vi + PENDING_SEL + half * 4) >> 2, 0);
+        for (; sel !== 0; sel &= sel - 1) {
+          const row = half * 32 + (31 - Math.clz32(sel & -sel));
+          if (row < NR_ROWS) this.scanRow(row);
+        }
+      }
+    }
+  }
+
+  private scanRow(row: number): void {
+    const u32 = this.mem.u32;
+    for (let half = 0; half < 2; half++) {
+      const first = row * 64 + half * 32;
+      const pw = this.word(PENDING, first);
+      let ready = Atomics.load(u32, pw) & ~Atomics.load(u32, this.word(MASK, first));
+      if (ready === 0) continue;
+      Atomics.and(u32, pw, ~ready);
+      for (; ready !== 0; ready &= ready - 1) this.dispatch(first + (31 - Math.clz32(ready & -ready)));
+    }
+  }
+
+  private dispatch(port: number): void {
+    const h = this.handles.get(port);
+    if (h === undefined || h.closed) {
+      this.spurious++;
+      return;
+    }
+    h.count++;
+    this.setMask(port);
+    h.running = this.runHandler(h);
+  }
+
+  private async runHandler(h: IntrHandle): Promise<void> {
+    await Promise.resolve();
+    try {
+      await h.handler();
+    } catch (err) {
+      // A driver's failure must not take the interrupt path down with it.
+      this.log('handler %s on port %d threw: %s', h.name, h.port, (err as Error).message);
+    } finally {
+      h.running = null;
+      if (!h.closed && this.handles.get(h.port) === h) this.intrUnmask(h);
+    }
+  }
+
+  /** The vCPU's idle loop: sleep until kicked, run the upcall, until stop(). */
+  async run(): Promise<void> {
+    while (!this.stopped) {
+      this.upcall();
+      await this.vcpu.halt();
+    }
+  }
+
+  stop(): void {
+    this.stopped = true;
+    this.vcpu.kick();
+  }
+
+  isPortMasked(port: number): boolean {
+    return this.isMasked(port);
+  }
+}

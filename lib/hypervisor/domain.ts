@@ -1,0 +1,116 @@
+// struct domain: what the hypervisor keeps about one domain, in a
+// SharedArrayBuffer of 32-bit words so every thread's hypercalls see the same
+// state. The domain's memory is a second SharedArrayBuffer of 4 KiB pages.
+
+import { MemoryViews, PAGE_SIZE } from './page.js';
+
+export const MAX_VCPUS = 32; // vcpu_info slots in shared_info
+export const MAX_EVTCHNS = 1024; // ports per domain (Xen's default max_event_channels is 1023)
+export const MAX_GRANT_FRAMES = 64; // Xen's default gnttab_max_frames
+export const GRANT_ENTRIES_PER_FRAME = PAGE_SIZE / 8; // grant_entry_v1 is 8 bytes
+export const MAX_MAPTRACK = 8192; // grant mappings one domain may hold at once
+export const NR_VIRQS = 24;
+export const NR_HVM_PARAMS = 64;
+/** Pages at the top of a domain's memory for the builder's special pages. */
+export const SPECIAL_PAGES = 8;
+
+/** Word indices in the control block. */
+export const D = {
+  lockEvtchn: 0,
+  lockGnttab: 1,
+  state: 2,
+  shutdownReason: 3,
+  nrPages: 4,
+  maxVcpus: 5,
+  sharedInfoGfn: 6,
+  nrGrantFrames: 7,
+  maxGrantFrames: 8,
+  privileged: 9,
+  domid: 10,
+  nrMaptrack: 11,
+  /** per vCPU: wake word, online, poll port (0 = not polling), spare */
+  vcpus: 32,
+  /** two words (lo, hi) per HVM param */
+  params: 32 + MAX_VCPUS * 4,
+  grantFrames: 32 + MAX_VCPUS * 4 + NR_HVM_PARAMS * 2,
+  virqs: 32 + MAX_VCPUS * 4 + NR_HVM_PARAMS * 2 + MAX_GRANT_FRAMES,
+  /** per port: state, remote domid or virq, remote port, notify vCPU */
+  evtchns: 1024,
+  /** per grant ref of this domain: pins, readers in the low half, writers in the high */
+  active: 1024 + MAX_EVTCHNS * 4,
+  /** per mapping this domain holds: flags (0 = free), granting domid, ref, generation */
+  maptrack: 1024 + MAX_EVTCHNS * 4 + MAX_GRANT_FRAMES * GRANT_ENTRIES_PER_FRAME,
+  words: 1024 + MAX_EVTCHNS * 4 + MAX_GRANT_FRAMES * GRANT_ENTRIES_PER_FRAME + MAX_MAPTRACK * 4,
+} as const;
+
+export const VCPU_WAKE = 0;
+export const VCPU_ONLINE = 1;
+export const VCPU_POLL = 2;
+
+export const DomainState = {
+  free: 0,
+  paused: 1,
+  running: 2,
+  shutdown: 3,
+  dying: 4,
+  dead: 5,
+} as const;
+export type DomainStateName = keyof typeof DomainState;
+
+export const domainStateNames: readonly DomainStateName[] = ['free', 'paused', 'running', 'shutdown', 'dying', 'dead'];
+
+/** What one thread holds of a domain: views on its control block and memory. */
+export class Domain {
+  readonly ctl: Int32Array;
+  readonly mem: MemoryViews;
+
+  constructor(
+    readonly domid: number,
+    readonly control: SharedArrayBuffer,
+    readonly memory: SharedArrayBuffer,
+  ) {
+    this.ctl = new Int32Array(control);
+    this.mem = new MemoryViews(memory);
+  }
+
+  get state(): DomainStateName {
+    return domainStateNames[Atomics.load(this.ctl, D.state)] ?? 'dead';
+  }
+
+  get nrPages(): number {
+    return this.ctl[D.nrPages] ?? 0;
+  }
+
+  get privileged(): boolean {
+    return this.ctl[D.privileged] === 1;
+  }
+
+  get maxVcpus(): number {
+    return this.ctl[D.maxVcpus] ?? 1;
+  }
+
+  get sharedInfoGfn(): number {
+    return Atomics.load(this.ctl, D.sharedInfoGfn);
+  }
+
+  vcpuWord(vcpu: number, which: number): number {
+    return D.vcpus + vcpu * 4 + which;
+  }
+
+  /** First GFN of the builder's special pages (shared info, grant frame 0, xenstore, console). */
+  get specialBase(): number {
+    return this.nrPages - SPECIAL_PAGES;
+  }
+}
+
+/** The special pages a domain starts with, at the top of its memory. */
+export const SpecialPage = {
+  sharedInfo: 0,
+  grantFrame0: 1,
+  xenstore: 2,
+  console: 3,
+} as const;
+
+export function newControlBlock(): SharedArrayBuffer {
+  return new SharedArrayBuffer(D.words * 4);
+}

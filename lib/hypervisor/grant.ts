@@ -1,0 +1,239 @@
+// Grant tables v1 (xen/common/grant_table.c). Entries live in the granting
+// domain's memory, in the frames it registered; the hypervisor keeps a pin
+// count per entry (its active table) and a maptrack per mapping domain.
+// Flags change only by compare-and-swap on the entry's first word (flags,
+// domid), the same protocol the guest uses to revoke an entry.
+
+import { offsetOf } from '../abi/layout.js';
+import {
+  grant_entry_v1,
+  GTF_permit_access,
+  GTF_type_mask,
+  GTF_readonly,
+  GTF_reading,
+  GTF_writing,
+  GNTMAP_host_map,
+  GNTMAP_device_map,
+  GNTMAP_readonly,
+  GNTCOPY_source_gref,
+  GNTCOPY_dest_gref,
+  GNTST_okay,
+  GNTST_general_error,
+  GNTST_bad_domain,
+  GNTST_bad_gntref,
+  GNTST_bad_handle,
+  GNTST_permission_denied,
+  GNTST_bad_page,
+  GNTST_bad_copy_arg,
+  GNTST_no_space,
+} from '../abi/grant_table.js';
+import { DOMID_SELF } from '../abi/xen.js';
+import { D, Domain, GRANT_ENTRIES_PER_FRAME, MAX_MAPTRACK } from './domain.js';
+import { lock, unlock } from './lock.js';
+import { FramePage, PAGE_SIZE } from './page.js';
+import type { DomainLookup } from './evtchn.js';
+import type { gnttab_copy, gnttab_copy_ptr, gnttab_map_grant_ref, gnttab_unmap_grant_ref } from './hypercall.js';
+
+const ENTRY_SIZE = grant_entry_v1.size;
+const FRAME = offsetOf(grant_entry_v1, 'frame');
+const READERS = 0xffff;
+const WRITER = 0x10000;
+
+// Words of a maptrack entry.
+const MT_FLAGS = 0; // GNTMAP_* | MT_INUSE
+const MT_DOM = 1;
+const MT_REF = 2;
+const MT_GEN = 3;
+const MT_INUSE = 1 << 30;
+
+export function nrEntries(d: Domain): number {
+  return Atomics.load(d.ctl, D.nrGrantFrames) * GRANT_ENTRIES_PER_FRAME;
+}
+
+/** u32 index of the first word (flags | domid << 16) of entry `ref`. */
+function entryWord(d: Domain, ref: number): number {
+  const gfn = d.ctl[D.grantFrames + Math.floor(ref / GRANT_ENTRIES_PER_FRAME)] ?? 0;
+  return (gfn * PAGE_SIZE + (ref % GRANT_ENTRIES_PER_FRAME) * ENTRY_SIZE) >> 2;
+}
+
+function entryFrame(d: Domain, ref: number): number {
+  return Atomics.load(d.mem.u32, entryWord(d, ref) + (FRAME >> 2));
+}
+
+/**
+ * Pin entry `ref` of `rd` for `mapper`: check the grant and set GTF_reading
+ * (and GTF_writing) with compare-and-swap, then count the pin. Caller holds
+ * rd's grant lock. Returns the frame or a GNTST_* status (negative).
+ */
+function acquire(rd: Domain, ref: number, mapper: number, readonly: boolean): number {
+  if (!Number.isInteger(ref) || ref < 0 || ref >= nrEntries(rd)) return GNTST_bad_gntref;
+  const u32 = rd.mem.u32;
+  const w = entryWord(rd, ref);
+  for (;;) {
+    const old = Atomics.load(u32, w);
+    const flags = old & 0xffff;
+    if ((flags & GTF_type_mask) !== GTF_permit_access || old >>> 16 !== mapper) return GNTST_permission_denied;
+    if (!readonly && (flags & GTF_readonly) !== 0) return GNTST_permission_denied;
+    const next = (old | GTF_reading | (readonly ? 0 : GTF_writing)) >>> 0;
+    if (Atomics.compareExchange(u32, w, old, next) === old) break;
+  }
+  const frame = entryFrame(rd, ref);
+  const pins = D.active + ref;
+  const count = rd.ctl[pins] ?? 0;
+  if ((count & READERS) === READERS || count >>> 16 === 0x7fff) {
+    release(rd, ref, readonly);
+    return GNTST_general_error;
+  }
+  rd.ctl[pins] = count + (readonly ? 1 : WRITER);
+  if (frame >= rd.nrPages) {
+    release(rd, ref, readonly);
+    return GNTST_bad_page;
+  }
+  return frame;
+}
+
+/** Drop one pin; clear GTF_writing and GTF_reading when their last pin goes. Caller holds the lock. */
+function release(rd: Domain, ref: number, readonly: boolean): void {
+  const pins = D.active + ref;
+  const count = Math.max(0, (rd.ctl[pins] ?? 0) - (readonly ? 1 : WRITER));
+  rd.ctl[pins] = count;
+  let clear = 0;
+  if (count >>> 16 === 0) clear |= GTF_writing;
+  if (count === 0) clear |= GTF_reading;
+  if (clear !== 0) Atomics.and(rd.mem.u32, entryWord(rd, ref), ~clear);
+}
+
+function allocHandle(d: Domain): number {
+  for (let h = 0; h < MAX_MAPTRACK; h++) {
+    const w = D.maptrack + h * 4;
+    if (Atomics.compareExchange(d.ctl, w + MT_FLAGS, 0, MT_INUSE) === 0) return h;
+  }
+  return -1;
+}
+
+export function mapGrantRef(caller: Domain, op: gnttab_map_grant_ref, lookup: DomainLookup): void {
+  op.page = null;
+  op.handle = -1;
+  if ((op.flags & (GNTMAP_host_map | GNTMAP_device_map)) === 0) {
+    op.status = GNTST_bad_gntref;
+    return;
+  }
+  const rd = op.dom === DOMID_SELF ? caller : lookup(op.dom);
+  if (rd === undefined || rd.state === 'dead') {
+    op.status = GNTST_bad_domain;
+    return;
+  }
+  const readonly = (op.flags & GNTMAP_readonly) !== 0;
+  const handle = allocHandle(caller);
+  if (handle < 0) {
+    op.status = GNTST_no_space;
+    return;
+  }
+  lock(rd.ctl, D.lockGnttab);
+  const frame = acquire(rd, op.ref, caller.domid, readonly);
+  unlock(rd.ctl, D.lockGnttab);
+  const mt = D.maptrack + handle * 4;
+  if (frame < 0) {
+    Atomics.store(caller.ctl, mt + MT_FLAGS, 0);
+    op.status = frame;
+    return;
+  }
+  caller.ctl[mt + MT_DOM] = rd.domid;
+  caller.ctl[mt + MT_REF] = op.ref;
+  const gen = Atomics.add(caller.ctl, mt + MT_GEN, 1) + 1;
+  Atomics.store(caller.ctl, mt + MT_FLAGS, MT_INUSE | op.flags);
+  const ctl = caller.ctl;
+  op.page = new FramePage(rd.mem, frame, !readonly, () => Atomics.load(ctl, mt + MT_GEN) === gen);
+  op.handle = handle;
+  op.dev_bus_addr = BigInt(frame) << 12n;
+  op.status = GNTST_okay;
+}
+
+export function unmapGrantRef(caller: Domain, op: gnttab_unmap_grant_ref, lookup: DomainLookup): void {
+  const h = op.handle;
+  if (!Number.isInteger(h) || h < 0 || h >= MAX_MAPTRACK) {
+    op.status = GNTST_bad_handle;
+    return;
+  }
+  const mt = D.maptrack + h * 4;
+  const flags = Atomics.load(caller.ctl, mt + MT_FLAGS);
+  if ((flags & MT_INUSE) === 0 || (flags & ~MT_INUSE) === 0) {
+    op.status = GNTST_bad_handle;
+    return;
+  }
+  // Kill the mapping first: the page object goes dead before the grant is released.
+  Atomics.add(caller.ctl, mt + MT_GEN, 1);
+  const rd = lookup(caller.ctl[mt + MT_DOM] ?? -1);
+  if (rd !== undefined) {
+    lock(rd.ctl, D.lockGnttab);
+    release(rd, caller.ctl[mt + MT_REF] ?? 0, (flags & GNTMAP_readonly) !== 0);
+    unlock(rd.ctl, D.lockGnttab);
+  }
+  Atomics.store(caller.ctl, mt + MT_FLAGS, 0);
+  op.status = GNTST_okay;
+}
+
+/** Unmap everything a dying domain still maps, so the granters can revoke. */
+export function unmapAll(d: Domain, lookup: DomainLookup): void {
+  for (let h = 0; h < MAX_MAPTRACK; h++) {
+    if ((Atomics.load(d.ctl, D.maptrack + h * 4 + MT_FLAGS) & ~MT_INUSE) !== 0) {
+      unmapGrantRef(d, { host_addr: 0n, dev_bus_addr: 0n, handle: h, status: 0 }, lookup);
+    }
+  }
+}
+
+type CopySide = { d: Domain; frame: number; ref: number; pinned: boolean; readonly: boolean };
+
+function copySide(caller: Domain, ptr: gnttab_copy_ptr, byRef: boolean, readonly: boolean, lookup: DomainLookup): CopySide | number {
+  const d = ptr.domid === DOMID_SELF ? caller : lookup(ptr.domid);
+  if (d === undefined || d.state === 'dead') return GNTST_bad_domain;
+  if (!byRef) {
+    // A frame number is allowed for one's own memory, or for a privileged caller.
+    if (d !== caller && !caller.privileged) return GNTST_permission_denied;
+    if (!Number.isInteger(ptr.u.gmfn) || ptr.u.gmfn < 0 || ptr.u.gmfn >= d.nrPages) return GNTST_bad_page;
+    return { d, frame: ptr.u.gmfn, ref: 0, pinned: false, readonly };
+  }
+  lock(d.ctl, D.lockGnttab);
+  const frame = acquire(d, ptr.u.ref, caller.domid, readonly);
+  unlock(d.ctl, D.lockGnttab);
+  if (frame < 0) return frame;
+  return { d, frame, ref: ptr.u.ref, pinned: true, readonly };
+}
+
+function unpin(side: CopySide): void {
+  if (!side.pinned) return;
+  lock(side.d.ctl, D.lockGnttab);
+  release(side.d, side.ref, side.readonly);
+  unlock(side.d.ctl, D.lockGnttab);
+}
+
+/** GNTTABOP_copy: one copy, both sides checked and pinned only while it runs. */
+export function copy(caller: Domain, op: gnttab_copy, lookup: DomainLookup): void {
+  const { source, dest, len } = op;
+  if (
+    !Number.isInteger(len) || len < 0 ||
+    !Number.isInteger(source.offset) || source.offset < 0 || source.offset + len > PAGE_SIZE ||
+    !Number.isInteger(dest.offset) || dest.offset < 0 || dest.offset + len > PAGE_SIZE
+  ) {
+    op.status = GNTST_bad_copy_arg;
+    return;
+  }
+  const src = copySide(caller, source, (op.flags & GNTCOPY_source_gref) !== 0, true, lookup);
+  if (typeof src === 'number') {
+    op.status = src;
+    return;
+  }
+  const dst = copySide(caller, dest, (op.flags & GNTCOPY_dest_gref) !== 0, false, lookup);
+  if (typeof dst === 'number') {
+    unpin(src);
+    op.status = dst;
+    return;
+  }
+  const from = src.frame * PAGE_SIZE + source.offset;
+  const to = dst.frame * PAGE_SIZE + dest.offset;
+  if (src.d === dst.d) dst.d.mem.u8.copyWithin(to, from, from + len);
+  else dst.d.mem.u8.set(src.d.mem.u8.subarray(from, from + len), to);
+  unpin(dst);
+  unpin(src);
+  op.status = GNTST_okay;
+}

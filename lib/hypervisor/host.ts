@@ -1,0 +1,164 @@
+// The machine: the main thread's part of the hypervisor. It allocates each
+// domain's control block and memory, places the special pages, tells every
+// thread about the domain, and runs each domain's vCPU as a worker thread.
+// What a domain does once started is its kernel's business.
+
+import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
+import { XenError } from '../errors.js';
+import { logger } from '../log.js';
+import { SHUTDOWN_crash } from '../abi/sched.js';
+import { D, Domain, DomainState, MAX_GRANT_FRAMES, MAX_VCPUS, SPECIAL_PAGES, SpecialPage, VCPU_ONLINE, newControlBlock } from './domain.js';
+import { DOMID_FIRST_RESERVED, HOST, HOST_WORDS, Hypervisor, type DomainHandle, type RegistryMessage } from './hypervisor.js';
+import { PAGE_SIZE } from './page.js';
+
+const log = logger('host');
+
+export type DomainConfig = {
+  name: string;
+  memoryMiB: number;
+  vcpus?: number;
+  privileged?: boolean;
+  maxGrantFrames?: number;
+};
+
+/** What a vCPU thread receives: enough to build its Hypervisor view and boot its kernel. */
+export type VcpuData = {
+  domid: number;
+  hostBlock: SharedArrayBuffer;
+  registry: MessagePort;
+  known: DomainHandle[];
+  kernel: string;
+  args: unknown;
+};
+
+export type HostEvents = {
+  /** A domain's thread ended; `error` if its kernel threw (the domain crashed). */
+  onExit?: (domid: number, error: Error | null) => void;
+  /** A message from a domain's kernel to the machine (dom0's toolstack requests). */
+  onMessage?: (domid: number, message: unknown, reply: (m: unknown) => void) => void;
+};
+
+const MIN_MEMORY_PAGES = SPECIAL_PAGES + 16;
+
+export class Host {
+  readonly hostBlock = new SharedArrayBuffer(HOST_WORDS * 4);
+  readonly hv: Hypervisor;
+  private readonly handles = new Map<number, DomainHandle>();
+  private readonly registries = new Map<number, MessagePort>();
+  private readonly workers = new Map<number, Worker>();
+  readonly names = new Map<number, string>();
+
+  constructor(private readonly events: HostEvents = {}) {
+    this.hv = new Hypervisor(this.hostBlock, null);
+  }
+
+  /** XEN_DOMCTL_createdomain and the builder's memory setup: the domain starts paused. */
+  createDomain(cfg: DomainConfig, domid?: number): DomainHandle {
+    const nrPages = Math.floor((cfg.memoryMiB * 1024 * 1024) / PAGE_SIZE);
+    if (!Number.isFinite(nrPages) || nrPages < MIN_MEMORY_PAGES) {
+      throw new XenError('EINVAL', `memory ${cfg.memoryMiB} MiB is below the minimum of ${(MIN_MEMORY_PAGES * PAGE_SIZE) / 1048576} MiB`);
+    }
+    const vcpus = cfg.vcpus ?? 1;
+    if (!Number.isInteger(vcpus) || vcpus < 1 || vcpus > MAX_VCPUS) throw new XenError('EINVAL', `vcpus must be 1..${MAX_VCPUS}`);
+    const id = domid ?? this.allocDomid();
+    const h: DomainHandle = { domid: id, control: newControlBlock(), memory: new SharedArrayBuffer(nrPages * PAGE_SIZE) };
+    const d = new Domain(id, h.control, h.memory);
+    const ctl = d.ctl;
+    ctl[D.domid] = id;
+    ctl[D.nrPages] = nrPages;
+    ctl[D.maxVcpus] = vcpus;
+    ctl[D.privileged] = cfg.privileged === true ? 1 : 0;
+    ctl[D.maxGrantFrames] = Math.min(cfg.maxGrantFrames ?? MAX_GRANT_FRAMES, MAX_GRANT_FRAMES);
+    ctl[D.sharedInfoGfn] = d.specialBase + SpecialPage.sharedInfo;
+    ctl[D.grantFrames] = d.specialBase + SpecialPage.grantFrame0;
+    ctl[D.nrGrantFrames] = 1;
+    for (let v = 0; v < vcpus; v++) ctl[d.vcpuWord(v, VCPU_ONLINE)] = 1;
+    // Every event starts masked, as Xen's shared_info does for an HVM guest.
+    const si = ctl[D.sharedInfoGfn]! * PAGE_SIZE;
+    d.mem.u8.fill(0xff, si + 2560, si + 3072);
+    Atomics.store(ctl, D.state, DomainState.paused);
+    this.handles.set(id, h);
+    this.names.set(id, cfg.name);
+    this.hv.add(h);
+    Atomics.store(this.hv.host, HOST.domains + id, 1);
+    this.broadcast({ add: h });
+    log('created domain %d (%s): %d pages, %d vcpus', id, cfg.name, nrPages, vcpus);
+    return h;
+  }
+
+  private allocDomid(): number {
+    for (;;) {
+      const id = Atomics.add(this.hv.host, HOST.nextDomid, 1) + 1;
+      if (id >= DOMID_FIRST_RESERVED) throw new XenError('ENOSPC', 'no domain ids left');
+      if (Atomics.load(this.hv.host, HOST.domains + id) === 0) return id;
+    }
+  }
+
+  private broadcast(msg: RegistryMessage): void {
+    for (const port of this.registries.values()) port.postMessage(msg);
+  }
+
+  domain(domid: number): Domain {
+    const d = this.hv.domain(domid);
+    if (d === undefined) throw new XenError('ESRCH', `no domain ${domid}`);
+    return d;
+  }
+
+  /** Unpause for the first time: start the vCPU thread running `kernel` (a module URL). */
+  start(domid: number, kernel: string, args: unknown): void {
+    const d = this.domain(domid);
+    if (this.workers.has(domid)) throw new XenError('EEXIST', `domain ${domid} is already running`);
+    const { port1, port2 } = new MessageChannel();
+    this.registries.set(domid, port1);
+    const data: VcpuData = {
+      domid,
+      hostBlock: this.hostBlock,
+      registry: port2,
+      known: [...this.handles.values()],
+      kernel,
+      args,
+    };
+    const worker = new Worker(new URL('./thread.js', import.meta.url), { workerData: data, transferList: [port2] });
+    this.workers.set(domid, worker);
+    Atomics.store(d.ctl, D.state, DomainState.running);
+    worker.on('message', (m: unknown) => this.events.onMessage?.(domid, m, (r) => worker.postMessage(r)));
+    worker.on('error', (err) => {
+      log('domain %d crashed: %s', domid, err.message);
+      this.hv.shutdown(d, SHUTDOWN_crash);
+      this.events.onExit?.(domid, err);
+    });
+    worker.on('exit', () => {
+      this.workers.delete(domid);
+      this.registries.get(domid)?.close();
+      this.registries.delete(domid);
+      this.events.onExit?.(domid, null);
+    });
+  }
+
+  post(domid: number, message: unknown): void {
+    const w = this.workers.get(domid);
+    if (w === undefined) throw new XenError('ESRCH', `domain ${domid} is not running`);
+    w.postMessage(message);
+  }
+
+  /** XEN_DOMCTL_destroydomain: stop the vCPU, drop its mappings and ports, forget it. */
+  async destroy(domid: number): Promise<void> {
+    const d = this.domain(domid);
+    Atomics.store(d.ctl, D.state, DomainState.dying);
+    const w = this.workers.get(domid);
+    if (w !== undefined) await w.terminate();
+    this.hv.teardown(d);
+    Atomics.store(d.ctl, D.state, DomainState.dead);
+    Atomics.store(this.hv.host, HOST.domains + domid, 2);
+    this.handles.delete(domid);
+    this.names.delete(domid);
+    this.broadcast({ remove: domid });
+    log('destroyed domain %d', domid);
+  }
+
+  /** Stop every thread; for the end of a run. */
+  async shutdown(): Promise<void> {
+    const ids = [...this.workers.keys()].sort((a, b) => b - a);
+    for (const id of ids) await this.workers.get(id)?.terminate();
+  }
+}

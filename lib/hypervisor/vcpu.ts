@@ -1,0 +1,30 @@
+// A vCPU as a kernel sees it: something that sleeps until the hypervisor
+// kicks it (an event became pending) and then runs the upcall. The thread
+// runner sleeps in Atomics.waitAsync on the vCPU's wake word, so the thread's
+// event loop keeps serving timers and messages meanwhile.
+
+import { Domain, VCPU_WAKE } from './domain.js';
+
+export class Vcpu {
+  private readonly ctl: Int32Array;
+  private readonly wake: number;
+
+  constructor(domain: Domain, readonly id: number) {
+    this.ctl = domain.ctl;
+    this.wake = domain.vcpuWord(id, VCPU_WAKE);
+    if (id < 0 || id >= domain.maxVcpus) throw new RangeError(`vcpu ${id} does not exist`);
+  }
+
+  /** Sleep until kicked or `timeoutMs` passes; clears the kick so the next one is seen. */
+  async halt(timeoutMs = Infinity): Promise<void> {
+    const r = Atomics.waitAsync(this.ctl, this.wake, 0, timeoutMs);
+    if (r.async) await r.value;
+    Atomics.store(this.ctl, this.wake, 0);
+  }
+
+  /** Kick this vCPU from outside, e.g. to make it notice a stop request. */
+  kick(): void {
+    Atomics.store(this.ctl, this.wake, 1);
+    Atomics.notify(this.ctl, this.wake);
+  }
+}
