@@ -1,0 +1,208 @@
+// The xsd_sockmsg stream: a 16-byte header {type, req_id, tx_id, len} and
+// `len` payload bytes, back to back, the same on the shared ring and on the
+// unix socket. The decoder is a pure state machine (bytes in, whole messages
+// out); the transports plug it into their I/O.
+
+import { offsetOf } from '../abi/layout.js';
+import { XENSTORE_PAYLOAD_MAX, xsd_sockmsg } from '../abi/xs_wire.js';
+import { XenError } from '../errors.js';
+
+export type XsMessage = {
+  type: number;
+  req_id: number;
+  tx_id: number;
+  payload: Uint8Array;
+};
+
+export const XS_HDR_SIZE = xsd_sockmsg.size;
+const TYPE_OFF = offsetOf(xsd_sockmsg, 'type');
+const REQ_ID_OFF = offsetOf(xsd_sockmsg, 'req_id');
+const TX_ID_OFF = offsetOf(xsd_sockmsg, 'tx_id');
+const LEN_OFF = offsetOf(xsd_sockmsg, 'len');
+
+/**
+ * Incremental decoder. Feed it any chunking of the byte stream; it returns the
+ * messages the chunk completed. A header announcing more than
+ * XENSTORE_PAYLOAD_MAX bytes is a protocol error: the decoder records it in
+ * `error` (code E2BIG), and from then on ignores its input, because the
+ * stream can no longer be framed.
+ */
+export class XsDecoder {
+  error: XenError | undefined;
+  private readonly hdr = new Uint8Array(XS_HDR_SIZE);
+  private readonly hdrView = new DataView(this.hdr.buffer);
+  private hdrUsed = 0;
+  private payload: Uint8Array | undefined;
+  private payloadUsed = 0;
+
+  constructor(private readonly maxPayload: number = XENSTORE_PAYLOAD_MAX) {}
+
+  /** Bytes held for a message not yet complete. */
+  get buffered(): number {
+    return this.hdrUsed + this.payloadUsed;
+  }
+
+  /**
+   * Bytes that finish the header or payload in progress. A reader that takes
+   * at most this many per feed completes at most one message per feed, which
+   * lets it stop between messages for flow control.
+   */
+  wanted(): number {
+    if (this.payload === undefined) return XS_HDR_SIZE - this.hdrUsed;
+    return this.payload.length - this.payloadUsed;
+  }
+
+  feed(chunk: Uint8Array): XsMessage[] {
+    const out: XsMessage[] = [];
+    let at = 0;
+    while (at < chunk.length && this.error === undefined) {
+      at = this.payload === undefined ? this.takeHeader(chunk, at, out) : this.takePayload(chunk, at, out);
+    }
+    return out;
+  }
+
+  reset(): void {
+    this.error = undefined;
+    this.hdrUsed = 0;
+    this.payload = undefined;
+    this.payloadUsed = 0;
+  }
+
+  private takeHeader(chunk: Uint8Array, at: number, out: XsMessage[]): number {
+    const n = Math.min(XS_HDR_SIZE - this.hdrUsed, chunk.length - at);
+    this.hdr.set(chunk.subarray(at, at + n), this.hdrUsed);
+    this.hdrUsed += n;
+    if (this.hdrUsed < XS_HDR_SIZE) return at + n;
+    const len = this.hdrView.getUint32(LEN_OFF, true);
+    if (len > this.maxPayload) {
+      this.error = new XenError('E2BIG', `message announces ${len} payload bytes, at most ${this.maxPayload} allowed`);
+      return chunk.length;
+    }
+    this.payload = new Uint8Array(len);
+    this.payloadUsed = 0;
+    if (len === 0) this.finish(out);
+    return at + n;
+  }
+
+  private takePayload(chunk: Uint8Array, at: number, out: XsMessage[]): number {
+    const payload = this.payload;
+    if (payload === undefined) return at;
+    const n = Math.min(payload.length - this.payloadUsed, chunk.length - at);
+    payload.set(chunk.subarray(at, at + n), this.payloadUsed);
+    this.payloadUsed += n;
+    if (this.payloadUsed === payload.length) this.finish(out);
+    return at + n;
+  }
+
+  private finish(out: XsMessage[]): void {
+    const v = this.hdrView;
+    out.push({
+      type: v.getUint32(TYPE_OFF, true),
+      req_id: v.getUint32(REQ_ID_OFF, true),
+      tx_id: v.getUint32(TX_ID_OFF, true),
+      payload: this.payload ?? new Uint8Array(0),
+    });
+    this.hdrUsed = 0;
+    this.payload = undefined;
+    this.payloadUsed = 0;
+  }
+}
+
+/** Header and payload as one byte string; the sender's own bug if the payload is too big. */
+export function encodeMessage(msg: XsMessage): Uint8Array {
+  if (msg.payload.length > XENSTORE_PAYLOAD_MAX) {
+    throw new XenError('E2BIG', `payload of ${msg.payload.length} bytes exceeds ${XENSTORE_PAYLOAD_MAX}`);
+  }
+  const bytes = new Uint8Array(XS_HDR_SIZE + msg.payload.length);
+  const v = new DataView(bytes.buffer);
+  v.setUint32(TYPE_OFF, msg.type, true);
+  v.setUint32(REQ_ID_OFF, msg.req_id, true);
+  v.setUint32(TX_ID_OFF, msg.tx_id, true);
+  v.setUint32(LEN_OFF, msg.payload.length, true);
+  bytes.set(msg.payload, XS_HDR_SIZE);
+  return bytes;
+}
+
+// Payloads: NUL-separated strings. Paths and tokens are ASCII; values are
+// bytes, usually text without a NUL.
+
+const utf8 = new TextEncoder();
+const utf8Decoder = new TextDecoder();
+
+export function toBytes(value: string | Uint8Array): Uint8Array {
+  return typeof value === 'string' ? utf8.encode(value) : value;
+}
+
+export function fromBytes(bytes: Uint8Array): string {
+  return utf8Decoder.decode(bytes);
+}
+
+/** Each string followed by a NUL: "a\0b\0". */
+export function joinStrings(parts: readonly string[]): Uint8Array {
+  return utf8.encode(parts.map((p) => `${p}\0`).join(''));
+}
+
+/**
+ * Split at NULs. A final NUL terminates the last string rather than starting
+ * an empty one, so "a\0b\0" and "a\0b" both give ["a", "b"], and "" gives [].
+ */
+export function splitStrings(payload: Uint8Array): string[] {
+  if (payload.length === 0) return [];
+  const end = payload[payload.length - 1] === 0 ? payload.length - 1 : payload.length;
+  return fromBytes(payload.subarray(0, end)).split('\0');
+}
+
+/** Count of NUL-terminated strings, as C xenstored's xs_count_strings. */
+export function countStrings(payload: Uint8Array): number {
+  let n = 0;
+  for (const b of payload) if (b === 0) n++;
+  return n;
+}
+
+/**
+ * A request payload whose first string is a path and the rest raw bytes
+ * (XS_WRITE): undefined when there is no NUL at all.
+ */
+export function splitFirst(payload: Uint8Array): [string, Uint8Array] | undefined {
+  const nul = payload.indexOf(0);
+  if (nul < 0) return undefined;
+  return [fromBytes(payload.subarray(0, nul)), payload.subarray(nul + 1)];
+}
+
+/** "path\0" + value bytes, no trailing NUL: the XS_WRITE payload. */
+export function joinWrite(path: string, value: string | Uint8Array): Uint8Array {
+  const head = utf8.encode(`${path}\0`);
+  const body = toBytes(value);
+  const out = new Uint8Array(head.length + body.length);
+  out.set(head, 0);
+  out.set(body, head.length);
+  return out;
+}
+
+// Permissions: one string per entry, a letter and a domid ("b0", "r1"). The
+// first entry names the owner and the access of everyone not listed.
+
+export type XsPermLetter = 'n' | 'r' | 'w' | 'b';
+export type XsPerm = { domid: number; perm: XsPermLetter };
+
+const DOMID_MAX = 0xffff;
+
+export function formatPerm(p: XsPerm): string {
+  return `${p.perm}${p.domid}`;
+}
+
+/** Parse "r1"; EINVAL for anything else. */
+export function parsePerm(s: string): XsPerm {
+  const m = /^([nrwb])(\d{1,5})$/.exec(s);
+  const domid = m === null ? NaN : Number(m[2]);
+  if (m === null || !(domid <= DOMID_MAX)) throw new XenError('EINVAL', `bad permission ${JSON.stringify(s)}`);
+  return { domid, perm: m[1] as XsPermLetter };
+}
+
+export function canRead(p: XsPermLetter): boolean {
+  return p === 'r' || p === 'b';
+}
+
+export function canWrite(p: XsPermLetter): boolean {
+  return p === 'w' || p === 'b';
+}

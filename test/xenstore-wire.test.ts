@@ -1,0 +1,121 @@
+import fc from 'fast-check';
+import t from 'tap';
+
+import { XENSTORE_PAYLOAD_MAX, XS_READ, XS_WRITE } from '../lib/abi/xs_wire.js';
+import {
+  XS_HDR_SIZE,
+  XsDecoder,
+  countStrings,
+  encodeMessage,
+  joinStrings,
+  joinWrite,
+  parsePerm,
+  splitFirst,
+  splitStrings,
+  type XsMessage,
+} from '../lib/xenstore/wire.js';
+
+const enc = new TextEncoder();
+
+function msg(type: number, req_id: number, tx_id: number, text: string): XsMessage {
+  return { type, req_id, tx_id, payload: enc.encode(text) };
+}
+
+function concat(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
+t.test('header is the 16-byte xsd_sockmsg, little-endian', async (t) => {
+  const bytes = encodeMessage(msg(XS_READ, 0x01020304, 7, 'a\0'));
+  t.equal(XS_HDR_SIZE, 16);
+  t.same([...bytes.subarray(0, 16)], [2, 0, 0, 0, 4, 3, 2, 1, 7, 0, 0, 0, 2, 0, 0, 0]);
+  t.same([...bytes.subarray(16)], [0x61, 0]);
+});
+
+t.test('decoder fed one byte at a time', async (t) => {
+  const msgs = [msg(XS_READ, 1, 0, 'device/vif\0'), msg(XS_WRITE, 2, 5, 'a\0b'), msg(XS_READ, 3, 0, '')];
+  const stream = concat(msgs.map(encodeMessage));
+  const d = new XsDecoder();
+  const got: XsMessage[] = [];
+  for (let i = 0; i < stream.length; i++) {
+    const out = d.feed(stream.subarray(i, i + 1));
+    t.ok(out.length <= 1, 'at most one message completes per byte');
+    got.push(...out);
+    t.ok(d.wanted() >= 1);
+  }
+  t.same(got, msgs);
+  t.equal(d.buffered, 0);
+  t.equal(d.error, undefined);
+});
+
+t.test('len over XENSTORE_PAYLOAD_MAX is a protocol error, not a crash', async (t) => {
+  const d = new XsDecoder();
+  const hdr = new Uint8Array(16);
+  new DataView(hdr.buffer).setUint32(12, XENSTORE_PAYLOAD_MAX + 1, true);
+  t.same(d.feed(hdr), []);
+  t.equal(d.error?.code, 'E2BIG');
+  t.same(d.feed(encodeMessage(msg(XS_READ, 1, 0, 'x\0'))), [], 'stream unframed after the error');
+  d.reset();
+  t.equal(d.feed(encodeMessage(msg(XS_READ, 1, 0, 'x\0'))).length, 1, 'reset starts afresh');
+  const max = { type: XS_WRITE, req_id: 9, tx_id: 0, payload: new Uint8Array(XENSTORE_PAYLOAD_MAX) };
+  t.equal(new XsDecoder().feed(encodeMessage(max))[0]?.payload.length, XENSTORE_PAYLOAD_MAX, 'exactly max is fine');
+  t.throws(() => encodeMessage({ ...max, payload: new Uint8Array(XENSTORE_PAYLOAD_MAX + 1) }), { code: 'E2BIG' });
+});
+
+t.test('payload helpers', async (t) => {
+  t.same(splitStrings(joinStrings(['a', 'b'])), ['a', 'b']);
+  t.same(splitStrings(enc.encode('a\0b')), ['a', 'b']);
+  t.same(splitStrings(new Uint8Array(0)), []);
+  t.same(splitStrings(enc.encode('\0')), ['']);
+  t.equal(countStrings(enc.encode('a\0b\0c')), 2);
+  const w = joinWrite('p/q', 'v\0x');
+  const [path, value] = splitFirst(w) ?? ['', new Uint8Array()];
+  t.equal(path, 'p/q');
+  t.same([...value], [...enc.encode('v\0x')], 'values are bytes after the first NUL');
+  t.equal(splitFirst(enc.encode('nonul')), undefined);
+  t.same(parsePerm('b0'), { domid: 0, perm: 'b' });
+  t.same(parsePerm('r65535'), { domid: 65535, perm: 'r' });
+  for (const bad of ['', 'x1', 'r', 'r-1', 'r65536', 'b0 ', 'R1']) t.throws(() => parsePerm(bad), { code: 'EINVAL' }, bad);
+});
+
+const arbMessage = fc.record({
+  type: fc.integer({ min: 0, max: 0xffffffff }),
+  req_id: fc.integer({ min: 0, max: 0xffffffff }),
+  tx_id: fc.integer({ min: 0, max: 0xffffffff }),
+  payload: fc.uint8Array({ maxLength: 300 }),
+});
+
+t.test('property: any chunking of any message stream round-trips', async (t) => {
+  fc.assert(
+    fc.property(fc.array(arbMessage, { maxLength: 12 }), fc.array(fc.integer({ min: 1, max: 64 }), { minLength: 1 }), (msgs, cuts) => {
+      const stream = concat(msgs.map(encodeMessage));
+      const d = new XsDecoder();
+      const got: XsMessage[] = [];
+      let at = 0;
+      for (let i = 0; at < stream.length; i++) {
+        const n = cuts[i % cuts.length] ?? 1;
+        got.push(...d.feed(stream.subarray(at, at + n)));
+        at += n;
+      }
+      t.same(got, msgs);
+      return d.buffered === 0 && d.error === undefined && got.length === msgs.length;
+    }),
+  );
+});
+
+t.test('property: strings survive join and split', async (t) => {
+  const arbPart = fc.string({ unit: fc.constantFrom('a', 'b', '/', '-', '_', '@', '0', '9'), maxLength: 20 });
+  fc.assert(
+    fc.property(fc.array(arbPart, { minLength: 1, maxLength: 8 }), (parts) => {
+      const back = splitStrings(joinStrings(parts));
+      return back.length === parts.length && back.every((p, i) => p === parts[i]);
+    }),
+  );
+  t.pass();
+});
