@@ -1,0 +1,273 @@
+// The xenstore_domain_interface page: two 1 KiB byte rings, `req` from the
+// guest to xenstored and `rsp` back, with free-running u32 indices. One class
+// serves both ends: the front (guest) produces into req and consumes rsp, the
+// back (xenstored) the mirror. Each end frames its input with XsDecoder and
+// queues its output when the ring is full.
+//
+// Only the peer's indices are read from the page; our own live in private
+// shadows, so a peer scribbling on them cannot make us read or write outside
+// what we produced. A peer index more than a ring away from ours is a
+// protocol error: the end stops, reports it once, and never loops on it.
+
+import { offsetOf } from '../abi/layout.js';
+import {
+  XENSTORE_ERROR_PROTO,
+  XENSTORE_ERROR_RINGIDX,
+  XENSTORE_RING_SIZE,
+  XENSTORE_SERVER_FEATURE_ERROR,
+  xenstore_domain_interface as intf,
+} from '../abi/xs_wire.js';
+import { XenError } from '../errors.js';
+import type { Page } from '../hypervisor/page.js';
+import { logger, type Log } from '../log.js';
+import { XsDecoder, encodeMessage, type XsMessage } from './wire.js';
+
+export type XsRingSide = 'front' | 'back';
+
+export type XsRingOptions = {
+  page: Page;
+  side: XsRingSide;
+  /** Signal the peer (the event channel); called once per batch that moved bytes. */
+  notify: () => void;
+  /** Each whole message from the peer, in order. */
+  deliver: (msg: XsMessage) => void;
+  /** Called once when the peer breaks the protocol; the ring is dead afterwards. */
+  broken?: ((err: XenError) => void) | undefined;
+  /**
+   * Output bytes waiting for ring space above which send() reports backlog
+   * and input is not read (xenstored uses this to stop taking requests from
+   * a guest that does not read its responses).
+   */
+  highWaterBytes?: number | undefined;
+  /** Called when the backlog falls back under the high-water mark. */
+  drained?: (() => void) | undefined;
+  /** Hard bound on queued output; exceeding it is the owner's bug. */
+  maxQueuedBytes?: number | undefined;
+  log?: Log | undefined;
+};
+
+const RING_MASK = XENSTORE_RING_SIZE - 1;
+const REQ = offsetOf(intf, 'req');
+const RSP = offsetOf(intf, 'rsp');
+const REQ_CONS = offsetOf(intf, 'req_cons');
+const REQ_PROD = offsetOf(intf, 'req_prod');
+const RSP_CONS = offsetOf(intf, 'rsp_cons');
+const RSP_PROD = offsetOf(intf, 'rsp_prod');
+const SERVER_FEATURES = offsetOf(intf, 'server_features');
+const ERROR = offsetOf(intf, 'error');
+
+if ((XENSTORE_RING_SIZE & RING_MASK) !== 0) throw new Error('xenstore: ring size must be a power of two');
+
+/** Where one end finds its two rings and four indices. */
+type Geometry = { out: number; outProd: number; outCons: number; in: number; inProd: number; inCons: number };
+
+const FRONT: Geometry = { out: REQ, outProd: REQ_PROD, outCons: REQ_CONS, in: RSP, inProd: RSP_PROD, inCons: RSP_CONS };
+const BACK: Geometry = { out: RSP, outProd: RSP_PROD, outCons: RSP_CONS, in: REQ, inProd: REQ_PROD, inCons: REQ_CONS };
+
+export class XsRing {
+  error: XenError | undefined;
+  private readonly page: Page;
+  private readonly side: XsRingSide;
+  private readonly geo: Geometry;
+  private readonly opts: XsRingOptions;
+  private readonly log: Log;
+  private readonly decoder = new XsDecoder();
+  private readonly scratch = new Uint8Array(XENSTORE_RING_SIZE);
+  private readonly highWater: number;
+  private readonly maxQueued: number;
+  private outProd: number;
+  private inCons: number;
+  private readonly queue: Uint8Array[] = [];
+  private queueHead = 0;
+  private queuedBytes = 0;
+  private wasBacklogged = false;
+  private busy = false;
+  private again = false;
+  private moved = false;
+
+  constructor(opts: XsRingOptions) {
+    this.opts = opts;
+    this.page = opts.page;
+    this.side = opts.side;
+    this.geo = opts.side === 'front' ? FRONT : BACK;
+    this.log = opts.log ?? logger('xenstore', `ring-${opts.side}`);
+    this.highWater = opts.highWaterBytes ?? Infinity;
+    this.maxQueued = opts.maxQueuedBytes ?? 1 << 20;
+    // Start where the indices stand: the page may have been in use before.
+    this.outProd = this.page.load32(this.geo.outProd);
+    this.inCons = this.page.load32(this.geo.inCons);
+    if (opts.side === 'back') {
+      const features = this.page.load32(SERVER_FEATURES);
+      this.page.store32(SERVER_FEATURES, (features | XENSTORE_SERVER_FEATURE_ERROR) >>> 0);
+    }
+  }
+
+  /** Output bytes not yet on the ring. */
+  get backlogBytes(): number {
+    return this.queuedBytes;
+  }
+
+  /**
+   * Queue one message and push what fits. Returns false while the backlog is
+   * over the high-water mark; `drained` is called when it falls back.
+   */
+  send(msg: XsMessage): boolean {
+    if (this.error !== undefined) return false;
+    const bytes = encodeMessage(msg);
+    if (this.queuedBytes + bytes.length > this.maxQueued) {
+      throw new XenError('ENOSPC', `xenstore ring output queue over ${this.maxQueued} bytes`);
+    }
+    this.queue.push(bytes);
+    this.queuedBytes += bytes.length;
+    // Inside intr() the pump flushes after each delivery. Outside it, only
+    // flush: reading input here would run the peer's requests re-entrantly
+    // inside whatever made us send (xenstored firing a watch, say).
+    if (!this.busy) {
+      this.flush();
+      this.kick();
+    }
+    return this.queuedBytes <= this.highWater;
+  }
+
+  /** The owner calls this when the event channel fires (and may call it any time). */
+  intr(): void {
+    if (this.error !== undefined) return;
+    if (this.busy) {
+      this.again = true;
+      return;
+    }
+    this.busy = true;
+    try {
+      do {
+        this.again = false;
+        this.pump();
+      } while (this.again && this.error === undefined);
+    } finally {
+      this.busy = false;
+    }
+    this.kick();
+  }
+
+  /** Stop using the page; later events and sends are ignored. */
+  close(): void {
+    if (this.error === undefined) this.error = new XenError('ESHUTDOWN', 'xenstore ring closed');
+    this.queue.length = 0;
+    this.queueHead = 0;
+    this.queuedBytes = 0;
+  }
+
+  private pump(): void {
+    this.flush();
+    while (this.error === undefined && this.queuedBytes <= this.highWater) {
+      const n = this.get(this.decoder.wanted());
+      if (n === 0) break;
+      const msgs = this.decoder.feed(this.scratch.subarray(0, n));
+      if (this.decoder.error !== undefined) {
+        this.fail(this.decoder.error, XENSTORE_ERROR_PROTO);
+        return;
+      }
+      for (const msg of msgs) this.deliverOne(msg);
+      this.flush();
+    }
+  }
+
+  private deliverOne(msg: XsMessage): void {
+    try {
+      this.opts.deliver(msg);
+    } catch (err) {
+      // The owner's bug, not the peer's: keep the stream in step.
+      this.log('deliver of type %d req_id %d threw: %O', msg.type, msg.req_id, err);
+    }
+  }
+
+  private flush(): void {
+    while (this.error === undefined && this.queueHead < this.queue.length) {
+      const head = this.queue[this.queueHead];
+      if (head === undefined) break;
+      const n = this.put(head);
+      if (n === head.length) {
+        this.queueHead++;
+      } else if (n > 0) {
+        this.queue[this.queueHead] = head.subarray(n);
+      }
+      this.queuedBytes -= n;
+      if (n < head.length) break;
+    }
+    if (this.queueHead === this.queue.length) {
+      this.queue.length = 0;
+      this.queueHead = 0;
+    }
+  }
+
+  /** Signal the peer once for everything moved since the last signal. */
+  private kick(): void {
+    if (this.moved && this.error === undefined) {
+      this.moved = false;
+      this.opts.notify();
+    }
+    this.checkDrained();
+  }
+
+  private checkDrained(): void {
+    const over = this.queuedBytes > this.highWater;
+    if (this.wasBacklogged && !over && this.error === undefined) {
+      this.wasBacklogged = false;
+      this.opts.drained?.();
+    } else if (over) {
+      this.wasBacklogged = true;
+    }
+  }
+
+  /** Copy as much of `bytes` as fits into the out ring (OpenBSD xs_ring_put; xenstored writechn). */
+  private put(bytes: Uint8Array): number {
+    const cons = this.page.load32(this.geo.outCons);
+    const used = (this.outProd - cons) >>> 0;
+    if (used > XENSTORE_RING_SIZE) {
+      this.fail(new XenError('EPROTO', `peer consumer index ${cons} is ${used} bytes behind producer ${this.outProd}`), XENSTORE_ERROR_RINGIDX);
+      return 0;
+    }
+    const size = Math.min(bytes.length, XENSTORE_RING_SIZE - used);
+    if (size === 0) return 0;
+    const at = this.outProd & RING_MASK;
+    const first = Math.min(size, XENSTORE_RING_SIZE - at);
+    this.page.write(this.geo.out + at, bytes.subarray(0, first));
+    if (size > first) this.page.write(this.geo.out, bytes.subarray(first, size));
+    this.outProd = (this.outProd + size) >>> 0;
+    // The bytes are in place before the index that publishes them (seq-cst store).
+    this.page.store32(this.geo.outProd, this.outProd);
+    this.moved = true;
+    return size;
+  }
+
+  /** Copy up to `want` bytes from the in ring into scratch (OpenBSD xs_ring_get; xenstored readchn). */
+  private get(want: number): number {
+    const prod = this.page.load32(this.geo.inProd);
+    const avail = (prod - this.inCons) >>> 0;
+    if (avail > XENSTORE_RING_SIZE) {
+      this.fail(new XenError('EPROTO', `peer producer index ${prod} is ${avail} bytes ahead of consumer ${this.inCons}`), XENSTORE_ERROR_RINGIDX);
+      return 0;
+    }
+    const size = Math.min(avail, want, XENSTORE_RING_SIZE);
+    if (size === 0) return 0;
+    const at = this.inCons & RING_MASK;
+    const first = Math.min(size, XENSTORE_RING_SIZE - at);
+    this.page.read(this.geo.in + at, this.scratch.subarray(0, first));
+    if (size > first) this.page.read(this.geo.in, this.scratch.subarray(first, size));
+    this.inCons = (this.inCons + size) >>> 0;
+    this.page.store32(this.geo.inCons, this.inCons);
+    this.moved = true;
+    return size;
+  }
+
+  private fail(err: XenError, code: number): void {
+    if (this.error !== undefined) return;
+    this.error = err;
+    this.log('%s end broken: %s', this.side, err.message);
+    // Tell a guest that knows XENSTORE_SERVER_FEATURE_ERROR why we stopped.
+    if (this.side === 'back' && this.page.writable) this.page.store32(ERROR, code);
+    this.queue.length = 0;
+    this.queueHead = 0;
+    this.queuedBytes = 0;
+    this.opts.broken?.(err);
+  }
+}
