@@ -26,20 +26,43 @@ export type Arch = 'x86_64' | 'x86_32';
 
 export type StructEntry = {
   readonly size: number;
+  readonly align: number;
   readonly fields: Readonly<Record<string, Field>>;
   readonly kind: 'struct' | 'union';
   /** The C tag; the key differs from it only by the `_x86_32` suffix. */
   readonly tag: string;
   readonly arch: Arch;
-  /** The lib/abi file (named after the header) that exports it. */
-  readonly header: string;
+  /** The lib/abi file that exports it, named after the C header. */
+  readonly file: string;
 };
 
-/** Modules in include order, keyed by file name. */
-const headers: Readonly<Record<string, Readonly<Record<string, unknown>>>> = {
-  xen, event_channel, grant_table, memory, hvm, sched, vcpu, version, features,
-  errno, ring, netif, blkif, xs_wire, xenbus, console, protocols,
-};
+/** Each file of lib/abi, the C headers it mirrors, and its exports. */
+const files: readonly {
+  readonly file: string;
+  readonly include: readonly string[];
+  readonly exports: Readonly<Record<string, unknown>>;
+}[] = [
+  { file: 'xen', include: ['xen/xen.h'], exports: xen },
+  { file: 'event_channel', include: ['xen/event_channel.h'], exports: event_channel },
+  { file: 'grant_table', include: ['xen/grant_table.h'], exports: grant_table },
+  { file: 'memory', include: ['xen/memory.h'], exports: memory },
+  { file: 'hvm', include: ['xen/hvm/hvm_op.h', 'xen/hvm/params.h'], exports: hvm },
+  { file: 'sched', include: ['xen/sched.h'], exports: sched },
+  { file: 'vcpu', include: ['xen/vcpu.h'], exports: vcpu },
+  { file: 'version', include: ['xen/version.h'], exports: version },
+  { file: 'features', include: ['xen/features.h'], exports: features },
+  { file: 'errno', include: ['xen/errno.h'], exports: errno },
+  { file: 'ring', include: ['xen/io/ring.h'], exports: ring },
+  { file: 'netif', include: ['xen/io/netif.h'], exports: netif },
+  { file: 'blkif', include: ['xen/io/blkif.h'], exports: blkif },
+  { file: 'xs_wire', include: ['xen/io/xs_wire.h'], exports: xs_wire },
+  { file: 'xenbus', include: ['xen/io/xenbus.h'], exports: xenbus },
+  { file: 'console', include: ['xen/io/console.h'], exports: console },
+  { file: 'protocols', include: ['xen/io/protocols.h'], exports: protocols },
+];
+
+/** The C headers behind lib/abi, as `#include <...>` paths (Debian: libxen-dev). */
+export const includes: readonly string[] = Object.freeze(files.flatMap((f) => f.include));
 
 const X86_32_SUFFIX = '_x86_32';
 
@@ -62,8 +85,8 @@ function build(): {
   const constants: Record<string, number | bigint> = {};
   const strings: Record<string, string> = {};
   const seen = new Set<string>();
-  for (const [header, mod] of Object.entries(headers)) {
-    for (const [name, value] of Object.entries(mod)) {
+  for (const { file, exports } of files) {
+    for (const [name, value] of Object.entries(exports)) {
       // Layout aliases (domid_t = u16) are shared objects; only named values must be unique.
       if (isLayout(value) && value.c === undefined) continue;
       if (seen.has(name)) throw new Error(`abi: ${name} is exported by two header files`);
@@ -74,7 +97,8 @@ function build(): {
         strings[name] = value;
       } else if (isLayout(value) && value.c !== undefined) {
         const { kind, tag } = value.c;
-        structs[name] = { size: value.size, fields: value.fields, kind, tag, arch: archOf(name, tag), header };
+        const arch = archOf(name, tag);
+        structs[name] = { size: value.size, align: value.align, fields: value.fields, kind, tag, arch, file };
       }
     }
   }

@@ -12,7 +12,6 @@ export const XENFEAT_hvm_callback_vector = 8;
 export const XENFEAT_hvm_safe_pvclock = 9;
 export const XENFEAT_hvm_pirqs = 10;
 export const XENFEAT_dom0 = 11;
-export const XENFEAT_grant_map_identity = 12;
 export const XENFEAT_memory_op_vnode_supported = 13;
 export const XENFEAT_ARM_SMCCC_supported = 14;
 export const XENFEAT_linux_rsdp_unrestricted = 15;
