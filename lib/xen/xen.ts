@@ -1,0 +1,314 @@
+// The guest kernel's xen(4) nexus, after OpenBSD sys/dev/pv/xen.c xen_attach:
+// a straight list of steps, each undone in reverse if a later one fails.
+// It finds the hypervisor, maps shared info, sets the callback vector, masks
+// every port, sets up grant tables, attaches the console and xenstore, probes
+// device/<type>/<unit> against a static driver table, watches device/ for
+// hotplug and control/shutdown, and then runs the guest image.
+
+import { offsetOf } from '../abi/layout.js';
+import { shared_info, __HYPERVISOR_hvm_op, __HYPERVISOR_memory_op, __HYPERVISOR_sched_op, __HYPERVISOR_xen_version, DOMID_SELF } from '../abi/xen.js';
+import {
+  HVMOP_get_param,
+  HVMOP_set_param,
+  HVM_PARAM_CALLBACK_IRQ,
+  HVM_PARAM_CALLBACK_TYPE_VECTOR,
+  HVM_PARAM_CONSOLE_EVTCHN,
+  HVM_PARAM_CONSOLE_PFN,
+  HVM_PARAM_STORE_EVTCHN,
+  HVM_PARAM_STORE_PFN,
+} from '../abi/hvm.js';
+import { XENMEM_add_to_physmap, XENMEM_memory_map, XENMAPSPACE_shared_info } from '../abi/memory.js';
+import { SCHEDOP_shutdown, SHUTDOWN_crash, SHUTDOWN_poweroff, SHUTDOWN_reboot, SHUTDOWN_suspend } from '../abi/sched.js';
+import { XENVER_extraversion, XENVER_version } from '../abi/version.js';
+import { XenError } from '../errors.js';
+import { errnoName } from '../hypervisor/errno.js';
+import { Interrupts, type IntrHandle } from '../evtchn/evtchn.js';
+import { FramePage, MemoryViews, PAGE_SIZE } from '../hypervisor/page.js';
+import { Vcpu } from '../hypervisor/vcpu.js';
+import type { Hypercall } from '../hypervisor/hypercall.js';
+import type { KernelContext } from '../hypervisor/thread.js';
+import { XenStore } from '../xenstore/xenstore.js';
+import { logger, type Log } from '../log.js';
+import { PhysMem } from './physmem.js';
+import { XenCons } from './xencons.js';
+
+/** The vector OpenBSD's xen(4) asks for; any value works, Xen only records it. */
+const XEN_CALLBACK_VECTOR = 0x70n;
+const EVTCHN_MASK = offsetOf(shared_info, 'evtchn_mask');
+const MASK_BYTES = 512;
+const E820_RAM = 1;
+
+/** A frontend device found under device/<type>/<unit>. */
+export type XenDevice = {
+  type: string;
+  unit: string;
+  /** device/<type>/<unit> */
+  path: string;
+  backend: string;
+  backendId: number;
+  /** The driver attached to it, or null when the table has none for the type. */
+  driver: string | null;
+};
+
+/** A driver in the static table (OpenBSD's xen_attach_args matching by type). */
+export type XenDriver = {
+  name: string;
+  attach(sc: XenSoftc, dev: XenDevice): Promise<void>;
+  detach(sc: XenSoftc, dev: XenDevice): Promise<void>;
+};
+
+/** Everything the nexus set up, handed to drivers and to the guest layer. */
+export type XenSoftc = {
+  domid: number;
+  name: string;
+  hypercall: Hypercall;
+  mem: MemoryViews;
+  physmem: PhysMem;
+  intr: Interrupts;
+  xs: XenStore;
+  console: Console;
+  devices: Map<string, XenDevice>;
+  log: Log;
+};
+
+/** The guest's PV console: output queued while the ring is full, flushed on the backend's event. */
+export class Console {
+  private readonly queue: Uint8Array[] = [];
+  private queued = 0;
+  private drainedWaiters: Array<() => void> = [];
+  private readonly maxQueued = 1 << 20;
+  dropped = 0;
+
+  constructor(
+    private readonly ring: XenCons,
+    private readonly signal: () => void,
+  ) {}
+
+  write(text: string | Uint8Array): void {
+    const bytes = typeof text === 'string' ? Buffer.from(text, 'utf8') : text;
+    if (this.queued + bytes.length > this.maxQueued) {
+      this.dropped += bytes.length; // like a full serial line: later output is lost, never the kernel
+      return;
+    }
+    this.queue.push(bytes);
+    this.queued += bytes.length;
+    this.flush();
+  }
+
+  /** The backend consumed output (its event): push more. */
+  flush(): void {
+    let moved = false;
+    while (this.queue.length > 0) {
+      const head = this.queue[0]!;
+      const n = this.ring.write(head);
+      if (n > 0) moved = true;
+      this.queued -= n;
+      if (n < head.length) {
+        this.queue[0] = head.subarray(n);
+        break;
+      }
+      this.queue.shift();
+    }
+    if (moved) this.signal();
+    if (this.queue.length === 0 && this.ring.pendingBytes === 0) {
+      for (const w of this.drainedWaiters.splice(0)) w();
+    }
+  }
+
+  /** Resolve when the backend has taken everything, or after `timeoutMs`. */
+  drained(timeoutMs: number): Promise<void> {
+    if (this.queue.length === 0 && this.ring.pendingBytes === 0) return Promise.resolve();
+    return new Promise((resolve) => {
+      const t = setTimeout(resolve, timeoutMs);
+      this.drainedWaiters.push(() => {
+        clearTimeout(t);
+        resolve();
+      });
+    });
+  }
+}
+
+function check(rc: number, what: string): void {
+  if (rc !== 0) throw new XenError(errnoName(-rc), `${what} failed (${rc})`);
+}
+
+function getParam(hypercall: Hypercall, index: number): number {
+  const op = { domid: DOMID_SELF, index, value: 0n };
+  check(hypercall(__HYPERVISOR_hvm_op, HVMOP_get_param, op), `HVMOP_get_param ${index}`);
+  return Number(op.value);
+}
+
+/** Step 1, pvbus: the CPUID signature says a Xen is there. */
+function pvbusDetect(ctx: KernelContext): void {
+  const { ebx, ecx, edx } = ctx.hv.cpuid(0x40000000);
+  const sig = Buffer.alloc(12);
+  sig.writeUInt32LE(ebx, 0);
+  sig.writeUInt32LE(ecx, 4);
+  sig.writeUInt32LE(edx, 8);
+  if (sig.toString('latin1') !== 'XenVMMXenVMM') throw new XenError('ENXIO', 'no Xen signature at CPUID 0x40000000');
+}
+
+/** The RAM pages the memory map reports, for the page allocator. */
+function ramPages(hypercall: Hypercall): number {
+  const op = { nr_entries: 0, buffer: [] as { addr: number; size: number; type: number }[] };
+  check(hypercall(__HYPERVISOR_memory_op, XENMEM_memory_map, op), 'XENMEM_memory_map');
+  const ram = op.buffer.find((e) => e.type === E820_RAM && e.addr === 0);
+  if (ram === undefined) throw new XenError('ENXIO', 'no RAM at address 0 in the memory map');
+  return ram.size / PAGE_SIZE;
+}
+
+/** Steps 3-5: shared info at a page of ours, callback vector, every port masked. */
+function initSharedInfo(hypercall: Hypercall, physmem: PhysMem): number {
+  const gfn = physmem.alloc();
+  check(
+    hypercall(__HYPERVISOR_memory_op, XENMEM_add_to_physmap, { domid: DOMID_SELF, size: 0, space: XENMAPSPACE_shared_info, idx: 0, gpfn: gfn }),
+    'XENMEM_add_to_physmap(shared_info)',
+  );
+  const value = (BigInt(HVM_PARAM_CALLBACK_TYPE_VECTOR) << 56n) | XEN_CALLBACK_VECTOR;
+  check(hypercall(__HYPERVISOR_hvm_op, HVMOP_set_param, { domid: DOMID_SELF, index: HVM_PARAM_CALLBACK_IRQ, value }), 'HVM_PARAM_CALLBACK_IRQ');
+  physmem.mem.u8.fill(0xff, gfn * PAGE_SIZE + EVTCHN_MASK, gfn * PAGE_SIZE + EVTCHN_MASK + MASK_BYTES);
+  return gfn;
+}
+
+export type Boot = {
+  sc: XenSoftc;
+  consoleIntr: IntrHandle;
+  storeIntr: IntrHandle;
+};
+
+/** xen_attach up to the xenstore; the caller probes devices and starts the image. */
+export function xenAttach(ctx: KernelContext, name: string): Boot {
+  const log = logger('xen', name);
+  pvbusDetect(ctx);
+  const hypercall = ctx.hv.entry(ctx.domid);
+  const version = hypercall(__HYPERVISOR_xen_version, XENVER_version);
+  const extra = { extraversion: '' };
+  hypercall(__HYPERVISOR_xen_version, XENVER_extraversion, extra);
+  log('Xen %d.%d%s', version >> 16, version & 0xffff, extra.extraversion);
+  const self = ctx.hv.domain(ctx.domid);
+  if (self === undefined) throw new XenError('ESRCH', 'own domain unknown');
+  const physmem = new PhysMem(self.mem, ramPages(hypercall));
+  const sharedInfoGfn = initSharedInfo(hypercall, physmem);
+  const intr = new Interrupts(hypercall, self.mem, sharedInfoGfn, new Vcpu(self, 0), name);
+
+  const consPage = new FramePage(self.mem, getParam(hypercall, HVM_PARAM_CONSOLE_PFN), true);
+  let console: Console | null = null;
+  const consoleIntr = intr.intrEstablish(getParam(hypercall, HVM_PARAM_CONSOLE_EVTCHN), 0, () => console?.flush(), 'console');
+  console = new Console(new XenCons(consPage, 'guest'), () => intr.intrSignal(consoleIntr));
+
+  const storePage = new FramePage(self.mem, getParam(hypercall, HVM_PARAM_STORE_PFN), true);
+  let xs: XenStore | null = null;
+  const storeIntr = intr.intrEstablish(getParam(hypercall, HVM_PARAM_STORE_EVTCHN), 0, () => xs?.intr(), 'xenstore');
+  xs = new XenStore({ page: storePage, notify: () => intr.intrSignal(storeIntr), name });
+
+  const sc: XenSoftc = { domid: ctx.domid, name, hypercall, mem: self.mem, physmem, intr, xs, console, devices: new Map(), log };
+  intr.intrUnmask(consoleIntr);
+  intr.intrUnmask(storeIntr);
+  void intr.run();
+  return { sc, consoleIntr, storeIntr };
+}
+
+/** The static driver table; drivers of later issues register here. */
+export const xenDrivers = new Map<string, XenDriver>();
+
+/** xen_probe_devices: each device/<type>/<unit> with its backend, matched against the table. */
+export async function probeDevices(sc: XenSoftc): Promise<void> {
+  const types = await listOrEmpty(sc.xs, 'device');
+  for (const type of types) {
+    for (const unit of await listOrEmpty(sc.xs, `device/${type}`)) {
+      await attachDevice(sc, type, unit);
+    }
+  }
+}
+
+async function listOrEmpty(xs: XenStore, path: string): Promise<string[]> {
+  try {
+    return await xs.list(path);
+  } catch (err) {
+    if (err instanceof XenError && err.code === 'ENOENT') return [];
+    throw err;
+  }
+}
+
+async function attachDevice(sc: XenSoftc, type: string, unit: string): Promise<void> {
+  const path = `device/${type}/${unit}`;
+  if (sc.devices.has(path)) return;
+  let backend: string;
+  let backendId: number;
+  try {
+    backend = await sc.xs.read(`${path}/backend`);
+    backendId = await sc.xs.getNumber(`${path}/backend-id`);
+  } catch (err) {
+    sc.log('%s: no backend (%s), not attached', path, (err as Error).message);
+    return;
+  }
+  const drv = xenDrivers.get(type);
+  const dev: XenDevice = { type, unit, path, backend, backendId, driver: drv?.name ?? null };
+  sc.devices.set(path, dev);
+  if (drv === undefined) {
+    sc.log('%s at xen0 backend %d not configured', path, backendId);
+    return;
+  }
+  try {
+    await drv.attach(sc, dev);
+    sc.log('%s at xen0: %s, backend %d', path, drv.name, backendId);
+  } catch (err) {
+    sc.devices.delete(path);
+    sc.log('%s: %s attach failed: %s', path, drv.name, (err as Error).message);
+  }
+}
+
+async function detachDevice(sc: XenSoftc, path: string): Promise<void> {
+  const dev = sc.devices.get(path);
+  if (dev === undefined) return;
+  sc.devices.delete(path);
+  const drv = dev.driver === null ? undefined : xenDrivers.get(dev.type);
+  if (drv !== undefined) await drv.detach(sc, dev);
+  sc.log('%s detached', path);
+}
+
+/** xen_hotplug: a watch on device/ attaches new units and detaches vanished ones. */
+export async function watchHotplug(sc: XenSoftc, onChange: () => void): Promise<void> {
+  await sc.xs.watch('device', 'hotplug', (path) => {
+    const m = /^device\/([^/]+)\/([^/]+)/.exec(path.replace(/^\/local\/domain\/\d+\//, ''));
+    if (m === null) return;
+    const devPath = `device/${m[1]}/${m[2]}`;
+    void sc.xs.read(`${devPath}/backend`).then(
+      () => attachDevice(sc, m[1]!, m[2]!).then(onChange),
+      () => detachDevice(sc, devPath).then(onChange),
+    );
+  });
+}
+
+export const shutdownReasons: Record<string, number> = {
+  poweroff: SHUTDOWN_poweroff,
+  halt: SHUTDOWN_poweroff,
+  reboot: SHUTDOWN_reboot,
+  suspend: SHUTDOWN_suspend,
+  crash: SHUTDOWN_crash,
+};
+
+/** A watch on control/shutdown: the toolstack's request, acknowledged by clearing the node. */
+export async function watchShutdown(sc: XenSoftc, onRequest: (reason: string) => void): Promise<void> {
+  await sc.xs.watch('control/shutdown', 'shutdown', () => {
+    void sc.xs.read('control/shutdown').then(
+      async (reason) => {
+        if (reason === '' || !(reason in shutdownReasons)) return;
+        await sc.xs.write('control/shutdown', '');
+        onRequest(reason);
+      },
+      () => undefined,
+    );
+  });
+}
+
+/** SCHEDOP_shutdown after the console has drained; the vCPU does not run again. */
+export async function shutdown(sc: XenSoftc, reason: string): Promise<never> {
+  const code = shutdownReasons[reason];
+  if (code === undefined) throw new XenError('EINVAL', `unknown shutdown reason ${reason}`);
+  await sc.console.drained(2000);
+  check(sc.hypercall(__HYPERVISOR_sched_op, SCHEDOP_shutdown, { reason: code }), 'SCHEDOP_shutdown');
+  sc.intr.stop();
+  // The hypervisor has stopped this domain; nothing after this point may run.
+  process.exit(0);
+}
