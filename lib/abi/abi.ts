@@ -87,7 +87,7 @@ function build(): {
   const seen = new Set<string>();
   for (const { file, exports } of files) {
     for (const [name, value] of Object.entries(exports)) {
-      // Layout aliases (domid_t = u16) are shared objects; only named values must be unique.
+      // Type aliases (domid_t = u16) and sring_header have no C tag and are not registered.
       if (isLayout(value) && value.c === undefined) continue;
       if (seen.has(name)) throw new Error(`abi: ${name} is exported by two header files`);
       seen.add(name);
