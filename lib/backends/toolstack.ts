@@ -187,6 +187,16 @@ export class Toolstack {
     }
   }
 
+  /** `xl destroy`: stop the domain now, whatever it is doing. */
+  async destroyNow(domid: number): Promise<void> {
+    const m = this.domains.get(domid);
+    if (m === undefined) throw new XenError('ESRCH', `no domain ${domid}`);
+    this.domains.delete(domid);
+    const consoleText = await this.consoles.detach(domid);
+    await this.teardown(domid);
+    this.onExit({ domid, name: m.spec.name, reason: 'destroyed', console: consoleText });
+  }
+
   /** Undo create: the xenstore connection and nodes, the console, the domain. */
   private async teardown(domid: number): Promise<void> {
     await this.consoles.detach(domid).catch(() => '');

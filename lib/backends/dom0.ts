@@ -1,0 +1,154 @@
+// dom0's kernel: the same interrupt and memory code as a guest, then the
+// backends. xenstored serves dom0 itself over a ring page in dom0's memory
+// (as it serves any domain) and each introduced guest over the page the
+// builder granted it. The toolstack answers the machine's calls.
+
+import { parentPort } from 'node:worker_threads';
+import { __HYPERVISOR_event_channel_op, __HYPERVISOR_grant_table_op, __HYPERVISOR_memory_op, VIRQ_DOM_EXC, DOMID_SELF } from '../abi/xen.js';
+import { EVTCHNOP_bind_interdomain } from '../abi/event_channel.js';
+import { GNTMAP_host_map, GNTTABOP_map_grant_ref, GNTTABOP_unmap_grant_ref, GNTTAB_RESERVED_XENSTORE, GNTST_okay } from '../abi/grant_table.js';
+import { XENMEM_add_to_physmap, XENMEM_memory_map, XENMAPSPACE_shared_info } from '../abi/memory.js';
+import { XS_INTRODUCE, XS_RELEASE } from '../abi/xs_wire.js';
+import { XenError } from '../errors.js';
+import { Interrupts, type IntrHandle } from '../evtchn/evtchn.js';
+import { errnoName } from '../hypervisor/errno.js';
+import type { Hypercall, gnttab_map_grant_ref } from '../hypervisor/hypercall.js';
+import { FramePage, PAGE_SIZE } from '../hypervisor/page.js';
+import type { KernelContext } from '../hypervisor/thread.js';
+import { Vcpu } from '../hypervisor/vcpu.js';
+import { Rpc, type RpcHandlers } from '../rpc.js';
+import { logger } from '../log.js';
+import { PhysMem } from '../xen/physmem.js';
+import { joinStrings } from '../xenstore/wire.js';
+import { XenStore } from '../xenstore/xenstore.js';
+import { ConsoleBackend } from './console.js';
+import { Toolstack, type DomainSpec, type Platform, type StoreIntroduce } from './toolstack.js';
+import { Xenstored, XenstoredRing } from './xenstored.js';
+
+const log = logger('dom0');
+const EVTCHN_MASK_OFFSET = 2560;
+
+function check(rc: number, what: string): void {
+  if (rc !== 0) throw new XenError(errnoName(-rc), `${what} failed (${rc})`);
+}
+
+/** dom0's own shared info and interrupts, as xen_attach does for a guest. */
+function attachInterrupts(ctx: KernelContext, hypercall: Hypercall): { intr: Interrupts; physmem: PhysMem } {
+  const self = ctx.hv.domain(ctx.domid);
+  if (self === undefined) throw new XenError('ESRCH', 'dom0 unknown to itself');
+  const map = { nr_entries: 0, buffer: [] as { addr: number; size: number; type: number }[] };
+  check(hypercall(__HYPERVISOR_memory_op, XENMEM_memory_map, map), 'XENMEM_memory_map');
+  const physmem = new PhysMem(self.mem, (map.buffer[0]?.size ?? 0) / PAGE_SIZE);
+  const gfn = physmem.alloc();
+  check(hypercall(__HYPERVISOR_memory_op, XENMEM_add_to_physmap, { domid: DOMID_SELF, size: 0, space: XENMAPSPACE_shared_info, idx: 0, gpfn: gfn }), 'shared_info');
+  self.mem.u8.fill(0xff, gfn * PAGE_SIZE + EVTCHN_MASK_OFFSET, gfn * PAGE_SIZE + EVTCHN_MASK_OFFSET + 512);
+  const intr = new Interrupts(hypercall, self.mem, gfn, new Vcpu(self, 0), 'dom0');
+  void intr.run();
+  return { intr, physmem };
+}
+
+/** XS_INTRODUCE's effect in dom0: map the guest's store page, bind its port, serve it. */
+class StoreRings {
+  private readonly rings = new Map<number, { ring: XenstoredRing; intr: IntrHandle; handle: number }>();
+
+  constructor(
+    private readonly hypercall: Hypercall,
+    private readonly intr: Interrupts,
+  ) {}
+
+  introduce(xsd: Xenstored, domid: number, remotePort: number): void {
+    const map: gnttab_map_grant_ref = {
+      host_addr: 0n, flags: GNTMAP_host_map, ref: GNTTAB_RESERVED_XENSTORE, dom: domid,
+      status: 0, handle: -1, dev_bus_addr: 0n, page: null,
+    };
+    this.hypercall(__HYPERVISOR_grant_table_op, GNTTABOP_map_grant_ref, map);
+    if (map.status !== GNTST_okay || map.page === null) throw new XenError('EACCES', `store page of domain ${domid}: GNTST ${map.status}`);
+    const bind = { remote_dom: domid, remote_port: remotePort, local_port: 0 };
+    const rc = this.hypercall(__HYPERVISOR_event_channel_op, EVTCHNOP_bind_interdomain, bind);
+    if (rc !== 0) {
+      this.unmap(map.handle);
+      throw new XenError(errnoName(-rc), `store port ${remotePort} of domain ${domid}`);
+    }
+    let ring: XenstoredRing | null = null;
+    const ih = this.intr.adopt(bind.local_port, () => ring?.intr(), `xenstore-dom${domid}`);
+    ring = new XenstoredRing(xsd, domid, map.page, () => this.intr.intrSignal(ih));
+    this.rings.set(domid, { ring, intr: ih, handle: map.handle });
+    this.intr.intrUnmask(ih);
+  }
+
+  private unmap(handle: number): void {
+    this.hypercall(__HYPERVISOR_grant_table_op, GNTTABOP_unmap_grant_ref, { host_addr: 0n, dev_bus_addr: 0n, handle, status: 0 });
+  }
+
+  release(domid: number): void {
+    const r = this.rings.get(domid);
+    if (r === undefined) return;
+    this.rings.delete(domid);
+    r.ring.close();
+    void this.intr.intrDisestablish(r.intr).catch(() => undefined);
+    this.unmap(r.handle);
+  }
+}
+
+/** dom0's own client: a ring page in dom0's memory, xenstored at its other end. */
+function localClient(ctx: KernelContext, xsd: Xenstored, physmem: PhysMem): XenStore {
+  const self = ctx.hv.domain(ctx.domid)!;
+  const page = new FramePage(self.mem, physmem.alloc(), true);
+  let client: XenStore | null = null;
+  let server: XenstoredRing | null = null;
+  client = new XenStore({ page, notify: () => queueMicrotask(() => server?.intr()), name: 'dom0' });
+  server = new XenstoredRing(xsd, 0, page, () => queueMicrotask(() => client?.intr()));
+  return client;
+}
+
+export async function main(ctx: KernelContext): Promise<void> {
+  const port = parentPort;
+  if (port === null) throw new XenError('EINVAL', 'dom0 must run in a worker thread');
+  const hypercall = ctx.hv.entry(ctx.domid);
+  const { intr, physmem } = attachInterrupts(ctx, hypercall);
+  const rings = new StoreRings(hypercall, intr);
+  const xsd: Xenstored = new Xenstored({
+    introduce: (domid, _gfn, evtchn) => rings.introduce(xsd, domid, evtchn),
+    release: (domid) => rings.release(domid),
+  });
+  const xs = localClient(ctx, xsd, physmem);
+  // One channel both ways: dom0 calls the machine's domctls, the machine calls the toolstack.
+  const handlers: RpcHandlers = {};
+  const rpc = new Rpc((m) => port.postMessage(m), handlers);
+  const platform: Platform = {
+    createDomain: async (spec) => (await rpc.call('createdomain', spec)) as number,
+    unpause: async (domid, kernel, args) => void (await rpc.call('unpause', { domid, kernel, args })),
+    destroy: async (domid) => void (await rpc.call('destroy', { domid })),
+  };
+  const store: StoreIntroduce = {
+    introduce: async (domid, gfn, evtchn) => void (await xs.cmd(XS_INTRODUCE, 0, joinStrings([String(domid), String(gfn), String(evtchn)]))),
+    release: async (domid) => void (await xs.cmd(XS_RELEASE, 0, joinStrings([String(domid)]))),
+  };
+  const names = new Map<number, string>();
+  const consoles = new ConsoleBackend(hypercall, intr, (domid, text) => rpc.event('console', { domid, name: names.get(domid) ?? `dom${domid}`, text }));
+  const toolstack = new Toolstack(
+    ctx.hv, hypercall, xs, store, consoles, platform,
+    (exit) => rpc.event('exit', exit),
+    new URL('../xen/kernel.js', import.meta.url).href,
+  );
+  const domExc = intr.virqEstablish(VIRQ_DOM_EXC, () => toolstack.domainException(), 'dom-exc');
+  intr.intrUnmask(domExc);
+  Object.assign(handlers, {
+    ping: () => 'pong',
+    create: async (spec: unknown) => {
+      const s = spec as DomainSpec;
+      const domid = await toolstack.create(s);
+      names.set(domid, s.name);
+      return domid;
+    },
+    shutdown: (args: unknown) => {
+      const a = args as { domid: number; reason: 'poweroff' | 'reboot' | 'suspend' };
+      return toolstack.requestShutdown(a.domid, a.reason);
+    },
+    destroy: (args: unknown) => toolstack.destroyNow((args as { domid: number }).domid),
+    list: () => toolstack.list(),
+  } satisfies RpcHandlers);
+  // Listening last: the machine's first call (ping) finds everything in place.
+  port.on('message', (m: unknown) => rpc.receive(m));
+  log('dom0 up');
+}

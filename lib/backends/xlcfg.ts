@@ -1,0 +1,159 @@
+// The xl.cfg subset xenpv understands: `key = value` lines where a value is a
+// "string", a 'string', a number, or a [list, of, values] that may span lines;
+// `#` starts a comment. Every error names the file, the line and the key.
+
+import { readFileSync } from 'node:fs';
+import { dirname, isAbsolute, resolve } from 'node:path';
+import { XenError } from '../errors.js';
+import type { DomainSpec } from './toolstack.js';
+
+export type XlValue = string | number | XlValue[];
+export type XlEntry = { key: string; value: XlValue; line: number };
+
+const MAX_CONFIG_BYTES = 1 << 20;
+const IGNORED = new Set(['type', 'builder', 'uuid', 'maxmem', 'cpus', 'boot', 'serial', 'vnc', 'sdl', 'device_model_version', 'vif', 'disk']);
+const KNOWN = new Set(['name', 'memory', 'vcpus', 'kernel', 'extra', 'on_poweroff', 'on_reboot', 'on_crash']);
+
+class Parser {
+  private at = 0;
+  line = 1;
+
+  constructor(
+    private readonly text: string,
+    private readonly file: string,
+  ) {}
+
+  fail(message: string, key?: string): never {
+    throw new XenError('ECONFIG', `${this.file}:${this.line}:${key === undefined ? '' : ` ${key}:`} ${message}`);
+  }
+
+  private skip(newlines: boolean): void {
+    for (;;) {
+      const c = this.text[this.at];
+      if (c === '#') {
+        while (this.at < this.text.length && this.text[this.at] !== '\n') this.at++;
+      } else if (c === ' ' || c === '\t' || c === '\r' || (newlines && c === '\n')) {
+        if (c === '\n') this.line++;
+        this.at++;
+      } else {
+        return;
+      }
+    }
+  }
+
+  entries(): XlEntry[] {
+    const out: XlEntry[] = [];
+    for (;;) {
+      this.skip(true);
+      if (this.at >= this.text.length) return out;
+      const line = this.line;
+      const m = /^[A-Za-z_][A-Za-z0-9_]*/.exec(this.text.slice(this.at, this.at + 128));
+      if (m === null) this.fail(`expected a key, found ${JSON.stringify(this.text.slice(this.at, this.at + 10))}`);
+      const key = m[0];
+      this.at += key.length;
+      this.skip(false);
+      if (this.text[this.at] !== '=') this.fail('expected "="', key);
+      this.at++;
+      this.skip(false);
+      const value = this.value(key);
+      this.skip(false);
+      const c = this.text[this.at];
+      if (c === ';') this.at++;
+      else if (c !== undefined && c !== '\n') this.fail(`unexpected ${JSON.stringify(c)} after the value`, key);
+      out.push({ key, value, line });
+    }
+  }
+
+  private value(key: string): XlValue {
+    const c = this.text[this.at];
+    if (c === '"' || c === "'") return this.string(key, c);
+    if (c === '[') return this.list(key);
+    const m = /^-?(0x[0-9a-fA-F]+|\d+)/.exec(this.text.slice(this.at, this.at + 32));
+    if (m === null) this.fail('expected a string, a number or a list', key);
+    this.at += m[0].length;
+    return Number(m[0]);
+  }
+
+  private string(key: string, quote: string): string {
+    const end = this.text.indexOf(quote, this.at + 1);
+    const nl = this.text.indexOf('\n', this.at + 1);
+    if (end < 0 || (nl >= 0 && nl < end)) this.fail('unterminated string', key);
+    const s = this.text.slice(this.at + 1, end);
+    this.at = end + 1;
+    return s;
+  }
+
+  private list(key: string): XlValue[] {
+    this.at++;
+    const items: XlValue[] = [];
+    for (;;) {
+      this.skip(true);
+      if (this.text[this.at] === ']') {
+        this.at++;
+        return items;
+      }
+      if (this.at >= this.text.length) this.fail('unterminated list', key);
+      items.push(this.value(key));
+      this.skip(true);
+      if (this.text[this.at] === ',') this.at++;
+      else if (this.text[this.at] !== ']') this.fail('expected "," or "]" in the list', key);
+    }
+  }
+}
+
+export function parseXl(text: string, file: string): XlEntry[] {
+  return new Parser(text, file).entries();
+}
+
+function want<T extends string>(e: XlEntry, file: string, allowed: readonly T[]): T {
+  if (typeof e.value !== 'string' || !(allowed as readonly string[]).includes(e.value)) {
+    throw new XenError('ECONFIG', `${file}:${e.line}: ${e.key}: must be one of ${allowed.join(', ')}`);
+  }
+  return e.value as T;
+}
+
+function positive(e: XlEntry, file: string, max: number): number {
+  if (typeof e.value !== 'number' || !Number.isInteger(e.value) || e.value < 1 || e.value > max) {
+    throw new XenError('ECONFIG', `${file}:${e.line}: ${e.key}: must be a whole number from 1 to ${max}`);
+  }
+  return e.value;
+}
+
+function text(e: XlEntry, file: string): string {
+  if (typeof e.value !== 'string') throw new XenError('ECONFIG', `${file}:${e.line}: ${e.key}: must be a string`);
+  return e.value;
+}
+
+/** Read an xl config file into a DomainSpec; `kernel` is resolved against the file's folder. */
+export function loadDomainConfig(file: string): DomainSpec {
+  let raw: Buffer;
+  try {
+    raw = readFileSync(file);
+  } catch (err) {
+    throw new XenError('ENOENT', `${file}: ${(err as Error).message}`);
+  }
+  if (raw.length > MAX_CONFIG_BYTES) throw new XenError('ECONFIG', `${file}: larger than ${MAX_CONFIG_BYTES} bytes`);
+  const spec: Partial<DomainSpec> = { memoryMiB: 128, vcpus: 1, extra: '', onPoweroff: 'destroy', onReboot: 'restart', onCrash: 'destroy' };
+  const seen = new Set<string>();
+  for (const e of parseXl(raw.toString('utf8'), file)) {
+    if (seen.has(e.key)) throw new XenError('ECONFIG', `${file}:${e.line}: ${e.key}: set twice`);
+    seen.add(e.key);
+    if (IGNORED.has(e.key)) continue;
+    if (!KNOWN.has(e.key)) throw new XenError('ECONFIG', `${file}:${e.line}: ${e.key}: unknown key`);
+    if (e.key === 'name') spec.name = text(e, file);
+    else if (e.key === 'memory') spec.memoryMiB = positive(e, file, 65536);
+    else if (e.key === 'vcpus') spec.vcpus = positive(e, file, 32);
+    else if (e.key === 'extra') spec.extra = text(e, file);
+    else if (e.key === 'kernel') {
+      const k = text(e, file);
+      spec.kernel = isAbsolute(k) ? k : resolve(dirname(file), k);
+    } else if (e.key === 'on_poweroff') spec.onPoweroff = want(e, file, ['destroy', 'preserve'] as const);
+    else if (e.key === 'on_reboot') spec.onReboot = want(e, file, ['destroy', 'restart', 'preserve'] as const);
+    else spec.onCrash = want(e, file, ['destroy', 'restart', 'preserve'] as const);
+  }
+  if (spec.name === undefined || !/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(spec.name)) {
+    throw new XenError('ECONFIG', `${file}: name: required, 1-64 letters, digits, ".", "_" or "-"`);
+  }
+  if (spec.kernel === undefined) throw new XenError('ECONFIG', `${file}: kernel: required (the guest image module)`);
+  return spec as DomainSpec;
+}

@@ -1,0 +1,116 @@
+// A running xenpv host as the main thread drives it: the machine (Host) with
+// dom0 booted on it, and the toolstack API that dom0 serves. The CLI, the
+// host daemon and the end-to-end tests all start here.
+
+import { XenError } from './errors.js';
+import { Host } from './hypervisor/host.js';
+import { Rpc } from './rpc.js';
+import { logger } from './log.js';
+import type { DomainExit, DomainSpec } from './backends/toolstack.js';
+
+const log = logger('machine');
+
+export type MachineOptions = {
+  /** dom0's memory in MiB. */
+  dom0MemoryMiB?: number;
+  /** Console output of a guest as it arrives. */
+  onConsole?: (domid: number, name: string, text: string) => void;
+  /** A guest shut down and was destroyed. */
+  onExit?: (exit: DomainExit) => void;
+  bootTimeoutMs?: number;
+};
+
+export class Machine {
+  readonly host: Host;
+  private rpc!: Rpc;
+  private readonly exits = new Map<number, DomainExit>();
+  private readonly exitWaiters = new Map<number, Array<(e: DomainExit) => void>>();
+  private dom0Dead: Error | null = null;
+
+  private constructor(private readonly opts: MachineOptions) {
+    this.host = new Host({
+      onMessage: (domid, m) => {
+        if (domid === 0) this.rpc.receive(m);
+      },
+      onExit: (domid, error) => {
+        if (domid !== 0) return;
+        this.dom0Dead = error ?? new XenError('ESHUTDOWN', 'dom0 stopped');
+        this.rpc.close(new XenError('ESHUTDOWN', `dom0 stopped: ${this.dom0Dead.message}`));
+      },
+    });
+  }
+
+  /** Create and start dom0, and wait until its toolstack answers. */
+  static async boot(opts: MachineOptions = {}): Promise<Machine> {
+    const m = new Machine(opts);
+    const host = m.host;
+    m.rpc = new Rpc((msg) => host.post(0, msg), m.platformHandlers(), (name, data) => m.event(name, data));
+    host.createDomain({ name: 'Domain-0', memoryMiB: opts.dom0MemoryMiB ?? 16, privileged: true }, 0);
+    host.start(0, new URL('./backends/dom0.js', import.meta.url).href, {});
+    await m.rpc.call('ping', null, opts.bootTimeoutMs ?? 30_000);
+    log('dom0 is up');
+    return m;
+  }
+
+  /** What dom0's toolstack asks of the machine. */
+  private platformHandlers(): Record<string, (args: unknown) => unknown> {
+    return {
+      createdomain: (args) => {
+        const a = args as { name: string; memoryMiB: number; vcpus: number };
+        return this.host.createDomain({ name: a.name, memoryMiB: a.memoryMiB, vcpus: a.vcpus }).domid;
+      },
+      unpause: (args) => {
+        const a = args as { domid: number; kernel: string; args: unknown };
+        this.host.start(a.domid, a.kernel, a.args);
+        return null;
+      },
+      destroy: (args) => this.host.destroy((args as { domid: number }).domid).then(() => null),
+    };
+  }
+
+  private event(name: string, data: unknown): void {
+    if (name === 'console') {
+      const c = data as { domid: number; name: string; text: string };
+      this.opts.onConsole?.(c.domid, c.name, c.text);
+    } else if (name === 'exit') {
+      const e = data as DomainExit;
+      this.exits.set(e.domid, e);
+      this.opts.onExit?.(e);
+      for (const w of this.exitWaiters.get(e.domid) ?? []) w(e);
+      this.exitWaiters.delete(e.domid);
+    }
+  }
+
+  /** Build and start a guest; resolves with its domid once it runs. */
+  async create(spec: DomainSpec): Promise<number> {
+    if (this.dom0Dead !== null) throw new XenError('ESHUTDOWN', 'dom0 is not running');
+    return (await this.rpc.call('create', spec)) as number;
+  }
+
+  /** Resolve when the guest has shut down and been destroyed. */
+  waitExit(domid: number, signal?: AbortSignal): Promise<DomainExit> {
+    const done = this.exits.get(domid);
+    if (done !== undefined) return Promise.resolve(done);
+    return new Promise((resolve, reject) => {
+      const list = this.exitWaiters.get(domid) ?? [];
+      list.push(resolve);
+      this.exitWaiters.set(domid, list);
+      signal?.addEventListener('abort', () => reject(new XenError('ECANCELED', `waiting for domain ${domid}`)), { once: true });
+    });
+  }
+
+  /** Ask a guest to shut down (control/shutdown). */
+  async requestShutdown(domid: number, reason: 'poweroff' | 'reboot' | 'suspend' = 'poweroff'): Promise<void> {
+    await this.rpc.call('shutdown', { domid, reason });
+  }
+
+  /** Destroy a guest now, as `xl destroy`. */
+  async destroy(domid: number): Promise<void> {
+    await this.rpc.call('destroy', { domid });
+  }
+
+  /** Stop every domain and dom0. */
+  async stop(): Promise<void> {
+    await this.host.shutdown();
+  }
+}
