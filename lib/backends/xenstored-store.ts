@@ -1,0 +1,335 @@
+// xenstored's database: a tree of nodes, each with a value, permissions and
+// children, and the operations on it with C xenstored's semantics (do_read,
+// do_write, do_mkdir, do_rm, do_get_perms, do_set_perms, send_directory).
+//
+// Nodes are immutable and updates copy the path from the root, so a
+// transaction's snapshot is just the root it started from. Every node carries
+// the generation at which its value, permissions or child list last changed;
+// a transaction records the generation of each node it looked at and commits
+// only if none moved meanwhile.
+
+import { XENSTORE_ABS_PATH_MAX, XENSTORE_PAYLOAD_MAX, XENSTORE_REL_PATH_MAX } from '../abi/xs_wire.js';
+import { XenError } from '../errors.js';
+import { canRead, canWrite, joinStrings, toBytes, type XsPerm } from '../xenstore/wire.js';
+
+export type XsNode = {
+  readonly value: Uint8Array;
+  readonly perms: readonly XsPerm[];
+  readonly children: ReadonlyMap<string, XsNode>;
+  readonly gen: number;
+};
+
+/** Who asks: a domain (and the domain it is a device model for, XS_SET_TARGET); dom0 is privileged. */
+export type XsCaller = { readonly domid: number; readonly privileged: boolean; readonly target?: number | undefined };
+
+/** The generation recorded for a node that does not exist. */
+export const NO_NODE = -1;
+
+export type XsDbHooks = {
+  /** A transaction's db records every node an operation looks at. */
+  touch?: ((path: string, gen: number) => void) | undefined;
+  /**
+   * The live db fires watches: on `path` and its ancestors' watchers, or on
+   * `path` alone when `exact`. A watcher must be able to read the node under
+   * one of `perms` (before or after the change).
+   */
+  fire?: ((path: string, perms: readonly (readonly XsPerm[])[], exact: boolean) => void) | undefined;
+};
+
+const EMPTY = new Uint8Array(0);
+const NO_CHILDREN: ReadonlyMap<string, XsNode> = new Map();
+const VALID_CHARS = /^[A-Za-z0-9\-/_@]*$/;
+const LOCAL_DOMAIN = /^\/local\/domain\/\d{1,5}\//;
+
+export function domainPath(domid: number): string {
+  return `/local/domain/${domid}`;
+}
+
+/** C xenstored is_valid_nodename: absolute, no "//", no trailing "/", bounded length, plain characters. */
+export function isValidNodename(path: string): boolean {
+  if (!path.startsWith('/')) return false;
+  if (path.endsWith('/') && path !== '/') return false;
+  if (path.includes('//')) return false;
+  const localOff = LOCAL_DOMAIN.exec(path)?.[0].length ?? 0;
+  if (path.length > localOff + XENSTORE_REL_PATH_MAX || path.length > XENSTORE_ABS_PATH_MAX) return false;
+  return VALID_CHARS.test(path);
+}
+
+/** A request's path made absolute (relative ones live under the caller's home); EINVAL if malformed. */
+export function canonicalize(domid: number, path: string): string {
+  const abs = path.startsWith('/') ? path : `${domainPath(domid)}/${path}`;
+  if (!isValidNodename(abs)) throw new XenError('EINVAL', `invalid path ${JSON.stringify(path.slice(0, 80))}`);
+  return abs;
+}
+
+export function parentOf(path: string): string {
+  const slash = path.lastIndexOf('/');
+  return slash <= 0 ? '/' : path.slice(0, slash);
+}
+
+function partsOf(path: string): string[] {
+  return path === '/' ? [] : path.slice(1).split('/');
+}
+
+function childPath(path: string, name: string): string {
+  return path === '/' ? `/${name}` : `${path}/${name}`;
+}
+
+/** Watch matching: `path` is `watched` or below it. */
+export function isChild(path: string, watched: string): boolean {
+  return watched === '/' || path === watched || path.startsWith(`${watched}/`);
+}
+
+type Access = { read: boolean; write: boolean; owner: boolean };
+
+/** C xenstored perm_for_conn: owner and privileged get everything, then the ACL, then the default. */
+export function permFor(caller: XsCaller, perms: readonly XsPerm[]): Access {
+  const owner = perms[0];
+  if (owner === undefined) return { read: false, write: false, owner: false };
+  const isMe = (domid: number): boolean => domid === caller.domid || domid === caller.target;
+  if (caller.privileged || isMe(owner.domid)) return { read: true, write: true, owner: true };
+  const entry = perms.slice(1).find((p) => isMe(p.domid)) ?? owner;
+  return { read: canRead(entry.perm), write: canWrite(entry.perm), owner: false };
+}
+
+export function newNode(value: Uint8Array, perms: readonly XsPerm[], gen: number): XsNode {
+  return { value, perms, children: NO_CHILDREN, gen };
+}
+
+type Need = 'read' | 'write' | 'owner';
+
+export class XsDb {
+  constructor(
+    public root: XsNode,
+    private readonly nextGen: () => number,
+    private readonly hooks: XsDbHooks = {},
+  ) {}
+
+  /** The node at an absolute path, recorded as looked at. */
+  lookup(path: string): XsNode | undefined {
+    let node: XsNode | undefined = this.root;
+    for (const name of partsOf(path)) {
+      node = node.children.get(name);
+      if (node === undefined) break;
+    }
+    this.hooks.touch?.(path, node?.gen ?? NO_NODE);
+    return node;
+  }
+
+  /**
+   * C xenstored get_node: the node if the caller may `need` it. When it is
+   * missing or forbidden and the nearest existing ancestor does not grant
+   * `need` either, the answer is EACCES, so a domain learns nothing about
+   * trees it cannot see.
+   */
+  access(caller: XsCaller, path: string, need: Need): XsNode {
+    const node = this.lookup(path);
+    let code = 'ENOENT';
+    if (node !== undefined) {
+      const a = permFor(caller, node.perms);
+      if (a[need] && (need !== 'owner' || a.write)) return node;
+      code = 'EACCES';
+    }
+    if (code === 'ENOENT' && !this.parentsGrant(caller, path, need)) code = 'EACCES';
+    throw new XenError(code, `${path}: ${code === 'ENOENT' ? 'no such node' : 'permission denied'}`);
+  }
+
+  /** The node, or undefined when it is missing but its nearest ancestor would let the caller create it. */
+  private accessOrMissing(caller: XsCaller, path: string, need: Need): XsNode | undefined {
+    try {
+      return this.access(caller, path, need);
+    } catch (err) {
+      if (err instanceof XenError && err.code === 'ENOENT') return undefined;
+      throw err;
+    }
+  }
+
+  /** C xenstored ask_parents. */
+  private parentsGrant(caller: XsCaller, path: string, need: Need): boolean {
+    let at = path;
+    while (at !== '/') {
+      at = parentOf(at);
+      const node = this.lookup(at);
+      if (node !== undefined) return permFor(caller, node.perms)[need === 'read' ? 'read' : 'write'];
+    }
+    return false;
+  }
+
+  read(caller: XsCaller, path: string): Uint8Array {
+    return this.access(caller, path, 'read').value;
+  }
+
+  directory(caller: XsCaller, path: string): string[] {
+    return [...this.access(caller, path, 'read').children.keys()];
+  }
+
+  /**
+   * C xenstored send_directory_part: the node's generation, then whole child
+   * names from byte `offset` of the NUL-joined list as fit in a payload, with
+   * an extra NUL once the list is finished.
+   */
+  directoryPart(caller: XsCaller, path: string, offset: number): Uint8Array {
+    const node = this.access(caller, path, 'read');
+    const gen = joinStrings([String(node.gen)]);
+    const names = [...node.children.keys()].map((n) => toBytes(`${n}\0`));
+    const maxLen = XENSTORE_PAYLOAD_MAX - gen.length - 1;
+    const chunks: Uint8Array[] = [gen];
+    let at = 0;
+    let len = 0;
+    let done = true;
+    for (const name of names) {
+      if (at >= offset) {
+        if (len + name.length > maxLen) {
+          done = false;
+          break;
+        }
+        chunks.push(name);
+        len += name.length;
+      }
+      at += name.length;
+    }
+    if (done) chunks.push(new Uint8Array(1));
+    return concat(chunks);
+  }
+
+  getPerms(caller: XsCaller, path: string): readonly XsPerm[] {
+    return this.access(caller, path, 'read').perms;
+  }
+
+  /** C xenstored do_write: replace the value, or create the node and any missing ancestors. */
+  write(caller: XsCaller, path: string, value: Uint8Array): void {
+    const node = this.accessOrMissing(caller, path, 'write');
+    let perms: readonly XsPerm[];
+    if (node === undefined) {
+      perms = this.create(caller, path, value).perms;
+    } else {
+      this.replace(path, { ...node, value, gen: this.nextGen() });
+      perms = node.perms;
+    }
+    this.hooks.fire?.(path, [perms], false);
+  }
+
+  /** C xenstored do_mkdir: an existing node is fine and fires nothing. */
+  mkdir(caller: XsCaller, path: string): void {
+    if (this.accessOrMissing(caller, path, 'write') !== undefined) return;
+    const created = this.create(caller, path, EMPTY);
+    this.hooks.fire?.(path, [created.perms], false);
+  }
+
+  /**
+   * C xenstored do_rm: removing a missing node whose parent exists is fine.
+   * Watchers of the node and its ancestors hear of the node, watchers of
+   * each removed descendant hear of that descendant.
+   */
+  rm(caller: XsCaller, path: string): void {
+    const node = this.accessOrMissing(caller, path, 'write');
+    if (node === undefined) {
+      if (path !== '/' && this.lookup(parentOf(path)) !== undefined) return;
+      throw new XenError('ENOENT', `${path}: no such node`);
+    }
+    if (path === '/') throw new XenError('EINVAL', 'cannot remove /');
+    const fire = this.hooks.fire;
+    if (fire !== undefined) {
+      fire(path, [node.perms], false);
+      forEachDescendant(path, node, (p, n) => fire(p, [n.perms], true));
+    }
+    this.replace(path, undefined);
+  }
+
+  /** C xenstored do_set_perms: owner or privileged only; only the privileged change the owner. */
+  setPerms(caller: XsCaller, path: string, perms: readonly XsPerm[]): void {
+    if (perms.length === 0) throw new XenError('EINVAL', 'no permissions given');
+    const node = this.access(caller, path, 'owner');
+    if (!caller.privileged && perms[0]?.domid !== node.perms[0]?.domid) {
+      throw new XenError('EPERM', `${path}: only a privileged domain changes the owner`);
+    }
+    this.replace(path, { ...node, perms, gen: this.nextGen() });
+    this.hooks.fire?.(path, [node.perms, perms], false);
+  }
+
+  /**
+   * C xenstored construct_node: missing ancestors and the node itself, each
+   * inheriting its parent's permissions; an unprivileged creator becomes
+   * the owner. (Per-domain node quotas will count here.)
+   */
+  private create(caller: XsCaller, path: string, value: Uint8Array): XsNode {
+    const missing: string[] = [];
+    let at = path;
+    let parent: XsNode | undefined;
+    for (;;) {
+      missing.unshift(at);
+      at = parentOf(at);
+      parent = this.lookup(at);
+      if (parent !== undefined) break;
+    }
+    let perms = parent.perms;
+    let created = parent;
+    for (const p of missing) {
+      if (!caller.privileged) perms = [{ ...(perms[0] ?? { perm: 'n' }), domid: caller.domid }, ...perms.slice(1)];
+      created = newNode(p === path ? value : EMPTY, perms, this.nextGen());
+      this.replace(p, created);
+    }
+    return created;
+  }
+
+  /** Put `node` at `path` (or remove what is there), copying the path from the root. */
+  private replace(path: string, node: XsNode | undefined): void {
+    const parts = partsOf(path);
+    if (parts.length === 0) {
+      if (node === undefined) throw new XenError('EINVAL', 'cannot remove /');
+      this.root = node;
+      return;
+    }
+    this.root = this.replaceIn(this.root, parts, 0, node);
+  }
+
+  private replaceIn(at: XsNode, parts: readonly string[], i: number, leaf: XsNode | undefined): XsNode {
+    const name = parts[i] ?? '';
+    const children = new Map(at.children);
+    const had = children.has(name);
+    if (i === parts.length - 1) {
+      if (leaf === undefined) children.delete(name);
+      else children.set(name, leaf);
+    } else {
+      const child = at.children.get(name);
+      if (child === undefined) throw new XenError('EIO', `store: no node ${parts.slice(0, i + 1).join('/')} on the way down`);
+      children.set(name, this.replaceIn(child, parts, i + 1, leaf));
+    }
+    // A node's generation moves when its child list does, not when a descendant's value does.
+    const gen = had === children.has(name) ? at.gen : this.nextGen();
+    return { ...at, children, gen };
+  }
+}
+
+function forEachDescendant(path: string, node: XsNode, f: (path: string, node: XsNode) => void): void {
+  for (const [name, child] of node.children) {
+    const p = childPath(path, name);
+    forEachDescendant(p, child, f);
+    f(p, child);
+  }
+}
+
+function concat(chunks: readonly Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
+  let at = 0;
+  for (const c of chunks) {
+    out.set(c, at);
+    at += c.length;
+  }
+  return out;
+}
+
+/** The tree xenstored starts with: /, /tool/xenstored and /local/domain, all owned by dom0, no access for others. */
+export function initialRoot(nextGen: () => number): XsNode {
+  const perms: readonly XsPerm[] = [{ domid: 0, perm: 'n' }];
+  const leaf = (children: [string, XsNode][] = []): XsNode => ({
+    value: EMPTY,
+    perms,
+    children: new Map(children),
+    gen: nextGen(),
+  });
+  return leaf([
+    ['tool', leaf([['xenstored', leaf()]])],
+    ['local', leaf([['domain', leaf()]])],
+  ]);
+}

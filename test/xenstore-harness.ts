@@ -1,0 +1,79 @@
+// Shared by the xenstore tests: real clients and a real xenstored talking over
+// real xenstore pages in SharedArrayBuffers. Events are delivered on a later
+// macrotask, as an event channel upcall would be.
+
+import { XenstoredRing, Xenstored, type XsConnection } from '../lib/backends/xenstored.js';
+import { FramePage, MemoryViews, type Page } from '../lib/hypervisor/page.js';
+import { XsRing } from '../lib/xenstore/ring.js';
+import { joinStrings, type XsMessage } from '../lib/xenstore/wire.js';
+import { XenStore } from '../lib/xenstore/xenstore.js';
+
+export function newPage(): Page {
+  return new FramePage(new MemoryViews(new SharedArrayBuffer(4096)), 0, true);
+}
+
+export type Dom = { domid: number; xs: XenStore; server: XenstoredRing; page: Page };
+
+/** A domain's client attached to xenstored through its own ring page. */
+export function attach(xsd: Xenstored, domid: number, opts: { maxOutstanding?: number; timeoutMs?: number } = {}): Dom {
+  const page = newPage();
+  let server: XenstoredRing | undefined;
+  const xs = new XenStore({
+    page,
+    notify: () => setImmediate(() => server?.intr()),
+    name: `dom${domid}`,
+    timeoutMs: opts.timeoutMs ?? 5000,
+    maxOutstanding: opts.maxOutstanding,
+  });
+  server = new XenstoredRing(xsd, domid, page, () => setImmediate(() => xs.intr()));
+  return { domid, xs, server, page };
+}
+
+/** What the toolstack does for a new domain: its home, owned by it. */
+export async function makeHome(dom0: XenStore, domid: number): Promise<void> {
+  const home = `/local/domain/${domid}`;
+  await dom0.mkdir(home);
+  await dom0.setPerms(home, [{ domid, perm: 'n' }]);
+}
+
+/** A raw guest end that can send any message at all, for protocol tests. */
+export function rawGuest(xsd: Xenstored, domid: number): { ring: XsRing; got: XsMessage[]; server: XenstoredRing; page: Page } {
+  const page = newPage();
+  const got: XsMessage[] = [];
+  let server: XenstoredRing | undefined;
+  const ring = new XsRing({ page, side: 'front', notify: () => server?.intr(), deliver: (m) => got.push(m) });
+  server = new XenstoredRing(xsd, domid, page, () => ring.intr());
+  return { ring, got, server, page };
+}
+
+/** A synchronous client straight on a connection: send a request, get the reply. */
+export function direct(xsd: Xenstored, domid: number): {
+  conn: XsConnection;
+  events: XsMessage[];
+  req: (type: number, tx: number, ...args: string[]) => XsMessage;
+} {
+  const events: XsMessage[] = [];
+  let reply: XsMessage | undefined;
+  const conn = xsd.connect(domid, (m) => {
+    if (m.req_id === 0 && m.type === 15) events.push(m);
+    else reply = m;
+    return true;
+  });
+  let nextId = 1;
+  const req = (type: number, tx: number, ...args: string[]): XsMessage => {
+    reply = undefined;
+    conn.receive({ type, req_id: nextId++, tx_id: tx, payload: joinStrings(args) });
+    if (reply === undefined) throw new Error('no reply');
+    return reply;
+  };
+  return { conn, events, req };
+}
+
+export function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+/** Let queued event deliveries run. */
+export async function settle(rounds = 20): Promise<void> {
+  for (let i = 0; i < rounds; i++) await new Promise((r) => setImmediate(r));
+}
