@@ -51,6 +51,7 @@ export function direct(xsd: Xenstored, domid: number): {
   conn: XsConnection;
   events: XsMessage[];
   req: (type: number, tx: number, ...args: string[]) => XsMessage;
+  raw: (type: number, tx: number, payload: Uint8Array) => XsMessage;
 } {
   const events: XsMessage[] = [];
   let reply: XsMessage | undefined;
@@ -60,13 +61,14 @@ export function direct(xsd: Xenstored, domid: number): {
     return true;
   });
   let nextId = 1;
-  const req = (type: number, tx: number, ...args: string[]): XsMessage => {
+  const raw = (type: number, tx: number, payload: Uint8Array): XsMessage => {
     reply = undefined;
-    conn.receive({ type, req_id: nextId++, tx_id: tx, payload: joinStrings(args) });
+    conn.receive({ type, req_id: nextId++, tx_id: tx, payload });
     if (reply === undefined) throw new Error('no reply');
     return reply;
   };
-  return { conn, events, req };
+  const req = (type: number, tx: number, ...args: string[]): XsMessage => raw(type, tx, joinStrings(args));
+  return { conn, events, req, raw };
 }
 
 export function sleep(ms: number): Promise<void> {
