@@ -345,6 +345,8 @@ t.test('hostile guest: bogus len breaks only its own connection', async (t) => {
   t.equal(await good.xs.read('still'), 'works', 'others keep being served');
   await settle();
   t.equal(bad.got.length, 2, 'the broken connection hears nothing more');
+  bad.ring.intr();
+  t.equal(bad.ring.error?.code, 'EIO', 'a guest that reads the error field stops too');
 });
 
 t.test('hostile guest: producer index past the ring', async (t) => {

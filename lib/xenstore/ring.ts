@@ -11,6 +11,7 @@
 
 import { offsetOf } from '../abi/layout.js';
 import {
+  XENSTORE_ERROR_NONE,
   XENSTORE_ERROR_PROTO,
   XENSTORE_ERROR_RINGIDX,
   XENSTORE_RING_SIZE,
@@ -132,6 +133,7 @@ export class XsRing {
   /** The owner calls this when the event channel fires (and may call it any time). */
   intr(): void {
     if (this.error !== undefined) return;
+    if (this.side === 'front') this.checkServerError();
     if (this.busy) {
       this.again = true;
       return;
@@ -257,6 +259,13 @@ export class XsRing {
     this.page.store32(this.geo.inCons, this.inCons);
     this.moved = true;
     return size;
+  }
+
+  /** A server with XENSTORE_SERVER_FEATURE_ERROR says it gave up on us: stop rather than time out. */
+  private checkServerError(): void {
+    if ((this.page.load32(SERVER_FEATURES) & XENSTORE_SERVER_FEATURE_ERROR) === 0) return;
+    const code = this.page.load32(ERROR);
+    if (code !== XENSTORE_ERROR_NONE) this.fail(new XenError('EIO', `xenstored reports ring error ${code}`), code);
   }
 
   private fail(err: XenError, code: number): void {
