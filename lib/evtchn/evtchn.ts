@@ -196,9 +196,15 @@ export class Interrupts {
 
   /** The vCPU's idle loop: sleep until kicked, run the upcall, until stop(). */
   async run(): Promise<void> {
-    while (!this.stopped) {
-      this.upcall();
-      await this.vcpu.halt();
+    // A pending Atomics.waitAsync does not keep a thread alive; a running vCPU must.
+    const online = setInterval(() => undefined, 1 << 30);
+    try {
+      while (!this.stopped) {
+        this.upcall();
+        await this.vcpu.halt();
+      }
+    } finally {
+      clearInterval(online);
     }
   }
 
