@@ -6,6 +6,7 @@
 //
 // Which refs are free is private bookkeeping (OpenBSD marks them in the
 // shared entry itself); the shared entry only ever says what is granted.
+// One GrantTable per domain, used from the thread that runs its kernel.
 //
 // Revocation (XSA-396): an entry the peer still maps (GTF_reading or
 // GTF_writing set) cannot be taken back. remove() retries a bounded number of
