@@ -67,6 +67,9 @@ function entryFrame(d: Domain, ref: number): number {
  */
 function acquire(rd: Domain, ref: number, mapper: number, readonly: boolean): number {
   if (!Number.isInteger(ref) || ref < 0 || ref >= nrEntries(rd)) return GNTST_bad_gntref;
+  // Pins change only under rd's grant lock, which the caller holds.
+  const count = rd.ctl[D.active + ref] ?? 0;
+  if ((count & READERS) === READERS || count >>> 16 === 0x7fff) return GNTST_general_error;
   const u32 = rd.mem.u32;
   const w = entryWord(rd, ref);
   for (;;) {
@@ -79,12 +82,7 @@ function acquire(rd: Domain, ref: number, mapper: number, readonly: boolean): nu
   }
   const frame = entryFrame(rd, ref);
   const pins = D.active + ref;
-  const count = rd.ctl[pins] ?? 0;
-  if ((count & READERS) === READERS || count >>> 16 === 0x7fff) {
-    release(rd, ref, readonly);
-    return GNTST_general_error;
-  }
-  rd.ctl[pins] = count + (readonly ? 1 : WRITER);
+  rd.ctl[pins] = (rd.ctl[pins] ?? 0) + (readonly ? 1 : WRITER);
   if (frame >= rd.nrPages) {
     release(rd, ref, readonly);
     return GNTST_bad_page;
@@ -161,7 +159,12 @@ export function unmapGrantRef(caller: Domain, op: gnttab_unmap_grant_ref, lookup
     op.status = GNTST_bad_handle;
     return;
   }
-  // Kill the mapping first: the page object goes dead before the grant is released.
+  // Claim the handle so that of two racing unmaps only one releases the pin,
+  // then kill the mapping: the page object goes dead before the grant is released.
+  if (Atomics.compareExchange(caller.ctl, mt + MT_FLAGS, flags, MT_INUSE) !== flags) {
+    op.status = GNTST_bad_handle;
+    return;
+  }
   Atomics.add(caller.ctl, mt + MT_GEN, 1);
   const rd = lookup(caller.ctl[mt + MT_DOM] ?? -1);
   if (rd !== undefined) {
