@@ -31,6 +31,8 @@ import { XenStore } from '../xenstore/xenstore.js';
 import { logger, type Log } from '../log.js';
 import { PhysMem } from './physmem.js';
 import { XenCons } from './xencons.js';
+import { GrantTable } from '../gnttab/gnttab.js';
+import { XenDmaTag } from '../busdma/busdma.js';
 
 /** The vector OpenBSD's xen(4) asks for; any value works, Xen only records it. */
 const XEN_CALLBACK_VECTOR = 0x70n;
@@ -65,6 +67,8 @@ export type XenSoftc = {
   mem: MemoryViews;
   physmem: PhysMem;
   intr: Interrupts;
+  /** The Xen bus_dma tag: how drivers share memory with a backend (never lib/gnttab directly). */
+  dmat: XenDmaTag;
   xs: XenStore;
   console: Console;
   devices: Map<string, XenDevice>;
@@ -190,6 +194,9 @@ export function xenAttach(ctx: KernelContext, name: string): Boot {
   const physmem = new PhysMem(self.mem, ramPages(hypercall));
   const sharedInfoGfn = initSharedInfo(hypercall, physmem);
   const intr = new Interrupts(hypercall, self.mem, sharedInfoGfn, new Vcpu(self, 0), name);
+  const gnttab = new GrantTable(hypercall, self.mem, physmem, name);
+  gnttab.init();
+  const dmat = new XenDmaTag(gnttab, physmem, name);
 
   const consPage = new FramePage(self.mem, getParam(hypercall, HVM_PARAM_CONSOLE_PFN), true);
   let console: Console | null = null;
@@ -201,7 +208,7 @@ export function xenAttach(ctx: KernelContext, name: string): Boot {
   const storeIntr = intr.intrEstablish(getParam(hypercall, HVM_PARAM_STORE_EVTCHN), 0, () => xs?.intr(), 'xenstore');
   xs = new XenStore({ page: storePage, notify: () => intr.intrSignal(storeIntr), name });
 
-  const sc: XenSoftc = { domid: ctx.domid, name, hypercall, mem: self.mem, physmem, intr, xs, console, devices: new Map(), log };
+  const sc: XenSoftc = { domid: ctx.domid, name, hypercall, mem: self.mem, physmem, intr, dmat, xs, console, devices: new Map(), log };
   intr.intrUnmask(consoleIntr);
   intr.intrUnmask(storeIntr);
   void intr.run();
