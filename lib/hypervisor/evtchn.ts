@@ -40,7 +40,7 @@ function entry(port: number): number {
   return D.evtchns + port * 4;
 }
 
-function validPort(port: number): boolean {
+export function validPort(port: number): boolean {
   return Number.isInteger(port) && port > 0 && port < MAX_EVTCHNS;
 }
 
@@ -78,7 +78,19 @@ export function kickVcpu(d: Domain, vcpu: number): void {
 
 /** evtchn_2l_set_pending: mark `port` of `d` pending and tell its vCPU. */
 export function setPending(d: Domain, port: number): void {
-  const si = d.sharedInfoGfn * 4096;
+  // Shared info moves only once, when the guest maps it; if it moved while we
+  // marked the old page, mark the new one too so the event is not lost.
+  let gfn = d.sharedInfoGfn;
+  for (;;) {
+    markPending(d, port, gfn);
+    const now = d.sharedInfoGfn;
+    if (now === gfn) return;
+    gfn = now;
+  }
+}
+
+function markPending(d: Domain, port: number, gfn: number): void {
+  const si = gfn * 4096;
   const u32 = d.mem.u32;
   const bit = 1 << (port & 31);
   if ((Atomics.or(u32, bitWord(si + PENDING, port), bit) & bit) !== 0) return;
@@ -100,6 +112,7 @@ export function setPending(d: Domain, port: number): void {
 }
 
 export function isPending(d: Domain, port: number): boolean {
+  if (!validPort(port)) return false;
   const si = d.sharedInfoGfn * 4096;
   return (Atomics.load(d.mem.u32, bitWord(si + PENDING, port)) & (1 << (port & 31))) !== 0;
 }
@@ -194,13 +207,23 @@ export function sendVirq(d: Domain, virq: number): void {
 /** evtchn_close: both ends of an interdomain channel go back to unbound on the far side. */
 export function close(d: Domain, port: number, lookup: DomainLookup): number {
   if (!validPort(port)) return -XEN_EINVAL;
+  // The peer may close its end at the same moment and change what we must lock: retry, as Xen does.
+  for (;;) {
+    const rc = closeOnce(d, port, lookup);
+    if (rc !== RETRY) return rc;
+  }
+}
+
+const RETRY = 1;
+
+function closeOnce(d: Domain, port: number, lookup: DomainLookup): number {
   const e = entry(port);
   const state = Atomics.load(d.ctl, e + STATE);
   const rd = state === EVTCHNSTAT_interdomain ? lookup(d.ctl[e + REMOTE] ?? -1) : undefined;
   if (rd !== undefined) lockPair(d, rd);
   else lock(d.ctl, D.lockEvtchn);
   try {
-    if (Atomics.load(d.ctl, e + STATE) !== state) return -XEN_EINVAL; // changed under us; the caller retries
+    if (Atomics.load(d.ctl, e + STATE) !== state) return RETRY;
     if (state === EVTCHNSTAT_closed) return -XEN_EINVAL;
     if (state === EVTCHNSTAT_virq) d.ctl[virqWord(d.ctl[e + VCPU] ?? 0, d.ctl[e + REMOTE] ?? 0)] = 0;
     if (rd !== undefined) {
@@ -209,6 +232,8 @@ export function close(d: Domain, port: number, lookup: DomainLookup): number {
       rd.ctl[re + REMOTE_PORT] = 0;
       Atomics.store(rd.ctl, re + STATE, EVTCHNSTAT_unbound);
     }
+    // evtchn_free: a reused port number must not inherit this one's pending event.
+    Atomics.and(d.mem.u32, bitWord(d.sharedInfoGfn * 4096 + PENDING, port), ~(1 << (port & 31)));
     Atomics.store(d.ctl, e + STATE, EVTCHNSTAT_closed);
     d.ctl[e + REMOTE] = 0;
     d.ctl[e + REMOTE_PORT] = 0;

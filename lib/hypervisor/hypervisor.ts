@@ -332,6 +332,7 @@ export class Hypervisor {
   }
 
   private hvmOp(caller: Domain, cmd: number, arg: object | undefined): number {
+    if (cmd !== HVMOP_set_param && cmd !== HVMOP_get_param) return -XEN_ENOSYS;
     if (arg === undefined) return -XEN_EFAULT;
     const op = arg as H.xen_hvm_param;
     const d = op.domid === DOMID_SELF || op.domid === caller.domid ? caller : caller.privileged ? this.domain(op.domid) : null;
@@ -392,6 +393,7 @@ export class Hypervisor {
   private poll(d: Domain, op: H.sched_poll): number {
     const ports = op.ports.slice(0, op.nr_ports);
     if (ports.length === 0 || ports.length > 128) return -XEN_EINVAL;
+    if (!ports.every((p) => evtchn.validPort(p))) return -XEN_EINVAL;
     const deadline = op.timeout === 0n ? Infinity : Number(op.timeout) / 1e6;
     const pollWord = d.vcpuWord(0, VCPU_POLL);
     Atomics.store(d.ctl, pollWord, 1);
