@@ -28,7 +28,7 @@ import { XenError } from '../lib/errors.js';
 import { GrantTable } from '../lib/gnttab/gnttab.js';
 import { Host } from '../lib/hypervisor/host.js';
 import type { gnttab_map_grant_ref, Hypercall } from '../lib/hypervisor/hypercall.js';
-import { PAGE_SIZE } from '../lib/hypervisor/page.js';
+import { PAGE_SIZE, writablePage } from '../lib/hypervisor/page.js';
 import { PhysMem } from '../lib/xen/physmem.js';
 
 function setup(maxGrantFrames = 4) {
@@ -255,7 +255,7 @@ t.test('Xen tag: ds_addr holds grant refs the peer maps; direction sets read-onl
   xen.dmamapLoad(m, pa, 100, BUS_DMA_READ | busDmaDomid(b));
   const op = map(hcB, a.domid, m.dm_segs[0]!.ds_addr, false);
   t.equal(op.status, GNTST_okay, 'BUS_DMA_READ: the device writes');
-  op.page!.write(300, Uint8Array.of(0xaa, 0xbb));
+  writablePage(op.page).write(300, Uint8Array.of(0xaa, 0xbb));
   unmap(hcB, op.handle);
   xen.dmamapSync(m, 0, 100, BUS_DMASYNC_POSTREAD);
   t.same([a.mem.u8[pa], a.mem.u8[pa + 1]], [0xaa, 0xbb]);
@@ -409,7 +409,7 @@ t.test('across threads: the granting domain runs in a worker, the test thread ma
   const rxSeg = first.rx[0]!;
   const rxOp = map(hcB, a.domid, rxSeg.ref, false);
   t.equal(rxOp.status, GNTST_okay);
-  rxOp.page!.write(rxSeg.offset, Uint8Array.of(1, 2, 3, 4, 5, 6, 7, 8));
+  writablePage(rxOp.page).write(rxSeg.offset, Uint8Array.of(1, 2, 3, 4, 5, 6, 7, 8));
   t.equal(unmap(hcB, rxOp.handle), GNTST_okay);
   // Keep the second tx segment mapped: the worker's unload must quarantine it.
   t.equal(unmap(hcB, handles[0]!), GNTST_okay);

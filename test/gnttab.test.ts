@@ -28,7 +28,7 @@ import { GNTTAB_ENTRIES_PER_FRAME, GrantTable, type GrantTableOptions } from '..
 import { D, SpecialPage } from '../lib/hypervisor/domain.js';
 import { Host } from '../lib/hypervisor/host.js';
 import type { gnttab_copy, gnttab_map_grant_ref, Hypercall } from '../lib/hypervisor/hypercall.js';
-import { PAGE_SIZE } from '../lib/hypervisor/page.js';
+import { PAGE_SIZE, writablePage } from '../lib/hypervisor/page.js';
 import { PhysMem } from '../lib/xen/physmem.js';
 
 const EPF = GNTTAB_ENTRIES_PER_FRAME;
@@ -133,7 +133,7 @@ t.test('grant, map from the other domain, read and write through the page', asyn
   gt.enter(ref, b, gfn, 0);
   const op = map(hcB, a.domid, ref);
   t.equal(op.status, GNTST_okay);
-  const page = op.page!;
+  const page = writablePage(op.page);
   t.ok(page.writable);
   const got = new Uint8Array(4);
   page.read(100, got);
@@ -155,8 +155,8 @@ t.test('a read-only grant refuses a writable map; its page has no working store'
   const op = map(hcB, a.domid, ref, true);
   t.equal(op.status, GNTST_okay);
   t.notOk(op.page!.writable);
-  t.equal(code(() => op.page!.store8(0, 1)), 'EACCES');
-  t.equal(code(() => op.page!.write(0, new Uint8Array(8))), 'EACCES');
+  t.notOk('store8' in op.page! || 'write' in op.page!, 'the page object has no store methods');
+  t.equal(code(() => writablePage(op.page)), 'EACCES');
   unmap(hcB, op.handle);
   await gt.remove(ref);
 });
@@ -250,12 +250,12 @@ t.test('XSA-396: remove while the peer maps it retries, then quarantines ref and
   const started = performance.now();
   t.equal(await rejection(gt.remove(ref)), 'EBUSY');
   const ms = performance.now() - started;
-  t.ok(ms >= 3 && ms < 500, `bounded retries took ${ms.toFixed(1)} ms`);
+  t.ok(ms >= 3 && ms < 5000, `bounded retries took ${ms.toFixed(1)} ms`);
   t.equal(gt.quarantined, 1);
   t.ok(gt.isQuarantined(gfn), 'the page is reported');
   t.equal(code(() => gt.free(ref)), 'no error', 'free of a quarantined ref does nothing');
   t.equal(code(() => gt.enter(ref, b, gfn)), 'EBUSY', 'a quarantined ref cannot be entered');
-  op.page!.store8(0, 42);
+  writablePage(op.page).store8(0, 42);
   t.equal(a.mem.u8[gfn * PAGE_SIZE], 42, 'the peer still writes the page: it must never be reused');
   const other = gt.alloc();
   t.equal(code(() => gt.enter(other, b, gfn)), 'EBUSY', 'nor may its page be granted again');

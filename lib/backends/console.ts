@@ -11,6 +11,7 @@ import { errnoName } from '../hypervisor/errno.js';
 import type { Interrupts, IntrHandle } from '../evtchn/evtchn.js';
 import type { Hypercall, gnttab_map_grant_ref } from '../hypervisor/hypercall.js';
 import { XenCons } from '../xen/xencons.js';
+import { writablePage } from '../hypervisor/page.js';
 import { logger, type Log } from '../log.js';
 
 const MAX_KEPT_CHARS = 1 << 20;
@@ -62,7 +63,7 @@ export class ConsoleBackend {
     };
     this.hypercall(__HYPERVISOR_grant_table_op, GNTTABOP_map_grant_ref, map);
     if (map.status !== GNTST_okay || map.page === null) throw new XenError('EACCES', `console page of domain ${domid}: GNTST ${map.status}`);
-    const gc = new GuestConsole(domid, new XenCons(map.page, 'backend'), map.handle, null, log);
+    const gc = new GuestConsole(domid, new XenCons(writablePage(map.page), 'backend'), map.handle, null, log);
     const bind = { remote_dom: domid, remote_port: remotePort, local_port: 0 };
     const rc = this.hypercall(__HYPERVISOR_event_channel_op, EVTCHNOP_bind_interdomain, bind);
     if (rc !== 0) {

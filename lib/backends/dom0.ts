@@ -13,7 +13,7 @@ import { XenError } from '../errors.js';
 import { Interrupts, type IntrHandle } from '../evtchn/evtchn.js';
 import { errnoName } from '../hypervisor/errno.js';
 import type { Hypercall, gnttab_map_grant_ref } from '../hypervisor/hypercall.js';
-import { FramePage, PAGE_SIZE } from '../hypervisor/page.js';
+import { FramePage, PAGE_SIZE, writablePage } from '../hypervisor/page.js';
 import type { KernelContext } from '../hypervisor/thread.js';
 import { Vcpu } from '../hypervisor/vcpu.js';
 import { Rpc, type RpcHandlers } from '../rpc.js';
@@ -71,7 +71,7 @@ class StoreRings {
     }
     let ring: XenstoredRing | null = null;
     const ih = this.intr.adopt(bind.local_port, () => ring?.intr(), `xenstore-dom${domid}`);
-    ring = new XenstoredRing(xsd, domid, map.page, () => this.intr.intrSignal(ih));
+    ring = new XenstoredRing(xsd, domid, writablePage(map.page), () => this.intr.intrSignal(ih));
     this.rings.set(domid, { ring, intr: ih, handle: map.handle });
     this.intr.intrUnmask(ih);
   }

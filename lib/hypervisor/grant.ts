@@ -30,7 +30,7 @@ import {
 import { DOMID_SELF } from '../abi/xen.js';
 import { D, Domain, GRANT_ENTRIES_PER_FRAME, MAX_MAPTRACK } from './domain.js';
 import { lock, unlock } from './lock.js';
-import { FramePage, PAGE_SIZE } from './page.js';
+import { FramePage, PAGE_SIZE, ReadOnlyPage } from './page.js';
 import type { DomainLookup } from './evtchn.js';
 import type { gnttab_copy, gnttab_copy_ptr, gnttab_map_grant_ref, gnttab_unmap_grant_ref } from './hypercall.js';
 
@@ -141,7 +141,8 @@ export function mapGrantRef(caller: Domain, op: gnttab_map_grant_ref, lookup: Do
   const gen = Atomics.add(caller.ctl, mt + MT_GEN, 1) + 1;
   Atomics.store(caller.ctl, mt + MT_FLAGS, MT_INUSE | op.flags);
   const ctl = caller.ctl;
-  op.page = new FramePage(rd.mem, frame, !readonly, () => Atomics.load(ctl, mt + MT_GEN) === gen);
+  const page = new FramePage(rd.mem, frame, !readonly, () => Atomics.load(ctl, mt + MT_GEN) === gen);
+  op.page = readonly ? new ReadOnlyPage(page) : page;
   op.handle = handle;
   op.dev_bus_addr = BigInt(frame) << 12n;
   op.status = GNTST_okay;

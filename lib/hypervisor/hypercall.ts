@@ -5,7 +5,7 @@
 //   hypercall(__HYPERVISOR_event_channel_op, EVTCHNOP_alloc_unbound, op); op.port
 // The return value is 0 or a negated Xen errno, as Xen returns it.
 
-import type { Page } from './page.js';
+import type { Page, ReadPage } from './page.js';
 
 export type Hypercall = (op: number, cmd: number, arg?: object) => number;
 
@@ -32,8 +32,8 @@ export type gnttab_map_grant_ref = {
   status: number;
   handle: number;
   dev_bus_addr: bigint;
-  /** The mapping itself: stands where C finds the frame at host_addr. */
-  page: Page | null;
+  /** The mapping itself, where C finds the frame at host_addr: a Page, or a ReadPage for GNTMAP_readonly. */
+  page: Page | ReadPage | null;
 };
 export type gnttab_unmap_grant_ref = { host_addr: bigint; dev_bus_addr: bigint; handle: number; status: number };
 export type gnttab_copy_ptr = { u: { ref: number; gmfn: number }; domid: number; offset: number };

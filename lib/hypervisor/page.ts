@@ -8,17 +8,22 @@ import { XenError } from '../errors.js';
 export const PAGE_SHIFT = 12;
 export const PAGE_SIZE = 4096;
 
-export interface Page {
+/** What a read-only grant mapping gives: loads and copies out, nothing that writes. */
+export interface ReadPage {
   readonly writable: boolean;
-  /** Atomic loads and stores; offsets are within the page and aligned to the width. */
+  /** Atomic loads; offsets are within the page and aligned to the width. */
   load8(offset: number): number;
   load16(offset: number): number;
   load32(offset: number): number;
+  /** Copy `into.length` bytes out of the page from `offset`. */
+  read(offset: number, into: Uint8Array): void;
+}
+
+export interface Page extends ReadPage {
+  /** Atomic stores; offsets are within the page and aligned to the width. */
   store8(offset: number, value: number): void;
   store16(offset: number, value: number): void;
   store32(offset: number, value: number): void;
-  /** Copy `into.length` bytes out of the page from `offset`. */
-  read(offset: number, into: Uint8Array): void;
   /** Copy `from` into the page at `offset`. */
   write(offset: number, from: Uint8Array): void;
 }
@@ -99,4 +104,37 @@ export class FramePage implements Page {
   write(offset: number, from: Uint8Array): void {
     this.mem.u8.set(from, this.enter(offset, from.length, true));
   }
+}
+
+/**
+ * A read-only grant mapping: a page object with no store methods at all, so
+ * a backend holding one cannot write the granter's memory by any path.
+ */
+export class ReadOnlyPage implements ReadPage {
+  readonly writable = false;
+
+  constructor(private readonly page: FramePage) {}
+
+  load8(offset: number): number {
+    return this.page.load8(offset);
+  }
+  load16(offset: number): number {
+    return this.page.load16(offset);
+  }
+  load32(offset: number): number {
+    return this.page.load32(offset);
+  }
+  read(offset: number, into: Uint8Array): void {
+    this.page.read(offset, into);
+  }
+}
+
+export function isWritable(page: ReadPage | Page): page is Page {
+  return page.writable && 'store32' in page;
+}
+
+/** The writable Page of a grant mapping; EACCES for a read-only one or none. */
+export function writablePage(page: ReadPage | Page | null): Page {
+  if (page === null || !isWritable(page)) throw new XenError('EACCES', 'the mapping is not writable');
+  return page;
 }

@@ -12,7 +12,7 @@ import { XenError } from '../../lib/errors.js';
 import { GrantTable } from '../../lib/gnttab/gnttab.js';
 import { Host } from '../../lib/hypervisor/host.js';
 import type { gnttab_map_grant_ref } from '../../lib/hypervisor/hypercall.js';
-import { PAGE_SIZE } from '../../lib/hypervisor/page.js';
+import { PAGE_SIZE, writablePage } from '../../lib/hypervisor/page.js';
 import { PhysMem } from '../../lib/xen/physmem.js';
 
 t.test('a page the backend still maps at unload is never handed out again', async (t) => {
@@ -53,7 +53,7 @@ t.test('a page the backend still maps at unload is never handed out again', asyn
     }
   }
   t.notOk(pages.has(gfn), 'the allocator never hands out the quarantined page');
-  op.page!.store32(0, 0x41414141);
+  writablePage(op.page).store32(0, 0x41414141);
   for (const g of pages) {
     if (front.mem.u32[(g * PAGE_SIZE) / 4] === 0x41414141) t.fail(`backend write reached page ${g}`);
   }
