@@ -2,12 +2,9 @@
 // segments carry grant refs that another domain maps with the real hypervisor.
 
 import t from 'tap';
+import { map, unmap, code, rejection } from './fixtures/grants.js';
 
 import {
-  GNTMAP_host_map,
-  GNTMAP_readonly,
-  GNTTABOP_map_grant_ref,
-  GNTTABOP_unmap_grant_ref,
   GNTST_okay,
   GNTST_permission_denied,
 } from '../lib/abi/grant_table.js';
@@ -24,10 +21,8 @@ import {
   XenDmaTag,
   type DmaMap,
 } from '../lib/busdma/busdma.js';
-import { XenError } from '../lib/errors.js';
 import { GrantTable } from '../lib/gnttab/gnttab.js';
 import { Host } from '../lib/hypervisor/host.js';
-import type { gnttab_map_grant_ref, Hypercall } from '../lib/hypervisor/hypercall.js';
 import { PAGE_SIZE, writablePage } from '../lib/hypervisor/page.js';
 import { PhysMem } from '../lib/xen/physmem.js';
 
@@ -44,38 +39,9 @@ function setup(maxGrantFrames = 4) {
   return { host, a: da, physmem, gt, dma, xen, hcB: host.hv.entry(b.domid), b: b.domid };
 }
 
-function map(hc: Hypercall, dom: number, ref: number, readonly: boolean): gnttab_map_grant_ref {
-  const op: gnttab_map_grant_ref = {
-    host_addr: 0n, flags: GNTMAP_host_map | (readonly ? GNTMAP_readonly : 0), ref, dom,
-    status: 0, handle: 0, dev_bus_addr: 0n, page: null,
-  };
-  hc(__HYPERVISOR_grant_table_op, GNTTABOP_map_grant_ref, op);
-  return op;
-}
 
-function unmap(hc: Hypercall, handle: number): number {
-  const op = { host_addr: 0n, dev_bus_addr: 0n, handle, status: 0 };
-  hc(__HYPERVISOR_grant_table_op, GNTTABOP_unmap_grant_ref, op);
-  return op.status;
-}
 
-function code(fn: () => unknown): string {
-  try {
-    fn();
-  } catch (err) {
-    return err instanceof XenError ? err.code : `not a XenError: ${String(err)}`;
-  }
-  return 'no error';
-}
 
-async function rejection(p: Promise<unknown>): Promise<string> {
-  try {
-    await p;
-  } catch (err) {
-    return err instanceof XenError ? err.code : `not a XenError: ${String(err)}`;
-  }
-  return 'no error';
-}
 
 function segs(m: DmaMap): [number, number][] {
   return m.dm_segs.slice(0, m.dm_nsegs).map((s) => [s.ds_addr, s.ds_len]);

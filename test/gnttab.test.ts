@@ -3,19 +3,16 @@
 
 import fc from 'fast-check';
 import t from 'tap';
+import { map, unmap, code, rejection } from './fixtures/grants.js';
 
 import { offsetOf } from '../lib/abi/layout.js';
 import {
   grant_entry_v1,
   GNTCOPY_dest_gref,
   GNTCOPY_source_gref,
-  GNTMAP_host_map,
-  GNTMAP_readonly,
   GNTTAB_NR_RESERVED_ENTRIES,
   GNTTAB_RESERVED_XENSTORE,
   GNTTABOP_copy,
-  GNTTABOP_map_grant_ref,
-  GNTTABOP_unmap_grant_ref,
   GNTST_bad_gntref,
   GNTST_okay,
   GNTST_permission_denied,
@@ -27,7 +24,7 @@ import { XenError } from '../lib/errors.js';
 import { GNTTAB_ENTRIES_PER_FRAME, GrantTable, type GrantTableOptions } from '../lib/gnttab/gnttab.js';
 import { D, SpecialPage } from '../lib/hypervisor/domain.js';
 import { Host } from '../lib/hypervisor/host.js';
-import type { gnttab_copy, gnttab_map_grant_ref, Hypercall } from '../lib/hypervisor/hypercall.js';
+import type { gnttab_copy } from '../lib/hypervisor/hypercall.js';
 import { PAGE_SIZE, writablePage } from '../lib/hypervisor/page.js';
 import { PhysMem } from '../lib/xen/physmem.js';
 
@@ -45,39 +42,9 @@ function setup(maxGrantFrames = 4, options: GrantTableOptions = FAST) {
   return { host, a: da, physmem, gt, hcB: host.hv.entry(b.domid), b: b.domid, hcC: host.hv.entry(c.domid), c: c.domid };
 }
 
-function map(hc: Hypercall, dom: number, ref: number, readonly = false): gnttab_map_grant_ref {
-  const op: gnttab_map_grant_ref = {
-    host_addr: 0n, flags: GNTMAP_host_map | (readonly ? GNTMAP_readonly : 0), ref, dom,
-    status: 0, handle: 0, dev_bus_addr: 0n, page: null,
-  };
-  const rc = hc(__HYPERVISOR_grant_table_op, GNTTABOP_map_grant_ref, op);
-  if (rc !== 0) throw new Error(`map hypercall returned ${rc}`);
-  return op;
-}
 
-function unmap(hc: Hypercall, handle: number): number {
-  const op = { host_addr: 0n, dev_bus_addr: 0n, handle, status: 0 };
-  hc(__HYPERVISOR_grant_table_op, GNTTABOP_unmap_grant_ref, op);
-  return op.status;
-}
 
-function code(fn: () => unknown): string {
-  try {
-    fn();
-  } catch (err) {
-    return err instanceof XenError ? err.code : `not a XenError: ${String(err)}`;
-  }
-  return 'no error';
-}
 
-async function rejection(p: Promise<unknown>): Promise<string> {
-  try {
-    await p;
-  } catch (err) {
-    return err instanceof XenError ? err.code : `not a XenError: ${String(err)}`;
-  }
-  return 'no error';
-}
 
 t.test('init moves frame 0 into RAM and keeps the builder entries; reserved refs are never handed out', async (t) => {
   const { a, gt, hcB, b } = setup();

@@ -6,6 +6,7 @@
 import { performance } from 'node:perf_hooks';
 import fc from 'fast-check';
 import t from 'tap';
+import { code } from './fixtures/grants.js';
 
 import { offsetOf } from '../lib/abi/layout.js';
 import {
@@ -91,7 +92,6 @@ import {
 } from '../lib/abi/sched.js';
 import { XENVER_extraversion, XENVER_get_features, XENVER_version } from '../lib/abi/version.js';
 import { XEN_EEXIST, XEN_EINVAL, XEN_ENOENT, XEN_ENOSPC, XEN_ENOSYS, XEN_EPERM, XEN_ESRCH } from '../lib/abi/errno.js';
-import { XenError } from '../lib/errors.js';
 import { Domain, GRANT_ENTRIES_PER_FRAME, MAX_EVTCHNS, SPECIAL_PAGES, SpecialPage, VCPU_WAKE } from '../lib/hypervisor/domain.js';
 import { Host, type DomainConfig } from '../lib/hypervisor/host.js';
 import type {
@@ -369,14 +369,6 @@ function ok<T>(rc: number, what: string, value: T): T {
   return value;
 }
 
-function code(fn: () => unknown): string {
-  try {
-    fn();
-  } catch (err) {
-    return err instanceof XenError ? err.code : `not a XenError: ${String(err)}`;
-  }
-  return 'no error';
-}
 
 const SMALL: DomainConfig = { name: 'guest', memoryMiB: 1 };
 

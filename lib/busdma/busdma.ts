@@ -34,7 +34,6 @@ export const BUS_DMA_WRITE = 0x0400;
 export const BUS_DMA_NOCACHE = 0x0800;
 export const BUS_DMA_ZERO = 0x1000;
 export const BUS_DMA_DOMID_SHIFT = 16;
-const BUS_DMA_FLAGS = 0xffff;
 
 /** The flags bits that name the Xen tag's peer domain. */
 export function busDmaDomid(domid: number): number {

@@ -153,7 +153,7 @@ function pvbusDetect(ctx: KernelContext): void {
 }
 
 /** The RAM pages the memory map reports, for the page allocator. */
-function ramPages(hypercall: Hypercall): number {
+export function ramPages(hypercall: Hypercall): number {
   const op = { nr_entries: 0, buffer: [] as { addr: number; size: number; type: number }[] };
   check(hypercall(__HYPERVISOR_memory_op, XENMEM_memory_map, op), 'XENMEM_memory_map');
   const ram = op.buffer.find((e) => e.type === E820_RAM && e.addr === 0);
@@ -162,7 +162,7 @@ function ramPages(hypercall: Hypercall): number {
 }
 
 /** Steps 3-5: shared info at a page of ours, callback vector, every port masked. */
-function initSharedInfo(hypercall: Hypercall, physmem: PhysMem): number {
+export function initSharedInfo(hypercall: Hypercall, physmem: PhysMem): number {
   const gfn = physmem.alloc();
   check(
     hypercall(__HYPERVISOR_memory_op, XENMEM_add_to_physmap, { domid: DOMID_SELF, size: 0, space: XENMAPSPACE_shared_info, idx: 0, gpfn: gfn }),
