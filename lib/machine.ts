@@ -7,6 +7,10 @@ import { Host } from './hypervisor/host.js';
 import { Rpc } from './rpc.js';
 import { logger } from './log.js';
 import type { DomainExit, DomainSpec } from './backends/toolstack.js';
+import type { Dom0Args } from './backends/dom0.js';
+import type { XenstoredLimits } from './backends/xenstored.js';
+import { join } from 'node:path';
+import { rmSync } from 'node:fs';
 
 const log = logger('machine');
 
@@ -18,16 +22,23 @@ export type MachineOptions = {
   /** A guest shut down and was destroyed. */
   onExit?: (exit: DomainExit) => void;
   bootTimeoutMs?: number;
+  /** Where the host keeps its sockets: xenstored listens on <rundir>/xenstored/socket. No socket without it. */
+  rundir?: string;
+  /** xenstored's quotas; see XenstoredLimits. */
+  xenstored?: Partial<XenstoredLimits>;
 };
 
 export class Machine {
   readonly host: Host;
+  /** xenstored's unix socket, when booted with a rundir. */
+  readonly socketPath: string | undefined;
   private rpc!: Rpc;
   private readonly exits = new Map<number, DomainExit>();
   private readonly exitWaiters = new Map<number, Array<(e: DomainExit) => void>>();
   private dom0Dead: Error | null = null;
 
   private constructor(private readonly opts: MachineOptions) {
+    this.socketPath = opts.rundir === undefined ? undefined : join(opts.rundir, 'xenstored', 'socket');
     this.host = new Host({
       onMessage: (domid, m) => {
         if (domid === 0) this.rpc.receive(m);
@@ -46,7 +57,8 @@ export class Machine {
     const host = m.host;
     m.rpc = new Rpc((msg) => host.post(0, msg), m.platformHandlers(), (name, data) => m.event(name, data));
     host.createDomain({ name: 'Domain-0', memoryMiB: opts.dom0MemoryMiB ?? 16, privileged: true }, 0);
-    host.start(0, new URL('./backends/dom0.js', import.meta.url).href, {});
+    const args: Dom0Args = { socketPath: m.socketPath, limits: opts.xenstored };
+    host.start(0, new URL('./backends/dom0.js', import.meta.url).href, args);
     await m.rpc.call('ping', null, opts.bootTimeoutMs ?? 30_000);
     log('dom0 is up');
     return m;
@@ -111,6 +123,9 @@ export class Machine {
 
   /** Stop every domain and dom0. */
   async stop(): Promise<void> {
+    // dom0 closes its listeners first; a dom0 that does not answer is terminated all the same.
+    if (this.dom0Dead === null) await this.rpc.call('stop', null, 5_000).catch(() => undefined);
     await this.host.shutdown();
+    if (this.socketPath !== undefined) rmSync(this.socketPath, { force: true });
   }
 }

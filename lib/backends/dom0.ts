@@ -4,44 +4,36 @@
 // builder granted it. The toolstack answers the machine's calls.
 
 import { parentPort } from 'node:worker_threads';
-import { __HYPERVISOR_event_channel_op, __HYPERVISOR_grant_table_op, __HYPERVISOR_memory_op, VIRQ_DOM_EXC, DOMID_SELF } from '../abi/xen.js';
+import { __HYPERVISOR_event_channel_op, __HYPERVISOR_grant_table_op, VIRQ_DOM_EXC } from '../abi/xen.js';
 import { EVTCHNOP_bind_interdomain } from '../abi/event_channel.js';
 import { GNTMAP_host_map, GNTTABOP_map_grant_ref, GNTTABOP_unmap_grant_ref, GNTTAB_RESERVED_XENSTORE, GNTST_okay } from '../abi/grant_table.js';
-import { XENMEM_add_to_physmap, XENMEM_memory_map, XENMAPSPACE_shared_info } from '../abi/memory.js';
 import { XS_INTRODUCE, XS_RELEASE } from '../abi/xs_wire.js';
 import { XenError } from '../errors.js';
 import { Interrupts, type IntrHandle } from '../evtchn/evtchn.js';
 import { errnoName } from '../hypervisor/errno.js';
 import type { Hypercall, gnttab_map_grant_ref } from '../hypervisor/hypercall.js';
-import { FramePage, PAGE_SIZE, writablePage } from '../hypervisor/page.js';
+import { FramePage, writablePage } from '../hypervisor/page.js';
 import type { KernelContext } from '../hypervisor/thread.js';
 import { Vcpu } from '../hypervisor/vcpu.js';
 import { Rpc, type RpcHandlers } from '../rpc.js';
 import { logger } from '../log.js';
 import { PhysMem } from '../xen/physmem.js';
+import { initSharedInfo, ramPages } from '../xen/xen.js';
 import { joinStrings } from '../xenstore/wire.js';
 import { XenStore } from '../xenstore/xenstore.js';
 import { ConsoleBackend } from './console.js';
 import { Toolstack, type DomainSpec, type Platform, type StoreIntroduce } from './toolstack.js';
-import { Xenstored, XenstoredRing } from './xenstored.js';
+import { Xenstored, XenstoredRing, type XenstoredLimits } from './xenstored.js';
+import { XenstoredSocket } from './xenstored-socket.js';
 
 const log = logger('dom0');
-const EVTCHN_MASK_OFFSET = 2560;
 
-function check(rc: number, what: string): void {
-  if (rc !== 0) throw new XenError(errnoName(-rc), `${what} failed (${rc})`);
-}
-
-/** dom0's own shared info and interrupts, as xen_attach does for a guest. */
+/** dom0's own shared info and interrupts, the same steps xen_attach takes for a guest. */
 function attachInterrupts(ctx: KernelContext, hypercall: Hypercall): { intr: Interrupts; physmem: PhysMem } {
   const self = ctx.hv.domain(ctx.domid);
   if (self === undefined) throw new XenError('ESRCH', 'dom0 unknown to itself');
-  const map = { nr_entries: 0, buffer: [] as { addr: number; size: number; type: number }[] };
-  check(hypercall(__HYPERVISOR_memory_op, XENMEM_memory_map, map), 'XENMEM_memory_map');
-  const physmem = new PhysMem(self.mem, (map.buffer[0]?.size ?? 0) / PAGE_SIZE);
-  const gfn = physmem.alloc();
-  check(hypercall(__HYPERVISOR_memory_op, XENMEM_add_to_physmap, { domid: DOMID_SELF, size: 0, space: XENMAPSPACE_shared_info, idx: 0, gpfn: gfn }), 'shared_info');
-  self.mem.u8.fill(0xff, gfn * PAGE_SIZE + EVTCHN_MASK_OFFSET, gfn * PAGE_SIZE + EVTCHN_MASK_OFFSET + 512);
+  const physmem = new PhysMem(self.mem, ramPages(hypercall));
+  const gfn = initSharedInfo(hypercall, physmem);
   const intr = new Interrupts(hypercall, self.mem, gfn, new Vcpu(self, 0), 'dom0');
   void intr.run();
   return { intr, physmem };
@@ -101,7 +93,15 @@ function localClient(ctx: KernelContext, xsd: Xenstored, physmem: PhysMem): XenS
   return client;
 }
 
+/** What the machine hands dom0 at boot. */
+export type Dom0Args = {
+  /** xenstored listens on <socketPath> when set. */
+  socketPath?: string | undefined;
+  limits?: Partial<XenstoredLimits> | undefined;
+};
+
 export async function main(ctx: KernelContext): Promise<void> {
+  const args = (ctx.args ?? {}) as Dom0Args;
   const port = parentPort;
   if (port === null) throw new XenError('EINVAL', 'dom0 must run in a worker thread');
   const hypercall = ctx.hv.entry(ctx.domid);
@@ -110,7 +110,9 @@ export async function main(ctx: KernelContext): Promise<void> {
   const xsd: Xenstored = new Xenstored({
     introduce: (domid, _gfn, evtchn) => rings.introduce(xsd, domid, evtchn),
     release: (domid) => rings.release(domid),
+    limits: args.limits,
   });
+  const socket = args.socketPath === undefined ? null : await XenstoredSocket.listen(xsd, args.socketPath);
   const xs = localClient(ctx, xsd, physmem);
   // One channel both ways: dom0 calls the machine's domctls, the machine calls the toolstack.
   const handlers: RpcHandlers = {};
@@ -147,6 +149,8 @@ export async function main(ctx: KernelContext): Promise<void> {
     },
     destroy: (args: unknown) => toolstack.destroyNow((args as { domid: number }).domid),
     list: () => toolstack.list(),
+    // Before the machine terminates this thread: the socket file goes with the listener.
+    stop: async () => void (await socket?.close()),
   } satisfies RpcHandlers);
   // Listening last: the machine's first call (ping) finds everything in place.
   port.on('message', (m: unknown) => rpc.receive(m));

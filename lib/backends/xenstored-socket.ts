@@ -1,0 +1,96 @@
+// xenstored's unix socket (C xenstored's "socket" connections): dom0 tools
+// such as xenstore-read and test-xenstore speak the same xsd_sockmsg stream
+// as the ring, as privileged dom0. Each socket is one connection; a client
+// that breaks framing loses its socket, never the daemon.
+
+import { mkdirSync, rmSync } from 'node:fs';
+import { createConnection, createServer, type Server, type Socket } from 'node:net';
+import { dirname } from 'node:path';
+import { XenError } from '../errors.js';
+import { logger } from '../log.js';
+import { XsDecoder, encodeMessage } from '../xenstore/wire.js';
+import type { Xenstored } from './xenstored.js';
+
+const log = logger('xenstored', 'socket');
+
+/** Stop reading a client whose answers pile up unread (bytes queued in the socket). */
+const HIGH_WATER_BYTES = 256 * 1024;
+/** Sockets at once; C xenstored has no fixed cap, but every queue here has one. */
+const MAX_CLIENTS = 1024;
+
+export class XenstoredSocket {
+  private readonly clients = new Set<Socket>();
+
+  private constructor(
+    readonly path: string,
+    private readonly server: Server,
+  ) {}
+
+  /** Listen on `path` (its directory is created); a stale socket left by a dead host is replaced. */
+  static async listen(xsd: Xenstored, path: string): Promise<XenstoredSocket> {
+    mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
+    await removeStale(path);
+    const server = createServer({ allowHalfOpen: false });
+    const self = new XenstoredSocket(path, server);
+    server.maxConnections = MAX_CLIENTS;
+    server.on('connection', (sock) => self.accept(xsd, sock));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(path, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    server.on('error', (err) => log('server error: %s', err.message));
+    log('listening on %s', path);
+    return self;
+  }
+
+  private accept(xsd: Xenstored, sock: Socket): void {
+    this.clients.add(sock);
+    const decoder = new XsDecoder();
+    const conn = xsd.connect(0, (msg) => {
+      if (sock.destroyed) return;
+      const room = sock.write(encodeMessage(msg));
+      if (!room && sock.writableLength > HIGH_WATER_BYTES) sock.pause();
+      return room;
+    }, { privileged: true, onClose: () => sock.destroy() });
+    sock.on('drain', () => {
+      sock.resume();
+      conn.drain();
+    });
+    sock.on('data', (chunk: Buffer) => {
+      for (const msg of decoder.feed(chunk)) conn.receive(msg);
+      if (decoder.error !== undefined) {
+        log('client broke framing: %s', decoder.error.message);
+        sock.destroy();
+      }
+    });
+    sock.on('error', (err) => log('client error: %s', err.message));
+    sock.on('close', () => {
+      this.clients.delete(sock);
+      conn.close();
+    });
+  }
+
+  /** Stop listening, drop every client, remove the socket file. */
+  async close(): Promise<void> {
+    for (const sock of this.clients) sock.destroy();
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    rmSync(this.path, { force: true });
+  }
+}
+
+/** A socket file nobody answers on is left from a host that died; one that answers is in use. */
+async function removeStale(path: string): Promise<void> {
+  const alive = await new Promise<boolean>((resolve) => {
+    const probe = createConnection(path);
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', () => resolve(false));
+  });
+  if (alive) throw new XenError('EADDRINUSE', `${path}: another xenstored is listening`);
+  rmSync(path, { force: true });
+}
