@@ -15,7 +15,7 @@ import {
   GNTTABOP_copy,
   GNTST_bad_gntref,
   GNTST_okay,
-  GNTST_permission_denied,
+  GNTST_general_error,
   GTF_permit_access,
   GTF_readonly,
 } from '../lib/abi/grant_table.js';
@@ -118,7 +118,7 @@ t.test('a read-only grant refuses a writable map; its page has no working store'
   gt.init();
   const ref = gt.alloc();
   gt.enter(ref, b, physmem.alloc(1), GTF_readonly);
-  t.equal(map(hcB, a.domid, ref, false).status, GNTST_permission_denied);
+  t.equal(map(hcB, a.domid, ref, false).status, GNTST_general_error);
   const op = map(hcB, a.domid, ref, true);
   t.equal(op.status, GNTST_okay);
   t.notOk(op.page!.writable);
@@ -133,15 +133,15 @@ t.test('wrong domid, out-of-range ref, revoked ref', async (t) => {
   gt.init();
   const ref = gt.alloc();
   gt.enter(ref, b, physmem.alloc(1), 0);
-  t.equal(map(hcC, a.domid, ref).status, GNTST_permission_denied, 'granted to b, not c');
+  t.equal(map(hcC, a.domid, ref).status, GNTST_general_error, 'granted to b, not c');
   t.equal(map(hcB, a.domid, 4 * EPF + 5).status, GNTST_bad_gntref, 'beyond the table');
   t.equal(map(hcB, a.domid, 2 * EPF - 1).status, GNTST_bad_gntref, 'beyond the frames placed so far');
   t.equal(code(() => gt.enter(EPF + 1, b, 1)), 'EINVAL', 'enter of a ref beyond the table');
   t.equal(code(() => gt.enter(GNTTAB_RESERVED_XENSTORE, b, 1)), 'EINVAL', 'a reserved ref');
   await gt.remove(ref);
-  t.equal(map(hcB, a.domid, ref).status, GNTST_permission_denied, 'revoked');
+  t.equal(map(hcB, a.domid, ref).status, GNTST_general_error, 'revoked');
   const unused = gt.alloc();
-  t.equal(map(hcB, a.domid, unused).status, GNTST_permission_denied, 'allocated but never entered');
+  t.equal(map(hcB, a.domid, unused).status, GNTST_general_error, 'allocated but never entered');
 });
 
 t.test('enter checks its arguments and refuses to grant a grant-table frame', async (t) => {
@@ -183,11 +183,11 @@ t.test('grant copy in both directions, and a read-only grant as the destination'
   bMem.u8.fill(3, bGfn * PAGE_SIZE + 8, bGfn * PAGE_SIZE + 24);
   t.equal(op(GNTCOPY_dest_gref, self, { ref: rw, gmfn: 0, domid: a.domid }), GNTST_okay, 'B -> A');
   t.same([...a.mem.u8.subarray(dstGfn * PAGE_SIZE, dstGfn * PAGE_SIZE + 16)], new Array(16).fill(3));
-  t.equal(op(GNTCOPY_dest_gref, self, { ref: ro, gmfn: 0, domid: a.domid }), GNTST_permission_denied, 'read-only as dest');
+  t.equal(op(GNTCOPY_dest_gref, self, { ref: ro, gmfn: 0, domid: a.domid }), GNTST_general_error, 'read-only as dest');
   // A copy pins only while it runs: both entries revoke at once afterwards.
   t.ok(gt.tryRemove(ro));
   t.ok(gt.tryRemove(rw));
-  t.equal(op(GNTCOPY_source_gref, { ref: ro, gmfn: 0, domid: a.domid }, self), GNTST_permission_denied, 'revoked');
+  t.equal(op(GNTCOPY_source_gref, { ref: ro, gmfn: 0, domid: a.domid }, self), GNTST_general_error, 'revoked');
 });
 
 t.test('free or enter of an entry in use is an error with a code', async (t) => {
@@ -245,7 +245,7 @@ t.test('XSA-396: remove while the peer maps it retries, then quarantines ref and
   const op2 = map(hcB, a.domid, fresh, true);
   t.equal(unmap(hcB, op2.handle), GNTST_okay);
   await gt.remove(fresh);
-  t.equal(map(hcB, a.domid, fresh).status, GNTST_permission_denied, 'after the unmap a fresh ref revokes cleanly');
+  t.equal(map(hcB, a.domid, fresh).status, GNTST_general_error, 'after the unmap a fresh ref revokes cleanly');
   t.equal(gt.quarantined, 1);
 });
 
@@ -291,7 +291,7 @@ t.test('Grant objects are disposable', async (t) => {
     t.equal(op.status, GNTST_okay);
     t.equal(unmap(hcB, op.handle), GNTST_okay);
   }
-  t.equal(map(hcB, a.domid, ref, true).status, GNTST_permission_denied, 'revoked at scope end');
+  t.equal(map(hcB, a.domid, ref, true).status, GNTST_general_error, 'revoked at scope end');
   t.equal(gt.nrFree, free0, 'and freed');
   {
     using g = gt.grant(b, physmem.alloc(1));

@@ -72,13 +72,17 @@ function acquire(rd: Domain, ref: number, mapper: number, readonly: boolean): nu
   if ((count & READERS) === READERS || count >>> 16 === 0x7fff) return GNTST_general_error;
   const u32 = rd.mem.u32;
   const w = entryWord(rd, ref);
-  for (;;) {
+  // Xen's _set_status_v1: bad type, domid or a write pin of a read-only entry
+  // is GNTST_general_error, and a granter that keeps changing the entry under
+  // the compare-and-swap is taken to misbehave after five tries.
+  for (let tries = 0; ; tries++) {
     const old = Atomics.load(u32, w);
     const flags = old & 0xffff;
-    if ((flags & GTF_type_mask) !== GTF_permit_access || old >>> 16 !== mapper) return GNTST_permission_denied;
-    if (!readonly && (flags & GTF_readonly) !== 0) return GNTST_permission_denied;
+    if ((flags & GTF_type_mask) !== GTF_permit_access || old >>> 16 !== mapper) return GNTST_general_error;
+    if (!readonly && (flags & GTF_readonly) !== 0) return GNTST_general_error;
     const next = (old | GTF_reading | (readonly ? 0 : GTF_writing)) >>> 0;
     if (Atomics.compareExchange(u32, w, old, next) === old) break;
+    if (tries === 4) return GNTST_general_error;
   }
   const frame = entryFrame(rd, ref);
   const pins = D.active + ref;
@@ -192,8 +196,8 @@ function copySide(caller: Domain, ptr: gnttab_copy_ptr, byRef: boolean, readonly
   const d = ptr.domid === DOMID_SELF ? caller : lookup(ptr.domid);
   if (d === undefined || d.state === 'dead') return GNTST_bad_domain;
   if (!byRef) {
-    // A frame number is allowed for one's own memory, or for a privileged caller.
-    if (d !== caller && !caller.privileged) return GNTST_permission_denied;
+    // As Xen: copy by frame number only for one's own memory.
+    if (d !== caller) return GNTST_permission_denied;
     if (!Number.isInteger(ptr.u.gmfn) || ptr.u.gmfn < 0 || ptr.u.gmfn >= d.nrPages) return GNTST_bad_page;
     return { d, frame: ptr.u.gmfn, ref: 0, pinned: false, readonly };
   }
