@@ -4,6 +4,7 @@
 import { parseArgs } from 'node:util';
 import { XenError } from '../errors.js';
 import { run } from './run.js';
+import { cliPath, defaultRundir, hostDaemon, hostStart, hostStop } from './host.js';
 
 const USAGE = `usage: xenpv <command> [options]
 
@@ -12,6 +13,12 @@ commands:
       boot a host with dom0, create the domains of the xl-style configs, wait
       until they shut down (or S seconds pass), print each guest's console
       output prefixed with its name; exit 0 when every guest powered off.
+  host start [--rundir DIR]
+      run a host (dom0, xenstored, backends) in the background; print the
+      xenstored socket path (DIR/xenstored/socket). DIR defaults to
+      $XDG_RUNTIME_DIR/xenpv, or /tmp/xenpv-<uid> without it.
+  host stop [--rundir DIR]
+      stop that host; its socket and pid file go with it.
   help
       this text.
 `;
@@ -36,6 +43,8 @@ async function main(argv: string[]): Promise<number> {
       if (duration !== undefined && !(duration > 0)) throw new XenError('EINVAL', `--duration must be a positive number of seconds, not ${values.duration}`);
       return run(positionals, { json: values.json === true, durationS: duration });
     }
+    case 'host':
+      return host(rest);
     case undefined:
     case 'help':
     case '--help':
@@ -44,6 +53,33 @@ async function main(argv: string[]): Promise<number> {
       return command === undefined ? 2 : 0;
     default:
       throw new XenError('EINVAL', `unknown command ${command}; see xenpv help`);
+  }
+}
+
+async function host(argv: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({ args: argv, allowPositionals: true, options: { rundir: { type: 'string' } } });
+  const [sub, ...extra] = positionals;
+  if (extra.length > 0) throw new XenError('EINVAL', `host ${sub}: unexpected ${extra.join(' ')}`);
+  const rundir = values.rundir ?? defaultRundir();
+  try {
+    switch (sub) {
+      case 'start':
+        process.stdout.write(`${await hostStart(rundir, cliPath())}\n`);
+        return 0;
+      case 'stop':
+        process.stdout.write(`stopped host pid ${await hostStop(rundir)}\n`);
+        return 0;
+      case 'daemon':
+        await hostDaemon(rundir);
+        return new Promise<number>(() => undefined); // runs until signalled
+      default:
+        throw new XenError('EINVAL', `host needs start or stop, not ${sub ?? 'nothing'}`);
+    }
+  } catch (err) {
+    // A host in the wrong state is not a usage error: status 1.
+    if (!(err instanceof XenError) || err.code === 'EINVAL') throw err;
+    process.stderr.write(`xenpv: ${err.message}\n`);
+    return 1;
   }
 }
 
