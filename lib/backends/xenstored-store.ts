@@ -36,6 +36,46 @@ export type XsDbHooks = {
   fire?: ((path: string, perms: readonly (readonly XsPerm[])[], exact: boolean) => void) | undefined;
 };
 
+/**
+ * C xenstored's per-domain node quotas, checked only for unprivileged
+ * callers as C's domain_is_unprivileged() does; each answers ENOSPC.
+ */
+export type XsQuota = {
+  /** Nodes a domain may own (C quota_nb_entry_per_domain). */
+  maxNodes: number;
+  /** A node's record size, value and child names included (C quota_max_entry_size). */
+  maxNodeSizeBytes: number;
+  /** ACL entries beyond the owner's (C quota_nb_perms_per_node). */
+  maxPermsPerNode: number;
+};
+
+/** Nodes per owning domain; a fork of the store carries a copy. */
+export type XsOwned = Map<number, number>;
+
+/** C struct xs_tdb_record_hdr: u64 generation, u32 num_perms, datalen, childlen, padded to 8. */
+const RECORD_HDR_BYTES = 24;
+/** C struct xs_permissions: perm and domid, 4 bytes each. */
+const PERM_BYTES = 8;
+
+/** C write_node_raw's data.dsize: header, permissions, value, NUL-ended child names. */
+export function nodeSizeBytes(value: Uint8Array, nrPerms: number, childNames: Iterable<string>): number {
+  let size = RECORD_HDR_BYTES + nrPerms * PERM_BYTES + value.length;
+  for (const name of childNames) size += name.length + 1;
+  return size;
+}
+
+/** Count every node of a tree by owner, for a store built from scratch. */
+export function countOwners(root: XsNode): XsOwned {
+  const owned: XsOwned = new Map();
+  const add = (n: XsNode): void => {
+    const owner = n.perms[0]?.domid ?? 0;
+    owned.set(owner, (owned.get(owner) ?? 0) + 1);
+  };
+  add(root);
+  forEachDescendant('/', root, (_p, n) => add(n));
+  return owned;
+}
+
 const EMPTY = new Uint8Array(0);
 const NO_CHILDREN: ReadonlyMap<string, XsNode> = new Map();
 const VALID_CHARS = /^[A-Za-z0-9\-/_@]*$/;
@@ -103,7 +143,24 @@ export class XsDb {
     public root: XsNode,
     private readonly nextGen: () => number,
     private readonly hooks: XsDbHooks = {},
+    public owned: XsOwned = countOwners(root),
+    private readonly quota: XsQuota | undefined = undefined,
   ) {}
+
+  private own(domid: number | undefined, delta: number): void {
+    const id = domid ?? 0;
+    const n = (this.owned.get(id) ?? 0) + delta;
+    if (n > 0) this.owned.set(id, n);
+    else this.owned.delete(id);
+  }
+
+  /** C write_node_raw's size check: ENOSPC for an unprivileged writer over quota_max_entry_size. */
+  private checkSize(caller: XsCaller, path: string, value: Uint8Array, nrPerms: number, childNames: Iterable<string>): void {
+    if (this.quota === undefined || caller.privileged) return;
+    if (nodeSizeBytes(value, nrPerms, childNames) >= this.quota.maxNodeSizeBytes) {
+      throw new XenError('ENOSPC', `${path}: node would exceed ${this.quota.maxNodeSizeBytes} bytes`);
+    }
+  }
 
   /** The node at an absolute path, recorded as looked at. */
   lookup(path: string): XsNode | undefined {
@@ -203,6 +260,7 @@ export class XsDb {
     if (node === undefined) {
       perms = this.create(caller, path, value).perms;
     } else {
+      this.checkSize(caller, path, value, node.perms.length, node.children.keys());
       this.replace(path, { ...node, value, gen: this.nextGen() });
       perms = node.perms;
     }
@@ -233,6 +291,8 @@ export class XsDb {
       fire(path, [node.perms], false);
       forEachDescendant(path, node, (p, n) => fire(p, [n.perms], true));
     }
+    this.own(node.perms[0]?.domid, -1);
+    forEachDescendant(path, node, (_p, n) => this.own(n.perms[0]?.domid, -1));
     this.replace(path, undefined);
   }
 
@@ -243,6 +303,12 @@ export class XsDb {
     if (!caller.privileged && perms[0]?.domid !== node.perms[0]?.domid) {
       throw new XenError('EPERM', `${path}: only a privileged domain changes the owner`);
     }
+    if (this.quota !== undefined && !caller.privileged && perms.length > this.quota.maxPermsPerNode + 1) {
+      throw new XenError('ENOSPC', `${path}: more than ${this.quota.maxPermsPerNode} permissions besides the owner's`);
+    }
+    this.checkSize(caller, path, node.value, perms.length, node.children.keys());
+    this.own(node.perms[0]?.domid, -1);
+    this.own(perms[0]?.domid, +1);
     this.replace(path, { ...node, perms, gen: this.nextGen() });
     this.hooks.fire?.(path, [node.perms, perms], false);
   }
@@ -250,7 +316,8 @@ export class XsDb {
   /**
    * C xenstored construct_node: missing ancestors and the node itself, each
    * inheriting its parent's permissions; an unprivileged creator becomes
-   * the owner. (Per-domain node quotas will count here.)
+   * the owner. An unprivileged creator is held to its node quota (C
+   * domain_nbentry, ENOSPC) and the parent to its size quota.
    */
   private create(caller: XsCaller, path: string, value: Uint8Array): XsNode {
     const missing: string[] = [];
@@ -262,14 +329,30 @@ export class XsDb {
       parent = this.lookup(at);
       if (parent !== undefined) break;
     }
+    this.checkCreate(caller, at, parent, missing, value);
     let perms = parent.perms;
     let created = parent;
     for (const p of missing) {
       if (!caller.privileged) perms = [{ ...(perms[0] ?? { perm: 'n' }), domid: caller.domid }, ...perms.slice(1)];
       created = newNode(p === path ? value : EMPTY, perms, this.nextGen());
+      this.own(perms[0]?.domid, +1);
       this.replace(p, created);
     }
     return created;
+  }
+
+  /** Before creating `missing` under the existing `parent` at `at`: the quotas C checks on the way. */
+  private checkCreate(caller: XsCaller, at: string, parent: XsNode, missing: readonly string[], value: Uint8Array): void {
+    const quota = this.quota;
+    if (quota === undefined || caller.privileged) return;
+    if ((this.owned.get(caller.domid) ?? 0) + missing.length > quota.maxNodes) {
+      throw new XenError('ENOSPC', `domain ${caller.domid} would own more than ${quota.maxNodes} nodes`);
+    }
+    const first = missing[0] ?? at;
+    const name = first.slice(first.lastIndexOf('/') + 1);
+    this.checkSize(caller, at, parent.value, parent.perms.length, [...parent.children.keys(), name]);
+    const last = missing[missing.length - 1] ?? at;
+    this.checkSize(caller, last, value, parent.perms.length, []);
   }
 
   /** Put `node` at `path` (or remove what is there), copying the path from the root. */

@@ -52,6 +52,7 @@ import {
 import {
   NO_NODE,
   XsDb,
+  countOwners,
   canonicalize,
   domainPath,
   initialRoot,
@@ -60,11 +61,24 @@ import {
   type XsCaller,
 } from './xenstored-store.js';
 
+/**
+ * C xenstored's quotas (xenstored_core.c quota_*), per domain. Privileged
+ * connections (dom0, the socket) are exempt, as C exempts them through
+ * domain_is_unprivileged(); maxPendingEvents applies to everyone.
+ */
 export type XenstoredLimits = {
-  /** Watches one connection may hold (C quota_nb_watch_per_domain); E2BIG beyond. */
+  /** Nodes a domain owns (quota_nb_entry_per_domain); ENOSPC beyond. */
+  maxNodes: number;
+  /** A node's record: header, permissions, value, child names (quota_max_entry_size); ENOSPC at or above. */
+  maxNodeSizeBytes: number;
+  /** ACL entries besides the owner's (quota_nb_perms_per_node); ENOSPC beyond. */
+  maxPermsPerNode: number;
+  /** Watches one connection may hold (quota_nb_watch_per_domain); E2BIG beyond. */
   maxWatches: number;
-  /** Open transactions per connection (C quota_max_transaction); ENOSPC beyond. */
+  /** Open transactions per connection (quota_max_transaction); ENOSPC beyond. */
   maxTransactions: number;
+  /** Replies not yet on a domain's ring before xenstored stops reading it (quota_req_outstanding); no error, back-pressure. */
+  maxOutstanding: number;
   /** Watch events held for a connection whose transport is backlogged; newer ones are dropped. */
   maxPendingEvents: number;
 };
@@ -91,7 +105,15 @@ export type XsConnectOptions = {
 /** Hand one message to the peer; false means "backlogged, I will call drain()". */
 export type XsSend = (msg: XsMessage) => boolean | void;
 
-const DEFAULT_LIMITS: XenstoredLimits = { maxWatches: 128, maxTransactions: 10, maxPendingEvents: 256 };
+export const DEFAULT_LIMITS: Readonly<XenstoredLimits> = {
+  maxNodes: 1000,
+  maxNodeSizeBytes: 2048,
+  maxPermsPerNode: 5,
+  maxWatches: 128,
+  maxTransactions: 10,
+  maxOutstanding: 20,
+  maxPendingEvents: 256,
+};
 const PRIVILEGED_ONLY = new Set([XS_CONTROL, XS_INTRODUCE, XS_RELEASE, XS_IS_DOMAIN_INTRODUCED, XS_RESUME, XS_SET_TARGET]);
 const IGNORES_TX = new Set([XS_WATCH, XS_UNWATCH]);
 const WIRE_ERRORS = new Set(xsd_errors.map((e) => e.errstring));
@@ -152,9 +174,10 @@ export class Xenstored {
     this.opts = opts;
     this.limits = { ...DEFAULT_LIMITS, ...opts.limits };
     this.log = logger('xenstored');
-    this.db = new XsDb(initialRoot(this.nextGen), this.nextGen, {
+    const root = initialRoot(this.nextGen);
+    this.db = new XsDb(root, this.nextGen, {
       fire: (path, perms, exact) => this.fireWatches(path, perms, exact),
-    });
+    }, countOwners(root), this.limits);
   }
 
   /** A new client: a domain's ring, or a socket. Its replies and events go to `send`. */
@@ -198,7 +221,7 @@ export class Xenstored {
       touch: (path, gen) => {
         if (!accessed.has(path)) accessed.set(path, gen);
       },
-    });
+    }, new Map(this.db.owned), this.limits);
   }
 
   /**
@@ -212,7 +235,7 @@ export class Xenstored {
       if (now !== gen) throw new XenError('EAGAIN', `transaction ${tx.id}: ${path} changed`);
     }
     const events: [string, readonly (readonly XsPerm[])[], boolean][] = [];
-    const scratch = new XsDb(this.db.root, this.nextGen, { fire: (...e) => events.push(e) });
+    const scratch = new XsDb(this.db.root, this.nextGen, { fire: (...e) => events.push(e) }, new Map(this.db.owned), this.limits);
     try {
       for (const op of tx.ops) applyOp(scratch, caller, op);
     } catch (err) {
@@ -220,6 +243,7 @@ export class Xenstored {
       throw new XenError('EAGAIN', `transaction ${tx.id}: replay failed`);
     }
     this.db.root = scratch.root;
+    this.db.owned = scratch.owned;
     for (const [path, perms, exact] of events) this.fireWatches(path, perms, exact);
   }
 
@@ -443,7 +467,7 @@ export class XsConnection {
     if (this.watches.some((w) => w.node === entry.node && w.token === entry.token)) {
       throw new XenError('EEXIST', `watch ${entry.given} ${entry.token} exists`);
     }
-    if (this.watches.length >= this.xsd.limits.maxWatches) throw new XenError('E2BIG', 'too many watches');
+    if (!this.privileged && this.watches.length >= this.xsd.limits.maxWatches) throw new XenError('E2BIG', 'too many watches');
     this.watches.push(entry);
     // C do_watch acks first, then fires once so the client need not read first.
     this.afterReply = () => this.event(entry, entry.given);
@@ -501,7 +525,7 @@ export class XsConnection {
   private transactionStart(payload: Uint8Array, tx: XsTx | undefined): Uint8Array {
     if (tx !== undefined) throw new XenError('EBUSY', 'transactions do not nest');
     oneArg(payload);
-    if (this.txs.size >= this.xsd.limits.maxTransactions) throw new XenError('ENOSPC', 'too many transactions');
+    if (!this.privileged && this.txs.size >= this.xsd.limits.maxTransactions) throw new XenError('ENOSPC', 'too many transactions');
     let id = this.nextTxId;
     while (id === 0 || this.txs.has(id)) id = (id + 1) >>> 0;
     this.nextTxId = (id + 1) >>> 0;
@@ -565,6 +589,7 @@ export class XenstoredRing {
       broken: () => this.conn.close(),
       // Stop taking requests from a guest that does not read its answers.
       highWaterBytes: 2 * (XENSTORE_PAYLOAD_MAX + 16),
+      highWaterMessages: this.conn.privileged ? undefined : xsd.limits.maxOutstanding,
       drained: () => this.conn.drain(),
       log,
     });

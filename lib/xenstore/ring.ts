@@ -40,6 +40,8 @@ export type XsRingOptions = {
    * a guest that does not read its responses).
    */
   highWaterBytes?: number | undefined;
+  /** Messages waiting for ring space above which the same happens (C quota_req_outstanding). */
+  highWaterMessages?: number | undefined;
   /** Called when the backlog falls back under the high-water mark. */
   drained?: (() => void) | undefined;
   /** Hard bound on queued output; exceeding it is the owner's bug. */
@@ -75,6 +77,7 @@ export class XsRing {
   private readonly decoder = new XsDecoder();
   private readonly scratch = new Uint8Array(XENSTORE_RING_SIZE);
   private readonly highWater: number;
+  private readonly highWaterMessages: number;
   private readonly maxQueued: number;
   private outProd: number;
   private inCons: number;
@@ -93,6 +96,7 @@ export class XsRing {
     this.geo = opts.side === 'front' ? FRONT : BACK;
     this.log = opts.log ?? logger('xenstore', `ring-${opts.side}`);
     this.highWater = opts.highWaterBytes ?? Infinity;
+    this.highWaterMessages = opts.highWaterMessages ?? Infinity;
     this.maxQueued = opts.maxQueuedBytes ?? 1 << 20;
     // Start where the indices stand: the page may have been in use before.
     this.outProd = this.page.load32(this.geo.outProd);
@@ -101,6 +105,10 @@ export class XsRing {
       const features = this.page.load32(SERVER_FEATURES);
       this.page.store32(SERVER_FEATURES, (features | XENSTORE_SERVER_FEATURE_ERROR) >>> 0);
     }
+  }
+
+  private overHighWater(): boolean {
+    return this.queuedBytes > this.highWater || this.queue.length - this.queueHead >= this.highWaterMessages;
   }
 
   /** Output bytes not yet on the ring. */
@@ -127,7 +135,7 @@ export class XsRing {
       this.flush();
       this.kick();
     }
-    return this.queuedBytes <= this.highWater;
+    return !this.overHighWater();
   }
 
   /** The owner calls this when the event channel fires (and may call it any time). */
@@ -160,7 +168,7 @@ export class XsRing {
 
   private pump(): void {
     this.flush();
-    while (this.error === undefined && this.queuedBytes <= this.highWater) {
+    while (this.error === undefined && !this.overHighWater()) {
       const n = this.get(this.decoder.wanted());
       if (n === 0) break;
       const msgs = this.decoder.feed(this.scratch.subarray(0, n));
@@ -211,7 +219,7 @@ export class XsRing {
   }
 
   private checkDrained(): void {
-    const over = this.queuedBytes > this.highWater;
+    const over = this.overHighWater();
     if (this.wasBacklogged && !over && this.error === undefined) {
       this.wasBacklogged = false;
       this.opts.drained?.();
