@@ -45,13 +45,14 @@ async function ringRun(m: Machine, cfg: string): Promise<{ reads: number; writes
   return JSON.parse(line) as { reads: number; writes: number };
 }
 
-/** One READ at a time over the socket, as libxenstore's xs_read does. */
-async function socketRun(path: string): Promise<number> {
+/** One request at a time over the socket, as libxenstore's xs_read and xs_write do. */
+async function socketRun(path: string, type: number): Promise<number> {
   const sock: Socket = await new Promise((resolve, reject) => {
     const s = createConnection(path, () => resolve(s));
     s.once('error', reject);
   });
-  const req = encodeMessage({ type: XS_READ, req_id: 1, tx_id: 0, payload: joinStrings(['/tool/bench']) });
+  const payload = type === XS_READ ? joinStrings(['/tool/bench']) : joinWrite('/tool/bench', 'y'.repeat(64));
+  const req = encodeMessage({ type, req_id: 1, tx_id: 0, payload });
   const decoder = new XsDecoder();
   const end = performance.now() + RUN_MS;
   let n = -1; // the first reply answers the setup write
@@ -78,9 +79,11 @@ async function main(): Promise<void> {
   const m = await Machine.boot({ rundir: dir });
   const ring: { reads: number; writes: number }[] = [];
   const socket: number[] = [];
+  const socketWrites: number[] = [];
   try {
     for (let i = 0; i < RUNS; i++) ring.push(await ringRun(m, cfg));
-    for (let i = 0; i < RUNS; i++) socket.push(await socketRun(m.socketPath!));
+    for (let i = 0; i < RUNS; i++) socket.push(await socketRun(m.socketPath!, XS_READ));
+    for (let i = 0; i < RUNS; i++) socketWrites.push(await socketRun(m.socketPath!, XS_WRITE));
   } finally {
     await m.stop();
   }
@@ -89,6 +92,7 @@ async function main(): Promise<void> {
     metric('xenstore.ring.read.ops', ring.map((r) => r.reads)),
     metric('xenstore.ring.write.ops', ring.map((r) => r.writes)),
     metric('xenstore.socket.read.ops', socket),
+    metric('xenstore.socket.write.ops', socketWrites),
   ];
   process.stdout.write(`xenstore bench: ${cpus().length} x ${cpus()[0]?.model ?? 'cpu'}, node ${process.version}, median of ${RUNS} runs of ${RUN_MS} ms\n`);
   for (const x of metrics) process.stdout.write(`${x.name.padEnd(28)} ${String(x.value).padStart(9)} ${x.unit}   runs ${x.runs.join(' ')}\n`);

@@ -51,12 +51,13 @@ export function runningPid(rundir: string): number | null {
 type Ready = { socketPath: string } | { error: string };
 
 /** Spawn the daemon and wait for its word; resolves with the socket path. */
-export async function hostStart(rundir: string, cli: string): Promise<string> {
+export async function hostStart(rundir: string, cli: string, configFile?: string): Promise<string> {
   const pid = runningPid(rundir);
   if (pid !== null) throw new XenError('EEXIST', `a host is already running in ${rundir} (pid ${pid})`);
   mkdirSync(rundir, { recursive: true, mode: 0o700 });
   const logFd = openSync(join(rundir, 'host.log'), 'a');
-  const child = spawn(process.execPath, [cli, 'host', 'daemon', '--rundir', rundir], {
+  const args = [cli, 'host', 'daemon', '--rundir', rundir, ...(configFile === undefined ? [] : ['--config', configFile])];
+  const child = spawn(process.execPath, args, {
     detached: true,
     stdio: ['ignore', logFd, logFd, 'ipc'],
   });

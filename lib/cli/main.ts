@@ -4,6 +4,8 @@
 import { parseArgs } from 'node:util';
 import { XenError } from '../errors.js';
 import { run } from './run.js';
+import { resolve } from 'node:path';
+import { loadHostConfig } from '../backends/hostcfg.js';
 import { cliPath, defaultRundir, hostDaemon, hostStart, hostStop } from './host.js';
 
 const USAGE = `usage: xenpv <command> [options]
@@ -13,10 +15,11 @@ commands:
       boot a host with dom0, create the domains of the xl-style configs, wait
       until they shut down (or S seconds pass), print each guest's console
       output prefixed with its name; exit 0 when every guest powered off.
-  host start [--rundir DIR]
+  host start [--rundir DIR] [--config host.json]
       run a host (dom0, xenstored, backends) in the background; print the
       xenstored socket path (DIR/xenstored/socket). DIR defaults to
-      $XDG_RUNTIME_DIR/xenpv, or /tmp/xenpv-<uid> without it.
+      $XDG_RUNTIME_DIR/xenpv, or /tmp/xenpv-<uid> without it. host.json
+      sets xenstored's quotas: {"xenstored": {"maxNodes": 1000, ...}}.
   host stop [--rundir DIR]
       stop that host; its socket and pid file go with it.
   help
@@ -57,20 +60,27 @@ async function main(argv: string[]): Promise<number> {
 }
 
 async function host(argv: string[]): Promise<number> {
-  const { values, positionals } = parseArgs({ args: argv, allowPositionals: true, options: { rundir: { type: 'string' } } });
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: { rundir: { type: 'string' }, config: { type: 'string' } },
+  });
   const [sub, ...extra] = positionals;
   if (extra.length > 0) throw new XenError('EINVAL', `host ${sub}: unexpected ${extra.join(' ')}`);
   const rundir = values.rundir ?? defaultRundir();
+  // Read the config before anything starts, so a bad one is a usage error here.
+  const configFile = values.config === undefined ? undefined : resolve(values.config);
+  const config = configFile === undefined ? {} : loadHostConfig(configFile);
   try {
     switch (sub) {
       case 'start':
-        process.stdout.write(`${await hostStart(rundir, cliPath())}\n`);
+        process.stdout.write(`${await hostStart(rundir, cliPath(), configFile)}\n`);
         return 0;
       case 'stop':
         process.stdout.write(`stopped host pid ${await hostStop(rundir)}\n`);
         return 0;
       case 'daemon':
-        await hostDaemon(rundir);
+        await hostDaemon(rundir, config);
         return new Promise<number>(() => undefined); // runs until signalled
       default:
         throw new XenError('EINVAL', `host needs start or stop, not ${sub ?? 'nothing'}`);
