@@ -122,6 +122,33 @@ t.test('request/response round trips', async (t) => {
   t.equal(back.error, undefined);
 });
 
+t.test('in-place entries: slot() then commit, as RING_GET_REQUEST users write', async (t) => {
+  const { front, back } = pair(pages([16]), BLK_BYTES, 32);
+  const buf = new Uint8Array(BLK_BYTES);
+  const s = front.slot(front.reqProd);
+  t.notOk(s.straddles);
+  s.page.store32(s.offset, 0xfeed);
+  front.commitRequest();
+  front.pushRequests();
+  back.unconsumedRequests();
+  t.ok(back.takeRequest(buf));
+  t.equal(idOf(buf), 0xfeed);
+  const r = back.slot(back.rspProd);
+  r.page.store32(r.offset, 0xbeef);
+  back.commitResponse();
+  t.throws(() => back.commitResponse(), { code: 'EINVAL' }, 'no request left to answer');
+  back.pushResponses();
+  front.unconsumedResponses();
+  t.ok(front.takeResponse(buf));
+  t.equal(idOf(buf), 0xbeef);
+  t.equal(back.reqConsumed, 1);
+  t.equal(front.rspConsumed, 1);
+  t.throws(() => front.putRequest(new Uint8Array(BLK_BYTES - 1)), { code: 'EINVAL' }, 'a buffer of the wrong size');
+  t.throws(() => back.readSlot(0, new Uint8Array(BLK_BYTES + 1)), { code: 'EINVAL' });
+  for (let i = 0; i < 32; i++) front.commitRequest();
+  t.throws(() => front.commitRequest(), { code: 'EINVAL' }, 'commit on a full ring');
+});
+
 t.test('a full ring: freeRequests 0, the back consumes at most a ring', async (t) => {
   const { front, back } = pair(pages([16]), BLK_BYTES, 32);
   const buf = new Uint8Array(BLK_BYTES);

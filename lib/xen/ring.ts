@@ -60,7 +60,7 @@ class SharedRing {
     protected readonly pages: readonly Page[],
     readonly entryBytes: number,
     nrEnts: number,
-    name: string,
+    readonly name: string,
   ) {
     assert(Number.isInteger(entryBytes) && entryBytes > 0 && entryBytes <= PAGE_SIZE, `ring ${name}: bad entry size ${entryBytes}`);
     assert(Number.isInteger(nrEnts) && nrEnts > 0 && nrEnts <= 2 ** 31 && (nrEnts & (nrEnts - 1)) === 0,
@@ -102,7 +102,7 @@ class SharedRing {
 
   /** Copy slot `idx` into `into` (exactly entryBytes long), in two parts if it straddles. */
   readSlot(idx: number, into: Uint8Array): void {
-    assert(into.length === this.entryBytes, `slot buffer is ${into.length} bytes, entries are ${this.entryBytes}`);
+    if (into.length !== this.entryBytes) this.badBuffer(into);
     const s = this.slot(idx);
     if (!s.straddles) {
       s.page.read(s.offset, into);
@@ -116,7 +116,7 @@ class SharedRing {
 
   /** Copy `from` (exactly entryBytes long) into slot `idx`. */
   writeSlot(idx: number, from: Uint8Array): void {
-    assert(from.length === this.entryBytes, `slot buffer is ${from.length} bytes, entries are ${this.entryBytes}`);
+    if (from.length !== this.entryBytes) this.badBuffer(from);
     const s = this.slot(idx);
     if (!s.straddles) {
       s.page.write(s.offset, from);
@@ -126,6 +126,11 @@ class SharedRing {
     this.bounce.set(from);
     s.page.write(s.offset, this.head[p]!);
     this.pages[p + 1]!.write(0, this.tail[p]!);
+  }
+
+  // Out of line so the hot path builds no message string.
+  private badBuffer(buf: Uint8Array): never {
+    throw new XenError('EINVAL', `ring ${this.name}: slot buffer is ${buf.length} bytes, entries are ${this.entryBytes}`);
   }
 
   protected load(offset: number): number {
@@ -138,7 +143,7 @@ class SharedRing {
 
   protected fail(message: string): void {
     if (this.error !== undefined) return;
-    this.error = new XenError('EPROTO', `ring ${this.log.namespace}: ${message}`);
+    this.error = new XenError('EPROTO', `ring ${this.name}: ${message}`);
     this.log('broken: %s', message);
   }
 }
