@@ -28,7 +28,7 @@ const PVT = offsetOf(sring_header, 'pvt');
 /** Offset of ring[0]: the header is 64 bytes. */
 export const SRING_RING_OFFSET = sring_header.size;
 
-/** Where a slot lives; one object per ring, overwritten by each slot() call. */
+/** Where a slot lives: one object per ring, overwritten by every slot(), readSlot(), writeSlot(), put* and take*. */
 export type SlotRef = {
   page: Page;
   offset: number;
