@@ -314,6 +314,34 @@ export class XsDb {
   }
 
   /**
+   * XSA-322: a released domain's id leaves every ACL, so a later domain that
+   * gets the same id inherits no access. An entry naming it goes; a node it
+   * owned passes to dom0, keeping its default permission. No watch fires.
+   */
+  forgetDomain(domid: number): void {
+    const strip = (node: XsNode): XsNode => {
+      let children = node.children;
+      for (const [name, child] of node.children) {
+        const next = strip(child);
+        if (next === child) continue;
+        if (children === node.children) children = new Map(node.children);
+        (children as Map<string, XsNode>).set(name, next);
+      }
+      const mentions = node.perms.some((p) => p.domid === domid);
+      if (!mentions && children === node.children) return node;
+      let perms = node.perms;
+      if (mentions) {
+        const [owner, ...rest] = node.perms;
+        const head = owner !== undefined && owner.domid === domid ? { domid: 0, perm: owner.perm } : owner;
+        perms = [...(head === undefined ? [] : [head]), ...rest.filter((p) => p.domid !== domid)];
+      }
+      return { ...node, perms, children, gen: mentions ? this.nextGen() : node.gen };
+    };
+    this.root = strip(this.root);
+    this.owned = countOwners(this.root);
+  }
+
+  /**
    * C xenstored construct_node: missing ancestors and the node itself, each
    * inheriting its parent's permissions; an unprivileged creator becomes
    * the owner. An unprivileged creator is held to its node quota (C

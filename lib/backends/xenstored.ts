@@ -262,6 +262,7 @@ export class Xenstored {
     this.introduced.delete(domid);
     this.targets.delete(domid);
     for (const conn of [...this.connections]) if (conn.domid === domid && !conn.privileged) conn.close();
+    this.db.forgetDomain(domid);
     this.opts.release?.(domid);
     this.fireSpecial('@releaseDomain');
   }
