@@ -349,6 +349,14 @@ export class XsConnection {
     }
   }
 
+  /** The guest reconnected its ring: forget its watches, transactions and held events (C domain_conn_reset). */
+  reset(): void {
+    this.watches.length = 0;
+    this.txs.clear();
+    this.pendingEvents.length = 0;
+    this.backlogged = false;
+  }
+
   /** Drop watches and transactions and stop answering (C ignore_connection). */
   close(): void {
     if (this.closed) return;
@@ -592,6 +600,7 @@ export class XenstoredRing {
       highWaterBytes: 2 * (XENSTORE_PAYLOAD_MAX + 16),
       highWaterMessages: this.conn.privileged ? undefined : xsd.limits.maxOutstanding,
       drained: () => this.conn.drain(),
+      reconnect: () => this.conn.reset(),
       log,
     });
   }

@@ -16,6 +16,9 @@ import {
   XENSTORE_ERROR_RINGIDX,
   XENSTORE_RING_SIZE,
   XENSTORE_SERVER_FEATURE_ERROR,
+  XENSTORE_SERVER_FEATURE_RECONNECTION,
+  XENSTORE_CONNECTED,
+  XENSTORE_RECONNECT,
   xenstore_domain_interface as intf,
 } from '../abi/xs_wire.js';
 import { XenError } from '../errors.js';
@@ -46,6 +49,11 @@ export type XsRingOptions = {
   drained?: (() => void) | undefined;
   /** Hard bound on queued output; exceeding it is the owner's bug. */
   maxQueuedBytes?: number | undefined;
+  /**
+   * Back end only: the guest asked to reconnect (connection = XENSTORE_RECONNECT).
+   * The owner drops the connection's state; the ring then starts again from zero.
+   */
+  reconnect?: (() => void) | undefined;
   log?: Log | undefined;
 };
 
@@ -58,6 +66,7 @@ const RSP_CONS = offsetOf(intf, 'rsp_cons');
 const RSP_PROD = offsetOf(intf, 'rsp_prod');
 const SERVER_FEATURES = offsetOf(intf, 'server_features');
 const ERROR = offsetOf(intf, 'error');
+const CONNECTION = offsetOf(intf, 'connection');
 
 if ((XENSTORE_RING_SIZE & RING_MASK) !== 0) throw new Error('xenstore: ring size must be a power of two');
 
@@ -103,7 +112,8 @@ export class XsRing {
     this.inCons = this.page.load32(this.geo.inCons);
     if (opts.side === 'back') {
       const features = this.page.load32(SERVER_FEATURES);
-      this.page.store32(SERVER_FEATURES, (features | XENSTORE_SERVER_FEATURE_ERROR) >>> 0);
+      const ours = XENSTORE_SERVER_FEATURE_ERROR | (opts.reconnect === undefined ? 0 : XENSTORE_SERVER_FEATURE_RECONNECTION);
+      this.page.store32(SERVER_FEATURES, (features | ours) >>> 0);
     }
   }
 
@@ -142,6 +152,7 @@ export class XsRing {
   intr(): void {
     if (this.error !== undefined) return;
     if (this.side === 'front') this.checkServerError();
+    else if (this.opts.reconnect !== undefined && this.page.load32(CONNECTION) === XENSTORE_RECONNECT) this.resetRing();
     if (this.busy) {
       this.again = true;
       return;
@@ -267,6 +278,25 @@ export class XsRing {
     this.page.store32(this.geo.inCons, this.inCons);
     this.moved = true;
     return size;
+  }
+
+  /**
+   * xenstore-ring.txt reconnection, as C xenstored's domain_conn_reset: drop
+   * what was in flight, zero the four indices and the error, mark the ring
+   * connected again and tell the guest.
+   */
+  private resetRing(): void {
+    this.opts.reconnect?.();
+    this.queue.length = 0;
+    this.queueHead = 0;
+    this.queuedBytes = 0;
+    this.decoder.reset();
+    this.outProd = 0;
+    this.inCons = 0;
+    for (const at of [REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD, ERROR]) this.page.store32(at, 0);
+    this.page.store32(CONNECTION, XENSTORE_CONNECTED);
+    this.log('reconnected at the guest\'s request');
+    this.opts.notify();
   }
 
   /** A server with XENSTORE_SERVER_FEATURE_ERROR says it gave up on us: stop rather than time out. */
