@@ -7,6 +7,8 @@ import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import { XenError } from '../errors.js';
 import { logger } from '../log.js';
 import { SHUTDOWN_crash } from '../abi/sched.js';
+import { offsetOf, sizeOf } from '../abi/layout.js';
+import { shared_info } from '../abi/xen.js';
 import { D, Domain, DomainState, MAX_GRANT_FRAMES, MAX_VCPUS, SPECIAL_PAGES, SpecialPage, VCPU_ONLINE, newControlBlock } from './domain.js';
 import { DOMID_FIRST_RESERVED, HOST, HOST_WORDS, Hypervisor, type DomainHandle, type RegistryMessage } from './hypervisor.js';
 import { PAGE_SIZE } from './page.js';
@@ -39,6 +41,8 @@ export type HostEvents = {
 };
 
 const MIN_MEMORY_PAGES = SPECIAL_PAGES + 16;
+const EVTCHN_MASK = offsetOf(shared_info, 'evtchn_mask');
+const EVTCHN_MASK_BYTES = sizeOf(shared_info, 'evtchn_mask');
 
 export class Host {
   readonly hostBlock = new SharedArrayBuffer(HOST_WORDS * 4);
@@ -74,8 +78,8 @@ export class Host {
     ctl[D.nrGrantFrames] = 1;
     for (let v = 0; v < vcpus; v++) ctl[d.vcpuWord(v, VCPU_ONLINE)] = 1;
     // Every event starts masked, as Xen's shared_info does for an HVM guest.
-    const si = ctl[D.sharedInfoGfn]! * PAGE_SIZE;
-    d.mem.u8.fill(0xff, si + 2560, si + 3072);
+    const mask = ctl[D.sharedInfoGfn]! * PAGE_SIZE + EVTCHN_MASK;
+    d.mem.u8.fill(0xff, mask, mask + EVTCHN_MASK_BYTES);
     Atomics.store(ctl, D.state, DomainState.paused);
     this.handles.set(id, h);
     this.names.set(id, cfg.name);

@@ -5,7 +5,7 @@
 // device/<type>/<unit> against a static driver table, watches device/ for
 // hotplug and control/shutdown, and then runs the guest image.
 
-import { offsetOf } from '../abi/layout.js';
+import { offsetOf, sizeOf } from '../abi/layout.js';
 import { shared_info, __HYPERVISOR_hvm_op, __HYPERVISOR_memory_op, __HYPERVISOR_sched_op, __HYPERVISOR_xen_version, DOMID_SELF } from '../abi/xen.js';
 import {
   HVMOP_get_param,
@@ -37,7 +37,7 @@ import { XenDmaTag } from '../busdma/busdma.js';
 /** The vector OpenBSD's xen(4) asks for; any value works, Xen only records it. */
 const XEN_CALLBACK_VECTOR = 0x70n;
 const EVTCHN_MASK = offsetOf(shared_info, 'evtchn_mask');
-const MASK_BYTES = 512;
+const MASK_BYTES = sizeOf(shared_info, 'evtchn_mask');
 const E820_RAM = 1;
 
 /** A frontend device found under device/<type>/<unit>. */
