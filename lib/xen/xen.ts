@@ -33,6 +33,7 @@ import { PhysMem } from './physmem.js';
 import { XenCons } from './xencons.js';
 import { GrantTable } from '../gnttab/gnttab.js';
 import { XenDmaTag } from '../busdma/busdma.js';
+import { xbfDriver } from '../drivers/xbf/xbf.js';
 
 /** The vector OpenBSD's xen(4) asks for; any value works, Xen only records it. */
 const XEN_CALLBACK_VECTOR = 0x70n;
@@ -216,7 +217,7 @@ export function xenAttach(ctx: KernelContext, name: string): Boot {
 }
 
 /** The static driver table; drivers of later issues register here. */
-export const xenDrivers = new Map<string, XenDriver>();
+export const xenDrivers = new Map<string, XenDriver>([['vbd', xbfDriver]]);
 
 /** xen_probe_devices: each device/<type>/<unit> with its backend, matched against the table. */
 export async function probeDevices(sc: XenSoftc): Promise<void> {
