@@ -22,6 +22,7 @@ import { initSharedInfo, ramPages } from '../xen/xen.js';
 import { joinStrings } from '../xenstore/wire.js';
 import { XenStore } from '../xenstore/xenstore.js';
 import { ConsoleBackend } from './console.js';
+import { BlkbackSet } from './blkback.js';
 import { Toolstack, type DomainSpec, type Platform, type StoreIntroduce } from './toolstack.js';
 import { Xenstored, XenstoredRing, type XenstoredLimits } from './xenstored.js';
 import { XenstoredSocket } from './xenstored-socket.js';
@@ -132,6 +133,7 @@ export async function main(ctx: KernelContext): Promise<void> {
     ctx.hv, hypercall, xs, store, consoles, platform,
     (exit) => rpc.event('exit', exit),
     new URL('../xen/kernel.js', import.meta.url).href,
+    new BlkbackSet(hypercall, intr, xs),
   );
   const domExc = intr.virqEstablish(VIRQ_DOM_EXC, () => toolstack.domainException(), 'dom-exc');
   intr.intrUnmask(domExc);

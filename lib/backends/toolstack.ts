@@ -20,6 +20,7 @@ import type { XenStore } from '../xenstore/xenstore.js';
 import type { XsPerm } from '../xenstore/wire.js';
 import { logger } from '../log.js';
 import type { ConsoleBackend } from './console.js';
+import type { VbdSpec, VbdStorageType } from './blkback.js';
 
 const log = logger('toolstack');
 
@@ -38,6 +39,25 @@ export type DomainSpec = {
   onPoweroff: 'destroy' | 'preserve';
   onReboot: 'destroy' | 'restart' | 'preserve';
   onCrash: 'destroy' | 'restart' | 'preserve';
+  /** The `disk` list: one vbd each. */
+  disks?: DiskSpec[];
+};
+
+/** One entry of `disk`: where the data is and how the guest sees it. */
+export type DiskSpec = {
+  /** xvda, xvdb, ...; devid is its Linux/libxl number. */
+  vdev: string;
+  devid: number;
+  type: VbdStorageType;
+  /** The image path (type file) or the size in bytes (memory, null). */
+  params: string;
+  readOnly: boolean;
+};
+
+/** dom0's block backends as the toolstack starts and stops them. */
+export type VbdBackends = {
+  start(spec: VbdSpec): Promise<void>;
+  stop(domid: number): Promise<void>;
 };
 
 /** What dom0 asks of the machine (domctls that need a thread created or ended). */
@@ -69,6 +89,7 @@ export class Toolstack {
     private readonly platform: Platform,
     private readonly onExit: (exit: DomainExit) => void,
     private readonly guestKernel: string,
+    private readonly vbds: VbdBackends | null = null,
   ) {}
 
   /** Map frames of another domain, as privcmd does for the builder. */
@@ -124,6 +145,7 @@ export class Toolstack {
       this.setParam(domid, HVM_PARAM_CONSOLE_PFN, consoleGfn);
       this.setParam(domid, HVM_PARAM_CONSOLE_EVTCHN, consolePort);
       await this.writeNodes(domid, spec, { storeGfn, storePort, consoleGfn, consolePort });
+      for (const disk of spec.disks ?? []) await this.addDisk(domid, disk);
       await this.store.introduce(domid, storeGfn, storePort);
       this.consoles.attach(domid, consolePort);
       this.domains.set(domid, { domid, spec, storePort, consolePort });
@@ -173,6 +195,35 @@ export class Toolstack {
     });
   }
 
+  // libxl__device_disk_add: frontend and backend nodes in one transaction, then blkback.
+  private async addDisk(domid: number, disk: DiskSpec): Promise<void> {
+    if (this.vbds === null) throw new XenError('ENODEV', 'no block backend in this dom0');
+    const fe = `/local/domain/${domid}/device/vbd/${disk.devid}`;
+    const be = `/local/domain/0/backend/vbd/${domid}/${disk.devid}`;
+    const feNodes: [string, string][] = [
+      ['backend', be], ['backend-id', '0'], ['state', '1'], ['virtual-device', String(disk.devid)], ['device-type', 'disk'],
+    ];
+    const beNodes: [string, string][] = [
+      ['frontend', fe], ['frontend-id', String(domid)], ['params', disk.params], ['type', disk.type],
+      ['mode', disk.readOnly ? 'r' : 'w'], ['dev', disk.vdev], ['device-type', 'disk'], ['removable', '0'],
+      ['bootable', '1'], ['online', '1'], ['state', '1'],
+    ];
+    // The guest owns its frontend and dom0 may read it; dom0 owns the backend and the guest may read it.
+    const fePerms: XsPerm[] = [{ domid, perm: 'n' }, { domid: 0, perm: 'r' }];
+    const bePerms: XsPerm[] = [{ domid: 0, perm: 'n' }, { domid, perm: 'r' }];
+    await this.xs.transaction(async (t) => {
+      for (const [dir, nodes, perms] of [[fe, feNodes, fePerms], [be, beNodes, bePerms]] as const) {
+        await t.mkdir(dir);
+        await t.setPerms(dir, perms);
+        for (const [k, v] of nodes) {
+          await t.write(`${dir}/${k}`, v);
+          await t.setPerms(`${dir}/${k}`, perms);
+        }
+      }
+    });
+    await this.vbds.start({ domid, devid: disk.devid, type: disk.type, params: disk.params, readOnly: disk.readOnly });
+  }
+
   /** VIRQ_DOM_EXC: find the managed domains that shut down and deal with each. */
   async domainException(): Promise<void> {
     for (const m of [...this.domains.values()]) {
@@ -200,6 +251,8 @@ export class Toolstack {
   /** Undo create: the xenstore connection and nodes, the console, the domain. */
   private async teardown(domid: number): Promise<void> {
     await this.consoles.detach(domid).catch(() => '');
+    await this.vbds?.stop(domid).catch((err: Error) => log('blkback of %d: %s', domid, err.message));
+    await this.xs.rm(`/local/domain/0/backend/vbd/${domid}`).catch(() => undefined);
     await this.store.release(domid).catch(() => undefined);
     await this.xs.rm(`/local/domain/${domid}`).catch(() => undefined);
     await this.platform.destroy(domid).catch((err: Error) => log('destroy %d: %s', domid, err.message));

@@ -5,14 +5,14 @@
 import { readFileSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { XenError } from '../errors.js';
-import type { DomainSpec } from './toolstack.js';
+import type { DiskSpec, DomainSpec } from './toolstack.js';
 
 export type XlValue = string | number | XlValue[];
 export type XlEntry = { key: string; value: XlValue; line: number };
 
 const MAX_CONFIG_BYTES = 1 << 20;
-const IGNORED = new Set(['type', 'builder', 'uuid', 'maxmem', 'cpus', 'boot', 'serial', 'vnc', 'sdl', 'device_model_version', 'vif', 'disk']);
-const KNOWN = new Set(['name', 'memory', 'vcpus', 'kernel', 'extra', 'on_poweroff', 'on_reboot', 'on_crash']);
+const IGNORED = new Set(['type', 'builder', 'uuid', 'maxmem', 'cpus', 'boot', 'serial', 'vnc', 'sdl', 'device_model_version', 'vif']);
+const KNOWN = new Set(['name', 'memory', 'vcpus', 'kernel', 'extra', 'on_poweroff', 'on_reboot', 'on_crash', 'disk']);
 
 class Parser {
   private at = 0;
@@ -147,7 +147,8 @@ export function loadDomainConfig(file: string): DomainSpec {
     else if (e.key === 'kernel') {
       const k = text(e, file);
       spec.kernel = isAbsolute(k) ? k : resolve(dirname(file), k);
-    } else if (e.key === 'on_poweroff') spec.onPoweroff = want(e, file, ['destroy', 'preserve'] as const);
+    } else if (e.key === 'disk') spec.disks = disks(e, file);
+    else if (e.key === 'on_poweroff') spec.onPoweroff = want(e, file, ['destroy', 'preserve'] as const);
     else if (e.key === 'on_reboot') spec.onReboot = want(e, file, ['destroy', 'restart', 'preserve'] as const);
     else spec.onCrash = want(e, file, ['destroy', 'restart', 'preserve'] as const);
   }
@@ -156,4 +157,89 @@ export function loadDomainConfig(file: string): DomainSpec {
   }
   if (spec.kernel === undefined) throw new XenError('ECONFIG', `${file}: kernel: required (the guest image module)`);
   return spec as DomainSpec;
+}
+
+const SIZE_UNITS: Record<string, number> = { '': 1, K: 1 << 10, M: 1 << 20, G: 1 << 30, T: 2 ** 40 };
+
+/** "64M", "1G", "4096": bytes, a whole number of 512-byte sectors; EINVAL otherwise. */
+export function parseSize(text: string): number {
+  const m = /^(\d+)([KMGT]?)i?B?$/i.exec(text.trim());
+  const bytes = m === null ? NaN : Number(m[1]) * SIZE_UNITS[m[2]!.toUpperCase()]!;
+  if (!Number.isSafeInteger(bytes) || bytes <= 0 || bytes % 512 !== 0) {
+    throw new XenError('EINVAL', `size ${JSON.stringify(text)}: want a positive number of bytes with K, M, G or T, a multiple of 512`);
+  }
+  return bytes;
+}
+
+/**
+ * The devid Linux and libxl give a vdev (blkif_vdev_t / xen_vbd ids):
+ * xvdX is 202<<8 | disk<<4 for the first 16 disks, then the extended form.
+ */
+export function vdevToDevid(vdev: string): number | null {
+  const m = /^xvd([a-z]+)$/.exec(vdev);
+  if (m === null) return null;
+  let disk = 0;
+  for (const c of m[1]!) disk = disk * 26 + (c.charCodeAt(0) - 96);
+  disk -= 1;
+  if (disk < 16) return (202 << 8) | (disk << 4);
+  return disk < 1 << 20 ? (1 << 28) | (disk << 8) : null;
+}
+
+const DISK_KEYS = ['target', 'format', 'vdev', 'access'] as const;
+
+// libxl's disk spec (xl-disk-configuration.txt): key=value items, or the
+// positional target,format,vdev,access; a `target=` item takes the rest.
+function disk(item: string, fail: (message: string) => never, dir: string): DiskSpec {
+  const v: Partial<Record<(typeof DISK_KEYS)[number], string>> = {};
+  let rest = item.trim();
+  for (let pos = 0; rest !== ''; ) {
+    const isTarget = rest.startsWith('target=');
+    const comma = isTarget ? -1 : rest.indexOf(',');
+    const part = (comma < 0 ? rest : rest.slice(0, comma)).trim();
+    rest = comma < 0 ? '' : rest.slice(comma + 1).trim();
+    const eq = part.indexOf('=');
+    let key: string;
+    let value: string;
+    if (eq < 0) {
+      key = DISK_KEYS[pos++] ?? fail(`too many positional parameters in ${JSON.stringify(item)}`);
+      value = part;
+    } else {
+      key = part.slice(0, eq).trim();
+      value = part.slice(eq + 1).trim();
+    }
+    if (key === 'devtype' || key === 'backendtype' || key === 'backend') continue;
+    if (!(DISK_KEYS as readonly string[]).includes(key)) fail(`unknown disk parameter ${key}`);
+    v[key as (typeof DISK_KEYS)[number]] = value;
+  }
+  const format = v.format ?? 'raw';
+  if (format !== 'raw' && format !== 'memory' && format !== 'null') fail(`format ${format}: want raw, memory or null`);
+  if (v.vdev === undefined) fail('vdev is required');
+  const devid = vdevToDevid(v.vdev) ?? fail(`vdev ${v.vdev}: want xvda, xvdb, ...`);
+  const access = v.access ?? 'rw';
+  if (!['r', 'ro', 'w', 'rw'].includes(access)) fail(`access ${access}: want r, ro, w or rw`);
+  if (v.target === undefined || v.target === '') fail('target is required');
+  let params: string;
+  if (format === 'raw') params = isAbsolute(v.target) ? v.target : resolve(dir, v.target);
+  else {
+    try {
+      params = String(parseSize(v.target));
+    } catch (err) {
+      fail((err as Error).message.replace(/^EINVAL: /, ''));
+    }
+  }
+  return { vdev: v.vdev, devid, type: format === 'raw' ? 'file' : format, params, readOnly: access === 'r' || access === 'ro' };
+}
+
+function disks(e: XlEntry, file: string): DiskSpec[] {
+  const fail = (message: string): never => {
+    throw new XenError('ECONFIG', `${file}:${e.line}: disk: ${message}`);
+  };
+  if (!Array.isArray(e.value) || e.value.some((x) => typeof x !== 'string')) fail('must be a list of strings');
+  const out = (e.value as string[]).map((item) => disk(item, fail, dirname(file)));
+  const seen = new Set<number>();
+  for (const d of out) {
+    if (seen.has(d.devid)) fail(`vdev ${d.vdev} given twice`);
+    seen.add(d.devid);
+  }
+  return out;
 }
