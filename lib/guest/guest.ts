@@ -6,6 +6,40 @@
 import { formatWithOptions } from 'node:util';
 import type { XenStore } from '../xenstore/xenstore.js';
 import { shutdown, type XenDevice, type XenSoftc } from '../xen/xen.js';
+import { xbfDisks, type XbfSoftc } from '../drivers/xbf/xbf.js';
+
+/**
+ * A disk as a guest image sees it (one xbf unit). Errors are XenErrors:
+ * EINVAL for a range outside the disk or data that is not whole sectors,
+ * EROFS for a write to a read-only disk, EIO when the backend refused a
+ * request or broke the protocol.
+ */
+export class Disk {
+  constructor(private readonly xbf: XbfSoftc) {}
+
+  /** device/vbd/<devid> */
+  get path(): string {
+    return this.xbf.dev.path;
+  }
+  get sectorSize(): number {
+    return this.xbf.sectorSize;
+  }
+  get sectors(): number {
+    return this.xbf.sectors;
+  }
+  get readOnly(): boolean {
+    return this.xbf.readOnly;
+  }
+  read(lba: number, count: number): Promise<Uint8Array> {
+    return this.xbf.read(lba, count);
+  }
+  write(lba: number, data: Uint8Array): Promise<void> {
+    return this.xbf.write(lba, data);
+  }
+  flush(): Promise<void> {
+    return this.xbf.flush();
+  }
+}
 
 export type ShutdownReason = 'poweroff' | 'reboot' | 'suspend' | 'crash';
 
@@ -35,6 +69,11 @@ export class Guest {
   /** Devices found under device/, with the driver attached to each (null when none). */
   devices(): XenDevice[] {
     return [...this.sc.devices.values()];
+  }
+
+  /** The attached disks (xbf), in devid order: xvda first. */
+  disks(): Disk[] {
+    return xbfDisks(this.sc).map((x) => new Disk(x));
   }
 
   /** Write to the PV console. */
