@@ -7,6 +7,8 @@ import { run } from './run.js';
 import { resolve } from 'node:path';
 import { loadHostConfig } from '../backends/hostcfg.js';
 import { cliPath, defaultRundir, hostDaemon, hostStart, hostStop } from './host.js';
+import { closeSync, ftruncateSync, openSync } from 'node:fs';
+import { parseSize } from '../backends/xlcfg.js';
 
 const USAGE = `usage: xenpv <command> [options]
 
@@ -22,6 +24,9 @@ commands:
       sets xenstored's quotas: {"xenstored": {"maxNodes": 1000, ...}}.
   host stop [--rundir DIR]
       stop that host; its socket and pid file go with it.
+  disk create FILE SIZE
+      create a raw disk image of SIZE bytes (suffix K, M, G or T; a multiple
+      of 512), sparse and zero-filled; EEXIST when FILE exists.
   help
       this text.
 `;
@@ -48,6 +53,8 @@ async function main(argv: string[]): Promise<number> {
     }
     case 'host':
       return host(rest);
+    case 'disk':
+      return disk(rest);
     case undefined:
     case 'help':
     case '--help':
@@ -91,6 +98,29 @@ async function host(argv: string[]): Promise<number> {
     process.stderr.write(`xenpv: ${err.message}\n`);
     return 1;
   }
+}
+
+// `xenpv disk create FILE SIZE`: a sparse raw image, as `truncate -s` makes one.
+function disk(argv: string[]): number {
+  const [sub, file, size, ...extra] = argv;
+  if (sub !== 'create') throw new XenError('EINVAL', `disk needs create, not ${sub ?? 'nothing'}`);
+  if (file === undefined || size === undefined || extra.length > 0) throw new XenError('EINVAL', 'usage: xenpv disk create FILE SIZE');
+  const bytes = parseSize(size);
+  let fd: number;
+  try {
+    fd = openSync(file, 'wx');
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code ?? 'EIO';
+    process.stderr.write(`xenpv: ${code}: ${file}: ${(err as Error).message}\n`);
+    return 1;
+  }
+  try {
+    ftruncateSync(fd, bytes);
+  } finally {
+    closeSync(fd);
+  }
+  process.stdout.write(`${file}: ${bytes} bytes, ${bytes / 512} sectors\n`);
+  return 0;
 }
 
 main(process.argv.slice(2)).then(

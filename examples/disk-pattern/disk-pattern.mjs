@@ -1,0 +1,34 @@
+// A guest image that exercises its first disk: every 512-byte sector n gets
+// the byte (n mod 251) throughout, then a flush, then everything is read back
+// and compared. Prints `verified <N> sectors` and powers off.
+
+const CHUNK_SECTORS = 256;
+
+function fill(buf, firstSector) {
+  for (let s = 0; s < buf.length / 512; s++) buf.fill((firstSector + s) % 251, s * 512, (s + 1) * 512);
+}
+
+export async function main(guest) {
+  const [disk] = guest.disks();
+  if (disk === undefined) throw new Error('no disk attached');
+  if (disk.sectorSize !== 512) throw new Error(`sector size ${disk.sectorSize}, want 512`);
+  console.log(`disk ${disk.path}: ${disk.sectors} sectors of ${disk.sectorSize} bytes`);
+  const buf = new Uint8Array(CHUNK_SECTORS * 512);
+  for (let lba = 0; lba < disk.sectors; lba += CHUNK_SECTORS) {
+    const n = Math.min(CHUNK_SECTORS, disk.sectors - lba);
+    const part = buf.subarray(0, n * 512);
+    fill(part, lba);
+    await disk.write(lba, part);
+  }
+  await disk.flush();
+  for (let lba = 0; lba < disk.sectors; lba += CHUNK_SECTORS) {
+    const n = Math.min(CHUNK_SECTORS, disk.sectors - lba);
+    const got = await disk.read(lba, n);
+    const want = buf.subarray(0, n * 512);
+    fill(want, lba);
+    const at = got.findIndex((b, i) => b !== want[i]);
+    if (at >= 0) throw new Error(`sector ${lba + Math.floor(at / 512)}: byte ${got[at]}, want ${want[at]}`);
+  }
+  console.log(`verified ${disk.sectors} sectors`);
+  await guest.shutdown('poweroff');
+}
