@@ -160,3 +160,26 @@ t.test('disk specs: both forms, devids, errors name file, line and key', async (
     t.throws(() => loadDomainConfig(f), { code: 'ECONFIG', message: re }, body);
   }
 });
+
+t.test('memory and null storage: a RAM disk keeps what is written, null reads zeros', async (t) => {
+  const image = join(dir, 'ram.mjs');
+  writeFileSync(image, `export async function main(guest) {
+  const [ram, nul] = guest.disks();
+  console.log('sizes ' + ram.sectors + ' ' + nul.sectors);
+  const data = new Uint8Array(3 * 4096 + 512).map((_, i) => i % 253);
+  await ram.write(5, data);
+  await nul.write(5, data);
+  await ram.flush();
+  const back = await ram.read(5, data.length / 512);
+  console.log('ram ' + back.every((b, i) => b === data[i]));
+  console.log('null ' + (await nul.read(5, 2)).every((b) => b === 0));
+}
+`);
+  const cfg = join(dir, 'ram.cfg');
+  writeFileSync(cfg, `name = "ram"\nmemory = 32\nkernel = "ram.mjs"\ndisk = ['format=memory, vdev=xvda, target=4M', 'format=null, vdev=xvdb, target=1G']\n`);
+  const exit = await runGuest(cfg);
+  t.equal(exit.reason, 'poweroff', exit.console);
+  t.match(exit.console, /^sizes 8192 2097152$/m);
+  t.match(exit.console, /^ram true$/m);
+  t.match(exit.console, /^null true$/m);
+});
