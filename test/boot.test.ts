@@ -4,7 +4,7 @@
 
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -81,6 +81,13 @@ t.test('a guest that throws crashes alone; dom0 and other guests go on', async (
   t.match(badExit.console, /about to fail/);
   const good = await m.create(loadDomainConfig(hello));
   t.equal((await m.waitExit(good)).reason, 'poweroff', 'the next guest boots fine');
+});
+
+t.test('the xenpv bin is executable, so npx xenpv runs it', async (t) => {
+  t.ok((statSync(cli).mode & 0o111) !== 0, `${cli} has an execute bit`);
+  const r = spawnSync(cli, ['help'], { encoding: 'utf8' });
+  t.equal(r.status, 0, r.stderr);
+  t.match(r.stdout, /usage: xenpv/);
 });
 
 t.test('xenpv run --json (the CLI)', async (t) => {
