@@ -7,9 +7,6 @@
 // at a time, and copied through a preallocated page buffer to the storage.
 
 import { closeSync, fdatasyncSync, fstatSync, openSync, readSync, writeSync } from 'node:fs';
-import { __HYPERVISOR_event_channel_op, __HYPERVISOR_grant_table_op } from '../abi/xen.js';
-import { EVTCHNOP_bind_interdomain } from '../abi/event_channel.js';
-import { GNTMAP_host_map, GNTMAP_readonly, GNTTABOP_map_grant_ref, GNTTABOP_unmap_grant_ref, GNTST_okay } from '../abi/grant_table.js';
 import {
   BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE,
   BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, VDISK_READONLY, blkif_request, blkif_request_segment, blkif_response,
@@ -19,13 +16,13 @@ import { offsetOf } from '../abi/layout.js';
 import { XEN_IO_PROTO_ABI_X86_64 } from '../abi/protocols.js';
 import { XenbusStateClosed, XenbusStateClosing, XenbusStateConnected, XenbusStateInitWait, XenbusStateInitialised } from '../abi/xenbus.js';
 import { XenError } from '../errors.js';
-import { errnoName } from '../hypervisor/errno.js';
 import type { Interrupts, IntrHandle } from '../evtchn/evtchn.js';
-import type { Hypercall, gnttab_map_grant_ref } from '../hypervisor/hypercall.js';
+import type { Hypercall } from '../hypervisor/hypercall.js';
 import { PAGE_SIZE, writablePage, type Page, type ReadPage } from '../hypervisor/page.js';
 import { BackRing } from '../xen/ring.js';
 import type { XenStore } from '../xenstore/xenstore.js';
 import { logger, type Log } from '../log.js';
+import { bindInterdomain, mapGrant, mapGrantReadonly, unmapGrant, type GrantMapping } from './xenbus.js';
 
 export const SECTOR_SIZE = 512;
 const SECTORS_PER_PAGE = PAGE_SIZE / SECTOR_SIZE;
@@ -193,30 +190,13 @@ export class Blkback {
 
   // xen_blkif_map: map the ring page, bind the port, unmask.
   private mapRing(ringRef: number, remotePort: number): void {
-    const map = this.mapGrant(ringRef, true);
-    if (map === null) throw new XenError('EACCES', `ring-ref ${ringRef} of domain ${this.spec.domid}`);
+    const name = `blkback${this.spec.domid}.${this.spec.devid}`;
+    const map = mapGrant(this.hypercall, this.spec.domid, ringRef);
     this.ringHandle = map.handle;
-    this.ring = new BackRing([writablePage(map.page)], ENTRY_BYTES, RING_SIZE, `blkback${this.spec.domid}.${this.spec.devid}`);
+    this.ring = new BackRing([map.page], ENTRY_BYTES, RING_SIZE, name);
     this.ring.init();
-    const bind = { remote_dom: this.spec.domid, remote_port: remotePort, local_port: 0 };
-    const rc = this.hypercall(__HYPERVISOR_event_channel_op, EVTCHNOP_bind_interdomain, bind);
-    if (rc !== 0) throw new XenError(errnoName(-rc), `bind port ${remotePort} of domain ${this.spec.domid}`);
-    this.ih = this.intr.adopt(bind.local_port, () => this.serve(), `blkback${this.spec.domid}.${this.spec.devid}`);
+    this.ih = bindInterdomain(this.hypercall, this.intr, this.spec.domid, remotePort, () => this.serve(), name);
     this.intr.intrUnmask(this.ih);
-  }
-
-  private mapGrant(ref: number, writable: boolean): { handle: number; page: Page | ReadPage } | null {
-    const map: gnttab_map_grant_ref = {
-      host_addr: 0n, flags: GNTMAP_host_map | (writable ? 0 : GNTMAP_readonly), ref, dom: this.spec.domid,
-      status: 0, handle: -1, dev_bus_addr: 0n, page: null,
-    };
-    this.hypercall(__HYPERVISOR_grant_table_op, GNTTABOP_map_grant_ref, map);
-    if (map.status !== GNTST_okay || map.page === null) return null;
-    return { handle: map.handle, page: map.page };
-  }
-
-  private unmapGrant(handle: number): void {
-    this.hypercall(__HYPERVISOR_grant_table_op, GNTTABOP_unmap_grant_ref, { host_addr: 0n, dev_bus_addr: 0n, handle, status: 0 });
   }
 
   // do_block_io_op: copy each request once, dispatch, answer; then notify.
@@ -299,8 +279,13 @@ export class Blkback {
       const gref = this.reqView.getUint32(at + SEG_GREF, true);
       const first = this.req[at + SEG_FIRST]!;
       const len = (this.req[at + SEG_LAST]! - first + 1) * SECTOR_SIZE;
-      const map = this.mapGrant(gref, !write);
-      if (map === null) return this.bad(`segment ${i}: gref ${gref} not mappable`);
+      // A WRITE only reads the guest's page: map it read-only, as Linux blkback does.
+      let map: GrantMapping<Page | ReadPage>;
+      try {
+        map = write ? mapGrantReadonly(this.hypercall, this.spec.domid, gref) : mapGrant(this.hypercall, this.spec.domid, gref);
+      } catch {
+        return this.bad(`segment ${i}: gref ${gref} not mappable`);
+      }
       try {
         const buf = this.bounce.subarray(0, len);
         if (write) {
@@ -311,7 +296,7 @@ export class Blkback {
           writablePage(map.page).write(first * SECTOR_SIZE, buf);
         }
       } finally {
-        this.unmapGrant(map.handle);
+        unmapGrant(this.hypercall, map.handle);
       }
       offset += len;
     }
@@ -324,7 +309,7 @@ export class Blkback {
     await this.xs.write(`${this.backendPath}/state`, String(XenbusStateClosing)).catch(() => undefined);
     if (this.ih !== null) await this.intr.intrDisestablish(this.ih).catch(() => undefined);
     this.ih = null;
-    if (this.ringHandle >= 0) this.unmapGrant(this.ringHandle);
+    if (this.ringHandle >= 0) unmapGrant(this.hypercall, this.ringHandle);
     this.ringHandle = -1;
     this.ring = null;
     this.storage?.close();

@@ -4,15 +4,13 @@
 // builder granted it. The toolstack answers the machine's calls.
 
 import { parentPort } from 'node:worker_threads';
-import { __HYPERVISOR_event_channel_op, __HYPERVISOR_grant_table_op, VIRQ_DOM_EXC } from '../abi/xen.js';
-import { EVTCHNOP_bind_interdomain } from '../abi/event_channel.js';
-import { GNTMAP_host_map, GNTTABOP_map_grant_ref, GNTTABOP_unmap_grant_ref, GNTTAB_RESERVED_XENSTORE, GNTST_okay } from '../abi/grant_table.js';
+import { VIRQ_DOM_EXC } from '../abi/xen.js';
+import { GNTTAB_RESERVED_XENSTORE } from '../abi/grant_table.js';
 import { XS_INTRODUCE, XS_RELEASE } from '../abi/xs_wire.js';
 import { XenError } from '../errors.js';
 import { Interrupts, type IntrHandle } from '../evtchn/evtchn.js';
-import { errnoName } from '../hypervisor/errno.js';
-import type { Hypercall, gnttab_map_grant_ref } from '../hypervisor/hypercall.js';
-import { FramePage, writablePage } from '../hypervisor/page.js';
+import type { Hypercall } from '../hypervisor/hypercall.js';
+import { FramePage } from '../hypervisor/page.js';
 import type { KernelContext } from '../hypervisor/thread.js';
 import { Vcpu } from '../hypervisor/vcpu.js';
 import { Rpc, type RpcHandlers } from '../rpc.js';
@@ -26,6 +24,7 @@ import { BlkbackSet } from './blkback.js';
 import { Toolstack, type DomainSpec, type Platform, type StoreIntroduce } from './toolstack.js';
 import { Xenstored, XenstoredRing, type XenstoredLimits } from './xenstored.js';
 import { XenstoredSocket } from './xenstored-socket.js';
+import { bindInterdomain, mapGrant, unmapGrant } from './xenbus.js';
 
 const log = logger('dom0');
 
@@ -50,27 +49,18 @@ class StoreRings {
   ) {}
 
   introduce(xsd: Xenstored, domid: number, remotePort: number): void {
-    const map: gnttab_map_grant_ref = {
-      host_addr: 0n, flags: GNTMAP_host_map, ref: GNTTAB_RESERVED_XENSTORE, dom: domid,
-      status: 0, handle: -1, dev_bus_addr: 0n, page: null,
-    };
-    this.hypercall(__HYPERVISOR_grant_table_op, GNTTABOP_map_grant_ref, map);
-    if (map.status !== GNTST_okay || map.page === null) throw new XenError('EACCES', `store page of domain ${domid}: GNTST ${map.status}`);
-    const bind = { remote_dom: domid, remote_port: remotePort, local_port: 0 };
-    const rc = this.hypercall(__HYPERVISOR_event_channel_op, EVTCHNOP_bind_interdomain, bind);
-    if (rc !== 0) {
-      this.unmap(map.handle);
-      throw new XenError(errnoName(-rc), `store port ${remotePort} of domain ${domid}`);
-    }
+    const map = mapGrant(this.hypercall, domid, GNTTAB_RESERVED_XENSTORE);
     let ring: XenstoredRing | null = null;
-    const ih = this.intr.adopt(bind.local_port, () => ring?.intr(), `xenstore-dom${domid}`);
-    ring = new XenstoredRing(xsd, domid, writablePage(map.page), () => this.intr.intrSignal(ih));
+    let ih: IntrHandle;
+    try {
+      ih = bindInterdomain(this.hypercall, this.intr, domid, remotePort, () => ring?.intr(), `xenstore-dom${domid}`);
+    } catch (err) {
+      unmapGrant(this.hypercall, map.handle);
+      throw err;
+    }
+    ring = new XenstoredRing(xsd, domid, map.page, () => this.intr.intrSignal(ih));
     this.rings.set(domid, { ring, intr: ih, handle: map.handle });
     this.intr.intrUnmask(ih);
-  }
-
-  private unmap(handle: number): void {
-    this.hypercall(__HYPERVISOR_grant_table_op, GNTTABOP_unmap_grant_ref, { host_addr: 0n, dev_bus_addr: 0n, handle, status: 0 });
   }
 
   release(domid: number): void {
@@ -79,7 +69,7 @@ class StoreRings {
     this.rings.delete(domid);
     r.ring.close();
     void this.intr.intrDisestablish(r.intr).catch(() => undefined);
-    this.unmap(r.handle);
+    unmapGrant(this.hypercall, r.handle);
   }
 }
 
