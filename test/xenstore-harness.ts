@@ -2,14 +2,48 @@
 // real xenstore pages in SharedArrayBuffers. Events are delivered on a later
 // macrotask, as an event channel upcall would be.
 
+import { offsetOf } from '../lib/abi/layout.js';
+import { XENSTORE_RING_SIZE, XS_ERROR, xenstore_domain_interface as intf } from '../lib/abi/xs_wire.js';
 import { XenstoredRing, Xenstored, type XsConnection } from '../lib/backends/xenstored.js';
 import { FramePage, MemoryViews, type Page } from '../lib/hypervisor/page.js';
 import { XsRing } from '../lib/xenstore/ring.js';
-import { joinStrings, type XsMessage } from '../lib/xenstore/wire.js';
+import { joinStrings, splitStrings, type XsMessage } from '../lib/xenstore/wire.js';
 import { XenStore } from '../lib/xenstore/xenstore.js';
 
-export function newPage(): Page {
-  return new FramePage(new MemoryViews(new SharedArrayBuffer(4096)), 0, true);
+// Offsets in struct xenstore_domain_interface, for tests that poke the page.
+export const REQ = offsetOf(intf, 'req');
+export const REQ_PROD = offsetOf(intf, 'req_prod');
+export const REQ_CONS = offsetOf(intf, 'req_cons');
+export const RSP_PROD = offsetOf(intf, 'rsp_prod');
+export const RSP_CONS = offsetOf(intf, 'rsp_cons');
+export const ERROR = offsetOf(intf, 'error');
+export const FEATURES = offsetOf(intf, 'server_features');
+
+/** A zeroed xenstore page; `startIdx` puts all four ring indices there (to test wrap). */
+export function newPage(startIdx = 0): Page {
+  const page = new FramePage(new MemoryViews(new SharedArrayBuffer(4096)), 0, true);
+  if (startIdx !== 0) for (const off of [REQ_PROD, REQ_CONS, RSP_PROD, RSP_CONS]) page.store32(off, startIdx >>> 0);
+  return page;
+}
+
+/** A hostile guest puts raw bytes on its req ring. */
+export function guestWrite(page: Page, bytes: Uint8Array): void {
+  let prod = page.load32(REQ_PROD);
+  for (const b of bytes) {
+    page.store8(REQ + (prod % XENSTORE_RING_SIZE), b);
+    prod = (prod + 1) >>> 0;
+  }
+  page.store32(REQ_PROD, prod);
+}
+
+/** A reply's payload as its NUL-separated strings. */
+export function strings(m: XsMessage): string[] {
+  return splitStrings(m.payload);
+}
+
+/** The errno name of an XS_ERROR reply, undefined for any other reply. */
+export function errorOf(m: XsMessage): string | undefined {
+  return m.type === XS_ERROR ? strings(m)[0] : undefined;
 }
 
 export type Dom = { domid: number; xs: XenStore; server: XenstoredRing; page: Page };

@@ -1,7 +1,6 @@
 import fc from 'fast-check';
 import t from 'tap';
 
-import { offsetOf } from '../lib/abi/layout.js';
 import {
   XENSTORE_ERROR_PROTO,
   XENSTORE_ERROR_RINGIDX,
@@ -10,26 +9,12 @@ import {
   XENSTORE_SERVER_FEATURE_ERROR,
   XS_READ,
   XS_WRITE,
-  xenstore_domain_interface as intf,
 } from '../lib/abi/xs_wire.js';
 import type { XenError } from '../lib/errors.js';
-import { FramePage, MemoryViews, type Page } from '../lib/hypervisor/page.js';
+import type { Page } from '../lib/hypervisor/page.js';
 import { XsRing } from '../lib/xenstore/ring.js';
 import { encodeMessage, type XsMessage } from '../lib/xenstore/wire.js';
-
-const REQ = offsetOf(intf, 'req');
-const REQ_PROD = offsetOf(intf, 'req_prod');
-const REQ_CONS = offsetOf(intf, 'req_cons');
-const RSP_PROD = offsetOf(intf, 'rsp_prod');
-const RSP_CONS = offsetOf(intf, 'rsp_cons');
-const ERROR = offsetOf(intf, 'error');
-const FEATURES = offsetOf(intf, 'server_features');
-
-function newPage(startIdx = 0): Page {
-  const page = new FramePage(new MemoryViews(new SharedArrayBuffer(4096)), 0, true);
-  for (const off of [REQ_PROD, REQ_CONS, RSP_PROD, RSP_CONS]) page.store32(off, startIdx >>> 0);
-  return page;
-}
+import { ERROR, FEATURES, REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD, guestWrite, newPage } from './xenstore-harness.js';
 
 type Pair = { front: XsRing; back: XsRing; toBack: XsMessage[]; toFront: XsMessage[]; settle: () => Promise<void> };
 
@@ -129,15 +114,6 @@ function lone(page: Page): { back: XsRing; got: XsMessage[]; broken: XenError[];
   let notifies = 0;
   const back = new XsRing({ page, side: 'back', notify: () => notifies++, deliver: (m) => got.push(m), broken: (e) => broken.push(e) });
   return { back, got, broken, notified: () => notifies };
-}
-
-function guestWrite(page: Page, bytes: Uint8Array): void {
-  let prod = page.load32(REQ_PROD);
-  for (const b of bytes) {
-    page.store8(REQ + (prod % XENSTORE_RING_SIZE), b);
-    prod = (prod + 1) >>> 0;
-  }
-  page.store32(REQ_PROD, prod);
 }
 
 t.test('hostile: producer index more than a ring ahead', async (t) => {

@@ -3,10 +3,8 @@
 // (ENOSPC), outstanding requests (back-pressure, no error); dom0 exempt.
 
 import t from 'tap';
-import { offsetOf } from '../lib/abi/layout.js';
 import {
   XENSTORE_RING_SIZE,
-  XS_ERROR,
   XS_MKDIR,
   XS_READ,
   XS_RM,
@@ -15,21 +13,10 @@ import {
   XS_TRANSACTION_START,
   XS_WATCH,
   XS_WRITE,
-  xenstore_domain_interface as intf,
 } from '../lib/abi/xs_wire.js';
 import { DEFAULT_LIMITS, Xenstored, XenstoredRing, type XenstoredLimits } from '../lib/backends/xenstored.js';
-import { encodeMessage, joinStrings, joinWrite, splitStrings, type XsMessage } from '../lib/xenstore/wire.js';
-import { direct, newPage } from './xenstore-harness.js';
-
-const REQ = offsetOf(intf, 'req');
-const REQ_PROD = offsetOf(intf, 'req_prod');
-const REQ_CONS = offsetOf(intf, 'req_cons');
-const RSP_PROD = offsetOf(intf, 'rsp_prod');
-const RSP_CONS = offsetOf(intf, 'rsp_cons');
-
-function err(m: XsMessage): string | undefined {
-  return m.type === XS_ERROR ? splitStrings(m.payload)[0] : undefined;
-}
+import { encodeMessage, joinStrings, joinWrite, splitStrings } from '../lib/xenstore/wire.js';
+import { REQ, REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD, direct, errorOf, newPage } from './xenstore-harness.js';
 
 /** xenstored with dom0 and domain 1, whose home 1 owns (one node already). */
 function setup(limits: Partial<XenstoredLimits> = {}): { d0: ReturnType<typeof direct>; g: ReturnType<typeof direct>; xsd: Xenstored } {
@@ -47,14 +34,14 @@ t.test('defaults are C xenstored 4.17 quotas', async (t) => {
 t.test('nodes per domain: ENOSPC, implicit parents count, rm gives them back, dom0 is exempt', async (t) => {
   const { d0, g } = setup({ maxNodes: 5 });
   for (const k of ['a', 'b', 'c']) t.equal(g.raw(XS_WRITE, 0, joinWrite(k, '1')).type, XS_WRITE);
-  t.equal(err(g.raw(XS_WRITE, 0, joinWrite('x/y', '1'))), 'ENOSPC', 'two nodes would make six');
+  t.equal(errorOf(g.raw(XS_WRITE, 0, joinWrite('x/y', '1'))), 'ENOSPC', 'two nodes would make six');
   t.equal(g.raw(XS_WRITE, 0, joinWrite('d', '1')).type, XS_WRITE, 'the fifth fits');
-  t.equal(err(g.req(XS_MKDIR, 0, 'e')), 'ENOSPC');
+  t.equal(errorOf(g.req(XS_MKDIR, 0, 'e')), 'ENOSPC');
   t.equal(g.raw(XS_WRITE, 0, joinWrite('a', 'rewrite')).type, XS_WRITE, 'rewriting an existing node is not a new node');
   g.req(XS_RM, 0, 'a');
   t.equal(g.req(XS_MKDIR, 0, 'e').type, XS_MKDIR, 'rm gave one back');
   const tx = Number(splitStrings(g.req(XS_TRANSACTION_START, 0, '').payload)[0]);
-  t.equal(err(g.req(XS_MKDIR, tx, 'f')), 'ENOSPC', 'inside a transaction too');
+  t.equal(errorOf(g.req(XS_MKDIR, tx, 'f')), 'ENOSPC', 'inside a transaction too');
   g.req(XS_TRANSACTION_END, tx, 'F');
   for (let i = 0; i < 20; i++) t.equal(d0.raw(XS_WRITE, 0, joinWrite(`/tool/n${i}`, '1')).type, XS_WRITE);
   t.equal(d0.raw(XS_WRITE, 0, joinWrite('/local/domain/1/by-dom0', '1')).type, XS_WRITE, 'dom0 writes in a full home');
@@ -69,7 +56,7 @@ t.test('nodes per domain: a committed transaction counts, an aborted one does no
   g.req(XS_MKDIR, tx2, 'b');
   t.equal(g.req(XS_TRANSACTION_END, tx2, 'T').type, XS_TRANSACTION_END);
   g.req(XS_MKDIR, 0, 'c');
-  t.equal(err(g.req(XS_MKDIR, 0, 'd')), 'ENOSPC', 'home, b and c');
+  t.equal(errorOf(g.req(XS_MKDIR, 0, 'd')), 'ENOSPC', 'home, b and c');
   d0.req(XS_SET_PERMS, 0, '/local/domain/1/c', 'n0', 'w1');
   t.equal(g.req(XS_MKDIR, 0, 'd').type, XS_MKDIR, 'c now belongs to dom0');
 });
@@ -77,9 +64,9 @@ t.test('nodes per domain: a committed transaction counts, an aborted one does no
 t.test('node size: ENOSPC at 2048 bytes of record, children count too; dom0 exempt', async (t) => {
   const { d0, g } = setup();
   const big = 'x'.repeat(2048 - 24 - 8); // header and one permission make exactly 2048
-  t.equal(err(g.raw(XS_WRITE, 0, joinWrite('v', big))), 'ENOSPC');
+  t.equal(errorOf(g.raw(XS_WRITE, 0, joinWrite('v', big))), 'ENOSPC');
   t.equal(g.raw(XS_WRITE, 0, joinWrite('v', big.slice(1))).type, XS_WRITE, 'one byte less fits');
-  t.equal(err(g.raw(XS_WRITE, 0, joinWrite('v/child', ''))), 'ENOSPC', 'a new child name grows the parent over');
+  t.equal(errorOf(g.raw(XS_WRITE, 0, joinWrite('v/child', ''))), 'ENOSPC', 'a new child name grows the parent over');
   t.equal(d0.raw(XS_WRITE, 0, joinWrite('/local/domain/1/v', 'y'.repeat(4000))).type, XS_WRITE);
 });
 
@@ -88,14 +75,14 @@ t.test('permissions per node: ENOSPC beyond five besides the owner; dom0 exempt'
   g.req(XS_MKDIR, 0, 'p');
   const acl = ['n1', 'r2', 'r3', 'r4', 'r5', 'r6'];
   t.equal(g.req(XS_SET_PERMS, 0, 'p', ...acl).type, XS_SET_PERMS);
-  t.equal(err(g.req(XS_SET_PERMS, 0, 'p', ...acl, 'r7')), 'ENOSPC');
+  t.equal(errorOf(g.req(XS_SET_PERMS, 0, 'p', ...acl, 'r7')), 'ENOSPC');
   t.equal(d0.req(XS_SET_PERMS, 0, '/local/domain/1/p', ...acl, 'r7', 'r8').type, XS_SET_PERMS);
 });
 
 t.test('watches: E2BIG beyond the quota; dom0 exempt', async (t) => {
   const { d0, g } = setup({ maxWatches: 3 });
   for (let i = 0; i < 3; i++) t.equal(g.req(XS_WATCH, 0, `w${i}`, 't').type, XS_WATCH);
-  t.equal(err(g.req(XS_WATCH, 0, 'w3', 't')), 'E2BIG');
+  t.equal(errorOf(g.req(XS_WATCH, 0, 'w3', 't')), 'E2BIG');
   for (let i = 0; i < 10; i++) t.equal(d0.req(XS_WATCH, 0, `/w${i}`, 't').type, XS_WATCH);
 });
 
@@ -103,7 +90,7 @@ t.test('transactions: ENOSPC beyond the quota; dom0 exempt', async (t) => {
   const { d0, g } = setup({ maxTransactions: 2 });
   g.req(XS_TRANSACTION_START, 0, '');
   g.req(XS_TRANSACTION_START, 0, '');
-  t.equal(err(g.req(XS_TRANSACTION_START, 0, '')), 'ENOSPC');
+  t.equal(errorOf(g.req(XS_TRANSACTION_START, 0, '')), 'ENOSPC');
   for (let i = 0; i < 5; i++) t.equal(d0.req(XS_TRANSACTION_START, 0, '').type, XS_TRANSACTION_START);
 });
 

@@ -1,7 +1,6 @@
 import fc from 'fast-check';
 import t from 'tap';
 
-import { offsetOf } from '../lib/abi/layout.js';
 import {
   XENSTORE_ERROR_PROTO,
   XENSTORE_ERROR_RINGIDX,
@@ -9,7 +8,6 @@ import {
   XS_CONTROL,
   XS_DIRECTORY,
   XS_DIRECTORY_PART,
-  XS_ERROR,
   XS_GET_PERMS,
   XS_INTRODUCE,
   XS_IS_DOMAIN_INTRODUCED,
@@ -27,35 +25,11 @@ import {
   XS_WATCH,
   XS_WATCH_EVENT,
   XS_WRITE,
-  xenstore_domain_interface as intf,
 } from '../lib/abi/xs_wire.js';
 import { XenstoredRing, Xenstored } from '../lib/backends/xenstored.js';
-import type { Page } from '../lib/hypervisor/page.js';
-import { encodeMessage, fromBytes, joinStrings, joinWrite, splitStrings, type XsMessage } from '../lib/xenstore/wire.js';
-import { attach, direct, makeHome, newPage, rawGuest, settle } from './xenstore-harness.js';
+import { encodeMessage, fromBytes, joinStrings, joinWrite, type XsMessage } from '../lib/xenstore/wire.js';
+import { ERROR, REQ_CONS, REQ_PROD, attach, direct, errorOf, guestWrite, makeHome, newPage, rawGuest, settle, strings } from './xenstore-harness.js';
 
-const REQ = offsetOf(intf, 'req');
-const REQ_PROD = offsetOf(intf, 'req_prod');
-const REQ_CONS = offsetOf(intf, 'req_cons');
-const ERROR = offsetOf(intf, 'error');
-
-function strings(m: XsMessage): string[] {
-  return splitStrings(m.payload);
-}
-
-function err(m: XsMessage): string | undefined {
-  return m.type === XS_ERROR ? strings(m)[0] : undefined;
-}
-
-/** A hostile guest puts raw bytes on its req ring. */
-function guestWrite(page: Page, bytes: Uint8Array): void {
-  let prod = page.load32(REQ_PROD);
-  for (const b of bytes) {
-    page.store8(REQ + (prod % XENSTORE_RING_SIZE), b);
-    prod = (prod + 1) >>> 0;
-  }
-  page.store32(REQ_PROD, prod);
-}
 
 t.test('wire basics: acks, replies echo req_id and tx_id, errors are errno names', async (t) => {
   const xsd = new Xenstored();
@@ -67,23 +41,23 @@ t.test('wire basics: acks, replies echo req_id and tx_id, errors are errno names
   t.equal(fromBytes(r.payload), 'v', 'READ answers the bare value');
   t.same(strings(d0.req(XS_DIRECTORY, 0, '/a')), ['b']);
   t.same(strings(d0.req(XS_GET_PERMS, 0, '/a/b')), ['n0']);
-  t.equal(err(d0.req(XS_READ, 0, '/a/c')), 'ENOENT');
-  t.equal(err(d0.raw(XS_READ, 0, new TextEncoder().encode('/a/b'))), 'EINVAL', 'argument without its NUL');
-  t.equal(err(d0.raw(XS_READ, 0, joinStrings(['/a/b', 'extra']))), 'EINVAL', 'two arguments to a one-argument op');
-  t.equal(err(d0.req(99, 0, '/a')), 'EINVAL', 'unknown type');
-  t.equal(err(d0.req(20, 0, '/a')), 'EINVAL', 'the removed XS_RESTRICT');
-  t.equal(err(d0.req(XS_WATCH_EVENT, 0, '/a', 't')), 'EINVAL', 'a reply type sent as a request');
-  t.equal(err(d0.req(XS_CONTROL, 0, 'print', 'x')), 'ENOSYS');
-  t.equal(err(d0.req(XS_READ, 77, '/a/b')), 'ENOENT', 'unknown transaction');
-  t.equal(err(d0.req(XS_RM, 0, '/')), 'EINVAL');
-  t.equal(err(d0.req(XS_SET_PERMS, 0, '/a')), 'EINVAL', 'no permissions');
-  t.equal(err(d0.req(XS_SET_PERMS, 0, '/a', 'q1')), 'EINVAL', 'bad permission letter');
+  t.equal(errorOf(d0.req(XS_READ, 0, '/a/c')), 'ENOENT');
+  t.equal(errorOf(d0.raw(XS_READ, 0, new TextEncoder().encode('/a/b'))), 'EINVAL', 'argument without its NUL');
+  t.equal(errorOf(d0.raw(XS_READ, 0, joinStrings(['/a/b', 'extra']))), 'EINVAL', 'two arguments to a one-argument op');
+  t.equal(errorOf(d0.req(99, 0, '/a')), 'EINVAL', 'unknown type');
+  t.equal(errorOf(d0.req(20, 0, '/a')), 'EINVAL', 'the removed XS_RESTRICT');
+  t.equal(errorOf(d0.req(XS_WATCH_EVENT, 0, '/a', 't')), 'EINVAL', 'a reply type sent as a request');
+  t.equal(errorOf(d0.req(XS_CONTROL, 0, 'print', 'x')), 'ENOSYS');
+  t.equal(errorOf(d0.req(XS_READ, 77, '/a/b')), 'ENOENT', 'unknown transaction');
+  t.equal(errorOf(d0.req(XS_RM, 0, '/')), 'EINVAL');
+  t.equal(errorOf(d0.req(XS_SET_PERMS, 0, '/a')), 'EINVAL', 'no permissions');
+  t.equal(errorOf(d0.req(XS_SET_PERMS, 0, '/a', 'q1')), 'EINVAL', 'bad permission letter');
   const e = d0.req(XS_READ, 0, 'x'.repeat(4000));
-  t.equal(err(e), 'EINVAL', 'path too long');
+  t.equal(errorOf(e), 'EINVAL', 'path too long');
   const big = d0.raw(XS_WRITE, 0, joinWrite('/big', 'x'.repeat(4000)));
   t.same(strings(big), ['OK']);
   for (let i = 0; i < 300; i++) d0.raw(XS_WRITE, 0, joinWrite(`/wide/child-with-a-long-name-${i}`, ''));
-  t.equal(err(d0.req(XS_DIRECTORY, 0, '/wide')), 'E2BIG', 'a listing over the payload limit');
+  t.equal(errorOf(d0.req(XS_DIRECTORY, 0, '/wide')), 'E2BIG', 'a listing over the payload limit');
 });
 
 t.test('DIRECTORY_PART pages through a big directory', async (t) => {
@@ -118,8 +92,8 @@ t.test('privileged operations and domain lifecycle', async (t) => {
   });
   const d0 = direct(xsd, 0);
   const d3 = direct(xsd, 3);
-  t.equal(err(d3.req(XS_INTRODUCE, 0, '4', '100', '5')), 'EACCES');
-  t.equal(err(d3.req(XS_IS_DOMAIN_INTRODUCED, 0, '3')), 'EACCES');
+  t.equal(errorOf(d3.req(XS_INTRODUCE, 0, '4', '100', '5')), 'EACCES');
+  t.equal(errorOf(d3.req(XS_IS_DOMAIN_INTRODUCED, 0, '3')), 'EACCES');
   t.same(strings(d0.req(XS_WATCH, 0, '@introduceDomain', 'in')), ['OK']);
   t.same(strings(d0.req(XS_WATCH, 0, '@releaseDomain', 'out')), ['OK']);
   d0.events.length = 0;
@@ -128,16 +102,16 @@ t.test('privileged operations and domain lifecycle', async (t) => {
   t.same(introduced, [[3, 4660, 7]]);
   t.same(strings(d0.req(XS_IS_DOMAIN_INTRODUCED, 0, '3')), ['T']);
   t.same(d0.events.map(strings), [['@introduceDomain', 'in']]);
-  t.equal(err(d0.req(XS_INTRODUCE, 0, '3', 'x', '7')), 'EINVAL');
+  t.equal(errorOf(d0.req(XS_INTRODUCE, 0, '3', 'x', '7')), 'EINVAL');
   t.same(strings(d0.req(XS_RESUME, 0, '3')), ['OK']);
-  t.equal(err(d0.req(XS_RESUME, 0, '9')), 'ENOENT');
+  t.equal(errorOf(d0.req(XS_RESUME, 0, '9')), 'ENOENT');
   t.same(strings(d0.req(XS_RELEASE, 0, '3')), ['OK']);
   t.same(released, [3]);
   t.ok(d3.conn.closed, "the released domain's connection is gone");
   t.same(d0.events.map(strings)[1], ['@releaseDomain', 'out']);
-  t.equal(err(d0.req(XS_RELEASE, 0, '3')), 'ENOENT');
-  t.equal(err(d0.req(XS_RELEASE, 0, '0')), 'EINVAL');
-  t.equal(err(d0.req(XS_INTRODUCE, 0, '70000', '1', '1')), 'EINVAL', 'domid out of range');
+  t.equal(errorOf(d0.req(XS_RELEASE, 0, '3')), 'ENOENT');
+  t.equal(errorOf(d0.req(XS_RELEASE, 0, '0')), 'EINVAL');
+  t.equal(errorOf(d0.req(XS_INTRODUCE, 0, '70000', '1', '1')), 'EINVAL', 'domid out of range');
 });
 
 t.test('SET_TARGET lets a device model act for its target', async (t) => {
@@ -148,7 +122,7 @@ t.test('SET_TARGET lets a device model act for its target', async (t) => {
   d0.req(XS_INTRODUCE, 0, '8', '1', '1');
   d0.req(XS_MKDIR, 0, '/local/domain/7');
   d0.req(XS_SET_PERMS, 0, '/local/domain/7', 'n7');
-  t.equal(err(dm.req(XS_READ, 0, '/local/domain/7')), 'EACCES');
+  t.equal(errorOf(dm.req(XS_READ, 0, '/local/domain/7')), 'EACCES');
   t.same(strings(d0.req(XS_SET_TARGET, 0, '8', '7')), ['OK']);
   t.equal(dm.req(XS_READ, 0, '/local/domain/7').type, XS_READ);
 });
@@ -168,19 +142,19 @@ t.test('watches: relative and absolute paths, exact removal events, reset', asyn
   d1.raw(XS_WRITE, 0, joinWrite('dev/x/y', '1'));
   t.same(d1.events.map(strings), [['dev/x/y', 'rel']], 'relative watch, relative event path');
   t.same(d0.events.map(strings), [['/local/domain/1/dev/x/y', 'all']], 'dom0 sees everything');
-  t.equal(err(d1.req(XS_WATCH, 0, 'dev', 'rel')), 'EEXIST');
+  t.equal(errorOf(d1.req(XS_WATCH, 0, 'dev', 'rel')), 'EEXIST');
   t.same(strings(d1.req(XS_WATCH, 0, 'dev/x/y', 'leaf')), ['OK']);
   d1.events.length = 0;
   d1.req(XS_RM, 0, 'dev');
   t.same(d1.events.map(strings).sort(), [['dev', 'rel'], ['dev/x/y', 'leaf']].sort(), 'descendant watchers hear of the removal');
-  t.equal(err(d1.req(XS_UNWATCH, 0, 'dev', 'nope')), 'ENOENT');
+  t.equal(errorOf(d1.req(XS_UNWATCH, 0, 'dev', 'nope')), 'ENOENT');
   t.same(strings(d1.req(XS_UNWATCH, 0, 'dev', 'rel')), ['OK']);
   t.same(strings(d1.req(XS_RESET_WATCHES, 0)), ['OK']);
   d1.events.length = 0;
   d1.raw(XS_WRITE, 0, joinWrite('dev/x/y', '2'));
   t.same(d1.events, [], 'no watches after RESET_WATCHES');
-  t.equal(err(d1.req(XS_WATCH, 0, 'only-path')), 'EINVAL');
-  t.equal(err(d1.req(XS_WATCH, 0, 'bad//path', 't')), 'EINVAL');
+  t.equal(errorOf(d1.req(XS_WATCH, 0, 'only-path')), 'EINVAL');
+  t.equal(errorOf(d1.req(XS_WATCH, 0, 'bad//path', 't')), 'EINVAL');
 });
 
 t.test('pending watch events are bounded while the transport is backlogged', async (t) => {
@@ -214,16 +188,16 @@ t.test('transactions: snapshot isolation, commit, conflict, abort', async (t) =>
 
   const tx = Number(strings(a.req(XS_TRANSACTION_START, 0, ''))[0]);
   t.ok(tx > 0);
-  t.equal(err(a.req(XS_TRANSACTION_START, tx, '')), 'EBUSY', 'no nesting');
+  t.equal(errorOf(a.req(XS_TRANSACTION_START, tx, '')), 'EBUSY', 'no nesting');
   b.raw(XS_WRITE, 0, joinWrite('/k/y', '2'));
   t.equal(fromBytes(a.req(XS_READ, tx, '/k/y').payload), '1', 'the transaction sees its snapshot');
   a.raw(XS_WRITE, tx, joinWrite('/k/z', 'new'));
-  t.equal(err(b.req(XS_READ, 0, '/k/z')), 'ENOENT', 'others do not see uncommitted writes');
+  t.equal(errorOf(b.req(XS_READ, 0, '/k/z')), 'ENOENT', 'others do not see uncommitted writes');
   b.events.length = 0;
-  t.equal(err(a.req(XS_TRANSACTION_END, tx, 'T')), 'EAGAIN', '/k/y changed after the transaction read it');
-  t.equal(err(b.req(XS_READ, 0, '/k/z')), 'ENOENT', 'a failed commit leaves nothing');
+  t.equal(errorOf(a.req(XS_TRANSACTION_END, tx, 'T')), 'EAGAIN', '/k/y changed after the transaction read it');
+  t.equal(errorOf(b.req(XS_READ, 0, '/k/z')), 'ENOENT', 'a failed commit leaves nothing');
   t.same(b.events, [], 'and fires nothing');
-  t.equal(err(a.req(XS_TRANSACTION_END, tx, 'T')), 'ENOENT', 'the transaction is gone');
+  t.equal(errorOf(a.req(XS_TRANSACTION_END, tx, 'T')), 'ENOENT', 'the transaction is gone');
 
   const tx2 = Number(strings(a.req(XS_TRANSACTION_START, 0, ''))[0]);
   a.req(XS_READ, tx2, '/k/x');
@@ -233,12 +207,12 @@ t.test('transactions: snapshot isolation, commit, conflict, abort', async (t) =>
   b.events.length = 0;
   t.same(strings(a.req(XS_TRANSACTION_END, tx2, 'T')), ['OK'], 'unrelated changes do not conflict');
   t.equal(fromBytes(b.req(XS_READ, 0, '/k/x').payload), '10');
-  t.equal(err(b.req(XS_READ, 0, '/k/y')), 'ENOENT');
+  t.equal(errorOf(b.req(XS_READ, 0, '/k/y')), 'ENOENT');
   t.same(b.events.map(strings), [['/k/x', 'w'], ['/k/y', 'w']], 'watches fire at commit');
 
   const tx3 = Number(strings(a.req(XS_TRANSACTION_START, 0, ''))[0]);
   a.raw(XS_WRITE, tx3, joinWrite('/k/x', 'discard'));
-  t.equal(err(a.req(XS_TRANSACTION_END, tx3, 'X')), 'EINVAL');
+  t.equal(errorOf(a.req(XS_TRANSACTION_END, tx3, 'X')), 'EINVAL');
   t.same(strings(a.req(XS_TRANSACTION_END, tx3, 'F')), ['OK']);
   t.equal(fromBytes(b.req(XS_READ, 0, '/k/x').payload), '10', 'abort discards');
 
@@ -246,7 +220,7 @@ t.test('transactions: snapshot isolation, commit, conflict, abort', async (t) =>
   t.same(a.req(XS_DIRECTORY, tx4, '/k').type, XS_DIRECTORY);
   b.raw(XS_WRITE, 0, joinWrite('/k/phantom', ''));
   a.raw(XS_WRITE, tx4, joinWrite('/k/count', '1'));
-  t.equal(err(a.req(XS_TRANSACTION_END, tx4, 'T')), 'EAGAIN', 'a new child conflicts with a listing');
+  t.equal(errorOf(a.req(XS_TRANSACTION_END, tx4, 'T')), 'EAGAIN', 'a new child conflicts with a listing');
 });
 
 t.test('transaction limits and RESET_WATCHES ends them', async (t) => {
@@ -254,9 +228,9 @@ t.test('transaction limits and RESET_WATCHES ends them', async (t) => {
   const a = direct(xsd, 1);
   const t1 = Number(strings(a.req(XS_TRANSACTION_START, 0, ''))[0]);
   a.req(XS_TRANSACTION_START, 0, '');
-  t.equal(err(a.req(XS_TRANSACTION_START, 0, '')), 'ENOSPC');
+  t.equal(errorOf(a.req(XS_TRANSACTION_START, 0, '')), 'ENOSPC');
   a.req(XS_RESET_WATCHES, 0);
-  t.equal(err(a.req(XS_READ, t1, 'x')), 'ENOENT');
+  t.equal(errorOf(a.req(XS_READ, t1, 'x')), 'ENOENT');
   t.equal(a.req(XS_TRANSACTION_START, 0, '').type, XS_TRANSACTION_START);
 });
 
@@ -290,8 +264,8 @@ function runSchedule(steps: readonly Step[]): boolean {
     } else if ((s.action === 'commit' || s.action === 'abort') && tx !== undefined) {
       open[s.conn] = undefined;
       const rsp = c.req(XS_TRANSACTION_END, tx.id, s.action === 'commit' ? 'T' : 'F');
-      if (s.action === 'abort' || err(rsp) === 'EAGAIN') continue;
-      if (err(rsp) !== undefined) return false;
+      if (s.action === 'abort' || errorOf(rsp) === 'EAGAIN') continue;
+      if (errorOf(rsp) !== undefined) return false;
       for (const [k, v] of tx.reads) if (model.get(k) !== v) return false;
       for (const [k, v] of tx.writes) v === undefined ? model.delete(k) : model.set(k, v);
     } else if (s.action === 'read') {
@@ -303,8 +277,8 @@ function runSchedule(steps: readonly Step[]): boolean {
       const value = s.action === 'write' ? String(s.value) : undefined;
       const rsp = value === undefined ? c.req(XS_RM, txId, key) : c.raw(XS_WRITE, txId, joinWrite(key, value));
       // Removing /t/c/d where /t/c never existed: ENOENT, and nothing changes.
-      if (value === undefined && err(rsp) === 'ENOENT' && view(tx, key) === undefined) continue;
-      if (err(rsp) !== undefined) return false;
+      if (value === undefined && errorOf(rsp) === 'ENOENT' && view(tx, key) === undefined) continue;
+      if (errorOf(rsp) !== undefined) return false;
       if (tx === undefined) value === undefined ? model.delete(key) : model.set(key, value);
       else tx.writes.set(key, value);
     }
