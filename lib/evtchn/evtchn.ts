@@ -4,8 +4,7 @@
 // A handler runs as a task outside the upcall with its port masked, and the
 // port is unmasked when the handler returns, so a handler never re-enters.
 
-import { offsetOf } from '../abi/layout.js';
-import { shared_info, vcpu_info, DOMID_SELF, __HYPERVISOR_event_channel_op } from '../abi/xen.js';
+import { vcpu_info, DOMID_SELF, __HYPERVISOR_event_channel_op } from '../abi/xen.js';
 import {
   EVTCHNOP_alloc_unbound,
   EVTCHNOP_close,
@@ -15,15 +14,12 @@ import {
 } from '../abi/event_channel.js';
 import { XenError } from '../errors.js';
 import { errnoName } from '../hypervisor/errno.js';
+import { EVTCHN_MASK, EVTCHN_PENDING, PENDING_SEL, UPCALL_PENDING, bitWord } from '../hypervisor/evtchn.js';
 import { logger, type Log } from '../log.js';
-import type { MemoryViews } from '../hypervisor/page.js';
+import { PAGE_SIZE, type MemoryViews } from '../hypervisor/page.js';
 import type { Hypercall } from '../hypervisor/hypercall.js';
 import type { Vcpu } from '../hypervisor/vcpu.js';
 
-const PENDING = offsetOf(shared_info, 'evtchn_pending');
-const MASK = offsetOf(shared_info, 'evtchn_mask');
-const UPCALL_PENDING = offsetOf(vcpu_info, 'evtchn_upcall_pending');
-const PENDING_SEL = offsetOf(vcpu_info, 'evtchn_pending_sel');
 /** 2-level ABI on a 64-bit guest: 64 rows of 64 ports. */
 const NR_ROWS = 64;
 
@@ -46,6 +42,9 @@ export class IntrHandle {
 export class Interrupts {
   private readonly handles = new Map<number, IntrHandle>();
   private readonly log: Log;
+  /** Byte offsets in memory of the shared_info bitmaps, which do not move once mapped. */
+  private readonly pending: number;
+  private readonly mask: number;
   private stopped = false;
   /** Events that arrived for a port nobody established; counted, not fatal. */
   spurious = 0;
@@ -58,18 +57,16 @@ export class Interrupts {
     name: string,
   ) {
     this.log = logger('evtchn', name);
-  }
-
-  private word(base: number, bit: number): number {
-    return (this.sharedInfoGfn * 4096 + base + (bit >> 5) * 4) >> 2;
+    this.pending = sharedInfoGfn * PAGE_SIZE + EVTCHN_PENDING;
+    this.mask = sharedInfoGfn * PAGE_SIZE + EVTCHN_MASK;
   }
 
   private setMask(port: number): void {
-    Atomics.or(this.mem.u32, this.word(MASK, port), 1 << (port & 31));
+    Atomics.or(this.mem.u32, bitWord(this.mask, port), 1 << (port & 31));
   }
 
   private isMasked(port: number): boolean {
-    return (Atomics.load(this.mem.u32, this.word(MASK, port)) & (1 << (port & 31))) !== 0;
+    return (Atomics.load(this.mem.u32, bitWord(this.mask, port)) & (1 << (port & 31))) !== 0;
   }
 
   private evtchnOp(cmd: number, arg: object, what: string): void {
@@ -146,7 +143,7 @@ export class Interrupts {
   upcall(): void {
     const u8 = this.mem.u8;
     const u32 = this.mem.u32;
-    const vi = this.sharedInfoGfn * 4096 + this.vcpu.id * vcpu_info.size;
+    const vi = this.sharedInfoGfn * PAGE_SIZE + this.vcpu.id * vcpu_info.size;
     while (Atomics.exchange(u8, vi + UPCALL_PENDING, 0) !== 0) {
       for (let half = 0; half < 2; half++) {
         let sel = Atomics.exchange(u32, (vi + PENDING_SEL + half * 4) >> 2, 0);
@@ -162,8 +159,8 @@ export class Interrupts {
     const u32 = this.mem.u32;
     for (let half = 0; half < 2; half++) {
       const first = row * 64 + half * 32;
-      const pw = this.word(PENDING, first);
-      let ready = Atomics.load(u32, pw) & ~Atomics.load(u32, this.word(MASK, first));
+      const pw = bitWord(this.pending, first);
+      let ready = Atomics.load(u32, pw) & ~Atomics.load(u32, bitWord(this.mask, first));
       if (ready === 0) continue;
       Atomics.and(u32, pw, ~ready);
       for (; ready !== 0; ready &= ready - 1) this.dispatch(first + (31 - Math.clz32(ready & -ready)));

@@ -3,7 +3,7 @@
 // in its own memory; the selector and upcall_pending in its vcpu_info. Port
 // state lives in the domain's control block under its event lock.
 
-import { offsetOf } from '../abi/layout.js';
+import { offsetOf, sizeOf } from '../abi/layout.js';
 import { shared_info, vcpu_info, DOMID_SELF } from '../abi/xen.js';
 import {
   EVTCHNSTAT_closed,
@@ -14,6 +14,7 @@ import {
 import { XEN_EEXIST, XEN_EINVAL, XEN_ENOENT, XEN_ENOSPC, XEN_EPERM, XEN_ESRCH } from '../abi/errno.js';
 import { D, Domain, MAX_EVTCHNS, MAX_VCPUS, NR_VIRQS, VCPU_ONLINE, VCPU_POLL, VCPU_WAKE } from './domain.js';
 import { lock, unlock } from './lock.js';
+import { PAGE_SIZE } from './page.js';
 import type {
   evtchn_alloc_unbound,
   evtchn_bind_interdomain,
@@ -22,11 +23,13 @@ import type {
   evtchn_status,
 } from './hypercall.js';
 
-const PENDING = offsetOf(shared_info, 'evtchn_pending');
-const MASK = offsetOf(shared_info, 'evtchn_mask');
+// The 2-level bitmaps as both the hypervisor and the guest's upcall address them.
+export const EVTCHN_PENDING = offsetOf(shared_info, 'evtchn_pending');
+export const EVTCHN_MASK = offsetOf(shared_info, 'evtchn_mask');
+export const EVTCHN_MASK_BYTES = sizeOf(shared_info, 'evtchn_mask');
+export const UPCALL_PENDING = offsetOf(vcpu_info, 'evtchn_upcall_pending');
+export const PENDING_SEL = offsetOf(vcpu_info, 'evtchn_pending_sel');
 const VCPU_INFO_SIZE = vcpu_info.size;
-const UPCALL_PENDING = offsetOf(vcpu_info, 'evtchn_upcall_pending');
-const PENDING_SEL = offsetOf(vcpu_info, 'evtchn_pending_sel');
 
 // Words of a port's entry in the control block.
 const STATE = 0;
@@ -44,8 +47,8 @@ export function validPort(port: number): boolean {
   return Number.isInteger(port) && port > 0 && port < MAX_EVTCHNS;
 }
 
-/** Byte index of the u32 word holding bit `bit` of a little-endian xen_ulong_t array at `base`. */
-function bitWord(base: number, bit: number): number {
+/** Index of the u32 word holding bit `bit` of a little-endian xen_ulong_t array at byte `base`. */
+export function bitWord(base: number, bit: number): number {
   return (base + (bit >> 5) * 4) >> 2;
 }
 
@@ -90,20 +93,14 @@ export function setPending(d: Domain, port: number): void {
 }
 
 function markPending(d: Domain, port: number, gfn: number): void {
-  const si = gfn * 4096;
+  const si = gfn * PAGE_SIZE;
   const u32 = d.mem.u32;
   const bit = 1 << (port & 31);
-  if ((Atomics.or(u32, bitWord(si + PENDING, port), bit) & bit) !== 0) return;
+  if ((Atomics.or(u32, bitWord(si + EVTCHN_PENDING, port), bit) & bit) !== 0) return;
   const vcpu = Atomics.load(d.ctl, entry(port) + VCPU);
-  if ((Atomics.load(u32, bitWord(si + MASK, port)) & bit) === 0) {
-    const vi = si + vcpu * VCPU_INFO_SIZE;
-    const row = port >> 6;
-    const selBit = 1 << (row & 31);
-    const sel = Atomics.or(u32, bitWord(vi + PENDING_SEL, row), selBit);
-    if ((sel & selBit) === 0 && Atomics.exchange(d.mem.u8, vi + UPCALL_PENDING, 1) === 0) {
-      kickVcpu(d, vcpu);
-      return;
-    }
+  if ((Atomics.load(u32, bitWord(si + EVTCHN_MASK, port)) & bit) === 0 && markUpcall(d, si, vcpu, port)) {
+    kickVcpu(d, vcpu);
+    return;
   }
   // A vCPU in SCHEDOP_poll waits for the port itself, masked or not.
   for (let v = 0; v < d.maxVcpus; v++) {
@@ -111,10 +108,23 @@ function markPending(d: Domain, port: number, gfn: number): void {
   }
 }
 
+/**
+ * Set `port`'s row in the vCPU's selector and then upcall_pending; true when
+ * this call raised upcall_pending, so the vCPU must be kicked (the tail of
+ * evtchn_2l_set_pending and evtchn_2l_unmask, vcpu_mark_events_pending).
+ */
+function markUpcall(d: Domain, si: number, vcpu: number, port: number): boolean {
+  const vi = si + vcpu * VCPU_INFO_SIZE;
+  const row = port >> 6;
+  const selBit = 1 << (row & 31);
+  const sel = Atomics.or(d.mem.u32, bitWord(vi + PENDING_SEL, row), selBit);
+  return (sel & selBit) === 0 && Atomics.exchange(d.mem.u8, vi + UPCALL_PENDING, 1) === 0;
+}
+
 export function isPending(d: Domain, port: number): boolean {
   if (!validPort(port)) return false;
-  const si = d.sharedInfoGfn * 4096;
-  return (Atomics.load(d.mem.u32, bitWord(si + PENDING, port)) & (1 << (port & 31))) !== 0;
+  const si = d.sharedInfoGfn * PAGE_SIZE;
+  return (Atomics.load(d.mem.u32, bitWord(si + EVTCHN_PENDING, port)) & (1 << (port & 31))) !== 0;
 }
 
 function resolveDom(caller: Domain, dom: number, lookup: DomainLookup): Domain | number {
@@ -233,7 +243,7 @@ function closeOnce(d: Domain, port: number, lookup: DomainLookup): number {
       Atomics.store(rd.ctl, re + STATE, EVTCHNSTAT_unbound);
     }
     // evtchn_free: a reused port number must not inherit this one's pending event.
-    Atomics.and(d.mem.u32, bitWord(d.sharedInfoGfn * 4096 + PENDING, port), ~(1 << (port & 31)));
+    Atomics.and(d.mem.u32, bitWord(d.sharedInfoGfn * PAGE_SIZE + EVTCHN_PENDING, port), ~(1 << (port & 31)));
     Atomics.store(d.ctl, e + STATE, EVTCHNSTAT_closed);
     d.ctl[e + REMOTE] = 0;
     d.ctl[e + REMOTE_PORT] = 0;
@@ -264,20 +274,15 @@ export function send(caller: Domain, port: number, lookup: DomainLookup): number
 /** evtchn_2l_unmask: clear the mask bit and deliver an event that was held back. */
 export function unmask(d: Domain, port: number): number {
   if (!validPort(port)) return -XEN_EINVAL;
-  const si = d.sharedInfoGfn * 4096;
+  const si = d.sharedInfoGfn * PAGE_SIZE;
   const u32 = d.mem.u32;
   const bit = 1 << (port & 31);
   // Deliver whatever is pending, masked or not before: a guest may clear the
   // mask bit itself and then ask for the held-back event.
-  Atomics.and(u32, bitWord(si + MASK, port), ~bit);
-  if ((Atomics.load(u32, bitWord(si + PENDING, port)) & bit) === 0) return 0;
+  Atomics.and(u32, bitWord(si + EVTCHN_MASK, port), ~bit);
+  if ((Atomics.load(u32, bitWord(si + EVTCHN_PENDING, port)) & bit) === 0) return 0;
   const vcpu = Atomics.load(d.ctl, entry(port) + VCPU);
-  const vi = si + vcpu * VCPU_INFO_SIZE;
-  const row = port >> 6;
-  const selBit = 1 << (row & 31);
-  Atomics.or(u32, bitWord(vi + PENDING_SEL, row), selBit);
-  Atomics.store(d.mem.u8, vi + UPCALL_PENDING, 1);
-  kickVcpu(d, vcpu);
+  if (markUpcall(d, si, vcpu, port)) kickVcpu(d, vcpu);
   return 0;
 }
 

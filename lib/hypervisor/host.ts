@@ -7,10 +7,9 @@ import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import { XenError } from '../errors.js';
 import { logger } from '../log.js';
 import { SHUTDOWN_crash } from '../abi/sched.js';
-import { offsetOf, sizeOf } from '../abi/layout.js';
-import { shared_info } from '../abi/xen.js';
 import { D, Domain, DomainState, MAX_GRANT_FRAMES, MAX_VCPUS, SPECIAL_PAGES, SpecialPage, VCPU_ONLINE, newControlBlock } from './domain.js';
 import { DOMID_FIRST_RESERVED, HOST, HOST_WORDS, Hypervisor, type DomainHandle, type RegistryMessage } from './hypervisor.js';
+import { EVTCHN_MASK, EVTCHN_MASK_BYTES } from './evtchn.js';
 import { PAGE_SIZE } from './page.js';
 
 const log = logger('host');
@@ -41,8 +40,6 @@ export type HostEvents = {
 };
 
 const MIN_MEMORY_PAGES = SPECIAL_PAGES + 16;
-const EVTCHN_MASK = offsetOf(shared_info, 'evtchn_mask');
-const EVTCHN_MASK_BYTES = sizeOf(shared_info, 'evtchn_mask');
 
 export class Host {
   readonly hostBlock = new SharedArrayBuffer(HOST_WORDS * 4);
