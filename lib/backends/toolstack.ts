@@ -16,7 +16,7 @@ import type { Hypervisor } from '../hypervisor/hypervisor.js';
 import type { Hypercall, xen_add_to_physmap_batch } from '../hypervisor/hypercall.js';
 import type { Page } from '../hypervisor/page.js';
 import { shutdownReasonNames } from '../hypervisor/shutdown.js';
-import type { XenStore } from '../xenstore/xenstore.js';
+import type { XenStore, XsTransaction } from '../xenstore/xenstore.js';
 import type { XsPerm } from '../xenstore/wire.js';
 import { logger } from '../log.js';
 import type { ConsoleBackend } from './console.js';
@@ -76,6 +76,19 @@ export type StoreIntroduce = {
 export type DomainExit = { domid: number; name: string; reason: string; console: string };
 
 type Managed = { domid: number; spec: DomainSpec; storePort: number; consolePort: number };
+
+/** A node under a base path: its name ('' for the base), its value (null: a directory) and permissions. */
+type XsNodeSpec = [name: string, value: string | null, perms: XsPerm[]];
+
+/** Write `nodes` under `base` in a transaction, each with its permissions. */
+async function writeTree(t: XsTransaction, base: string, nodes: readonly XsNodeSpec[]): Promise<void> {
+  for (const [name, value, perms] of nodes) {
+    const path = name === '' ? base : `${base}/${name}`;
+    if (value === null) await t.mkdir(path);
+    else await t.write(path, value);
+    await t.setPerms(path, perms);
+  }
+}
 
 export class Toolstack {
   private readonly domains = new Map<number, Managed>();
@@ -165,34 +178,26 @@ export class Toolstack {
     p: { storeGfn: number; storePort: number; consoleGfn: number; consolePort: number },
   ): Promise<void> {
     const dom = `/local/domain/${domid}`;
+    // libxl's roperm (dom0 owns, the guest reads) and rwperm (the guest owns).
     const ro: XsPerm[] = [{ domid: 0, perm: 'n' }, { domid, perm: 'r' }];
     const rw: XsPerm[] = [{ domid, perm: 'n' }];
-    await this.xs.transaction(async (t) => {
-      await t.mkdir(dom);
-      await t.setPerms(dom, ro);
-      for (const node of ['device', 'control', 'console', 'store', 'memory', 'cpu']) {
-        await t.mkdir(`${dom}/${node}`);
-        await t.setPerms(`${dom}/${node}`, ro);
-      }
-      for (const node of ['control/shutdown', 'data', 'drivers', 'feature', 'attr', 'error']) {
-        await t.write(`${dom}/${node}`, '');
-        await t.setPerms(`${dom}/${node}`, rw);
-      }
-      await t.write(`${dom}/name`, spec.name);
-      await t.write(`${dom}/domid`, String(domid));
-      await t.write(`${dom}/memory/static-max`, String(spec.memoryMiB * 1024));
-      await t.write(`${dom}/memory/target`, String(spec.memoryMiB * 1024));
-      await t.write(`${dom}/cpu/availability`, 'online');
-      await t.write(`${dom}/store/ring-ref`, String(p.storeGfn));
-      await t.write(`${dom}/store/port`, String(p.storePort));
-      await t.write(`${dom}/console/ring-ref`, String(p.consoleGfn));
-      await t.write(`${dom}/console/port`, String(p.consolePort));
-      await t.write(`${dom}/console/type`, 'xenconsoled');
-      await t.write(`${dom}/console/limit`, String(1 << 20));
-      for (const node of ['name', 'domid', 'memory/static-max', 'memory/target', 'cpu/availability', 'store/ring-ref', 'store/port', 'console/ring-ref', 'console/port', 'console/type', 'console/limit']) {
-        await t.setPerms(`${dom}/${node}`, ro);
-      }
-    });
+    const nodes: XsNodeSpec[] = [
+      ['', null, ro],
+      ...['device', 'control', 'console', 'store', 'memory', 'cpu'].map((n): XsNodeSpec => [n, null, ro]),
+      ...['control/shutdown', 'data', 'drivers', 'feature', 'attr', 'error'].map((n): XsNodeSpec => [n, '', rw]),
+      ['name', spec.name, ro],
+      ['domid', String(domid), ro],
+      ['memory/static-max', String(spec.memoryMiB * 1024), ro],
+      ['memory/target', String(spec.memoryMiB * 1024), ro],
+      ['cpu/availability', 'online', ro],
+      ['store/ring-ref', String(p.storeGfn), ro],
+      ['store/port', String(p.storePort), ro],
+      ['console/ring-ref', String(p.consoleGfn), ro],
+      ['console/port', String(p.consolePort), ro],
+      ['console/type', 'xenconsoled', ro],
+      ['console/limit', String(1 << 20), ro],
+    ];
+    await this.xs.transaction((t) => writeTree(t, dom, nodes));
   }
 
   // libxl__device_disk_add: frontend and backend nodes in one transaction, then blkback.
@@ -211,15 +216,13 @@ export class Toolstack {
     // The guest owns its frontend and dom0 may read it; dom0 owns the backend and the guest may read it.
     const fePerms: XsPerm[] = [{ domid, perm: 'n' }, { domid: 0, perm: 'r' }];
     const bePerms: XsPerm[] = [{ domid: 0, perm: 'n' }, { domid, perm: 'r' }];
+    const tree = (nodes: [string, string][], perms: XsPerm[]): XsNodeSpec[] => [
+      ['', null, perms],
+      ...nodes.map(([k, v]): XsNodeSpec => [k, v, perms]),
+    ];
     await this.xs.transaction(async (t) => {
-      for (const [dir, nodes, perms] of [[fe, feNodes, fePerms], [be, beNodes, bePerms]] as const) {
-        await t.mkdir(dir);
-        await t.setPerms(dir, perms);
-        for (const [k, v] of nodes) {
-          await t.write(`${dir}/${k}`, v);
-          await t.setPerms(`${dir}/${k}`, perms);
-        }
-      }
+      await writeTree(t, fe, tree(feNodes, fePerms));
+      await writeTree(t, be, tree(beNodes, bePerms));
     });
     await this.vbds.start({ domid, devid: disk.devid, type: disk.type, params: disk.params, readOnly: disk.readOnly });
   }
@@ -229,23 +232,25 @@ export class Toolstack {
     for (const m of [...this.domains.values()]) {
       const info = this.hv.getDomainInfo(this.hv.domain(0)!, m.domid);
       if (typeof info === 'number' || info.state !== 'shutdown') continue;
-      this.domains.delete(m.domid);
       const reason = shutdownReasonNames[info.shutdown_reason] ?? `reason ${info.shutdown_reason}`;
-      const consoleText = await this.consoles.detach(m.domid);
       log('domain %d (%s) shut down: %s', m.domid, m.spec.name, reason);
-      await this.teardown(m.domid);
-      this.onExit({ domid: m.domid, name: m.spec.name, reason, console: consoleText });
+      await this.finish(m, reason);
     }
+  }
+
+  /** The end of a managed domain: its last console output, its teardown, the report. */
+  private async finish(m: Managed, reason: string): Promise<void> {
+    this.domains.delete(m.domid);
+    const consoleText = await this.consoles.detach(m.domid);
+    await this.teardown(m.domid);
+    this.onExit({ domid: m.domid, name: m.spec.name, reason, console: consoleText });
   }
 
   /** `xl destroy`: stop the domain now, whatever it is doing. */
   async destroyNow(domid: number): Promise<void> {
     const m = this.domains.get(domid);
     if (m === undefined) throw new XenError('ESRCH', `no domain ${domid}`);
-    this.domains.delete(domid);
-    const consoleText = await this.consoles.detach(domid);
-    await this.teardown(domid);
-    this.onExit({ domid, name: m.spec.name, reason: 'destroyed', console: consoleText });
+    await this.finish(m, 'destroyed');
   }
 
   /** Undo create: the xenstore connection and nodes, the console, the domain. */
