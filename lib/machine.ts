@@ -103,11 +103,23 @@ export class Machine {
   waitExit(domid: number, signal?: AbortSignal): Promise<DomainExit> {
     const done = this.exits.get(domid);
     if (done !== undefined) return Promise.resolve(done);
+    // One deadline signal is shared by `xenpv run` across all its guests, so it may have fired already.
+    if (signal?.aborted === true) return Promise.reject(new XenError('ECANCELED', `waiting for domain ${domid}`));
     return new Promise((resolve, reject) => {
+      const onAbort = (): void => {
+        const rest = (this.exitWaiters.get(domid) ?? []).filter((w) => w !== done);
+        if (rest.length === 0) this.exitWaiters.delete(domid);
+        else this.exitWaiters.set(domid, rest);
+        reject(new XenError('ECANCELED', `waiting for domain ${domid}`));
+      };
+      const done = (e: DomainExit): void => {
+        signal?.removeEventListener('abort', onAbort);
+        resolve(e);
+      };
       const list = this.exitWaiters.get(domid) ?? [];
-      list.push(resolve);
+      list.push(done);
       this.exitWaiters.set(domid, list);
-      signal?.addEventListener('abort', () => reject(new XenError('ECANCELED', `waiting for domain ${domid}`)), { once: true });
+      signal?.addEventListener('abort', onAbort, { once: true });
     });
   }
 

@@ -8,6 +8,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createConnection } from 'node:net';
+import { Machine } from '../lib/machine.js';
+import type { XenError } from '../lib/errors.js';
 
 const cli = fileURLToPath(new URL('../lib/cli/main.js', import.meta.url));
 
@@ -50,4 +52,18 @@ t.test('host with a bad subcommand is a usage error', async (t) => {
   const r = xenpv('host', 'frobnicate');
   t.equal(r.status, 2);
   t.match(r.stderr, /EINVAL/);
+});
+
+t.test('waitExit with a deadline that already passed rejects ECANCELED at once (xenpv run shares one deadline)', async (t) => {
+  const m = await Machine.boot();
+  t.teardown(() => m.stop());
+  const err = await m.waitExit(7, AbortSignal.abort()).then(
+    () => null,
+    (e: XenError) => e,
+  );
+  t.equal(err?.code, 'ECANCELED');
+  const later = new AbortController();
+  const waiting = m.waitExit(7, later.signal).catch((e: XenError) => e.code);
+  later.abort();
+  t.equal(await waiting, 'ECANCELED', 'and when it fires while waiting');
 });

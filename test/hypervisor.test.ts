@@ -108,7 +108,7 @@ import type {
   xen_hvm_param,
   xen_memory_map,
 } from '../lib/hypervisor/hypercall.js';
-import { PAGE_SIZE, writablePage } from '../lib/hypervisor/page.js';
+import { FramePage, MemoryViews, PAGE_SIZE, writablePage } from '../lib/hypervisor/page.js';
 
 // ---------------------------------------------------------------------------
 // Layouts, from lib/abi
@@ -1055,4 +1055,17 @@ function checkAgainstModel(ops: Op[]): void {
 t.test('property: port status and delivery follow a model of Xen', async (t) => {
   fc.assert(fc.property(fc.array(opArb, { maxLength: 40, size: 'max' }), (ops) => checkAgainstModel(ops)), { numRuns: 300 });
   t.pass('300 random sequences of alloc/bind/send/mask/unmask/close/upcall');
+});
+
+t.test('FramePage.read copies short spans (byte loop) and long ones (subarray) exactly', async (t) => {
+  const mem = new MemoryViews(new SharedArrayBuffer(PAGE_SIZE * 2));
+  for (let i = 0; i < mem.u8.length; i++) mem.u8[i] = (i * 7 + 3) & 0xff;
+  const page = new FramePage(mem, 1, false);
+  for (const [offset, length] of [[0, 0], [5, 1], [100, 12], [PAGE_SIZE - 24, 24], [40, 25], [PAGE_SIZE - 112, 112], [0, PAGE_SIZE]] as const) {
+    const into = new Uint8Array(length);
+    page.read(offset, into);
+    t.same(into, mem.u8.subarray(PAGE_SIZE + offset, PAGE_SIZE + offset + length), `${length} bytes at ${offset}`);
+  }
+  t.throws(() => page.read(PAGE_SIZE - 8, new Uint8Array(12)), { code: 'EFAULT' }, 'a short read past the page end');
+  t.throws(() => page.read(PAGE_SIZE - 100, new Uint8Array(112)), { code: 'EFAULT' }, 'a long read past the page end');
 });
