@@ -6,7 +6,9 @@ import { XenError } from './errors.js';
 import { Host } from './hypervisor/host.js';
 import { Rpc } from './rpc.js';
 import { logger } from './log.js';
-import type { DomainExit, DomainSpec } from './backends/toolstack.js';
+import type { DomainExit, DomainSpec, NicSpec } from './backends/toolstack.js';
+import type { BridgeOptions, BridgeReport } from './backends/bridge.js';
+import type { NetbackOptions, VifStats } from './backends/netback.js';
 import type { Dom0Args } from './backends/dom0.js';
 import type { XenstoredLimits } from './backends/xenstored.js';
 import { join } from 'node:path';
@@ -26,7 +28,16 @@ export type MachineOptions = {
   rundir?: string;
   /** xenstored's quotas; see XenstoredLimits. */
   xenstored?: Partial<XenstoredLimits>;
+  /** netback's tunables (queues, guest-RX queue bounds, drain and stall timeouts). */
+  netback?: NetbackOptions;
+  /** Options of bridges by name (pcap, ageingMs), applied when dom0 starts. */
+  bridges?: Record<string, BridgeOptions>;
+  /** UDP uplinks by bridge name: `udp:<localport>:<remotehost>:<remoteport>`. */
+  uplinks?: Record<string, string>;
 };
+
+/** What `netStats()` reports: each vif, each bridge with its ports and learned addresses, the frame pool. */
+export type NetStats = { vifs: VifStats[]; bridges: BridgeReport[]; pool: Record<string, number> };
 
 export class Machine {
   readonly host: Host;
@@ -57,9 +68,15 @@ export class Machine {
     const host = m.host;
     m.rpc = new Rpc((msg) => host.post(0, msg), m.platformHandlers(), (name, data) => m.event(name, data));
     host.createDomain({ name: 'Domain-0', memoryMiB: opts.dom0MemoryMiB ?? 16, privileged: true }, 0);
-    const args: Dom0Args = { socketPath: m.socketPath, limits: opts.xenstored };
+    const args: Dom0Args = { socketPath: m.socketPath, limits: opts.xenstored, net: { netback: opts.netback, bridges: opts.bridges } };
     host.start(0, new URL('./backends/dom0.js', import.meta.url).href, args);
     await m.rpc.call('ping', null, opts.bootTimeoutMs ?? 30_000);
+    try {
+      for (const [bridge, spec] of Object.entries(opts.uplinks ?? {})) await m.addUplink(bridge, spec);
+    } catch (err) {
+      await m.stop();
+      throw err;
+    }
     log('dom0 is up');
     return m;
   }
@@ -131,6 +148,31 @@ export class Machine {
   /** Destroy a guest now, as `xl destroy`. */
   async destroy(domid: number): Promise<void> {
     await this.rpc.call('destroy', { domid });
+  }
+
+  /** `xl network-attach`: a new vif for a running guest. */
+  async networkAttach(domid: number, nic: NicSpec): Promise<void> {
+    await this.rpc.call('network-attach', { domid, nic });
+  }
+
+  /** `xl network-detach`: the vif's backend closes and its nodes go; the guest detaches it. */
+  async networkDetach(domid: number, devid: number): Promise<void> {
+    await this.rpc.call('network-detach', { domid, devid });
+  }
+
+  /** Join bridge `bridge` (made if needed) to a UDP peer: `udp:<localport>:<remotehost>:<remoteport>`. */
+  async addUplink(bridge: string, spec: string): Promise<void> {
+    await this.rpc.call('uplink', { bridge, spec });
+  }
+
+  /** Capture a bridge (pcap: a file, null to stop) or change its ageing. */
+  async configureBridge(bridge: string, opts: BridgeOptions): Promise<void> {
+    await this.rpc.call('bridge-config', { bridge, opts });
+  }
+
+  /** Counters of every vif and bridge in dom0. */
+  async netStats(): Promise<NetStats> {
+    return (await this.rpc.call('net-stats', null)) as NetStats;
   }
 
   /** Stop every domain and dom0. */

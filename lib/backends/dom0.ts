@@ -21,7 +21,9 @@ import { joinStrings } from '../xenstore/wire.js';
 import { XenStore } from '../xenstore/xenstore.js';
 import { ConsoleBackend } from './console.js';
 import { BlkbackSet } from './blkback.js';
-import { Toolstack, type DomainSpec, type Platform, type StoreIntroduce } from './toolstack.js';
+import { Bridges, FramePool, parseUplink, type BridgeOptions } from './bridge.js';
+import { NetbackSet, type NetbackOptions } from './netback.js';
+import { Toolstack, type DomainSpec, type NicSpec, type Platform, type StoreIntroduce } from './toolstack.js';
 import { Xenstored, XenstoredRing, type XenstoredLimits } from './xenstored.js';
 import { XenstoredSocket } from './xenstored-socket.js';
 import { bindInterdomain, mapGrant, unmapGrant } from './xenbus.js';
@@ -89,7 +91,16 @@ export type Dom0Args = {
   /** xenstored listens on <socketPath> when set. */
   socketPath?: string | undefined;
   limits?: Partial<XenstoredLimits> | undefined;
+  /** netback's tunables and bridges' options (pcap, ageing) by bridge name. */
+  net?: { netback?: NetbackOptions | undefined; bridges?: Record<string, BridgeOptions> | undefined } | undefined;
 };
+
+/** dom0's network: one frame pool, the bridges, a netback per vif. */
+function startNet(hypercall: Hypercall, intr: Interrupts, xs: XenStore, physmem: PhysMem, args: Dom0Args): NetbackSet {
+  const bridges = new Bridges(new FramePool(hypercall, physmem));
+  for (const [name, opts] of Object.entries(args.net?.bridges ?? {})) bridges.configure(name, opts);
+  return new NetbackSet(hypercall, intr, xs, bridges, args.net?.netback);
+}
 
 export async function main(ctx: KernelContext): Promise<void> {
   const args = (ctx.args ?? {}) as Dom0Args;
@@ -118,12 +129,14 @@ export async function main(ctx: KernelContext): Promise<void> {
     release: async (domid) => void (await xs.cmd(XS_RELEASE, 0, joinStrings([String(domid)]))),
   };
   const names = new Map<number, string>();
+  const net = startNet(hypercall, intr, xs, physmem, args);
   const consoles = new ConsoleBackend(hypercall, intr, (domid, text) => rpc.event('console', { domid, name: names.get(domid) ?? `dom${domid}`, text }));
   const toolstack = new Toolstack(
     ctx.hv, hypercall, xs, store, consoles, platform,
     (exit) => rpc.event('exit', exit),
     new URL('../xen/kernel.js', import.meta.url).href,
     new BlkbackSet(hypercall, intr, xs),
+    net,
   );
   const domExc = intr.virqEstablish(VIRQ_DOM_EXC, () => toolstack.domainException(), 'dom-exc');
   intr.intrUnmask(domExc);
@@ -141,8 +154,24 @@ export async function main(ctx: KernelContext): Promise<void> {
     },
     destroy: (args: unknown) => toolstack.destroyNow((args as { domid: number }).domid),
     list: () => toolstack.list(),
+    'network-attach': (a: unknown) => toolstack.networkAttach((a as { domid: number }).domid, (a as { nic: NicSpec }).nic),
+    'network-detach': (a: unknown) => toolstack.networkDetach((a as { domid: number }).domid, (a as { devid: number }).devid),
+    'net-stats': () => ({
+      vifs: net.list(),
+      bridges: net.bridges.list().map((b) => b.report()),
+      pool: net.pool.stats,
+    }),
+    uplink: async (a: unknown) => {
+      const { bridge, spec } = a as { bridge: string; spec: string };
+      const u = await net.bridges.addUplink(bridge, parseUplink(spec));
+      return { localPort: u.spec.localPort };
+    },
+    'bridge-config': (a: unknown) => net.bridges.configure((a as { bridge: string }).bridge, (a as { opts: BridgeOptions }).opts),
     // Before the machine terminates this thread: the socket file goes with the listener.
-    stop: async () => void (await socket?.close()),
+    stop: async () => {
+      net.bridges.close();
+      await socket?.close();
+    },
   } satisfies RpcHandlers);
   // Listening last: the machine's first call (ping) finds everything in place.
   port.on('message', (m: unknown) => rpc.receive(m));

@@ -41,6 +41,31 @@ export type DomainSpec = {
   onCrash: 'destroy' | 'restart' | 'preserve';
   /** The `disk` list: one vbd each. */
   disks?: DiskSpec[];
+  /** The `vif` list: one network interface each. */
+  vifs?: NicSpec[];
+};
+
+/** One entry of `vif` (libxl_device_nic, the part xenpv uses). */
+export type NicSpec = {
+  devid: number;
+  /** "00:16:3e:.." */
+  mac: string;
+  bridge: string;
+  mtu: number;
+  /** Credit scheduler: bytes per interval of usec; null for no limit. */
+  rate: { bytes: number; usec: number } | null;
+  /** 0 makes the frontend bounce every frame through whole zeroed pages (XSA-403). */
+  trusted: boolean;
+  /** Capture the vif's frames to this file. */
+  pcap: string | null;
+  /** A driver domain's name to serve the vif instead of dom0. */
+  backend: string | null;
+};
+
+/** dom0's network backends as the toolstack starts and stops them. */
+export type VifBackends = {
+  start(spec: { domid: number; devid: number; bridge: string; pcap: string | null }): Promise<void>;
+  stop(domid: number, devid?: number): Promise<void>;
 };
 
 /** One entry of `disk`: where the data is and how the guest sees it. */
@@ -75,7 +100,7 @@ export type StoreIntroduce = {
 
 export type DomainExit = { domid: number; name: string; reason: string; console: string };
 
-type Managed = { domid: number; spec: DomainSpec; storePort: number; consolePort: number };
+type Managed = { domid: number; spec: DomainSpec; storePort: number; consolePort: number; nics: Map<number, number> };
 
 /** A node under a base path: its name ('' for the base), its value (null: a directory) and permissions. */
 type XsNodeSpec = [name: string, value: string | null, perms: XsPerm[]];
@@ -103,6 +128,7 @@ export class Toolstack {
     private readonly onExit: (exit: DomainExit) => void,
     private readonly guestKernel: string,
     private readonly vbds: VbdBackends | null = null,
+    private readonly vifs: VifBackends | null = null,
   ) {}
 
   /** Map frames of another domain, as privcmd does for the builder. */
@@ -151,6 +177,7 @@ export class Toolstack {
       const [frame0] = this.mapForeign(domid, [d.specialBase + SpecialPage.grantFrame0]);
       this.grantToDom0(frame0!, GNTTAB_RESERVED_CONSOLE, consoleGfn);
       this.grantToDom0(frame0!, GNTTAB_RESERVED_XENSTORE, storeGfn);
+      const nics = this.pendingNics(domid);
       const storePort = this.allocUnbound(domid);
       const consolePort = this.allocUnbound(domid);
       this.setParam(domid, HVM_PARAM_STORE_PFN, storeGfn);
@@ -159,9 +186,10 @@ export class Toolstack {
       this.setParam(domid, HVM_PARAM_CONSOLE_EVTCHN, consolePort);
       await this.writeNodes(domid, spec, { storeGfn, storePort, consoleGfn, consolePort });
       for (const disk of spec.disks ?? []) await this.addDisk(domid, disk);
+      for (const nic of spec.vifs ?? []) nics.set(nic.devid, await this.addNic(domid, nic));
       await this.store.introduce(domid, storeGfn, storePort);
       this.consoles.attach(domid, consolePort);
-      this.domains.set(domid, { domid, spec, storePort, consolePort });
+      this.domains.set(domid, { domid, spec, storePort, consolePort, nics });
       await this.platform.unpause(domid, this.guestKernel, { name: spec.name, image: spec.kernel, extra: spec.extra });
       log('domain %d (%s) started', domid, spec.name);
       return domid;
@@ -227,6 +255,74 @@ export class Toolstack {
     await this.vbds.start({ domid, devid: disk.devid, type: disk.type, params: disk.params, readOnly: disk.readOnly });
   }
 
+  /** The nics of a domain being built, kept so that a failed build can tear them down. */
+  private pendingNics(domid: number): Map<number, number> {
+    const nics = new Map<number, number>();
+    this.building.set(domid, nics);
+    return nics;
+  }
+
+  private readonly building = new Map<number, Map<number, number>>();
+
+  /**
+   * libxl__device_nic_add: frontend and backend nodes in one transaction,
+   * each owned by its side and readable by the other; then dom0's netback,
+   * unless a driver domain serves it. Returns the backend's domid.
+   */
+  private async addNic(domid: number, nic: NicSpec): Promise<number> {
+    const bd = nic.backend === null ? 0 : this.domidOf(nic.backend);
+    if (bd === 0 && this.vifs === null) throw new XenError('ENODEV', 'no network backend in this dom0');
+    if (bd === domid) throw new XenError('EINVAL', `vif ${nic.devid}: a domain cannot be its own backend`);
+    const fe = `/local/domain/${domid}/device/vif/${nic.devid}`;
+    const be = `/local/domain/${bd}/backend/vif/${domid}/${nic.devid}`;
+    const feNodes: [string, string][] = [
+      ['backend', be], ['backend-id', String(bd)], ['state', '1'], ['handle', String(nic.devid)], ['mac', nic.mac],
+      ['mtu', String(nic.mtu)], ['trusted', nic.trusted ? '1' : '0'],
+    ];
+    const beNodes: [string, string][] = [
+      ['frontend', fe], ['frontend-id', String(domid)], ['online', '1'], ['state', '1'], ['script', 'vif-bridge'],
+      ['mac', nic.mac], ['bridge', nic.bridge], ['handle', String(nic.devid)], ['type', 'vif'], ['mtu', String(nic.mtu)],
+      ...(nic.rate === null ? [] : [['rate', `${nic.rate.bytes},${nic.rate.usec}`] as [string, string]]),
+    ];
+    const fePerms: XsPerm[] = [{ domid, perm: 'n' }, { domid: bd, perm: 'r' }];
+    const bePerms: XsPerm[] = [{ domid: bd, perm: 'n' }, { domid, perm: 'r' }];
+    const tree = (nodes: [string, string][], perms: XsPerm[]): XsNodeSpec[] => [
+      ['', null, perms],
+      ...nodes.map(([k, v]): XsNodeSpec => [k, v, perms]),
+    ];
+    await this.xs.transaction(async (t) => {
+      await writeTree(t, fe, tree(feNodes, fePerms));
+      await writeTree(t, be, tree(beNodes, bePerms));
+    });
+    this.building.get(domid)?.set(nic.devid, bd);
+    if (bd === 0) await this.vifs!.start({ domid, devid: nic.devid, bridge: nic.bridge, pcap: nic.pcap });
+    return bd;
+  }
+
+  private domidOf(name: string): number {
+    for (const m of this.domains.values()) if (m.spec.name === name) return m.domid;
+    throw new XenError('ESRCH', `no domain named ${name} to serve as a backend`);
+  }
+
+  /** `xl network-attach`: a vif added to a running guest, which finds it through its device/ watch. */
+  async networkAttach(domid: number, nic: NicSpec): Promise<void> {
+    const m = this.domains.get(domid);
+    if (m === undefined) throw new XenError('ESRCH', `no domain ${domid}`);
+    if (m.nics.has(nic.devid)) throw new XenError('EEXIST', `domain ${domid} has vif ${nic.devid}`);
+    m.nics.set(nic.devid, await this.addNic(domid, nic));
+  }
+
+  /** `xl network-detach`: the backend closes, then both sides' nodes go; the guest detaches on the frontend's. */
+  async networkDetach(domid: number, devid: number): Promise<void> {
+    const m = this.domains.get(domid);
+    const bd = m?.nics.get(devid);
+    if (m === undefined || bd === undefined) throw new XenError('ENODEV', `domain ${domid} has no vif ${devid}`);
+    m.nics.delete(devid);
+    if (bd === 0) await this.vifs?.stop(domid, devid);
+    await this.xs.rm(`/local/domain/${domid}/device/vif/${devid}`).catch(() => undefined);
+    await this.xs.rm(`/local/domain/${bd}/backend/vif/${domid}/${devid}`).catch(() => undefined);
+  }
+
   /** VIRQ_DOM_EXC: find the managed domains that shut down and deal with each. */
   async domainException(): Promise<void> {
     for (const m of [...this.domains.values()]) {
@@ -258,6 +354,10 @@ export class Toolstack {
     await this.consoles.detach(domid).catch(() => '');
     await this.vbds?.stop(domid).catch((err: Error) => log('blkback of %d: %s', domid, err.message));
     await this.xs.rm(`/local/domain/0/backend/vbd/${domid}`).catch(() => undefined);
+    await this.vifs?.stop(domid).catch((err: Error) => log('netback of %d: %s', domid, err.message));
+    const nics = this.building.get(domid);
+    this.building.delete(domid);
+    for (const bd of new Set([0, ...(nics?.values() ?? [])])) await this.xs.rm(`/local/domain/${bd}/backend/vif/${domid}`).catch(() => undefined);
     await this.store.release(domid).catch(() => undefined);
     await this.xs.rm(`/local/domain/${domid}`).catch(() => undefined);
     await this.platform.destroy(domid).catch((err: Error) => log('destroy %d: %s', domid, err.message));

@@ -7,6 +7,7 @@ import { formatWithOptions } from 'node:util';
 import type { XenStore } from '../xenstore/xenstore.js';
 import { shutdown, type XenDevice, type XenSoftc } from '../xen/xen.js';
 import { xbfDisks, type XbfSoftc } from '../drivers/xbf/xbf.js';
+import { netInterfaces, type NetInterface } from './net.js';
 
 /**
  * A disk as a guest image sees it (one xbf unit). Errors are XenErrors:
@@ -74,6 +75,11 @@ export class Guest {
   /** The attached disks (xbf), in devid order: xvda first. */
   disks(): Disk[] {
     return xbfDisks(this.sc).map((x) => new Disk(x));
+  }
+
+  /** The attached network interfaces (xnf), in devid order: { name, mac, mtu, send, onFrame, frames, onLink, counters }. */
+  nets(): NetInterface[] {
+    return netInterfaces(this.sc);
   }
 
   /** Write to the PV console. */

@@ -1,0 +1,125 @@
+// The pieces of the network that are plain functions: vif specs in xl
+// configs, rates, uplink specs, MAC text, the flow hash and the checksum a
+// backend fills in for a sender that left it blank.
+
+import t from 'tap';
+import fc from 'fast-check';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { loadDomainConfig, parseRate } from '../lib/backends/xlcfg.js';
+import { parseUplink } from '../lib/backends/bridge.js';
+import { csumAdd, csumFold, fillChecksum, flowHash, formatMac, macKey, parseMac } from '../lib/ether.js';
+import { tempDir } from './net-fixtures.js';
+
+const dir = tempDir('xenpv-netcfg-');
+
+t.test('vif specs: keys, defaults, paths relative to the config', async (t) => {
+  const cfg = join(dir, 'v.cfg');
+  writeFileSync(cfg, `name = "v"\nkernel = "v.mjs"\nvif = [ 'mac=00:16:3e:0A:0b:0c, bridge=br1, rate=10Mb/s, trusted=0, pcap=cap/v.pcap, mtu=9000',\n  'script=vif-bridge' ]\n`);
+  const spec = loadDomainConfig(cfg);
+  t.same(spec.vifs![0], {
+    devid: 0, mac: '00:16:3e:0a:0b:0c', bridge: 'br1', mtu: 9000, rate: { bytes: 62500, usec: 50000 },
+    trusted: false, pcap: join(dir, 'cap/v.pcap'), backend: null,
+  });
+  const second = spec.vifs![1]!;
+  t.equal(second.devid, 1);
+  t.match(second.mac, /^00:16:3e:[0-7][0-9a-f]:[0-9a-f]{2}:[0-9a-f]{2}$/, 'a random MAC under the Xen OUI');
+  t.equal(second.bridge, 'xenbr0');
+  t.equal(second.mtu, 1500);
+  t.equal(second.trusted, true);
+  t.equal(second.rate, null);
+});
+
+t.test('vif spec errors name the file, the line and the key', async (t) => {
+  const cases = [
+    `vif = [ 'mac=00:16:3e:00:00' ]`,
+    `vif = [ 'mac=01:00:5e:00:00:01' ]`,
+    `vif = [ 'colour=red' ]`,
+    `vif = [ 'bridge' ]`,
+    `vif = [ 'rate=10 lightyears' ]`,
+    `vif = [ 'trusted=2' ]`,
+    `vif = [ 'mtu=10' ]`,
+    `vif = [ 'mac=00:16:3e:00:00:01', 'mac=00:16:3e:00:00:01' ]`,
+    `vif = [ 'bridge=a, bridge=b' ]`,
+    `vif = 'bridge=xenbr0'`,
+  ];
+  for (const body of cases) {
+    const f = join(dir, 'bad.cfg');
+    writeFileSync(f, `name = "bad"\nkernel = "x.mjs"\n${body}\n`);
+    t.throws(() => loadDomainConfig(f), { code: 'ECONFIG', message: /bad\.cfg:3: vif: / }, body);
+  }
+});
+
+t.test('rates as libxl reads them: bits or bytes per second over an interval', async (t) => {
+  t.same(parseRate('10Mb/s'), { bytes: 62500, usec: 50000 });
+  t.same(parseRate('1MB/s@20ms'), { bytes: 20000, usec: 20000 });
+  t.same(parseRate('8Kb/s@1s'), { bytes: 1000, usec: 1000000 });
+  t.same(parseRate('100B/s@10000us'), { bytes: 1, usec: 10000 });
+  for (const bad of ['', '10', '10Mb', '10Mb/s@', '1b/s@1us', '10Xb/s', '-1Mb/s']) t.throws(() => parseRate(bad), { code: 'EINVAL' }, bad);
+});
+
+t.test('uplink specs', async (t) => {
+  t.same(parseUplink('udp:5555:127.0.0.1:6666'), { localPort: 5555, remoteHost: '127.0.0.1', remotePort: 6666 });
+  t.same(parseUplink('udp:1:[::1]:2'), { localPort: 1, remoteHost: '::1', remotePort: 2 });
+  t.same(parseUplink('udp:5555:peer.example:6666').remoteHost, 'peer.example');
+  for (const bad of ['tcp:1:h:2', 'udp:0:h:2', 'udp:1:h:70000', 'udp:1:h', 'udp:x:h:2', 'udp:1::2']) t.throws(() => parseUplink(bad), { code: 'EINVAL' }, bad);
+});
+
+t.test('MAC text and keys round-trip (property)', async (t) => {
+  fc.assert(fc.property(fc.uint8Array({ minLength: 6, maxLength: 6 }), (mac) => {
+    const text = formatMac(mac);
+    const back = parseMac(text);
+    return back.every((b, i) => b === mac[i]) && macKey(back) === mac.reduce((k, b) => k * 256 + b, 0);
+  }));
+  t.throws(() => parseMac('00:16:3e:00:00:0g'), { code: 'EINVAL' });
+});
+
+/** A TCP or UDP frame over IPv4 or IPv6 with a random payload. */
+const frames = fc.record({
+  v6: fc.boolean(),
+  udp: fc.boolean(),
+  payload: fc.uint8Array({ minLength: 0, maxLength: 300 }),
+  addrs: fc.uint8Array({ minLength: 32, maxLength: 32 }),
+  ports: fc.uint8Array({ minLength: 4, maxLength: 4 }),
+}).map(({ v6, udp, payload, addrs, ports }) => {
+  const l4len = (udp ? 8 : 20) + payload.length;
+  const l3 = v6 ? 40 : 20;
+  const f = new Uint8Array(14 + l3 + l4len);
+  f[12] = v6 ? 0x86 : 0x08;
+  f[13] = v6 ? 0xdd : 0x00;
+  if (v6) {
+    f[14] = 0x60;
+    f[18] = l4len >> 8; f[19] = l4len & 0xff;
+    f[20] = udp ? 17 : 6;
+    f.set(addrs, 22);
+  } else {
+    f[14] = 0x45;
+    f[16] = (l3 + l4len) >> 8; f[17] = (l3 + l4len) & 0xff;
+    f[23] = udp ? 17 : 6;
+    f.set(addrs.subarray(0, 8), 26);
+  }
+  const l4 = 14 + l3;
+  f.set(ports, l4);
+  if (udp) { f[l4 + 4] = l4len >> 8; f[l4 + 5] = l4len & 0xff; } else f[l4 + 12] = 0x50;
+  f.set(payload, l4 + (udp ? 8 : 20));
+  return { f, v6, udp, l4, l4len };
+});
+
+t.test('fillChecksum gives a checksum that verifies over the pseudo-header (property)', async (t) => {
+  fc.assert(fc.property(frames, ({ f, v6, udp, l4, l4len }) => {
+    if (!fillChecksum(f)) return false;
+    const proto = udp ? 17 : 6;
+    const pseudo = v6 ? csumAdd(f, 22, 32) : csumAdd(f, 26, 8);
+    // Summing the segment with its checksum in place gives 0 (or 0xffff folded to 0).
+    const sum = csumFold(csumAdd(f, l4, l4len, pseudo + proto + l4len));
+    return sum === 0 || (udp && f[l4 + 6] === 0xff && f[l4 + 7] === 0xff && sum === 0);
+  }));
+  const arp = new Uint8Array(60);
+  arp[12] = 0x08; arp[13] = 0x06;
+  t.equal(fillChecksum(arp), false, 'not IP: left alone');
+});
+
+t.test('flowHash: the same flow gives the same hash, headers of other kinds give 0', async (t) => {
+  fc.assert(fc.property(frames, ({ f }) => flowHash(f) === flowHash(f.slice()) && flowHash(f) !== 0));
+  t.equal(flowHash(new Uint8Array(60)), 0);
+});
