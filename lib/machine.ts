@@ -29,11 +29,11 @@ export type MachineOptions = {
   /** xenstored's quotas; see XenstoredLimits. */
   xenstored?: Partial<XenstoredLimits>;
   /** netback's tunables (queues, guest-RX queue bounds, drain and stall timeouts). */
-  netback?: NetbackOptions;
+  netback?: NetbackOptions | undefined;
   /** Options of bridges by name (pcap, ageingMs), applied when dom0 starts. */
-  bridges?: Record<string, BridgeOptions>;
+  bridges?: Record<string, BridgeOptions> | undefined;
   /** UDP uplinks by bridge name: `udp:<localport>:<remotehost>:<remoteport>`. */
-  uplinks?: Record<string, string>;
+  uplinks?: Record<string, string> | undefined;
 };
 
 /** What `netStats()` reports: each vif, each bridge with its ports and learned addresses, the frame pool. */

@@ -9,14 +9,17 @@ import { loadHostConfig } from '../backends/hostcfg.js';
 import { cliPath, defaultRundir, hostDaemon, hostStart, hostStop } from './host.js';
 import { closeSync, ftruncateSync, openSync } from 'node:fs';
 import { parseSize } from '../backends/xlcfg.js';
+import { parseUplink } from '../backends/bridge.js';
 
 const USAGE = `usage: xenpv <command> [options]
 
 commands:
-  run <cfg>... [--json] [--duration S]
+  run <cfg>... [--json] [--duration S] [--uplink BRIDGE=udp:LPORT:HOST:RPORT]... [--pcap BRIDGE=FILE]...
       boot a host with dom0, create the domains of the xl-style configs, wait
       until they shut down (or S seconds pass), print each guest's console
       output prefixed with its name; exit 0 when every guest powered off.
+      --uplink joins a bridge to a UDP peer, one Ethernet frame per datagram
+      (QEMU -netdev dgram, socat); --pcap captures a bridge to FILE.
   host start [--rundir DIR] [--config host.json]
       run a host (dom0, xenstored, backends) in the background; print the
       xenstored socket path (DIR/xenstored/socket). DIR defaults to
@@ -44,12 +47,21 @@ async function main(argv: string[]): Promise<number> {
       const { values, positionals } = parseArgs({
         args: rest,
         allowPositionals: true,
-        options: { json: { type: 'boolean', default: false }, duration: { type: 'string' } },
+        options: {
+          json: { type: 'boolean', default: false },
+          duration: { type: 'string' },
+          uplink: { type: 'string', multiple: true },
+          pcap: { type: 'string', multiple: true },
+        },
       });
       if (positionals.length === 0) throw new XenError('EINVAL', 'run needs at least one config file');
       const duration = values.duration === undefined ? undefined : Number(values.duration);
       if (duration !== undefined && !(duration > 0)) throw new XenError('EINVAL', `--duration must be a positive number of seconds, not ${values.duration}`);
-      return run(positionals, { json: values.json === true, durationS: duration });
+      const uplinks = bridgeArgs('--uplink', values.uplink ?? []);
+      for (const spec of Object.values(uplinks)) parseUplink(spec);
+      const pcaps = bridgeArgs('--pcap', values.pcap ?? []);
+      const bridges = Object.fromEntries(Object.entries(pcaps).map(([name, file]) => [name, { pcap: resolve(file) }]));
+      return run(positionals, { json: values.json === true, durationS: duration, uplinks, bridges });
     }
     case 'host':
       return host(rest);
@@ -64,6 +76,18 @@ async function main(argv: string[]): Promise<number> {
     default:
       throw new XenError('EINVAL', `unknown command ${command}; see xenpv help`);
   }
+}
+
+/** `BRIDGE=VALUE` arguments by bridge name; EINVAL for a malformed or repeated one. */
+function bridgeArgs(flag: string, args: string[]): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const a of args) {
+    const m = /^([A-Za-z0-9._-]{1,15})=(.+)$/.exec(a);
+    if (m === null) throw new XenError('EINVAL', `${flag} ${a}: want BRIDGE=VALUE`);
+    if (m[1]! in out) throw new XenError('EINVAL', `${flag}: bridge ${m[1]} given twice`);
+    out[m[1]!] = m[2]!;
+  }
+  return out;
 }
 
 async function host(argv: string[]): Promise<number> {

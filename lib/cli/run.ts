@@ -6,8 +6,16 @@ import { loadDomainConfig } from '../backends/xlcfg.js';
 import type { DomainExit, DomainSpec } from '../backends/toolstack.js';
 import { XenError } from '../errors.js';
 import { Machine } from '../machine.js';
+import type { BridgeOptions } from '../backends/bridge.js';
 
-export type RunOptions = { json: boolean; durationS: number | undefined };
+export type RunOptions = {
+  json: boolean;
+  durationS: number | undefined;
+  /** UDP uplinks by bridge name. */
+  uplinks?: Record<string, string>;
+  /** Bridge options (a pcap file) by bridge name. */
+  bridges?: Record<string, BridgeOptions>;
+};
 
 type Result = { name: string; domid: number | null; exit: { reason: string }; console: string };
 
@@ -35,6 +43,8 @@ export async function run(files: string[], opts: RunOptions): Promise<number> {
     onConsole: (domid, name, text) => {
       if (!opts.json) printer.write(domid, name, text);
     },
+    uplinks: opts.uplinks,
+    bridges: opts.bridges,
   });
   const results: Result[] = [];
   try {

@@ -30,7 +30,7 @@ import {
   XEN_NETIF_NR_SLOTS_MIN, netif_extra_info, netif_rx_request, netif_rx_response, netif_tx_request, netif_tx_response,
 } from '../../abi/netif.js';
 import { __CONST_RING_SIZE, netif_rx_sring, netif_rx_sring_entry, netif_tx_sring, netif_tx_sring_entry } from '../../abi/ring.js';
-import { XenbusStateClosed, XenbusStateClosing, XenbusStateConnected } from '../../abi/xenbus.js';
+import { XenbusStateClosed, XenbusStateClosing, XenbusStateConnected, XenbusStateInitWait } from '../../abi/xenbus.js';
 import {
   BUS_DMA_READ, BUS_DMA_WRITE, BUS_DMA_ZERO, BUS_DMASYNC_POSTREAD, BUS_DMASYNC_POSTWRITE, BUS_DMASYNC_PREREAD,
   BUS_DMASYNC_PREWRITE, busDmaDomid, type DmaKva, type DmaSegment, type XenDmaMap,
@@ -401,16 +401,23 @@ export class XnfSoftc {
       mcast(status);
     } else {
       this.sc.dmat.dmamapSync(buf.map, 0, PAGE_SIZE, BUS_DMASYNC_POSTWRITE);
-      if (!this.trusted) this.revoke(buf);
+      if (!this.trusted && !this.revoke(buf)) return `grant of tx buffer ${id} still in use by the backend`;
     }
     buf.busy = false;
     q.txFree[q.txFreeCount++] = id;
     return null;
   }
 
-  /** Take back an untrusted frame's grant; a page the backend still maps is quarantined by the tag. */
-  private revoke(buf: XnfBuf): void {
-    void this.sc.dmat.dmamapUnload(buf.map).catch((err: Error) => this.log('buffer %d: %s', buf.id, err.message));
+  /**
+   * Take back an untrusted frame's grant. False when the backend still maps
+   * the page: as Linux netfront does, the interface is then broken, and the
+   * tag quarantines the page once its bounded wait gives up.
+   */
+  private revoke(buf: XnfBuf): boolean {
+    const done = this.sc.dmat.dmamapUnload(buf.map);
+    if (!buf.map.unloading) return true;
+    done.catch((err: Error) => this.log('buffer %d: %s', buf.id, err.message));
+    return false;
   }
 
   private startWaiters(q: XnfQueue): void {
@@ -447,7 +454,7 @@ export class XnfSoftc {
     const status = q.rxRspView.getInt16(RXP_STATUS, true);
     if (id !== slot) return `rx response in slot ${slot} has id ${id}`;
     const buf = q.rxBufs[slot]!;
-    this.rxTakeBack(buf);
+    if (!this.rxTakeBack(buf)) return `grant of rx buffer ${slot} still in use by the backend`;
     if (status < NETIF_RSP_DROPPED) return `rx id ${id}: status ${status}`;
     if (status >= 0 && offset + status > PAGE_SIZE) return `rx id ${id}: offset ${offset} + size ${status} crosses the page`;
     if (++q.rxSlots > XNF_FRAG) return `rx frame of more than ${XNF_FRAG} slots`;
@@ -477,7 +484,7 @@ export class XnfSoftc {
 
   /** An extra-info slot: it used up the request (and buffer) of its slot, but carries no id. */
   private rxExtra(q: XnfQueue, slot: number): string | null {
-    this.rxTakeBack(q.rxBufs[slot]!);
+    if (!this.rxTakeBack(q.rxBufs[slot]!)) return `grant of rx buffer ${slot} still in use by the backend`;
     if (++q.rxSlots > XNF_FRAG + XEN_NETIF_EXTRA_TYPE_MAX) return 'rx frame with too many extra slots';
     const type = q.rxRsp[EXT_TYPE]!;
     const flags = q.rxRsp[EXT_FLAGS]!;
@@ -537,11 +544,11 @@ export class XnfSoftc {
     }
   }
 
-  /** The backend is done with an RX buffer: sync, and take an untrusted grant back before reading. */
-  private rxTakeBack(buf: XnfBuf): void {
-    if (buf.map.dm_nsegs === 0) return;
+  /** The backend is done with an RX buffer: sync, and take an untrusted grant back before reading; false if it still maps it. */
+  private rxTakeBack(buf: XnfBuf): boolean {
+    if (buf.map.dm_nsegs === 0) return true;
     this.sc.dmat.dmamapSync(buf.map, 0, PAGE_SIZE, BUS_DMASYNC_POSTREAD);
-    if (!this.trusted) this.revoke(buf);
+    return this.trusted || this.revoke(buf);
   }
 
   // xnf_rx_ring_fill: slot i gets buffer i, for every slot whose response was taken.
@@ -553,7 +560,6 @@ export class XnfSoftc {
       const slot = ring.reqProd & (XNF_RX_DESC - 1);
       const buf = q.rxBufs[slot]!;
       if (!this.trusted) {
-        if (buf.map.dm_nsegs !== 0 || buf.map.unloading) break; // a revoke still waits on the backend
         buf.page.fill(0);
         dmat.dmamapLoadRaw(buf.map, buf.segs, PAGE_SIZE, this.dmaDomid | BUS_DMA_READ);
       }
@@ -675,8 +681,11 @@ function netQueues(sc: XenSoftc): number {
   return m === null ? sc.vcpus : Number(m[1]);
 }
 
-// xnf_capabilities
+// xnf_capabilities, once the backend has written them (Linux netfront connects on the backend's InitWait).
 async function xnfCapabilities(xnf: XnfSoftc): Promise<void> {
+  const state = await xnf.sc.xs.awaitState(`${xnf.dev.backend}/state`, (v) => v !== undefined && Number(v) >= XenbusStateInitWait,
+    { timeoutMs: XNF_CONNECT_TIMEOUT_MS });
+  if (Number(state) > XenbusStateConnected) throw new XenError('ENXIO', `${xnf.name}: backend state ${state}`);
   if ((await feature(xnf, 'feature-rx-copy', 0)) !== 1) throw new XenError('ENODEV', `${xnf.name}: the backend has no feature-rx-copy`);
   xnf.capSg = (await feature(xnf, 'feature-sg', 0)) === 1;
   xnf.capCsum4 = (await feature(xnf, 'feature-no-csum-offload', 0)) !== 1;

@@ -1,0 +1,123 @@
+// dom0's bridge seen from outside: a capture read back by tshark, and a UDP
+// uplink that a socket of the test joins, exchanging raw Ethernet frames
+// with a guest.
+
+import t from 'tap';
+import { spawnSync } from 'node:child_process';
+import { createSocket, type Socket } from 'node:dgram';
+import { join } from 'node:path';
+import { csumAdd, csumFold } from '../lib/ether.js';
+import { guestImage, helloCode, runGuests, tempDir, udpFrameCode } from './net-fixtures.js';
+
+const dir = tempDir('xenpv-bridge-');
+const tshark = spawnSync('tshark', ['--version'], { encoding: 'utf8' });
+
+t.test('a bridge and a vif captured to pcap files that tshark reads back field by field', { skip: tshark.status === 0 ? false : 'tshark is not installed (Debian package tshark)' }, async (t) => {
+  const body = `${helloCode}${udpFrameCode}
+export async function main(guest) {
+  const [n] = guest.nets();
+  const me = n.mac[5], other = me === 1 ? 2 : 1;
+  const peer = Uint8Array.from([0x00, 0x16, 0x3e, 0, 3, other]);
+  const ip = (x) => Uint8Array.from([10, 0, 0, x]);
+  let got = 0;
+  const done = new Promise((resolve) => n.onFrame((f) => {
+    if (f[12] !== 0x08 || f[23] !== 17) return;
+    got++;
+    if (me === 2) void n.send(udpFrame(peer, n.mac, ip(me), ip(other), (f[36] << 8) | f[37], (f[34] << 8) | f[35], f.subarray(42)));
+    if (got === 5) resolve();
+  }));
+  await meet(n, peer);
+  if (me === 1) for (let i = 0; i < 5; i++) await n.send(udpFrame(peer, n.mac, ip(me), ip(other), 1000 + i, 2000 + i, new Uint8Array(10 + i * 100).fill(i)));
+  await Promise.race([done, new Promise((r) => setTimeout(r, 20000))]);
+  await new Promise((r) => setTimeout(r, 200));
+  console.log('udp frames ' + got);
+}
+`;
+  const bridgePcap = join(dir, 'xenbr0.pcap');
+  const vifPcap = join(dir, 'vif.pcap');
+  const a = guestImage(dir, 'cap1', body, `vif = [ 'mac=00:16:3e:00:03:01,pcap=vif.pcap' ]`);
+  const b = guestImage(dir, 'cap2', body, `vif = [ 'mac=00:16:3e:00:03:02' ]`);
+  const exits = await runGuests([a, b], { bridges: { xenbr0: { pcap: bridgePcap } } });
+  for (const e of exits) t.match(e.console, /^udp frames 5$/m, e.console);
+  const fields = ['eth.src', 'eth.dst', 'ip.src', 'ip.dst', 'udp.srcport', 'udp.dstport', 'udp.length', 'frame.len'];
+  const read = (file: string): string[][] => {
+    const r = spawnSync('tshark', ['-r', file, '-Y', 'udp', '-T', 'fields', ...fields.flatMap((f) => ['-e', f])], { encoding: 'utf8' });
+    t.equal(r.status, 0, r.stderr);
+    return r.stdout.trim().split('\n').map((l) => l.split('\t'));
+  };
+  const want: string[][] = [];
+  for (let i = 0; i < 5; i++) {
+    const len = 10 + i * 100;
+    want.push(['00:16:3e:00:03:01', '00:16:3e:00:03:02', '10.0.0.1', '10.0.0.2', `${1000 + i}`, `${2000 + i}`, `${8 + len}`, `${42 + len}`]);
+    want.push(['00:16:3e:00:03:02', '00:16:3e:00:03:01', '10.0.0.2', '10.0.0.1', `${2000 + i}`, `${1000 + i}`, `${8 + len}`, `${42 + len}`]);
+  }
+  const sorted = (rows: string[][]): string[] => rows.map((r) => r.join(' ')).sort();
+  t.same(sorted(read(bridgePcap)), sorted(want), 'the bridge saw every UDP frame, both ways, field for field');
+  t.same(sorted(read(vifPcap)), sorted(want), 'the vif saw its own frames, both ways');
+});
+
+/** A port no one listens on now (the OS picks it). */
+async function freePort(): Promise<number> {
+  const s = createSocket('udp4');
+  await new Promise<void>((r) => s.bind(0, '127.0.0.1', r));
+  const port = s.address().port;
+  await new Promise<void>((r) => s.close(r));
+  return port;
+}
+
+t.test('a UDP uplink: raw Ethernet frames in datagrams to and from a guest', async (t) => {
+  const sock: Socket = createSocket('udp4');
+  await new Promise<void>((r) => sock.bind(0, '127.0.0.1', r));
+  t.teardown(() => sock.close());
+  const mine = sock.address().port;
+  const theirs = await freePort();
+  const received: Buffer[] = [];
+  sock.on('message', (m) => received.push(m));
+  const guest = guestImage(dir, 'uplinked', `${udpFrameCode}
+export async function main(guest) {
+  const [n] = guest.nets();
+  let echoed = 0;
+  const done = new Promise((resolve) => n.onFrame((f) => {
+    if (f[12] !== 0x88 || f[13] !== 0xb5) return;
+    if (f[14] === 0xff) return resolve();
+    const r = f.slice(); r.set(f.subarray(6, 12), 0); r.set(n.mac, 6);
+    void n.send(r).then(() => echoed++);
+  }));
+  // A UDP frame with the checksum left to dom0: it leaves through the uplink completed.
+  const out = udpFrame(Uint8Array.from([2, 0, 0, 0, 0, 0x99]), n.mac, Uint8Array.from([10, 0, 0, 5]), Uint8Array.from([10, 0, 0, 9]), 7, 9, new Uint8Array(33).fill(7));
+  const hello = setInterval(() => void n.send(out, { checksumOffload: true }), 50);
+  await Promise.race([done, new Promise((r) => setTimeout(r, 30000))]);
+  clearInterval(hello);
+  console.log('echoed ' + echoed);
+}
+`, `vif = [ 'mac=00:16:3e:00:04:01' ]`);
+  const remote = { addr: '127.0.0.1', port: theirs };
+  const exits = await runGuests([guest], { uplinks: { xenbr0: `udp:${theirs}:127.0.0.1:${mine}` } }, async () => {
+    // The guest's own frame through the uplink says it is up.
+    for (let i = 0; i < 600 && received.length === 0; i++) await new Promise((r) => setTimeout(r, 50));
+    for (let i = 0; i < 20; i++) {
+      const f = Buffer.alloc(60 + i * 50);
+      f.set([0x00, 0x16, 0x3e, 0, 4, 1], 0);
+      f.set([0x02, 0, 0, 0, 0, 0x99], 6);
+      f[12] = 0x88; f[13] = 0xb5; f[14] = i;
+      sock.send(f, remote.port, remote.addr);
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    for (let i = 0; i < 200 && received.filter((m) => m[13] === 0xb5).length < 20; i++) await new Promise((r) => setTimeout(r, 50));
+    const stop = Buffer.alloc(60);
+    stop.set([0x00, 0x16, 0x3e, 0, 4, 1], 0);
+    stop[12] = 0x88; stop[13] = 0xb5; stop[14] = 0xff;
+    sock.send(stop, remote.port, remote.addr);
+  });
+  t.equal(exits[0]!.reason, 'poweroff', exits[0]!.console);
+  t.match(exits[0]!.console, /^echoed 20$/m);
+  const echoes = received.filter((m) => m[12] === 0x88 && m[13] === 0xb5);
+  t.same(echoes.map((m) => m[14]).sort((a, b) => a! - b!), Array.from({ length: 20 }, (_, i) => i), 'every frame came back once');
+  t.ok(echoes.every((m) => m.length === 60 + m[14]! * 50 && m.subarray(0, 6).equals(Buffer.from([2, 0, 0, 0, 0, 0x99]))), 'whole, to our address');
+  const udp = received.find((m) => m[12] === 0x08 && m[23] === 17);
+  t.ok(udp !== undefined, 'the guest\'s UDP frame arrived');
+  const l4 = udp!.subarray(34);
+  const sum = csumFold(csumAdd(udp!, 34, l4.length, csumAdd(udp!, 26, 8) + 17 + l4.length));
+  t.not(udp![40]! | udp![41]!, 0, 'the UDP checksum was filled in');
+  t.equal(sum, 0, 'and it verifies');
+});
