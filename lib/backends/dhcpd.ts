@@ -74,8 +74,10 @@ export function parseDhcpdConfig(spec: DhcpdSpec): DhcpdConfig {
   if (last - first + 1 > DHCPD_MAX_RANGE) throw new XenError('EINVAL', `dhcp=${spec.range}: more than ${DHCPD_MAX_RANGE} addresses`);
   for (const a of [first, last]) checkAssignment({ address: a, prefixLength, gateway: 0 });
   if (((last & mask) >>> 0) !== network) throw new XenError('EINVAL', `dhcp=${spec.range}: not inside one /${prefixLength}`);
-  checkAssignment({ address: server, prefixLength, gateway: router });
+  checkAssignment({ address: server, prefixLength, gateway: 0 });
   if (((server & mask) >>> 0) !== network) throw new XenError('EINVAL', `server ${ipv4Format(server)} is outside the range's subnet`);
+  // The router may be the server itself (dom0 routing for its bridge).
+  if (router !== 0 && router !== server) checkAssignment({ address: server, prefixLength, gateway: router });
   if (server >= first && server <= last) throw new XenError('EINVAL', `server ${ipv4Format(server)} is inside the range`);
   return { first, last, prefixLength, server, router, dns, leaseSeconds };
 }

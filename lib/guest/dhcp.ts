@@ -320,7 +320,7 @@ export class DhcpClient implements Disposable {
   start(opts: WaitOptions = {}): Promise<DhcpLease> {
     if (this.state === 'stopped') return Promise.reject(new XenError('EBADF', 'dhcp client is closed'));
     if (this.state === 'init' && this.timer === null) this.discover();
-    if (this.lease !== null && this.state === 'bound') return Promise.resolve(this.lease);
+    if (this.lease !== null) return Promise.resolve(this.lease);
     return bounded<DhcpLease>('dhcp', opts, (resolve) => {
       this.leaseWaiters.add(resolve);
       return () => this.leaseWaiters.delete(resolve);
