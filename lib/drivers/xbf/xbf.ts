@@ -734,11 +734,12 @@ export class XbfSoftc {
     return true;
   }
 
-  /** Connected again after recovery: what waited goes out. */
+  /** Connected again after recovery: what waited goes out; a backend that closed meanwhile starts another round. */
   resumed(): void {
     this.reconnects++;
     this.state = 'connected';
     this.dispatch();
+    this.backendChanged();
   }
 }
 
@@ -753,19 +754,31 @@ function copyPages(pages: readonly Uint8Array[], pageOff: number, data: Uint8Arr
 }
 
 // blkif_recover: stop the interrupts, take back what is out, let go of the
-// rings, say Closed, wait (bounded) for a backend in InitWait, connect again.
+// rings, say Closed, wait for a backend in InitWait and connect again. A
+// backend that closes again before we are connected costs another round;
+// all rounds together are bounded by XBF_RECONNECT_TIMEOUT_MS.
 async function xbfRecover(xbf: XbfSoftc): Promise<void> {
   const { xs } = xbf.sc;
+  const deadline = Date.now() + XBF_RECONNECT_TIMEOUT_MS;
   try {
     for (const q of xbf.queues) {
       if (q.ih !== null) await xbf.sc.intr.intrDisestablish(q.ih);
       q.ih = null;
     }
     if (!xbf.takeBack()) return;
-    await xbfQueuesDestroy(xbf);
-    await xs.write(`${xbf.dev.path}/state`, String(XenbusStateClosed));
-    await xs.awaitState(`${xbf.dev.backend}/state`, XenbusStateInitWait, { timeoutMs: XBF_RECONNECT_TIMEOUT_MS, signal: xbf.abort.signal });
-    await xbfConnect(xbf);
+    for (;;) {
+      await xbfQueuesDestroy(xbf);
+      await xs.write(`${xbf.dev.path}/state`, String(XenbusStateClosed));
+      const timeoutMs = Math.max(1, deadline - Date.now());
+      await xs.awaitState(`${xbf.dev.backend}/state`, XenbusStateInitWait, { timeoutMs, signal: xbf.abort.signal });
+      try {
+        await xbfConnect(xbf);
+        break;
+      } catch (err) {
+        if (xbf.abort.signal.aborted || Date.now() >= deadline) throw err;
+        xbf.log('reconnect failed, again: %s', (err as Error).message);
+      }
+    }
     xbf.log('reconnected');
     xbf.resumed();
   } catch (err) {
@@ -983,19 +996,32 @@ async function xbfConnect(xbf: XbfSoftc): Promise<void> {
 async function xbfPublish(xbf: XbfSoftc, order: number, persistent: boolean): Promise<void> {
   const fe = xbf.dev.path;
   const nq = xbf.queues.length;
+  const nodes = new Map<string, string>();
+  if (order > 0) nodes.set('ring-page-order', String(order));
+  if (nq > 1) nodes.set('multi-queue-num-queues', String(nq));
+  for (const q of xbf.queues) {
+    const dir = nq === 1 ? '' : `queue-${q.index}/`;
+    const refs = q.ringMap.dm_segs.slice(0, q.ringMap.dm_nsegs);
+    if (order === 0) nodes.set(`${dir}ring-ref`, String(refs[0]!.ds_addr));
+    else for (const [i, s] of refs.entries()) nodes.set(`${dir}ring-ref${i}`, String(s.ds_addr));
+    nodes.set(`${dir}event-channel`, String(q.ih!.port));
+  }
+  nodes.set('protocol', xbf.wire.protocol);
+  nodes.set('feature-persistent', persistent ? '1' : '0');
   await xbf.sc.xs.transaction(async (t) => {
-    for (const key of await t.list(fe)) if (XBF_TRANSPORT_NODE.test(key)) await t.rm(`${fe}/${key}`);
-    if (order > 0) await t.write(`${fe}/ring-page-order`, String(order));
-    if (nq > 1) await t.write(`${fe}/multi-queue-num-queues`, String(nq));
-    for (const q of xbf.queues) {
-      const dir = nq === 1 ? fe : `${fe}/queue-${q.index}`;
-      const refs = q.ringMap.dm_segs.slice(0, q.ringMap.dm_nsegs);
-      if (order === 0) await t.write(`${dir}/ring-ref`, String(refs[0]!.ds_addr));
-      else for (const [i, s] of refs.entries()) await t.write(`${dir}/ring-ref${i}`, String(s.ds_addr));
-      await t.write(`${dir}/event-channel`, String(q.ih!.port));
+    // Only what this connection does not write again goes: removing a node and
+    // writing it in the same transaction would look like a conflict to xenstored.
+    for (const key of await t.list(fe).catch(() => [] as string[])) {
+      if (!XBF_TRANSPORT_NODE.test(key)) continue;
+      if (!key.startsWith('queue-')) {
+        if (!nodes.has(key)) await t.rm(`${fe}/${key}`);
+      } else if (![...nodes.keys()].some((k) => k.startsWith(`${key}/`))) {
+        await t.rm(`${fe}/${key}`);
+      } else {
+        for (const sub of await t.list(`${fe}/${key}`)) if (!nodes.has(`${key}/${sub}`)) await t.rm(`${fe}/${key}/${sub}`);
+      }
     }
-    await t.write(`${fe}/protocol`, xbf.wire.protocol);
-    await t.write(`${fe}/feature-persistent`, persistent ? '1' : '0');
+    for (const [k, v] of nodes) await t.write(`${fe}/${k}`, v);
     await t.write(`${fe}/state`, String(XenbusStateInitialised));
   }, { signal: xbf.abort.signal });
 }
