@@ -164,7 +164,8 @@ function gptHeader(sector: Uint8Array, lba: number, disk: BlockSource): GptHeade
   if (Buffer.from(sector.subarray(0, 8)).toString('latin1') !== GPT_SIGNATURE) return 'no "EFI PART" signature';
   const size = v.getUint32(12, true);
   if (size < GPT_HEADER_MIN_BYTES || size > sector.length) return `header size ${size}`;
-  const copy = sector.slice(0, size);
+  // A copy (a Buffer's slice() would be a view) with the CRC field zeroed, as it was computed.
+  const copy = new Uint8Array(sector.subarray(0, size));
   copy.fill(0, 16, 20);
   if (crc32(copy) !== v.getUint32(16, true)) return 'header CRC mismatch';
   if (v.getBigUint64(24, true) !== BigInt(lba)) return `header says it is at LBA ${v.getBigUint64(24, true)}, not ${lba}`;
