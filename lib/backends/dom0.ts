@@ -131,11 +131,12 @@ export async function main(ctx: KernelContext): Promise<void> {
   const names = new Map<number, string>();
   const net = startNet(hypercall, intr, xs, physmem, args);
   const consoles = new ConsoleBackend(hypercall, intr, (domid, text) => rpc.event('console', { domid, name: names.get(domid) ?? `dom${domid}`, text }));
+  const vbds = new BlkbackSet(hypercall, intr, xs);
   const toolstack = new Toolstack(
     ctx.hv, hypercall, xs, store, consoles, platform,
     (exit) => rpc.event('exit', exit),
     new URL('../xen/kernel.js', import.meta.url).href,
-    new BlkbackSet(hypercall, intr, xs),
+    vbds,
     net,
   );
   const domExc = intr.virqEstablish(VIRQ_DOM_EXC, () => toolstack.domainException(), 'dom-exc');
@@ -154,6 +155,10 @@ export async function main(ctx: KernelContext): Promise<void> {
     },
     destroy: (args: unknown) => toolstack.destroyNow((args as { domid: number }).domid),
     list: () => toolstack.list(),
+    'vbd-restart': (args: unknown) => {
+      const a = args as { domid: number; devid: number };
+      return vbds.restart(a.domid, a.devid);
+    },
     'network-attach': (a: unknown) => toolstack.networkAttach((a as { domid: number }).domid, (a as { nic: NicSpec }).nic),
     'network-detach': (a: unknown) => toolstack.networkDetach((a as { domid: number }).domid, (a as { devid: number }).devid),
     'net-stats': () => ({

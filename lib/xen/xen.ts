@@ -77,7 +77,7 @@ export type XenSoftc = {
   log: Log;
   /** vCPUs of the domain (Linux sizes per-CPU things, such as netfront's queues, by it). */
   vcpus: number;
-  /** The kernel command line (the config's `extra`): drivers read their parameters from it. */
+  /** The kernel command line (the config's `extra`); drivers take `<driver>.<name>=<value>` words from it. */
   cmdline: string;
 };
 
@@ -187,7 +187,7 @@ export type Boot = {
 };
 
 /** xen_attach up to the xenstore; the caller probes devices and starts the image. */
-export function xenAttach(ctx: KernelContext, name: string): Boot {
+export function xenAttach(ctx: KernelContext, name: string, cmdline = ''): Boot {
   const log = logger('xen', name);
   pvbusDetect(ctx);
   const hypercall = ctx.hv.entry(ctx.domid);
@@ -214,10 +214,9 @@ export function xenAttach(ctx: KernelContext, name: string): Boot {
   const storeIntr = intr.intrEstablish(getParam(hypercall, HVM_PARAM_STORE_EVTCHN), 0, () => xs?.intr(), 'xenstore');
   xs = new XenStore({ page: storePage, notify: () => intr.intrSignal(storeIntr), name });
 
-  const cmdline = (ctx.args as { extra?: unknown } | undefined)?.extra;
   const sc: XenSoftc = {
     domid: ctx.domid, name, hypercall, mem: self.mem, physmem, intr, dmat, xs, console, devices: new Map(), log,
-    vcpus: self.maxVcpus, cmdline: typeof cmdline === 'string' ? cmdline : '',
+    vcpus: self.maxVcpus, cmdline,
   };
   intr.intrUnmask(consoleIntr);
   intr.intrUnmask(storeIntr);
