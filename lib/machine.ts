@@ -9,7 +9,8 @@ import { logger } from './log.js';
 import type { DomainExit, DomainSpec, NicSpec } from './backends/toolstack.js';
 import type { BridgeOptions, BridgeReport } from './backends/bridge.js';
 import type { NetbackOptions, VifStats } from './backends/netback.js';
-import type { Dom0Args } from './backends/dom0.js';
+import type { BridgeSetup, Dom0Args } from './backends/dom0.js';
+import { parseDhcpdConfig } from './backends/dhcpd.js';
 import type { XenstoredLimits } from './backends/xenstored.js';
 import { join } from 'node:path';
 import { rmSync } from 'node:fs';
@@ -30,8 +31,8 @@ export type MachineOptions = {
   xenstored?: Partial<XenstoredLimits>;
   /** netback's tunables (queues, guest-RX queue bounds, drain and stall timeouts). */
   netback?: NetbackOptions | undefined;
-  /** Options of bridges by name (pcap, ageingMs), applied when dom0 starts. */
-  bridges?: Record<string, BridgeOptions> | undefined;
+  /** Bridges by name, set up when dom0 starts: pcap, ageingMs, a DHCP server (`dhcp: { range: 'FIRST-LAST', ... }`). */
+  bridges?: Record<string, BridgeSetup> | undefined;
   /** UDP uplinks by bridge name: `udp:<localport>:<remotehost>:<remoteport>`. */
   uplinks?: Record<string, string> | undefined;
 };
@@ -64,6 +65,8 @@ export class Machine {
 
   /** Create and start dom0, and wait until its toolstack answers. */
   static async boot(opts: MachineOptions = {}): Promise<Machine> {
+    // A bad bridge setting is the caller's error, found before any thread starts.
+    for (const b of Object.values(opts.bridges ?? {})) if (b.dhcp !== undefined) parseDhcpdConfig(b.dhcp);
     const m = new Machine(opts);
     const host = m.host;
     m.rpc = new Rpc((msg) => host.post(0, msg), m.platformHandlers(), (name, data) => m.event(name, data));

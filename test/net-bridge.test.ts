@@ -3,11 +3,15 @@
 // with a guest.
 
 import t from 'tap';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { existsSync, writeFileSync } from 'node:fs';
 import { createSocket, type Socket } from 'node:dgram';
 import { join } from 'node:path';
 import { csumAdd, csumFold } from '../lib/ether.js';
-import { guestImage, helloCode, runGuests, tempDir, udpFrameCode } from './net-fixtures.js';
+import { loadDomainConfig } from '../lib/backends/xlcfg.js';
+import { Machine } from '../lib/machine.js';
+import { pathToFileURL } from 'node:url';
+import { guestImage, helloCode, root, runGuests, tempDir, udpFrameCode } from './net-fixtures.js';
 
 const dir = tempDir('xenpv-bridge-');
 const tshark = spawnSync('tshark', ['--version'], { encoding: 'utf8' });
@@ -120,4 +124,107 @@ export async function main(guest) {
   const sum = csumFold(csumAdd(udp!, 34, l4.length, csumAdd(udp!, 26, 8) + 17 + l4.length));
   t.not(udp![40]! | udp![41]!, 0, 'the UDP checksum was filled in');
   t.equal(sum, 0, 'and it verifies');
+});
+
+t.test('examples/ping: two guests ping each other and exchange UDP through the CLI, captured on the way', async (t) => {
+  const pcap = join(dir, 'ping.pcap');
+  const cli = join(root, 'dist/lib/cli/main.js');
+  const r = spawnSync(process.execPath, [cli, 'run', join(root, 'examples/ping/ping-a.cfg'), join(root, 'examples/ping/ping-b.cfg'), '--pcap', `xenbr0=${pcap}`],
+    { encoding: 'utf8', timeout: 120_000 });
+  t.equal(r.status, 0, r.stdout + r.stderr);
+  for (const [name, peer] of [['ping-a', '10.0.0.3'], ['ping-b', '10.0.0.2']] as const) {
+    t.match(r.stdout, new RegExp(`^${name}: ping ${peer.replace(/\./g, '\\.')}: reply 2 in [\\d.]+ ms$`, 'm'), `${name} got its replies`);
+    t.match(r.stdout, new RegExp(`^${name}: udp ${peer.replace(/\./g, '\\.')}:7 echoed "hello from ${name}"$`, 'm'));
+  }
+  if (tshark.status !== 0) return;
+  const icmp = spawnSync('tshark', ['-r', pcap, '-Y', 'icmp.type == 0', '-T', 'fields', '-e', 'ip.src'], { encoding: 'utf8' });
+  t.same([...new Set(icmp.stdout.trim().split('\n'))].sort(), ['10.0.0.2', '10.0.0.3'], 'echo replies both ways on the bridge');
+});
+
+t.test('a DHCP server on the bridge gives a guest its address (ip=dhcp)', async (t) => {
+  const guest = guestImage(dir, 'dhcpc', `
+import { IpInterface } from '${pathToFileURL(join(root, 'dist/lib/guest/ip.js')).href}';
+export async function main(guest) {
+  const [n] = guest.nets();
+  const ip = new IpInterface(n, { name: n.name });
+  await ip.configure(guest.extra, { timeoutMs: 30000 });
+  console.log('address ' + ip.address + '/' + ip.prefixLength);
+  console.log('server answers ping: ' + ((await ip.ping('10.0.0.1', { timeoutMs: 2000 })) >= 0));
+  ip.close();
+}
+`, `extra = "ip=dhcp"\nvif = [ 'mac=00:16:3e:00:08:01' ]`);
+  const [e] = await runGuests([guest], { bridges: { xenbr0: { dhcp: { range: '10.0.0.100-10.0.0.199' } } } });
+  t.equal(e!.reason, 'poweroff', e!.console);
+  t.match(e!.console, /^address 10\.0\.0\.1\d\d\/24$/m);
+  t.match(e!.console, /^server answers ping: true$/m);
+});
+
+function netnsSkip(): string | false {
+  if (process.getuid?.() !== 0) return 'needs root for a network namespace';
+  if (!existsSync('/dev/net/tun')) return 'no /dev/net/tun';
+  for (const tool of ['ip', 'socat', 'ping']) {
+    if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0) return `${tool} is not installed (Debian packages iproute2, socat, iputils-ping)`;
+  }
+  return false;
+}
+
+/** A command run without blocking the event loop (dom0 and the guest answer meanwhile). */
+function run(args: string[], input?: string): Promise<{ status: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const p = spawn(args[0]!, args.slice(1), { stdio: ['pipe', 'pipe', 'pipe'], timeout: 20_000 });
+    let stdout = '';
+    let stderr = '';
+    p.stdout.on('data', (d) => (stdout += d));
+    p.stderr.on('data', (d) => (stderr += d));
+    p.stdin.on('error', () => {});
+    p.stdin.end(input ?? '');
+    p.on('close', (status) => resolve({ status, stdout, stderr }));
+  });
+}
+
+t.test('Linux in a network namespace, its TAP device bridged by socat to the UDP uplink, pings examples/netecho and gets its UDP echo', { skip: netnsSkip() }, async (t) => {
+  const tag = `${process.pid % 100000}`;
+  const ns = `xenpv-net-${tag}`;
+  const tap = `xpnet${tag}`;
+  const uplinkPort = await freePort();
+  const socatPort = await freePort();
+  const cfg = join(dir, 'netecho.cfg');
+  writeFileSync(cfg, `name = "netecho"\nmemory = 32\nkernel = "${join(root, 'examples/netecho/netecho.mjs')}"\n`
+    + `extra = "ip=10.232.0.2/24"\nvif = [ 'mac=00:16:3e:00:09:02' ]\n`);
+  let socat: ChildProcess | null = null;
+  const lines: string[] = [];
+  const m = await Machine.boot({ uplinks: { xenbr0: `udp:${uplinkPort}:127.0.0.1:${socatPort}` }, onConsole: (_d, _n, text) => lines.push(text) });
+  t.teardown(async () => {
+    socat?.kill();
+    await run(['ip', 'netns', 'del', ns]);
+    await m.stop();
+  });
+  t.equal((await run(['ip', 'netns', 'add', ns])).status, 0);
+  socat = spawn('socat', [`TUN,tun-type=tap,iff-no-pi,tun-name=${tap}`, `UDP:127.0.0.1:${uplinkPort},bind=127.0.0.1:${socatPort}`], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let socatErr = '';
+  socat.stderr!.on('data', (d) => (socatErr += d));
+  for (let i = 0; i < 50 && (await run(['ip', 'link', 'show', tap])).status !== 0; i++) await new Promise((r) => setTimeout(r, 50));
+  const inNs = (args: string[], input?: string): ReturnType<typeof run> => run(['ip', 'netns', 'exec', ns, ...args], input);
+  const moved = await run(['ip', 'link', 'set', tap, 'netns', ns]);
+  t.equal(moved.status, 0, moved.stderr + socatErr);
+  for (const cmd of [['ip', 'link', 'set', 'lo', 'up'], ['ip', 'addr', 'add', '10.232.0.1/24', 'dev', tap], ['ip', 'link', 'set', tap, 'up']]) {
+    const r = await inNs(cmd);
+    t.equal(r.status, 0, `${cmd.join(' ')}: ${r.stderr}`);
+  }
+  const domid = await m.create(loadDomainConfig(cfg));
+  for (let i = 0; i < 200 && !lines.join('').includes('echoing UDP port 7'); i++) await new Promise((r) => setTimeout(r, 50));
+  const ping = await inNs(['ping', '-c', '3', '-i', '0.2', '-W', '2', '10.232.0.2']);
+  t.equal(ping.status, 0, ping.stdout + ping.stderr);
+  t.match(ping.stdout, /3 packets transmitted, 3 received/);
+  const big = await inNs(['ping', '-c', '1', '-s', '1472', '-M', 'do', '-W', '2', '10.232.0.2']);
+  t.equal(big.status, 0, `a 1500-byte ping: ${big.stdout}${big.stderr}`);
+  const udp = await inNs(['socat', '-t', '2', '-', 'UDP:10.232.0.2:7'], 'echo me');
+  t.equal(udp.status, 0, udp.stderr);
+  t.equal(udp.stdout, 'echo me');
+  const neigh = await inNs(['ip', 'neigh', 'show', '10.232.0.2']);
+  t.match(neigh.stdout, /lladdr 00:16:3e:00:09:02/, 'Linux learnt the guest\'s MAC by ARP');
+  await m.requestShutdown(domid);
+  const exit = await m.waitExit(domid, AbortSignal.timeout(30_000));
+  t.equal(exit.reason, 'poweroff');
+  t.match(exit.console, /^echoed 1 datagrams, answered [4-9]\d* pings$/m);
 });

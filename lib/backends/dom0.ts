@@ -3,6 +3,7 @@
 // (as it serves any domain) and each introduced guest over the page the
 // builder granted it. The toolstack answers the machine's calls.
 
+import { randomBytes } from 'node:crypto';
 import { parentPort } from 'node:worker_threads';
 import { VIRQ_DOM_EXC } from '../abi/xen.js';
 import { GNTTAB_RESERVED_XENSTORE } from '../abi/grant_table.js';
@@ -23,6 +24,7 @@ import { ConsoleBackend } from './console.js';
 import { BlkbackSet } from './blkback.js';
 import { Bridges, FramePool, parseUplink, type BridgeOptions } from './bridge.js';
 import { NetbackSet, type NetbackOptions } from './netback.js';
+import { Dhcpd, parseDhcpdConfig, type DhcpdSpec } from './dhcpd.js';
 import { Toolstack, type DomainSpec, type NicSpec, type Platform, type StoreIntroduce } from './toolstack.js';
 import { Xenstored, XenstoredRing, type XenstoredLimits } from './xenstored.js';
 import { XenstoredSocket } from './xenstored-socket.js';
@@ -92,13 +94,22 @@ export type Dom0Args = {
   socketPath?: string | undefined;
   limits?: Partial<XenstoredLimits> | undefined;
   /** netback's tunables and bridges' options (pcap, ageing) by bridge name. */
-  net?: { netback?: NetbackOptions | undefined; bridges?: Record<string, BridgeOptions> | undefined } | undefined;
+  net?: { netback?: NetbackOptions | undefined; bridges?: Record<string, BridgeSetup> | undefined } | undefined;
 };
 
-/** dom0's network: one frame pool, the bridges, a netback per vif. */
+/** What a bridge is set up with: its own options, and a DHCP server on a port of its own. */
+export type BridgeSetup = BridgeOptions & { dhcp?: DhcpdSpec | undefined };
+
+/** dom0's network: one frame pool, the bridges (a DHCP server on those that ask), a netback per vif. */
 function startNet(hypercall: Hypercall, intr: Interrupts, xs: XenStore, physmem: PhysMem, args: Dom0Args): NetbackSet {
   const bridges = new Bridges(new FramePool(hypercall, physmem));
-  for (const [name, opts] of Object.entries(args.net?.bridges ?? {})) bridges.configure(name, opts);
+  for (const [name, { dhcp, ...opts }] of Object.entries(args.net?.bridges ?? {})) {
+    bridges.configure(name, opts);
+    if (dhcp === undefined) continue;
+    // A locally administered address of its own, as a host on the bridge has.
+    const port = bridges.attachLocal(name, { name: 'dhcpd', mac: Uint8Array.from([0x02, 0, 0, ...randomBytes(3)]) });
+    new Dhcpd(port, parseDhcpdConfig(dhcp), { name });
+  }
   return new NetbackSet(hypercall, intr, xs, bridges, args.net?.netback);
 }
 

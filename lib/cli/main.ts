@@ -10,17 +10,21 @@ import { cliPath, defaultRundir, hostDaemon, hostStart, hostStop } from './host.
 import { closeSync, ftruncateSync, openSync } from 'node:fs';
 import { parseSize } from '../backends/xlcfg.js';
 import { parseUplink } from '../backends/bridge.js';
+import { parseDhcpdConfig } from '../backends/dhcpd.js';
+import type { BridgeSetup } from '../backends/dom0.js';
 import { fuzz } from './fuzz.js';
 
 const USAGE = `usage: xenpv <command> [options]
 
 commands:
-  run <cfg>... [--json] [--duration S] [--uplink BRIDGE=udp:LPORT:HOST:RPORT]... [--pcap BRIDGE=FILE]...
+  run <cfg>... [--json] [--duration S] [--uplink BRIDGE=udp:LPORT:HOST:RPORT]...
+      [--pcap BRIDGE=FILE]... [--dhcp BRIDGE=FIRST-LAST]...
       boot a host with dom0, create the domains of the xl-style configs, wait
       until they shut down (or S seconds pass), print each guest's console
       output prefixed with its name; exit 0 when every guest powered off.
       --uplink joins a bridge to a UDP peer, one Ethernet frame per datagram
-      (QEMU -netdev dgram, socat); --pcap captures a bridge to FILE.
+      (QEMU -netdev dgram, socat); --pcap captures a bridge to FILE;
+      --dhcp BRIDGE=FIRST-LAST serves DHCP on a bridge (as the subnet's .1).
   host start [--rundir DIR] [--config host.json]
       run a host (dom0, xenstored, backends) in the background; print the
       xenstored socket path (DIR/xenstored/socket). DIR defaults to
@@ -59,6 +63,7 @@ async function main(argv: string[]): Promise<number> {
           duration: { type: 'string' },
           uplink: { type: 'string', multiple: true },
           pcap: { type: 'string', multiple: true },
+          dhcp: { type: 'string', multiple: true },
         },
       });
       if (positionals.length === 0) throw new XenError('EINVAL', 'run needs at least one config file');
@@ -67,7 +72,12 @@ async function main(argv: string[]): Promise<number> {
       const uplinks = bridgeArgs('--uplink', values.uplink ?? []);
       for (const spec of Object.values(uplinks)) parseUplink(spec);
       const pcaps = bridgeArgs('--pcap', values.pcap ?? []);
-      const bridges = Object.fromEntries(Object.entries(pcaps).map(([name, file]) => [name, { pcap: resolve(file) }]));
+      const bridges: Record<string, BridgeSetup> = {};
+      for (const [name, file] of Object.entries(pcaps)) bridges[name] = { pcap: resolve(file) };
+      for (const [name, range] of Object.entries(bridgeArgs('--dhcp', values.dhcp ?? []))) {
+        bridges[name] = { ...bridges[name], dhcp: { range } };
+        parseDhcpdConfig({ range });
+      }
       return run(positionals, { json: values.json === true, durationS: duration, uplinks, bridges });
     }
     case 'host':

@@ -6,15 +6,15 @@ import { loadDomainConfig } from '../backends/xlcfg.js';
 import type { DomainExit, DomainSpec } from '../backends/toolstack.js';
 import { XenError } from '../errors.js';
 import { Machine } from '../machine.js';
-import type { BridgeOptions } from '../backends/bridge.js';
+import type { BridgeSetup } from '../backends/dom0.js';
 
 export type RunOptions = {
   json: boolean;
   durationS: number | undefined;
   /** UDP uplinks by bridge name. */
   uplinks?: Record<string, string>;
-  /** Bridge options (a pcap file) by bridge name. */
-  bridges?: Record<string, BridgeOptions>;
+  /** Bridge setups (a pcap file, a DHCP server) by bridge name. */
+  bridges?: Record<string, BridgeSetup>;
 };
 
 type Result = { name: string; domid: number | null; exit: { reason: string }; console: string };
