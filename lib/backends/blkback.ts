@@ -773,6 +773,7 @@ export class BlkbackSet {
     list[i] = b;
     await b.start();
     await b.connected(timeoutMs);
+    await this.xs.awaitState(`${old.frontendPath}/state`, XenbusStateConnected, { timeoutMs });
   }
 }
 

@@ -222,7 +222,8 @@ export type XbfBio = {
   raw: Uint8Array | null;
 };
 
-function bioCreate(op: number, sector: number, data: Uint8Array | null, nrSectors: number, flag: number, done: (err: XenError | null) => void): XbfBio {
+/** A transfer for XbfSoftc.strategy; a caller may reuse it once `done` ran (reset `next`, `inflight`, `error`). */
+export function bioCreate(op: number, sector: number, data: Uint8Array | null, nrSectors: number, flag: number, done: (err: XenError | null) => void): XbfBio {
   return { op, sector, data, nrSectors, flag, done, next: 0, inflight: 0, error: null, status: BLKIF_RSP_OKAY, raw: null };
 }
 
@@ -430,6 +431,7 @@ export class XbfSoftc {
         this.start(q, ccb, bio);
       } catch (err) {
         // The request could not be built (no grant refs): the transfer fails, the ring goes on.
+        this.reclaim(ccb, bio);
         ccb.bio = null;
         q.free.push(ccb);
         this.pending.shift();
@@ -970,8 +972,9 @@ async function xbfConnect(xbf: XbfSoftc): Promise<void> {
   const { xs } = xbf.sc;
   const be = xbf.dev.backend;
   const signal = xbf.abort.signal;
+  // Only a backend waiting for us: one already Connected would never map the rings made now.
   const state = await xs.awaitState(`${be}/state`, (v) => v !== undefined && Number(v) >= XenbusStateInitWait, { timeoutMs: XBF_CONNECT_TIMEOUT_MS, signal });
-  if (Number(state) !== XenbusStateInitWait && Number(state) !== XenbusStateConnected) throw new XenError('ENXIO', `${xbf.name}: backend state ${state}`);
+  if (Number(state) !== XenbusStateInitWait) throw new XenError('ENXIO', `${xbf.name}: backend state ${state}`);
   const p = xbf.params;
   const trusted = p.trusted && (await xs.read(`${xbf.dev.path}/trusted`).catch(() => '1')) !== '0';
   const order = Math.min(p.maxRingPageOrder, await beNumber(xbf, 'max-ring-page-order', 0), XBF_MAX_RING_PAGE_ORDER);
