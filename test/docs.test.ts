@@ -54,13 +54,14 @@ function findSymbol(sf: ts.SourceFile, symbol: string): ts.Node | undefined {
   return undefined;
 }
 
-/** The body of a function, method or arrow `symbol` in `sf`. */
+/** The code of `symbol` in `sf`: a function's or method's body, a property's or const's initializer. */
 function bodyOf(sf: ts.SourceFile, symbol: string): ts.Node | undefined {
   const node = findSymbol(sf, symbol);
   if (node === undefined) return undefined;
   if (ts.isFunctionDeclaration(node) || ts.isMethodDeclaration(node) || ts.isConstructorDeclaration(node) || ts.isGetAccessor(node)) {
     return node.body;
   }
+  if (ts.isPropertyDeclaration(node) || ts.isVariableDeclaration(node)) return node.initializer;
   return undefined;
 }
 
@@ -146,6 +147,204 @@ t.test('porting map checker: a missing or misplaced symbol is caught', async (t)
     'porting.md:4: Interrupts.upcall of lib/evtchn/evtchn.ts is mapped twice',
     'porting.md:5: lib/xen/nexus.ts does not exist',
   ]);
+});
+
+// --- docs/protocols.md -------------------------------------------------------------
+
+/** xenstore verbs of the diagrams and the client methods that perform them. */
+const VERBS = ['write', 'mkdir', 'rm', 'read', 'wait', 'watch'] as const;
+type Verb = (typeof VERBS)[number];
+const METHOD_VERB: Record<string, Verb> = {
+  write: 'write', setNumber: 'write', mkdir: 'mkdir', rm: 'rm', read: 'read', getNumber: 'read', awaitState: 'wait', watch: 'watch',
+};
+/** A xenstore client or transaction: `xs`, `sc.xs`, `this.xs`, `t`. */
+const XS_RECEIVER = /(^|\.)(xs|t)$/;
+/** Xen names a diagram may put in a message; the sender's code must use each. */
+const XEN_NAME = /\b(?:(?:EVTCHNOP|GNTTABOP|HVMOP|XENMEM|XENVER|SCHEDOP|HVM_PARAM|GNTTAB_RESERVED|VIRQ|SHUTDOWN|XENMAPSPACE|XS)_\w+|XenbusState[A-Za-z]+)/g;
+const MESSAGE = /^\s*([A-Za-z]\w*)\s*(?:-{1,2}>>|-{1,2}>|-{1,2}x|-{1,2}\))\s*([A-Za-z]\w*)\s*:\s*(.*)$/;
+
+/** The key a path names: what follows its last placeholder, or the whole path when none is followed by a key. */
+function keyOf(pattern: string): string {
+  const at = pattern.lastIndexOf('<*>/');
+  return at < 0 ? pattern : pattern.slice(at + 4);
+}
+
+type Side = { id: string; scopes: { file: string; symbols: string[] }[] };
+type Diagram = { line: number; title: string; sides: Map<string, Side>; ops: Map<string, Set<string>>; names: Map<string, Set<string>> };
+
+function addTo(map: Map<string, Set<string>>, id: string, value: string): void {
+  let set = map.get(id);
+  if (set === undefined) map.set(id, (set = new Set()));
+  set.add(value);
+}
+
+/** Every ```mermaid block of `md` with its `%% side` lines, its xenstore operations and the Xen names per sender. */
+function diagrams(md: string): Diagram[] {
+  const out: Diagram[] = [];
+  const lines = md.split('\n');
+  let title = '';
+  let d: Diagram | null = null;
+  lines.forEach((line, i) => {
+    if (line.startsWith('## ')) title = line.slice(3);
+    if (line.trim() === '```mermaid') {
+      d = { line: i + 1, title, sides: new Map(), ops: new Map(), names: new Map() };
+      return;
+    }
+    if (d === null) return;
+    if (line.trim() === '```') {
+      out.push(d);
+      d = null;
+      return;
+    }
+    const side = /^\s*%% side (\w+) (\S+)((?: \S+)+)$/.exec(line);
+    if (side !== null) {
+      const [, id, file, symbols] = side as unknown as [string, string, string, string];
+      const s = d.sides.get(id) ?? { id, scopes: [] };
+      s.scopes.push({ file, symbols: symbols.trim().split(' ') });
+      d.sides.set(id, s);
+      return;
+    }
+    const m = MESSAGE.exec(line);
+    if (m === null) return;
+    const [, from, , text] = m as unknown as [string, string, string, string];
+    for (const name of text.match(XEN_NAME) ?? []) addTo(d.names, from, name);
+    const words = /^(\w+) (.+)$/.exec(text.trim());
+    if (words === null || !(VERBS as readonly string[]).includes(words[1]!)) return;
+    const verb = words[1]!;
+    words[2]!.split(/,\s*/).forEach((item, n) => {
+      const path = item.trim().split(/[=<>]/)[0]!.trim().replace(/\$\w+/g, '<*>');
+      addTo(d!.ops, from, `${verb} ${n === 0 ? keyOf(path) : path}`);
+    });
+  });
+  return out;
+}
+
+/** A call's path argument as a pattern: literal text, `<*>` for each substitution; null when it is not literal. */
+function pathPattern(arg: ts.Expression | undefined): string | null {
+  if (arg === undefined) return null;
+  if (ts.isStringLiteral(arg) || ts.isNoSubstitutionTemplateLiteral(arg)) return arg.text;
+  if (ts.isTemplateExpression(arg)) return arg.head.text + arg.templateSpans.map((sp) => `<*>${sp.literal.text}`).join('');
+  return null;
+}
+
+function isString(e: ts.Expression | undefined): e is ts.StringLiteral {
+  return e !== undefined && (ts.isStringLiteral(e) || ts.isNoSubstitutionTemplateLiteral(e));
+}
+
+/** A node table entry's verb: `[name, null, perms]` makes a directory, anything else writes a value. */
+function tableVerb(value: ts.Expression | undefined): Verb {
+  return value !== undefined && value.kind === ts.SyntaxKind.NullKeyword ? 'mkdir' : 'write';
+}
+
+/**
+ * The xenstore operations in `body`: `xs.<method>(path, ...)` calls, and the
+ * node tables the toolstack hands to writeTree (`['key', value, perms]`
+ * entries and `['a', 'b'].map((n) => [n, value, perms])`). `problems` gets
+ * every client call whose path is not literal, since its key cannot be read.
+ */
+function codeOps(body: ts.Node, sf: ts.SourceFile, ops: Set<string>, names: Set<string>, problems: string[]): void {
+  const mapped = new Set<ts.Node>();
+  const visit = (node: ts.Node): void => {
+    if (ts.isIdentifier(node)) names.add(node.text);
+    if (ts.isCallExpression(node) && ts.isPropertyAccessExpression(node.expression)) {
+      const method = node.expression.name.text;
+      const receiver = node.expression.expression;
+      const verb = METHOD_VERB[method];
+      if (verb !== undefined && XS_RECEIVER.test(receiver.getText(sf))) {
+        const pattern = pathPattern(node.arguments[0]);
+        if (pattern === null) problems.push(`${sf.fileName}: cannot read the key of ${node.getText(sf).slice(0, 60)}`);
+        else ops.add(`${verb} ${keyOf(pattern)}`);
+      }
+      const fn = node.arguments[0];
+      if (method === 'map' && ts.isArrayLiteralExpression(receiver) && receiver.elements.every(isString) && fn !== undefined && ts.isArrowFunction(fn)) {
+        let result: ts.Node = fn.body;
+        while (ts.isParenthesizedExpression(result)) result = result.expression;
+        if (ts.isArrayLiteralExpression(result)) {
+          const v = tableVerb(result.elements[1]);
+          for (const e of receiver.elements) ops.add(`${v} ${(e as ts.StringLiteral).text}`);
+          mapped.add(receiver);
+        }
+      }
+    }
+    if (ts.isArrayLiteralExpression(node) && !mapped.has(node) && node.elements.length >= 2 && node.elements.length <= 3) {
+      const first = node.elements[0];
+      if (isString(first)) ops.add(`${tableVerb(node.elements[1])} ${first.text === '' ? '<*>' : first.text}`);
+    }
+    ts.forEachChild(node, visit);
+  };
+  visit(body);
+}
+
+/** For each side of a diagram: what the diagram says against what the code does. */
+function protocolProblems(d: Diagram): string[] {
+  const problems: string[] = [];
+  const where = `protocols.md:${d.line} (${d.title})`;
+  if (d.sides.size === 0) problems.push(`${where}: no %% side lines`);
+  for (const side of d.sides.values()) {
+    const code = new Set<string>();
+    const names = new Set<string>();
+    for (const scope of side.scopes) {
+      if (!existsSync(join(root, scope.file))) {
+        problems.push(`${where}: ${side.id}: ${scope.file} does not exist`);
+        continue;
+      }
+      const sf = source(scope.file);
+      for (const symbol of scope.symbols) {
+        const body = bodyOf(sf, symbol);
+        if (body === undefined) problems.push(`${where}: ${side.id}: no ${symbol} with a body in ${scope.file}`);
+        else codeOps(body, sf, code, names, problems);
+      }
+    }
+    const drawn = d.ops.get(side.id) ?? new Set<string>();
+    for (const op of drawn) if (!code.has(op)) problems.push(`${where}: ${side.id} draws "${op}", its code does not do it`);
+    for (const op of code) if (!drawn.has(op)) problems.push(`${where}: ${side.id}'s code does "${op}", the diagram does not draw it`);
+    for (const name of d.names.get(side.id) ?? []) {
+      if (!names.has(name)) problems.push(`${where}: ${side.id} names ${name}, its code does not use it`);
+    }
+  }
+  return problems;
+}
+
+t.test('protocol diagrams: each side writes and reads exactly the keys its code does', async (t) => {
+  const md = readFileSync(join(docs, 'protocols.md'), 'utf8');
+  const all = diagrams(md);
+  t.same(all.map((d) => d.title), [
+    'Domain build and xenstore introduction', 'The vbd: xenbus states and keys', 'control/shutdown', 'Console',
+  ], 'the handshakes drawn');
+  for (const d of all) {
+    t.same(protocolProblems(d), [], `${d.title}: the diagram matches the code`);
+    const ops = [...d.ops.values()].reduce((n, s) => n + s.size, 0);
+    t.comment(`${d.title}: ${d.sides.size} sides checked, ${ops} xenstore operations`);
+  }
+});
+
+t.test('protocol checker: a renamed, missing or extra key is caught', async (t) => {
+  const diagram = (body: string): Diagram => diagrams(['## x', '```mermaid', 'sequenceDiagram', body, '```'].join('\n'))[0]!;
+  const side = '  %% side FE lib/drivers/xbf/xbf.ts xbfInit xbfDetach';
+  const good = [
+    side,
+    '  FE->>XSD: write $fe/ring-ref, event-channel, protocol=x86_64-abi, state=3',
+    '  FE->>XSD: wait $be/state>=4',
+    '  FE->>XSD: read $be/sectors, sector-size, info, mode, feature-flush-cache',
+  ].join('\n');
+  t.same(protocolProblems(diagram(good)), [], 'the frontend as it is');
+  t.same(protocolProblems(diagram(good.replace('event-channel', 'evtchn'))), [
+    'protocols.md:2 (x): FE draws "write evtchn", its code does not do it',
+    'protocols.md:2 (x): FE\'s code does "write event-channel", the diagram does not draw it',
+  ], 'a renamed key');
+  t.same(protocolProblems(diagram(good.replace(', mode', ''))), [
+    'protocols.md:2 (x): FE\'s code does "read mode", the diagram does not draw it',
+  ], 'a key left out');
+  t.same(protocolProblems(diagram(`${good}\n  FE->>XSD: write $fe/feature-persistent`)), [
+    'protocols.md:2 (x): FE draws "write feature-persistent", its code does not do it',
+  ], 'a key the code does not write');
+  t.same(protocolProblems(diagram(good.replace('wait $be', 'read $be'))).length, 2, 'the wrong verb');
+  t.same(protocolProblems(diagram(`${good}\n  FE->>HV: EVTCHNOP_bind_interdomain`)), [
+    'protocols.md:2 (x): FE names EVTCHNOP_bind_interdomain, its code does not use it',
+  ], 'a hypercall the side does not make');
+  t.same(protocolProblems(diagram(good.replace('xbfInit', 'xbfInitialise'))).slice(0, 1), [
+    'protocols.md:2 (x): FE: no xbfInitialise with a body in lib/drivers/xbf/xbf.ts',
+  ], 'a function that is not there');
 });
 
 // --- examples -------------------------------------------------------------------------
