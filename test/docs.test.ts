@@ -4,7 +4,9 @@
 // or reads, and the other way round. Each examples/<name>/ says what it shows.
 
 import t from 'tap';
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import ts from 'typescript';
@@ -345,6 +347,34 @@ t.test('protocol checker: a renamed, missing or extra key is caught', async (t) 
   t.same(protocolProblems(diagram(good.replace('xbfInit', 'xbfInitialise'))).slice(0, 1), [
     'protocols.md:2 (x): FE: no xbfInitialise with a body in lib/drivers/xbf/xbf.ts',
   ], 'a function that is not there');
+});
+
+// --- npm run docs ----------------------------------------------------------------------
+
+const apidoc = join(root, 'dist/tools/apidoc.js');
+
+t.test('npm run docs: a page per exported module, without warnings', async (t) => {
+  const out = mkdtempSync(join(tmpdir(), 'xenpv-apidoc-'));
+  const r = spawnSync(process.execPath, [apidoc, '--out', out], { encoding: 'utf8' });
+  t.equal(r.stderr, '', 'no warnings');
+  t.equal(r.status, 0, 'exit status 0');
+  const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { name: string; exports: Record<string, string> };
+  const pages = Object.keys(pkg.exports).filter((s) => s !== './package.json')
+    .map((s) => (s === '.' ? pkg.name : `${pkg.name}/${s.slice(2)}`).replace(/\//g, '-') + '.md');
+  t.same(readdirSync(out).sort(), [...pages, 'README.md'].sort(), 'one page per module and an index');
+  const evtchn = readFileSync(join(out, 'xenpv-evtchn.md'), 'utf8');
+  t.match(evtchn, 'intrEstablish(port: number, remoteDomid: number, handler: IntrHandler, name: string): IntrHandle', 'a method with its signature');
+  t.match(evtchn, 'xen_intr_establish: attach `handler` to `port`', 'its doc comment');
+  t.notMatch(evtchn, 'setMask', 'no private members');
+  t.match(readFileSync(join(out, 'xenpv.md'), 'utf8'), 'static boot(opts?: MachineOptions): Promise<Machine>', 'a static method');
+});
+
+t.test('npm run docs: an export without a source is a warning and exit status 1', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'xenpv-apidoc-'));
+  writeFileSync(join(dir, 'package.json'), JSON.stringify({ name: 'xenpv', exports: { './nope': './dist/lib/nope.js' } }));
+  const r = spawnSync(process.execPath, [apidoc, '--out', join(dir, 'api'), '--package', join(dir, 'package.json')], { encoding: 'utf8' });
+  t.equal(r.status, 1);
+  t.equal(r.stderr, 'warning: xenpv/nope: no source lib/nope.ts\n');
 });
 
 // --- examples -------------------------------------------------------------------------
