@@ -1,6 +1,7 @@
 // The pieces of the network that are plain functions: vif specs in xl
-// configs, rates, uplink specs, MAC text, the flow hash and the checksum a
-// backend fills in for a sender that left it blank.
+// configs, rates, uplink specs, MAC text, the flow hash, the checksum a
+// backend fills in for a sender that left it blank, and netif RX slots on
+// the generic ring across the index wrap.
 
 import t from 'tap';
 import fc from 'fast-check';
@@ -10,6 +11,11 @@ import { loadDomainConfig, parseRate } from '../lib/backends/xlcfg.js';
 import { parseUplink } from '../lib/backends/bridge.js';
 import { csumAdd, csumFold, fillChecksum, flowHash, formatMac, macKey, parseMac } from '../lib/ether.js';
 import { tempDir } from './net-fixtures.js';
+import { offsetOf } from '../lib/abi/layout.js';
+import { netif_rx_request, netif_rx_response } from '../lib/abi/netif.js';
+import { __CONST_RING_SIZE, netif_rx_sring, netif_rx_sring_entry } from '../lib/abi/ring.js';
+import { FramePage, MemoryViews, PAGE_SIZE } from '../lib/hypervisor/page.js';
+import { BackRing, FrontRing } from '../lib/xen/ring.js';
 
 const dir = tempDir('xenpv-netcfg-');
 
@@ -122,4 +128,66 @@ t.test('fillChecksum gives a checksum that verifies over the pseudo-header (prop
 t.test('flowHash: the same flow gives the same hash, headers of other kinds give 0', async (t) => {
   fc.assert(fc.property(frames, ({ f }) => flowHash(f) === flowHash(f.slice()) && flowHash(f) !== 0));
   t.equal(flowHash(new Uint8Array(60)), 0);
+});
+
+t.test('netif RX slots through the ring across the 2^32 wrap: each response in its request\'s slot, fields intact (property)', async (t) => {
+  const size = __CONST_RING_SIZE(netif_rx_sring, PAGE_SIZE);
+  const bytes = netif_rx_sring_entry.size;
+  const RQ_ID = offsetOf(netif_rx_request, 'id');
+  const RQ_GREF = offsetOf(netif_rx_request, 'gref');
+  const RP_ID = offsetOf(netif_rx_response, 'id');
+  const RP_OFFSET = offsetOf(netif_rx_response, 'offset');
+  const RP_FLAGS = offsetOf(netif_rx_response, 'flags');
+  const RP_STATUS = offsetOf(netif_rx_response, 'status');
+  fc.assert(fc.property(
+    fc.integer({ min: 0, max: 3 * size }),
+    fc.array(fc.record({ post: fc.integer({ min: 0, max: size }), answer: fc.integer({ min: 0, max: size }), status: fc.integer({ min: -2, max: 4096 }) }), { minLength: 5, maxLength: 60 }),
+    (before, steps) => {
+      const page = new FramePage(new MemoryViews(new SharedArrayBuffer(PAGE_SIZE)), 0, true);
+      const start = (2 ** 32 - before) >>> 0;
+      for (const off of [0, 8]) page.store32(off, start);
+      page.store32(4, start + 1);
+      page.store32(12, start + 1);
+      const front = new FrontRing([page], bytes, size, 'rx-front');
+      const back = new BackRing([page], bytes, size, 'rx-back');
+      front.attach(start);
+      back.attach();
+      const slot = new Uint8Array(bytes);
+      const v = new DataView(slot.buffer);
+      const posted = new Map<number, number>(); // slot -> gref
+      for (const s of steps) {
+        for (let i = 0; i < s.post && !front.full(); i++) {
+          const id = front.reqProd & (size - 1);
+          const gref = (id * 7919 + start) >>> 0;
+          v.setUint16(RQ_ID, id, true);
+          v.setUint32(RQ_GREF, gref, true);
+          front.putRequest(slot);
+          posted.set(id, gref);
+        }
+        front.pushRequests();
+        back.unconsumedRequests();
+        for (let i = 0; i < s.answer && back.takeRequest(slot); i++) {
+          const idx = (back.reqConsumed - 1) >>> 0;
+          const id = v.getUint16(RQ_ID, true);
+          if (id !== (idx & (size - 1)) || v.getUint32(RQ_GREF, true) !== posted.get(id)) return false;
+          if (back.rspProd !== idx) return false; // netif.h: the response goes in the request's slot
+          v.setUint16(RP_ID, id, true);
+          v.setUint16(RP_OFFSET, id & 7, true);
+          v.setUint16(RP_FLAGS, id & 3, true);
+          v.setInt16(RP_STATUS, s.status, true);
+          back.putResponse(slot);
+        }
+        back.pushResponses();
+        front.unconsumedResponses();
+        while (front.takeResponse(slot)) {
+          const idx = (front.rspConsumed - 1) >>> 0;
+          const id = v.getUint16(RP_ID, true);
+          if (id !== (idx & (size - 1)) || v.getUint16(RP_OFFSET, true) !== (id & 7) || v.getUint16(RP_FLAGS, true) !== (id & 3)) return false;
+          if (v.getInt16(RP_STATUS, true) !== s.status) return false;
+        }
+      }
+      return front.error === undefined && back.error === undefined;
+    },
+  ), { numRuns: 200 });
+  t.pass('256 slots of 8 bytes, requests and responses in the same slots, across the wrap');
 });

@@ -427,3 +427,50 @@ export async function main(guest) {
   // 100,000 bytes at 100,000 bytes/s, of which at most two intervals' credit (10,000 bytes) pass at once.
   t.ok(Number(m![1]) >= 700, `the limit spread the frames over ${m![1]} ms`);
 });
+
+t.test('multicast control: netback passes a group only to a frontend that joined it', async (t) => {
+  const image = `${helloCode}
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+export async function main(guest) {
+  const [n] = guest.nets();
+  const me = n.mac[5];
+  const peer = Uint8Array.from([0x00, 0x16, 0x3e, 0, 0x0a, me === 1 ? 2 : 1]);
+  const group = Uint8Array.from([0x01, 0x00, 0x5e, 0x00, 0x00, 0x42]);
+  const rounds = [];
+  let got = 0;
+  n.onFrame((f) => { if (f[12] === 0x88 && f[13] === 0xb9) got++; if (f[12] === 0x88 && f[13] === 0xba) rounds.push(f[14]); });
+  await meet(n, peer);
+  const say = (type, v) => { const f = new Uint8Array(60); f.set(type === 0xb9 ? group : peer, 0); f.set(n.mac, 6); f[12] = 0x88; f[13] = type; f[14] = v; return n.send(f); };
+  if (me === 1) {
+    // Three rounds of 10 frames to the group; the receiver says when it is ready for each.
+    for (let r = 0; r < 3; r++) {
+      while (!rounds.includes(r)) await sleep(10);
+      for (let i = 0; i < 10; i++) await say(0xb9, i);
+      await say(0xba, 10 + r);
+    }
+    return;
+  }
+  console.log('multicast control ' + n.features.multicastControl);
+  const counts = [];
+  for (const step of ['before', 'joined', 'left']) {
+    if (step === 'joined') await n.joinMulticast('01:00:5e:00:00:42');
+    if (step === 'left') await n.leaveMulticast(group);
+    const r = counts.length;
+    got = 0;
+    await say(0xba, r);
+    while (!rounds.includes(10 + r)) await sleep(10);
+    await sleep(100);
+    counts.push(step + ' ' + got);
+  }
+  console.log(counts.join(', '));
+  try { await n.joinMulticast('00:16:3e:00:00:01'); } catch (err) { console.log('unicast join: ' + err.code); }
+}
+`;
+  const a = guestImage(dir, 'mc1', image, `vif = [ 'mac=00:16:3e:00:0a:01' ]`);
+  const b = guestImage(dir, 'mc2', image, `vif = [ 'mac=00:16:3e:00:0a:02' ]`);
+  const [, rx] = await runGuests([a, b]);
+  t.equal(rx!.reason, 'poweroff', rx!.console);
+  t.match(rx!.console, /^multicast control true$/m);
+  t.match(rx!.console, /^before 0, joined 10, left 0$/m, 'filtered until joined, and again after leaving');
+  t.match(rx!.console, /^unicast join: EINVAL$/m);
+});

@@ -52,6 +52,8 @@ const XNF_RX_DESC = __CONST_RING_SIZE(netif_rx_sring, PAGE_SIZE);
 const XNF_FRAG = XEN_NETIF_NR_SLOTS_MIN;
 const XNF_MAX_QUEUES = 8;
 const XNF_MAX_WAITERS = 1024;
+/** RX buffers go back to the ring every this many responses taken, not only at the end of a batch. */
+const XNF_RX_REFILL_BATCH = 64;
 const XNF_CONNECT_TIMEOUT_MS = 30_000;
 const ETH_DATA_LEN = 1500;
 const ETH_MIN_MTU = 68;
@@ -438,6 +440,8 @@ export class XnfSoftc {
       while (ring.takeResponse(q.rxRsp)) {
         const why = this.rxSlot(q, (ring.rspConsumed - 1) >>> 0);
         if (why !== null) return this.broken(why);
+        // Hand buffers back while the backend may still be filling: it need not wait for the whole batch.
+        if ((ring.rspConsumed & (XNF_RX_REFILL_BATCH - 1)) === 0 && q.rxSlots === 0) this.rxFill(q);
       }
     } while (ring.finalCheckForResponses());
     if (ring.error !== undefined) return this.broken(ring.error.message);
