@@ -33,7 +33,7 @@ export async function main(guest) {
   await meet(n, peer);
   if (me === 1) for (let i = 0; i < 5; i++) await n.send(udpFrame(peer, n.mac, ip(me), ip(other), 1000 + i, 2000 + i, new Uint8Array(10 + i * 100).fill(i)));
   await Promise.race([done, new Promise((r) => setTimeout(r, 20000))]);
-  await new Promise((r) => setTimeout(r, 200));
+  await n.drain();
   console.log('udp frames ' + got);
 }
 `;
@@ -92,6 +92,7 @@ export async function main(guest) {
   const hello = setInterval(() => void n.send(out, { checksumOffload: true }), 50);
   await Promise.race([done, new Promise((r) => setTimeout(r, 30000))]);
   clearInterval(hello);
+  await n.drain();
   console.log('echoed ' + echoed);
 }
 `, `vif = [ 'mac=00:16:3e:00:04:01' ]`);

@@ -310,6 +310,7 @@ export async function main(guest) {
   console.log('after: echoed ' + await pingPong(n, peer, 10));
   const bye = new Uint8Array(60); bye.set(peer, 0); bye.set(n.mac, 6); bye[12] = 0x88; bye[13] = 0xb8;
   await n.send(bye);
+  await n.drain();
 }
 `, `vif = [ 'mac=00:16:3e:00:05:01' ]`);
   const peer = guestImage(dir, 'plugpeer', `
@@ -373,6 +374,7 @@ export async function main(guest) {
   console.log('queues ' + n.queuesInUse + ', num-queues node ' + keys.includes('multi-queue-num-queues') + ', queue-0 ' + keys.includes('queue-0')
     + ', split ' + (await guest.xenstore.list(n.queuesInUse > 1 ? fe + '/queue-0' : fe)).includes('event-channel-tx'));
   for (let i = 0; i < 400; i++) await n.send(udpFrame(peer, n.mac, Uint8Array.from([10, 0, 0, 1]), Uint8Array.from([10, 0, 0, 2]), 5000 + (i % ${flows}), 7, new Uint8Array(100)));
+  await n.drain();
 }
 `;
   const receiver = `${helloCode}
@@ -448,6 +450,7 @@ export async function main(guest) {
       for (let i = 0; i < 10; i++) await say(0xb9, i);
       await say(0xba, 10 + r);
     }
+    await n.drain();
     return;
   }
   console.log('multicast control ' + n.features.multicastControl);

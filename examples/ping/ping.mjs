@@ -58,7 +58,7 @@ export async function main(guest) {
     await sleep(100);
     if (!peerDone) throw new Error('not yet');
   });
-  await sleep(200);
+  await net.drain(); // the peer's last answer may still be on the ring
   console.log('done');
   ip.close();
 }

@@ -149,6 +149,15 @@ export class NetInterface {
     return this.xnf.send(frame, offload);
   }
 
+  /**
+   * Resolve once the backend has taken every frame sent so far; call it
+   * before powering off, or frames still on the ring are lost with the
+   * domain. ETIMEDOUT after `timeoutMs` (10 s), ENETDOWN if the interface stops.
+   */
+  drain(timeoutMs?: number): Promise<void> {
+    return this.xnf.drain(timeoutMs);
+  }
+
   /** Call `handler` for every received frame; the view is valid only during the call. Returns an unsubscribe. */
   onFrame(handler: FrameHandler): () => void {
     this.handlers.push(handler);

@@ -191,6 +191,7 @@ export class XnfSoftc {
   readonly rxInfo: XnfRxInfo = { queue: 0, csumBlank: false, dataValidated: false, gsoType: 0, gsoSize: 0 };
   stateWatch: XsWatch | null = null;
   readonly dmaDomid: number;
+  private readonly drainWaiters: Array<() => void> = [];
   private readonly txScratch = new Uint8Array(XEN_NETIF_MAX_TX_SIZE);
 
   constructor(
@@ -381,6 +382,36 @@ export class XnfSoftc {
     } while (ring.finalCheckForResponses());
     if (ring.error !== undefined) return this.broken(ring.error.message);
     this.startWaiters(q);
+    if (this.drainWaiters.length > 0 && this.txIdle()) for (const w of this.drainWaiters.splice(0)) w();
+  }
+
+  /** Every frame handed to the ring has been answered and none waits. */
+  txIdle(): boolean {
+    for (const q of this.queues) if (q.waiters.length > 0 || q.txFreeCount !== q.txBufs.length) return false;
+    return true;
+  }
+
+  /**
+   * Resolve once the backend has answered every frame sent so far (a guest
+   * that powers off right after sending would lose what is still on the
+   * ring). ETIMEDOUT after `timeoutMs`; ENETDOWN if the interface stops.
+   */
+  drain(timeoutMs = 10_000): Promise<void> {
+    if (this.error !== null) return Promise.reject(this.error);
+    if (this.txIdle()) return RESOLVED;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        const i = this.drainWaiters.indexOf(done);
+        if (i >= 0) this.drainWaiters.splice(i, 1);
+        reject(this.error ?? new XenError('ETIMEDOUT', `${this.name}: TX ring not drained in ${timeoutMs} ms`));
+      }, timeoutMs);
+      const done = (): void => {
+        clearTimeout(timer);
+        if (this.error !== null) reject(this.error);
+        else resolve();
+      };
+      this.drainWaiters.push(done);
+    });
   }
 
   /** Check the response in q.txRsp; null when it freed an id (or was a NULL for an extra). */
@@ -582,6 +613,7 @@ export class XnfSoftc {
     this.error = new XenError('ENETDOWN', `${this.name}: ${reason}`);
     this.log('broken: %s', reason);
     this.setLink(false);
+    for (const w of this.drainWaiters.splice(0)) w();
     for (const q of this.queues) {
       for (const w of q.waiters.splice(0)) w.reject(this.error);
       for (const done of q.mcastDone.values()) done(NETIF_RSP_ERROR);
