@@ -131,3 +131,65 @@ export function fillChecksum(frame: Uint8Array, len: number = frame.length): boo
   frame[l4 + at + 1] = c & 0xff;
   return true;
 }
+
+const TH_FIN = 0x01;
+const TH_PSH = 0x08;
+const TH_CWR = 0x80;
+
+/**
+ * Software GSO (Linux's tcp_gso_segment): cut a TCP frame over IPv4 or IPv6
+ * whose payload exceeds `mss` into frames of at most `mss` payload bytes,
+ * each with its own IP length (and IPv4 id and header checksum), TCP
+ * sequence number and checksum; FIN and PSH stay on the last, CWR on the
+ * first. Each frame is built in `scratch` and handed to `emit`, valid only
+ * during the call. Returns the number of frames, or 0 (nothing emitted) when
+ * the frame is not TCP or its headers do not fit.
+ */
+export function segmentTcp(frame: Uint8Array, len: number, mss: number, scratch: Uint8Array, emit: (segment: Uint8Array) => void): number {
+  if (len < ETHER_HDR_LEN || !(mss >= 1)) return 0;
+  const type = (frame[12]! << 8) | frame[13]!;
+  const v6 = type === ETHERTYPE_IPV6;
+  if (!v6 && type !== ETHERTYPE_IP) return 0;
+  const l4 = v6 ? ETHER_HDR_LEN + IPV6_HDR_LEN : ETHER_HDR_LEN + (frame[ETHER_HDR_LEN]! & 0xf) * 4;
+  const proto = v6 ? frame[ETHER_HDR_LEN + 6] : frame[ETHER_HDR_LEN + 9];
+  if (proto !== IPPROTO_TCP || l4 + 20 > len) return 0;
+  const hdr = l4 + (frame[l4 + 12]! >> 4) * 4;
+  if (hdr < l4 + 20 || hdr > len || hdr + mss > scratch.length) return 0;
+  const payload = len - hdr;
+  const seq0 = ((frame[l4 + 4]! << 24) | (frame[l4 + 5]! << 16) | (frame[l4 + 6]! << 8) | frame[l4 + 7]!) >>> 0;
+  const id0 = (frame[ETHER_HDR_LEN + 4]! << 8) | frame[ETHER_HDR_LEN + 5]!;
+  const flags0 = frame[l4 + 13]!;
+  let n = 0;
+  let off = 0;
+  do {
+    const chunk = Math.min(mss, payload - off);
+    const segLen = hdr + chunk;
+    scratch.set(frame.subarray(0, hdr), 0);
+    scratch.set(frame.subarray(hdr + off, hdr + off + chunk), hdr);
+    if (v6) {
+      put16(scratch, ETHER_HDR_LEN + 4, segLen - l4);
+    } else {
+      put16(scratch, ETHER_HDR_LEN + 2, segLen - ETHER_HDR_LEN);
+      put16(scratch, ETHER_HDR_LEN + 4, (id0 + n) & 0xffff);
+      put16(scratch, ETHER_HDR_LEN + 10, 0);
+      put16(scratch, ETHER_HDR_LEN + 10, csumFold(csumAdd(scratch, ETHER_HDR_LEN, l4 - ETHER_HDR_LEN)));
+    }
+    const seq = (seq0 + off) >>> 0;
+    put16(scratch, l4 + 4, seq >>> 16);
+    put16(scratch, l4 + 6, seq & 0xffff);
+    let flags = flags0;
+    if (off + chunk < payload) flags &= ~(TH_FIN | TH_PSH);
+    if (n > 0) flags &= ~TH_CWR;
+    scratch[l4 + 13] = flags;
+    fillChecksum(scratch, segLen);
+    emit(scratch.subarray(0, segLen));
+    n++;
+    off += mss;
+  } while (off < payload);
+  return n;
+}
+
+function put16(b: Uint8Array, at: number, v: number): void {
+  b[at] = (v >> 8) & 0xff;
+  b[at + 1] = v & 0xff;
+}

@@ -90,6 +90,13 @@ export async function main(guest) {
   // A UDP frame with the checksum left to dom0: it leaves through the uplink completed.
   const out = udpFrame(Uint8Array.from([2, 0, 0, 0, 0, 0x99]), n.mac, Uint8Array.from([10, 0, 0, 5]), Uint8Array.from([10, 0, 0, 9]), 7, 9, new Uint8Array(33).fill(7));
   const hello = setInterval(() => void n.send(out, { checksumOffload: true }), 50);
+  // A TCP frame of 10,000 payload bytes handed over whole (GSO): it leaves the uplink as segments.
+  const tcp = new Uint8Array(54 + 10000);
+  tcp.set(out.subarray(0, 14)); tcp[14] = 0x45; tcp[16] = (tcp.length - 14) >> 8; tcp[17] = (tcp.length - 14) & 255; tcp[22] = 64; tcp[23] = 6;
+  tcp.set(out.subarray(26, 34), 26); tcp[46] = 0x50; tcp[47] = 0x18;
+  for (let i = 54; i < tcp.length; i++) tcp[i] = i & 0xff;
+  let s = 0; for (let i = 14; i < 34; i += 2) s += (tcp[i] << 8) | tcp[i + 1]; while (s > 0xffff) s = (s & 0xffff) + (s >>> 16); s = ~s & 0xffff; tcp[24] = s >> 8; tcp[25] = s & 255;
+  await n.send(tcp, { checksumOffload: true, gso: { type: 'tcpv4', mss: 1000 } });
   await Promise.race([done, new Promise((r) => setTimeout(r, 30000))]);
   clearInterval(hello);
   await n.drain();
@@ -125,6 +132,16 @@ export async function main(guest) {
   const sum = csumFold(csumAdd(udp!, 34, l4.length, csumAdd(udp!, 26, 8) + 17 + l4.length));
   t.not(udp![40]! | udp![41]!, 0, 'the UDP checksum was filled in');
   t.equal(sum, 0, 'and it verifies');
+  const segs = received.filter((m) => m[12] === 0x08 && m[23] === 6);
+  t.equal(segs.length, 10, 'the GSO frame left as ten segments');
+  let payload = Buffer.alloc(0);
+  for (const seg of segs) {
+    const l4len = seg.length - 34;
+    t.equal(csumFold(csumAdd(seg, 34, l4len, csumAdd(seg, 26, 8) + 6 + l4len)), 0, 'each with a good TCP checksum');
+    t.equal(seg.readUInt32BE(38), payload.length, 'and its sequence number');
+    payload = Buffer.concat([payload, seg.subarray(54)]);
+  }
+  t.ok(payload.length === 10000 && payload.every((b, i) => b === ((i + 54) & 0xff)), 'the payload whole, in order');
 });
 
 t.test('examples/ping: two guests ping each other and exchange UDP through the CLI, captured on the way', async (t) => {

@@ -20,7 +20,7 @@ import { __HYPERVISOR_grant_table_op, DOMID_SELF } from '../abi/xen.js';
 import { GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTST_okay, GNTTABOP_copy } from '../abi/grant_table.js';
 import { XEN_NETIF_MAX_TX_SIZE, XEN_NETIF_NR_SLOTS_MIN } from '../abi/netif.js';
 import { XenError } from '../errors.js';
-import { ETHER_ADDR_LEN, ETHER_HDR_LEN, fillChecksum, flowHash, formatMac, isMulticast, macKey } from '../ether.js';
+import { ETHER_ADDR_LEN, ETHER_HDR_LEN, fillChecksum, flowHash, formatMac, isMulticast, macKey, segmentTcp } from '../ether.js';
 import type { Hypercall, gnttab_copy } from '../hypervisor/hypercall.js';
 import { PAGE_SIZE, type MemoryViews } from '../hypervisor/page.js';
 import { logger, type Log } from '../log.js';
@@ -133,6 +133,8 @@ export class FramePool {
     len: 0, flags: 0, status: 0,
   };
   readonly mem: MemoryViews;
+  /** Where software GSO builds each segment (dom0's heap: segments are handed on, not grant-copied). */
+  readonly scratch = new Uint8Array(XEN_NETIF_MAX_TX_SIZE + 1);
   /** A dom0 page that frame heads are copied through. */
   private readonly scratchGfn: number;
   readonly stats = { packets: 0, copies: 0, copyFailures: 0, noPacket: 0, noBuffer: 0 };
@@ -291,6 +293,23 @@ export class FramePool {
 
   /** The frag whose copy failed in the last materialize() that returned null for that reason. */
   failedFrag = -1;
+
+  /**
+   * The frame as frames without GSO: a GSO frame cut into segments (each
+   * with its checksum, in `scratch`), any other frame completed. Each goes to
+   * `emit`, valid during the call. False when the bytes could not be had.
+   */
+  unoffload(pkt: Packet, emit: (frame: Uint8Array) => void): boolean {
+    if (pkt.gsoType === 0) {
+      const bytes = this.complete(pkt);
+      if (bytes !== null) emit(bytes);
+      return bytes !== null;
+    }
+    const bytes = this.materialize(pkt);
+    if (bytes === null) return false;
+    if (segmentTcp(bytes, pkt.len, pkt.gsoSize, this.scratch, emit) === 0) emit(this.complete(pkt)!);
+    return true;
+  }
 
   /** The frame as a port in dom0 must see it: materialized, its blank checksum filled in. */
   complete(pkt: Packet): Uint8Array | null {
@@ -532,21 +551,21 @@ export class LocalPort implements BridgePort {
     if (this.closed) return;
     const hdr = pkt.header;
     if (!this.promiscuous && !isMulticast(hdr, 0) && macKey(hdr, 0) !== macKey(this.mac, 0)) return;
-    const bytes = this.bridge.pool.complete(pkt);
-    if (bytes === null) {
-      this.stats.txDropped++;
-      return;
-    }
+    if (!this.bridge.pool.unoffload(pkt, this.emit)) this.stats.txDropped++;
+  }
+
+  /** One frame (a GSO frame's segment) to every handler. */
+  private readonly emit = (frame: Uint8Array): void => {
     this.stats.txPackets++;
-    this.stats.txBytes += pkt.len;
+    this.stats.txBytes += frame.length;
     for (let i = 0; i < this.handlers.length; i++) {
       try {
-        this.handlers[i]!(bytes);
+        this.handlers[i]!(frame);
       } catch (err) {
         this.log('handler: %s', (err as Error).message);
       }
     }
-  }
+  };
 
   close(): void {
     if (this.closed) return;

@@ -38,7 +38,7 @@ import { logger, type Log } from '../log.js';
 import { PcapWriter } from '../pcap.js';
 import { BackRing } from '../xen/ring.js';
 import type { XenStore, XsWatch } from '../xenstore/xenstore.js';
-import { MAX_FRAGS, newPortStats, type Bridge, type Bridges, type BridgePort, type Frag, type FramePool, type Packet, type PacketOrigin } from './bridge.js';
+import { HEADER_BYTES, MAX_FRAGS, newPortStats, type Bridge, type Bridges, type BridgePort, type Frag, type FramePool, type Packet, type PacketOrigin } from './bridge.js';
 import { bindInterdomain, mapGrant, unmapGrant } from './xenbus.js';
 
 const TX_RING_SIZE = __CONST_RING_SIZE(netif_tx_sring, PAGE_SIZE);
@@ -692,10 +692,47 @@ export class Netback implements BridgePort {
     if (this.state !== 'connected') return;
     const hdr = pkt.header;
     if (this.multicastControl && isMulticast(hdr) && !isBroadcast(hdr) && !this.mcast.has(macKey(hdr))) return;
-    if (!this.canTake(pkt)) {
+    if (pkt.gsoType !== 0 && !this.takesGso(pkt.gsoType)) return this.deliverSegments(pkt);
+    if (!this.canSg && pkt.len > PAGE_SIZE) {
       this.stats.txDropped++;
       return;
     }
+    this.enqueue(pkt);
+  }
+
+  private takesGso(type: number): boolean {
+    return (type === XEN_NETIF_GSO_TYPE_TCPV4 && this.gso4) || (type === XEN_NETIF_GSO_TYPE_TCPV6 && this.gso6);
+  }
+
+  /** A GSO frame for a frontend that did not ask for GSO: cut in dom0, each segment queued as a frame of its own. */
+  private deliverSegments(pkt: Packet): void {
+    this.segHash = pkt.hash;
+    if (!this.set.pool.unoffload(pkt, this.segmentIn)) this.rxUnavailable(pkt);
+  }
+
+  private segHash = 0;
+  private readonly segmentIn = (frame: Uint8Array): void => {
+    const pool = this.set.pool;
+    const p = pool.get(null);
+    if (p === null || !pool.attachBuffer(p, frame.length)) {
+      if (p !== null) pool.release(p);
+      this.stats.txDropped++;
+      return;
+    }
+    p.len = frame.length;
+    p.buf!.bytes.set(frame);
+    pool.fragsFromBuffer(p);
+    p.headerLen = Math.min(HEADER_BYTES, frame.length);
+    p.header.set(frame.subarray(0, p.headerLen));
+    p.dataValidated = true;
+    p.hash = this.segHash;
+    if (this.canSg || p.len <= PAGE_SIZE) this.enqueue(p);
+    else this.stats.txDropped++;
+    pool.release(p);
+  };
+
+  /** Into the guest-RX queue its hash picks, if there is room (XSA-392), and on to the ring. */
+  private enqueue(pkt: Packet): void {
     const q = this.queues[this.queues.length === 1 ? 0 : pkt.hash % this.queues.length]!;
     const max = this.set.opts;
     if (q.stalled || q.rxqCount >= q.rxq.length || q.rxqBytes + pkt.len > max.rxQueueMaxBytes) {
@@ -708,14 +745,6 @@ export class Netback implements BridgePort {
     q.rxqCount++;
     q.rxqBytes += pkt.len;
     this.rxAction(q);
-  }
-
-  /** What this frontend negotiated lets it take the frame (GSO type, size without SG). */
-  private canTake(pkt: Packet): boolean {
-    if (pkt.gsoType === XEN_NETIF_GSO_TYPE_TCPV4 && !this.gso4) return false;
-    if (pkt.gsoType === XEN_NETIF_GSO_TYPE_TCPV6 && !this.gso6) return false;
-    if (!this.canSg && pkt.len > PAGE_SIZE) return false;
-    return pkt.len <= this.mtu + ETHER_HDR_LEN || pkt.gsoType !== 0 || this.canSg;
   }
 
   /** Whether the frame must reach this guest with its checksum filled in. */
@@ -766,7 +795,7 @@ export class Netback implements BridgePort {
     let n = pkt.nrFrags;
     let flags = pkt.csumBlank ? NETRXF_csum_blank | NETRXF_data_validated : pkt.dataValidated ? NETRXF_data_validated : 0;
     if (this.needsChecksum(pkt)) {
-      if (this.set.pool.complete(pkt) === null) return this.rxUnavailable(q, pkt);
+      if (this.set.pool.complete(pkt) === null) return this.rxUnavailable(pkt);
       n = this.bufferFrags(pkt);
       frags = this.rxFrags;
       flags = NETRXF_data_validated;
@@ -795,7 +824,7 @@ export class Netback implements BridgePort {
   }
 
   /** Could not make the frame's bytes in dom0 (no buffer, or a sender's grant failed): drop it. */
-  private rxUnavailable(_q: NetbackQueue, pkt: Packet): void {
+  private rxUnavailable(pkt: Packet): void {
     this.stats.txDropped++;
     if (this.set.pool.failedFrag >= 0) pkt.origin?.packetFault(pkt, 'a TX grant could not be copied');
   }
