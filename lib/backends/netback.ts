@@ -123,6 +123,16 @@ function ringDump(r: BackRing | null): QueueDump['tx'] {
 
 type Resolved = Required<NetbackOptions>;
 
+/** xenbus_read_unsigned's default: a node the frontend may not have written is `absent` (as is one that is not a number). */
+async function optional(read: Promise<number>, absent: number): Promise<number> {
+  try {
+    return await read;
+  } catch (err) {
+    if (err instanceof XenError && (err.code === 'ENOENT' || err.code === 'EINVAL')) return absent;
+    throw err;
+  }
+}
+
 /** struct xenvif_queue */
 class NetbackQueue implements PacketOrigin {
   readonly name: string;
@@ -230,9 +240,14 @@ export class Netback implements BridgePort {
   async start(): Promise<void> {
     const b = this.backendPath;
     await this.xs.transaction(async (t) => {
-      for (const f of ['feature-sg', 'feature-gso-tcpv4', 'feature-gso-tcpv6', 'feature-ipv6-csum-offload', 'feature-rx-copy',
-        'feature-multicast-control', 'feature-split-event-channels']) await t.write(`${b}/${f}`, '1');
+      await t.write(`${b}/feature-sg`, '1');
+      await t.write(`${b}/feature-gso-tcpv4`, '1');
+      await t.write(`${b}/feature-gso-tcpv6`, '1');
+      await t.write(`${b}/feature-ipv6-csum-offload`, '1');
+      await t.write(`${b}/feature-rx-copy`, '1');
       await t.write(`${b}/feature-rx-flip`, '0');
+      await t.write(`${b}/feature-multicast-control`, '1');
+      await t.write(`${b}/feature-split-event-channels`, '1');
       await t.write(`${b}/multi-queue-max-queues`, String(this.set.opts.maxQueues));
     });
     await this.xs.write(`${b}/state`, String(XenbusStateInitWait));
@@ -261,12 +276,12 @@ export class Netback implements BridgePort {
   private async connect(signal: AbortSignal): Promise<void> {
     const f = this.frontendPath;
     const b = this.backendPath;
-    const n = await this.optNumber(`${f}/multi-queue-num-queues`, 1, signal);
+    const n = await optional(this.xs.getNumber(`${f}/multi-queue-num-queues`, { signal }), 1);
     if (!Number.isInteger(n) || n < 1 || n > this.set.opts.maxQueues) {
       return this.fatal(`guest requested ${n} queues, but valid range is 1 - ${this.set.opts.maxQueues}`);
     }
     this.mac.set(parseMac(await this.xs.read(`${b}/mac`, { signal })));
-    this.mtu = await this.optNumber(`${b}/mtu`, 1500, signal);
+    this.mtu = await optional(this.xs.getNumber(`${b}/mtu`, { signal }), 1500);
     const rate = await this.readRate(signal);
     const why = await this.readFlags(signal);
     if (why !== null) return this.fatal(why);
@@ -292,15 +307,6 @@ export class Netback implements BridgePort {
     for (const q of this.queues) this.txAction(q);
   }
 
-  private async optNumber(path: string, absent: number, signal: AbortSignal): Promise<number> {
-    try {
-      return await this.xs.getNumber(path, { signal });
-    } catch (err) {
-      if (err instanceof XenError && err.code === 'ENOENT') return absent;
-      throw err;
-    }
-  }
-
   /** xen_net_read_rate: "bytes,usec"; unlimited when absent or malformed. */
   private async readRate(signal: AbortSignal): Promise<{ bytes: number; usec: number }> {
     const text = await this.xs.read(`${this.backendPath}/rate`, { signal }).catch(() => '');
@@ -315,15 +321,15 @@ export class Netback implements BridgePort {
   // read_xenbus_vif_flags
   private async readFlags(signal: AbortSignal): Promise<string | null> {
     const f = this.frontendPath;
-    const flag = (name: string): Promise<boolean> => this.optNumber(`${f}/${name}`, 0, signal).then((v) => v === 1, () => false);
-    if (!(await flag('request-rx-copy'))) return 'the frontend does not request rx-copy';
-    if (!(await flag('feature-rx-notify'))) return 'feature-rx-notify is mandatory';
-    this.canSg = await flag('feature-sg');
-    this.gso4 = await flag('feature-gso-tcpv4');
-    this.gso6 = await flag('feature-gso-tcpv6');
-    this.ipCsum = !(await flag('feature-no-csum-offload'));
-    this.ipv6Csum = await flag('feature-ipv6-csum-offload');
-    this.multicastControl = await flag('request-multicast-control');
+    const is1 = (read: Promise<number>): Promise<boolean> => optional(read, 0).then((v) => v === 1, () => false);
+    if (!(await is1(this.xs.getNumber(`${f}/request-rx-copy`, { signal })))) return 'the frontend does not request rx-copy';
+    if (!(await is1(this.xs.getNumber(`${f}/feature-rx-notify`, { signal })))) return 'feature-rx-notify is mandatory';
+    this.canSg = await is1(this.xs.getNumber(`${f}/feature-sg`, { signal }));
+    this.gso4 = await is1(this.xs.getNumber(`${f}/feature-gso-tcpv4`, { signal }));
+    this.gso6 = await is1(this.xs.getNumber(`${f}/feature-gso-tcpv6`, { signal }));
+    this.ipCsum = !(await is1(this.xs.getNumber(`${f}/feature-no-csum-offload`, { signal })));
+    this.ipv6Csum = await is1(this.xs.getNumber(`${f}/feature-ipv6-csum-offload`, { signal }));
+    this.multicastControl = await is1(this.xs.getNumber(`${f}/request-multicast-control`, { signal }));
     return null;
   }
 
@@ -331,8 +337,8 @@ export class Netback implements BridgePort {
   private async connectQueue(q: NetbackQueue, dir: string, signal: AbortSignal): Promise<void> {
     const txRef = await this.xs.getNumber(`${dir}/tx-ring-ref`, { signal });
     const rxRef = await this.xs.getNumber(`${dir}/rx-ring-ref`, { signal });
-    let txPort = await this.optNumber(`${dir}/event-channel-tx`, -1, signal);
-    let rxPort = await this.optNumber(`${dir}/event-channel-rx`, -1, signal);
+    let txPort = await optional(this.xs.getNumber(`${dir}/event-channel-tx`, { signal }), -1);
+    let rxPort = await optional(this.xs.getNumber(`${dir}/event-channel-rx`, { signal }), -1);
     if (txPort < 0 || rxPort < 0) txPort = rxPort = await this.xs.getNumber(`${dir}/event-channel`, { signal });
     const { hypercall, intr } = this.set;
     const domid = this.spec.domid;
@@ -371,8 +377,7 @@ export class Netback implements BridgePort {
       this.reason = reason;
       this.log('fatal error: %s', reason);
     }
-    const err = `/local/domain/0/error/backend/vif/${this.spec.domid}/${this.spec.devid}/error`;
-    await this.xs.write(err, reason).catch(() => undefined);
+    await this.xs.write(`/local/domain/0/error/backend/vif/${this.spec.domid}/${this.spec.devid}/error`, reason).catch(() => undefined);
     await this.xs.write(`${this.backendPath}/state`, String(XenbusStateClosing)).catch(() => undefined);
   }
 

@@ -696,15 +696,15 @@ async function xnfLladdr(xnf: XnfSoftc): Promise<void> {
   const { xs } = xnf.sc;
   const text = await xs.read(`${xnf.dev.path}/mac`).catch(() => xs.read(`${xnf.dev.backend}/mac`));
   xnf.mac.set(parseMac(text));
-  const mtu = await xs.getNumber(`${xnf.dev.path}/mtu`).catch(() => ETH_DATA_LEN);
+  const mtu = await optional(xs.getNumber(`${xnf.dev.path}/mtu`), ETH_DATA_LEN);
   xnf.mtu = Number.isInteger(mtu) && mtu >= ETH_MIN_MTU ? mtu : ETH_DATA_LEN;
   xnf.trusted = (await xs.read(`${xnf.dev.path}/trusted`).catch(() => '1')) !== '0';
 }
 
-/** A backend feature flag: 1 when the node reads "1", `absent` when there is none. */
-async function feature(xnf: XnfSoftc, name: string, absent: number): Promise<number> {
+/** A number the backend may not have written: `absent` when there is none (or it is not a number). */
+async function optional(read: Promise<number>, absent: number): Promise<number> {
   try {
-    return await xnf.sc.xs.getNumber(`${xnf.dev.backend}/${name}`);
+    return await read;
   } catch (err) {
     if (err instanceof XenError && (err.code === 'ENOENT' || err.code === 'EINVAL')) return absent;
     throw err;
@@ -719,18 +719,19 @@ function netQueues(sc: XenSoftc): number {
 
 // xnf_capabilities, once the backend has written them (Linux netfront connects on the backend's InitWait).
 async function xnfCapabilities(xnf: XnfSoftc): Promise<void> {
-  const state = await xnf.sc.xs.awaitState(`${xnf.dev.backend}/state`, (v) => v !== undefined && Number(v) >= XenbusStateInitWait,
-    { timeoutMs: XNF_CONNECT_TIMEOUT_MS });
+  const { xs } = xnf.sc;
+  const be = xnf.dev.backend;
+  const state = await xs.awaitState(`${be}/state`, (v) => v !== undefined && Number(v) >= XenbusStateInitWait, { timeoutMs: XNF_CONNECT_TIMEOUT_MS });
   if (Number(state) > XenbusStateConnected) throw new XenError('ENXIO', `${xnf.name}: backend state ${state}`);
-  if ((await feature(xnf, 'feature-rx-copy', 0)) !== 1) throw new XenError('ENODEV', `${xnf.name}: the backend has no feature-rx-copy`);
-  xnf.capSg = (await feature(xnf, 'feature-sg', 0)) === 1;
-  xnf.capCsum4 = (await feature(xnf, 'feature-no-csum-offload', 0)) !== 1;
-  xnf.capCsum6 = (await feature(xnf, 'feature-ipv6-csum-offload', 0)) === 1;
-  xnf.capGso4 = xnf.capSg && (await feature(xnf, 'feature-gso-tcpv4', 0)) === 1;
-  xnf.capGso6 = xnf.capSg && (await feature(xnf, 'feature-gso-tcpv6', 0)) === 1;
-  xnf.capMcast = (await feature(xnf, 'feature-multicast-control', 0)) === 1;
-  xnf.capSplit = (await feature(xnf, 'feature-split-event-channels', 0)) === 1;
-  const max = await feature(xnf, 'multi-queue-max-queues', 1);
+  if ((await optional(xs.getNumber(`${be}/feature-rx-copy`), 0)) !== 1) throw new XenError('ENODEV', `${xnf.name}: the backend has no feature-rx-copy`);
+  xnf.capSg = (await optional(xs.getNumber(`${be}/feature-sg`), 0)) === 1;
+  xnf.capCsum4 = (await optional(xs.getNumber(`${be}/feature-no-csum-offload`), 0)) !== 1;
+  xnf.capCsum6 = (await optional(xs.getNumber(`${be}/feature-ipv6-csum-offload`), 0)) === 1;
+  xnf.capGso4 = xnf.capSg && (await optional(xs.getNumber(`${be}/feature-gso-tcpv4`), 0)) === 1;
+  xnf.capGso6 = xnf.capSg && (await optional(xs.getNumber(`${be}/feature-gso-tcpv6`), 0)) === 1;
+  xnf.capMcast = (await optional(xs.getNumber(`${be}/feature-multicast-control`), 0)) === 1;
+  xnf.capSplit = (await optional(xs.getNumber(`${be}/feature-split-event-channels`), 0)) === 1;
+  const max = await optional(xs.getNumber(`${be}/multi-queue-max-queues`), 1);
   xnf.maxQueues = Math.max(1, Math.min(Number.isInteger(max) ? max : 1, XNF_MAX_QUEUES, netQueues(xnf.sc)));
   xnf.mtu = Math.min(xnf.mtu, xnf.capSg ? XNF_MAX_MTU : ETH_DATA_LEN);
 }
