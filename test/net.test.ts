@@ -477,3 +477,49 @@ export async function main(guest) {
   t.match(rx!.console, /^before 0, joined 10, left 0$/m, 'filtered until joined, and again after leaving');
   t.match(rx!.console, /^unicast join: EINVAL$/m);
 });
+
+t.test('a receiver that stops taking frames holds its sender only for holdMs: the sender goes on talking to others', async (t) => {
+  const image = `${helloCode}
+import { xnfInterfaces } from '${lib('drivers/xnf/xnf.js')}';
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+export async function main(guest) {
+  const [n] = guest.nets();
+  const me = n.mac[5];
+  const mac = (x) => Uint8Array.from([0x00, 0x16, 0x3e, 0, 0x0b, x]);
+  const frame = (to, type) => { const f = new Uint8Array(1000); f.set(to, 0); f.set(n.mac, 6); f[12] = 0x88; f[13] = type; return f; };
+  if (me === 2) {
+    // The stuck receiver: it never looks at its RX ring again, so it never gives buffers back.
+    // One frame out first, so that the bridge knows where it is; it outlives the others' waits.
+    guest.sc.intr.intrMask(xnfInterfaces(guest.sc)[0].queues[0].rxIh);
+    await n.send(frame(mac(1), 0xbb));
+    await sleep(25000);
+    return;
+  }
+  if (me === 3) {
+    let got = 0;
+    const done = new Promise((resolve) => n.onFrame((f) => { if (f[13] === 0xb7 && ++got === 100) resolve(); }));
+    await meet(n, mac(1));
+    await Promise.race([done, sleep(12000)]);
+    console.log('healthy receiver got ' + got);
+    return;
+  }
+  await meet(n, mac(3));
+  // 256 fill the receiver's posted buffers; the rest would keep all 256 of the sender's ring slots.
+  for (let i = 0; i < 600; i++) await n.send(frame(mac(2), 0xb5));
+  for (let i = 0; i < 100; i++) await n.send(frame(mac(3), 0xb7));
+  await n.drain(12000).catch((err) => console.log('drain: ' + err.code));
+  console.log('sender done');
+}
+`;
+  const cfgs = [1, 2, 3].map((i) => guestImage(dir, `hold${i}`, image, `vif = [ 'mac=00:16:3e:00:0b:0${i}' ]`));
+  let released = 0;
+  const [s, , c] = await runGuests([cfgs[1]!, cfgs[0]!, cfgs[2]!].sort(), { netback: { drainTimeoutMs: 120_000 } }, async (m) => {
+    for (let i = 0; i < 200 && released === 0; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      released = (await m.netStats()).vifs.reduce((n, v) => n + v.released, 0);
+    }
+  });
+  t.match(s!.console, /^sender done$/m, s!.console);
+  t.match(c!.console, /^healthy receiver got 100$/m, 'the stuck receiver did not keep the sender\'s ring full');
+  t.ok(released > 0, 'frames were copied into dom0 to let the sender go');
+});

@@ -16,7 +16,10 @@
 // Guest RX: a bounded queue per ring (XSA-392: beyond it frames are
 // dropped), drained into the frontend's posted buffers; a frame that waits
 // longer than drainTimeoutMs is dropped, and a frontend that posts no buffer
-// for stallTimeoutMs is stalled (carrier off) until it does.
+// for stallTimeoutMs is stalled (carrier off) until it does. A frame that
+// waits longer than holdMs lets go of its sender: it is copied into dom0's
+// pool and the sender's requests are answered, so a receiver that stops
+// taking frames cannot keep another guest's ring full.
 
 import {
   NETIF_RSP_ERROR, NETIF_RSP_NULL, NETIF_RSP_OKAY, NETRXF_csum_blank, NETRXF_data_validated, NETRXF_extra_info,
@@ -79,6 +82,8 @@ export type NetbackOptions = {
   drainTimeoutMs?: number;
   /** A frontend that posts no RX buffer for this long is stalled (Linux rx_stall_timeout_msecs, 60 s). */
   stallTimeoutMs?: number;
+  /** A queued frame holds its sender's grants (and ring slots) at most this long, then is copied into dom0 (500 ms). */
+  holdMs?: number;
 };
 
 /** One vif as the toolstack hands it to dom0; mac, rate and mtu are read from the backend's nodes. */
@@ -103,6 +108,8 @@ export type VifStats = {
   /** Malformed but survivable guest requests, answered NETIF_RSP_ERROR. */
   txErrors: number;
   expired: number;
+  /** Frames copied into dom0 so as to let their sender go (they waited longer than holdMs). */
+  released: number;
   stalls: number;
   /** Per queue, the rings as xenvif_read_io_ring shows them. */
   rings: QueueDump[];
@@ -213,6 +220,8 @@ export class Netback implements BridgePort {
   reason: string | null = null;
   txErrors = 0;
   expired = 0;
+  /** Frames copied into dom0 after holding their sender for holdMs. */
+  released = 0;
   stalls = 0;
   bridge: Bridge | null = null;
   pcap: PcapWriter | null = null;
@@ -427,7 +436,7 @@ export class Netback implements BridgePort {
     return {
       name: this.name, state: this.state, reason: this.reason, queues: this.queues.length,
       rxPackets: this.stats.rxPackets, rxBytes: this.stats.rxBytes, txPackets: this.stats.txPackets, txBytes: this.stats.txBytes,
-      txDropped: this.stats.txDropped, txErrors: this.txErrors, expired: this.expired, stalls: this.stalls,
+      txDropped: this.stats.txDropped, txErrors: this.txErrors, expired: this.expired, released: this.released, stalls: this.stalls,
       rings: this.queues.map((q) => ({
         tx: ringDump(q.txRing), rx: ringDump(q.rxRing), rxQueued: q.rxqCount, rxQueuedBytes: q.rxqBytes, held: q.held !== null, stalled: q.stalled,
       })),
@@ -935,6 +944,29 @@ export class Netback implements BridgePort {
   }
 
   /**
+   * Frames at the head of the queue that waited longer than holdMs stop
+   * pointing at their sender's grants: copied into dom0 (the sender's
+   * requests answered now), oldest first, while pool buffers last.
+   */
+  private releaseSenders(q: NetbackQueue, now: number): void {
+    const pool = this.set.pool;
+    for (let i = 0; i < q.rxqCount; i++) {
+      const pkt = q.rxq[(q.rxqHead + i) % q.rxq.length]!;
+      if (now - pkt.queuedAtMs <= this.set.opts.holdMs) return;
+      if (pkt.origin === null) continue;
+      if (pool.materialize(pkt) === null) {
+        if (pool.failedFrag >= 0) pkt.origin.packetFault(pkt, 'a TX grant could not be copied');
+        return;
+      }
+      pool.fragsFromBuffer(pkt);
+      const origin = pkt.origin;
+      pkt.origin = null;
+      origin.packetDone(pkt);
+      this.released++;
+    }
+  }
+
+  /**
    * xenvif_rx_queue_drop_expired and the stall check: frames queued longer
    * than drainTimeoutMs go; a queue that moved nothing for stallTimeoutMs
    * while the frontend posted no buffer is stalled until it posts one.
@@ -945,6 +977,7 @@ export class Netback implements BridgePort {
     for (const q of this.queues) {
       const ring = q.rxRing;
       if (ring === null) continue;
+      this.releaseSenders(q, now);
       if (q.stalled && ring.unconsumedRequests() > 0) {
         q.stalled = false;
         q.lastRxMs = now;
@@ -991,6 +1024,7 @@ export class NetbackSet {
       rxQueueMaxBytes: opts.rxQueueMaxBytes ?? 2 << 20,
       drainTimeoutMs: opts.drainTimeoutMs ?? 10_000,
       stallTimeoutMs: opts.stallTimeoutMs ?? 60_000,
+      holdMs: opts.holdMs ?? 500,
     };
   }
 
@@ -1052,7 +1086,7 @@ export class NetbackSet {
 
   private armTimer(): void {
     if (this.timer !== null) return;
-    const every = Math.max(10, Math.min(this.opts.drainTimeoutMs, this.opts.stallTimeoutMs) / 4);
+    const every = Math.max(10, Math.min(this.opts.drainTimeoutMs, this.opts.stallTimeoutMs, this.opts.holdMs) / 4);
     this.timer = setInterval(() => {
       const now = performance.now();
       for (const v of this.vifs.values()) v.checkQueues(now);
