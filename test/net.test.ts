@@ -417,17 +417,23 @@ export async function main(guest) {
     return;
   }
   await meet(n, peer);
+  const start = Date.now();
   for (let i = 0; i < 100; i++) { const f = new Uint8Array(1000); f.set(peer, 0); f.set(n.mac, 6); f[12] = 0x88; f[13] = 0xb5; await n.send(f); }
-  await new Promise((r) => setTimeout(r, 2000));
+  // netback answers a frame once it passed the credit check: drain() waits for the last.
+  await n.drain(30000);
+  console.log('sent 100 in ' + (Date.now() - start) + ' ms');
+  await new Promise((r) => setTimeout(r, 500));
 }
 `;
   const a = guestImage(dir, 'rate1', image, `vif = [ 'mac=00:16:3e:00:07:01,rate=800Kb/s@50ms' ]`);
   const b = guestImage(dir, 'rate2', image, `vif = [ 'mac=00:16:3e:00:07:02' ]`);
-  const [rx] = await runGuests([b, a]);
-  const m = /^received 100 over (\d+) ms$/m.exec(rx!.console);
-  t.ok(m !== null, rx!.console);
-  // 100,000 bytes at 100,000 bytes/s, of which at most two intervals' credit (10,000 bytes) pass at once.
-  t.ok(Number(m![1]) >= 700, `the limit spread the frames over ${m![1]} ms`);
+  const [rx, tx] = await runGuests([b, a]);
+  t.match(rx!.console, /^received 100 over \d+ ms$/m, rx!.console);
+  const m = /^sent 100 in (\d+) ms$/m.exec(tx!.console);
+  t.ok(m !== null, tx!.console);
+  // 100,000 bytes at 100,000 bytes/s, of which at most three intervals' credit (15,000 bytes) pass at once:
+  // about 0.85 s at least, measured where load can only make it longer (unlimited it takes a few ms).
+  t.ok(Number(m![1]) >= 750, `the limit spread the frames over ${m![1]} ms`);
 });
 
 t.test('multicast control: netback passes a group only to a frontend that joined it', async (t) => {
@@ -512,14 +518,8 @@ export async function main(guest) {
 }
 `;
   const cfgs = [1, 2, 3].map((i) => guestImage(dir, `hold${i}`, image, `vif = [ 'mac=00:16:3e:00:0b:0${i}' ]`));
-  let released = 0;
-  const [s, , c] = await runGuests([cfgs[1]!, cfgs[0]!, cfgs[2]!].sort(), { netback: { drainTimeoutMs: 120_000 } }, async (m) => {
-    for (let i = 0; i < 200 && released === 0; i++) {
-      await new Promise((r) => setTimeout(r, 100));
-      released = (await m.netStats()).vifs.reduce((n, v) => n + v.released, 0);
-    }
-  });
+  // Without the release the sender's ring stays full until the stuck receiver goes (25 s), past the healthy one's wait (12 s).
+  const [s, , c] = await runGuests(cfgs, { netback: { drainTimeoutMs: 120_000 } });
   t.match(s!.console, /^sender done$/m, s!.console);
   t.match(c!.console, /^healthy receiver got 100$/m, 'the stuck receiver did not keep the sender\'s ring full');
-  t.ok(released > 0, 'frames were copied into dom0 to let the sender go');
 });
