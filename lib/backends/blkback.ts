@@ -54,6 +54,9 @@ export type VbdSpec = {
   readOnly: boolean;
 };
 
+/** A vbd's counters, as Linux blkback's statistics/ (rd_req, wr_req, f_req, rd_sect, wr_sect, bad requests). */
+export type VbdStats = { devid: number; counters: Record<string, number> };
+
 /** The disk behind a vbd, in bytes at byte offsets; sizes are whole sectors. */
 interface Storage {
   readonly sectors: number;
@@ -145,6 +148,8 @@ export class Blkback {
   private readonly bounce = new Uint8Array(PAGE_SIZE);
   /** Requests answered with BLKIF_RSP_ERROR because they were malformed. */
   badRequests = 0;
+  /** Requests served, by operation, and 512-byte sectors moved. */
+  readonly stats = { rd_req: 0, wr_req: 0, f_req: 0, rd_sect: 0, wr_sect: 0 };
 
   constructor(
     private readonly hypercall: Hypercall,
@@ -233,6 +238,7 @@ export class Blkback {
     };
     try {
       if (r.operation === BLKIF_OP_FLUSH_DISKCACHE) {
+        this.stats.f_req++;
         this.storage!.flush();
         return BLKIF_RSP_OKAY;
       }
@@ -300,6 +306,11 @@ export class Blkback {
       }
       offset += len;
     }
+    if (write) this.stats.wr_req++;
+    else this.stats.rd_req++;
+    const sectors = offset / SECTOR_SIZE - r.sector;
+    if (write) this.stats.wr_sect += sectors;
+    else this.stats.rd_sect += sectors;
     return BLKIF_RSP_OKAY;
   }
 
@@ -341,5 +352,18 @@ export class BlkbackSet {
     const list = this.byDomid.get(domid) ?? [];
     this.byDomid.delete(domid);
     for (const b of list) await b.stop();
+  }
+
+  /** Stop the blkback of one vbd (its detach). */
+  async stopOne(domid: number, devid: number): Promise<void> {
+    const list = this.byDomid.get(domid) ?? [];
+    const b = list.find((x) => x.spec.devid === devid);
+    if (b === undefined) return;
+    this.byDomid.set(domid, list.filter((x) => x !== b));
+    await b.stop();
+  }
+
+  stats(domid: number): VbdStats[] {
+    return (this.byDomid.get(domid) ?? []).map((b) => ({ devid: b.spec.devid, counters: { ...b.stats, bad_req: b.badRequests } }));
   }
 }

@@ -83,6 +83,10 @@ export class XbfSoftc {
   /** Ccbs not in flight; popped by getCcb. */
   readonly freeCcbs: XbfCcb[] = [];
   private readonly waiters: Array<(ccb: XbfCcb | XenError) => void> = [];
+  /** While suspending: requests that wait for resume (null when not suspending). */
+  private held: Array<() => void> | null = null;
+  /** Waiting for every ccb to be free. */
+  private idle: Array<() => void> = [];
   private readonly req = new Uint8Array(ENTRY_BYTES);
   private readonly reqView = new DataView(this.req.buffer);
   private readonly rsp = new Uint8Array(ENTRY_BYTES);
@@ -243,10 +247,16 @@ export class XbfSoftc {
       done?.(this.error);
     }
     for (const w of this.waiters.splice(0)) w(this.error);
+    for (const h of this.held?.splice(0) ?? []) h();
+    for (const f of this.idle.splice(0)) f();
   }
 
   private getCcb(): Promise<XbfCcb> {
     if (this.error !== null) return Promise.reject(this.error);
+    if (this.held !== null) {
+      if (this.held.length >= XBF_MAX_WAITERS) return Promise.reject(new XenError('EAGAIN', `${this.name}: ${XBF_MAX_WAITERS} requests held`));
+      return new Promise((resolve, reject) => this.held!.push(() => this.getCcb().then(resolve, reject)));
+    }
     const ccb = this.freeCcbs.pop();
     if (ccb !== undefined) return Promise.resolve(ccb);
     if (this.waiters.length >= XBF_MAX_WAITERS) return Promise.reject(new XenError('EAGAIN', `${this.name}: ${XBF_MAX_WAITERS} requests waiting`));
@@ -268,6 +278,33 @@ export class XbfSoftc {
     const w = this.waiters.shift();
     if (w !== undefined) w(ccb);
     else this.freeCcbs.push(ccb);
+    if (this.isIdle()) for (const f of this.idle.splice(0)) f();
+  }
+
+  private isIdle(): boolean {
+    return this.freeCcbs.length === this.ccbs.length && this.waiters.length === 0;
+  }
+
+  /**
+   * For suspend: requests made from now on wait; resolves when every request
+   * made before (in flight or waiting for a slot) has completed (bounded).
+   */
+  async quiesce(timeoutMs: number): Promise<void> {
+    this.held ??= [];
+    if (this.error !== null || this.isIdle()) return;
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      new Promise<void>((resolve) => this.idle.push(resolve)),
+      new Promise<void>((resolve) => (timer = setTimeout(resolve, timeoutMs))),
+    ]);
+    clearTimeout(timer);
+  }
+
+  /** After a cancelled suspend: the held requests go. */
+  unhold(): void {
+    const held = this.held ?? [];
+    this.held = null;
+    for (const h of held) h();
   }
 }
 
@@ -319,7 +356,18 @@ async function xbfRelease(xbf: XbfSoftc): Promise<void> {
   await xbfCcbsDestroy(xbf);
 }
 
-export const xbfDriver: XenDriver = { name: 'xbf', attach: xbfAttach, detach: xbfDetach };
+// Suspend, minimally: requests in flight complete and new ones wait. A suspend
+// the toolstack cancels finds the backend as it was, so resume lets them go;
+// a restored domain attaches its disks afresh.
+async function xbfSuspend(sc: XenSoftc, dev: XenDevice): Promise<void> {
+  await softcs.get(sc)?.get(dev.path)?.quiesce(XBF_CONNECT_TIMEOUT_MS);
+}
+
+async function xbfResume(sc: XenSoftc, dev: XenDevice): Promise<void> {
+  softcs.get(sc)?.get(dev.path)?.unhold();
+}
+
+export const xbfDriver: XenDriver = { name: 'xbf', attach: xbfAttach, detach: xbfDetach, suspend: xbfSuspend, resume: xbfResume };
 
 // --- ring and ccb create/destroy -------------------------------------------------
 
