@@ -10,6 +10,7 @@ import { cliPath, defaultRundir, hostDaemon, hostStart, hostStop } from './host.
 import { closeSync, ftruncateSync, openSync } from 'node:fs';
 import { parseSize } from '../backends/xlcfg.js';
 import { hostStatus, manageCommands } from './manage.js';
+import { fuzz } from './fuzz.js';
 
 const USAGE = `usage: xenpv <command> [options]
 
@@ -27,6 +28,17 @@ commands:
       stop that host; its socket and pid file go with it.
   host status [--rundir DIR]
       the host's pid, uptime and number of domains.
+  disk create FILE SIZE
+      create a raw disk image of SIZE bytes (suffix K, M, G or T; a multiple
+      of 512), sparse and zero-filled; EEXIST when FILE exists.
+  fuzz xenstore [--seed N] [--steps M] [--json]
+      a guest that abuses xenstored (quotas, permission probes, malformed
+      and partial messages, unread answers, reconnects) while dom0 and a
+      bystander guest check that they are served and nothing of theirs
+      leaks or changes. Prints the seed; the same seed replays the run.
+      Exit 1 when an invariant broke.
+  help
+      this text.
 
 commands that manage a running host (each takes --rundir DIR):
   create CFG [-c]             create a guest from an xl config; -c attaches its console
@@ -44,11 +56,6 @@ commands that manage a running host (each takes --rundir DIR):
   block-list [NAME] [--json]  the domain's disks and their xenbus states
   save NAME FILE              suspend the guest, write its memory and config to FILE
   restore FILE                a new domain from FILE; its guest carries on
-  disk create FILE SIZE
-      create a raw disk image of SIZE bytes (suffix K, M, G or T; a multiple
-      of 512), sparse and zero-filled; EEXIST when FILE exists.
-  help
-      this text.
 `;
 
 function fail(err: unknown): never {
@@ -75,6 +82,8 @@ async function main(argv: string[]): Promise<number> {
       return host(rest);
     case 'disk':
       return disk(rest);
+    case 'fuzz':
+      return fuzz(rest);
     case undefined:
     case 'help':
     case '--help':
