@@ -227,6 +227,11 @@ t.test('bad requests on the control socket get coded errors; the socket goes on'
   c.sock.write('x'.repeat(70 * 1024));
   t.match(await c.next(), { id: null, error: { code: 'EMSGSIZE' } });
   await c.closed;
+  const half = await rawControl();
+  half.send(JSON.stringify({ id: 9, op: 'status' }));
+  half.sock.end();
+  t.match(await half.next(), { id: 9, result: { pid: Number } }, 'a client that ended its side still gets its reply');
+  await half.closed;
 });
 
 t.test('console: two readers on the unix socket and one on console_port see the same output; Ctrl-] detaches', async (t) => {

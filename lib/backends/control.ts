@@ -150,7 +150,8 @@ export class ControlServer {
   static async listen(path: string, ops: Record<string, Op>): Promise<ControlServer> {
     mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
     await removeStaleSocket(path, 'host');
-    const server = createServer();
+    // Half-open: a client may send its requests, end its side, and still read the replies.
+    const server = createServer({ allowHalfOpen: true });
     const self = new ControlServer(path, server);
     server.maxConnections = MAX_CLIENTS;
     server.on('connection', (sock) => self.accept(sock, ops));
@@ -171,8 +172,10 @@ export class ControlServer {
     const gone = new AbortController();
     let buffered = '';
     let inFlight = 0;
+    let ended = false;
     const reply = (msg: object): void => {
       if (!sock.destroyed) sock.write(JSON.stringify(msg) + '\n');
+      if (ended && inFlight === 0) sock.end();
     };
     sock.setEncoding('utf8');
     sock.on('data', (chunk: string) => {
@@ -196,6 +199,10 @@ export class ControlServer {
         sock.end();
         buffered = '';
       }
+    });
+    sock.on('end', () => {
+      ended = true;
+      if (inFlight === 0) sock.end();
     });
     sock.on('error', (err) => log('client: %s', err.message));
     sock.on('close', () => {
