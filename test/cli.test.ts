@@ -516,8 +516,11 @@ t.test('save and restore refuse what they cannot do, and the guest runs on', asy
   t.match((await xenpv(['restore', junk])).stderr, /EINVAL/);
   t.match((await xenpv(['restore', join(dir, 'missing.save')])).stderr, /ENOENT/);
   const saved = join(dir, 'keeper.save');
+  await ok(['block-attach', 'keeper', 'format=memory, vdev=xvdc, target=1M']);
   await ok(['save', 'keeper', saved]);
   await ok(['restore', saved]);
+  const disks = JSON.parse(await ok(['block-list', 'keeper', '--json'])) as { devices: { devid: number }[] }[];
+  t.same(disks[0]!.devices.map((d) => d.devid), [51744], 'a hotplugged disk is part of the saved config');
   const clash = await xenpv(['restore', saved]);
   t.equal(clash.status, 1);
   t.match(clash.stderr, /EEXIST/, 'a second restore of the same guest: its name is taken');

@@ -120,6 +120,7 @@ type GuestStart = { name: string; image: string; extra: string; resume?: number 
 
 type Managed = {
   domid: number;
+  /** The config as it is now: hotplugged disks included. */
   spec: DomainSpec;
   storePort: number;
   consolePort: number;
@@ -445,15 +446,19 @@ export class Toolstack {
 
   /** `xl block-attach`: a new vbd while the guest runs; the guest's watch on device/ attaches it. */
   async blockAttach(domid: number, disk: DiskSpec): Promise<void> {
-    this.running(domid);
+    const m = this.running(domid);
     await this.addDisk(domid, disk);
+    // As libxl updates the stored config: a restart or a save keeps the disk.
+    m.spec = { ...m.spec, disks: [...(m.spec.disks ?? []), disk] };
   }
 
   /** `xl block-detach`: the removal handshake; forced when the guest does not answer. */
   async blockDetach(domid: number, devid: number, signal?: AbortSignal): Promise<{ forced: boolean }> {
-    this.managed(domid);
+    const m = this.managed(domid);
     if (this.vbd === null) throw new XenError('ENODEV', 'no block backend in this dom0');
-    return deviceRemove(this.xs, domid, this.vbd, devid, signal);
+    const r = await deviceRemove(this.xs, domid, this.vbd, devid, signal);
+    m.spec = { ...m.spec, disks: (m.spec.disks ?? []).filter((d) => d.devid !== devid) };
+    return r;
   }
 
   /** `xl block-list`: the vbds of a domain as xenstore has them. */
