@@ -10,6 +10,7 @@ import { createConnection, createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { ControlClient } from '../lib/cli/control-client.js';
 
 const root = fileURLToPath(new URL('../..', import.meta.url));
 const cli = join(root, 'dist/lib/cli/main.js');
@@ -56,8 +57,12 @@ const waitLog = (name: string, re: RegExp): Promise<RegExpMatchArray> => until(`
 type Row = { domid: number; name: string; memoryMiB: number; vcpus: number; maxVcpus: number; state: string; timeS: number };
 type Top = Row & { ports: number; granted: number; pinned: number; mapped: number; devices: { type: string; devid: number; counters: Record<string, number> }[] };
 
+// Polls go over the JSON API on one connection; the commands under test run as processes.
+let api: ControlClient | null = null;
+
 async function list(): Promise<Row[]> {
-  return JSON.parse(await ok(['list', '--json'])) as Row[];
+  api ??= await ControlClient.connect(rundir);
+  return (await api.call('list')) as Row[];
 }
 
 async function row(name: string): Promise<Row | undefined> {
@@ -65,6 +70,11 @@ async function row(name: string): Promise<Row | undefined> {
 }
 
 async function topOnce(): Promise<Top[]> {
+  api ??= await ControlClient.connect(rundir);
+  return (await api.call('top')) as Top[];
+}
+
+async function topOnceCli(): Promise<Top[]> {
   return JSON.parse(await ok(['top', '--once', '--json'])) as Top[];
 }
 
@@ -172,6 +182,7 @@ t.before(async () => {
   if (r.status !== 0) throw new Error(`host start: ${r.stderr}`);
 });
 t.teardown(async () => {
+  api?.close();
   await xenpv(['host', 'stop']);
 });
 
@@ -187,7 +198,7 @@ t.test('host status; create two guests; list as a table and as JSON', async (t) 
   t.match(lines[1], /^Domain-0 {32} {5}0 +16 +1 {5}[r-][b-]----\s+\d+\.\d$/);
   t.match(lines[2], /^alpha {35} +\d+ +32 +1 {5}[r-][b-]----\s+\d+\.\d$/);
   t.match(lines[3], /^beta {36} +\d+ +32 +2 {5}[r-][b-]----\s+\d+\.\d$/);
-  const rows = await list();
+  const rows = JSON.parse(await ok(['list', '--json'])) as Row[];
   t.same(rows.map((r) => r.name), ['Domain-0', 'alpha', 'beta']);
   t.match(rows[2], { memoryMiB: 32, vcpus: 2, maxVcpus: 2 });
   t.ok(rows.every((r) => typeof r.timeS === 'number' && r.timeS >= 0), 'Time(s) for each');
@@ -424,7 +435,7 @@ t.test('block-attach and block-detach while the guest writes; every grant, port 
 t.test('top --once --json and the live table', async (t) => {
   await ok(['create', cfg('watched')]);
   await waitLog('watched', /boot/);
-  const rows = await topOnce();
+  const rows = await topOnceCli();
   const w = rows.find((r) => r.name === 'watched')!;
   t.match(w, { memoryMiB: 32, vcpus: 1, maxVcpus: 1 });
   t.ok(w.ports >= 2 && w.granted >= 2, 'console and xenstore at least');
