@@ -125,11 +125,12 @@ export async function main(ctx: KernelContext): Promise<void> {
   const consoles = new ConsoleBackend(
     hypercall, intr, (domid, text) => rpc.event('console', { domid, name: names?.nameOf(domid) ?? `dom${domid}`, text }), concentrator,
   );
+  const vbds = new BlkbackSet(hypercall, intr, xs);
   const toolstack = new Toolstack(
     ctx.hv, hypercall, xs, store, consoles, platform,
     (exit) => rpc.event('exit', exit),
     new URL('../xen/kernel.js', import.meta.url).href,
-    new BlkbackSet(hypercall, intr, xs),
+    vbds,
   );
   names = toolstack;
   const domExc = intr.virqEstablish(VIRQ_DOM_EXC, () => toolstack.domainException(), 'dom-exc');
@@ -141,6 +142,10 @@ export async function main(ctx: KernelContext): Promise<void> {
     stop: async () => {
       await socket?.close();
       await concentrator?.closeAll();
+    },
+    'vbd-restart': (args: unknown) => {
+      const a = args as { domid: number; devid: number };
+      return vbds.restart(a.domid, a.devid);
     },
   } satisfies RpcHandlers);
   // Listening last: the machine's first call (ping) finds everything in place.

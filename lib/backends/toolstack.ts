@@ -64,6 +64,10 @@ export type DiskSpec = {
   /** The image path (type file) or the size in bytes (memory, null). */
   params: string;
   readOnly: boolean;
+  /** devtype=cdrom: the guest sees a CD-ROM (VDISK_CDROM), read-only. */
+  cdrom?: boolean;
+  /** `untrusted`: false, and the frontend takes the measures of XSA-403 (the `trusted` node). */
+  trusted?: boolean;
 };
 
 /** dom0's block backends as the toolstack starts and stops them. */
@@ -141,10 +145,13 @@ function vbdKind(vbds: VbdBackends): DeviceKind<DiskSpec> {
   return {
     type: 'vbd',
     devid: (d) => d.devid,
-    frontendNodes: (_domid, d) => [['state', '1'], ['virtual-device', String(d.devid)], ['device-type', 'disk']],
+    frontendNodes: (_domid, d) => [
+      ['state', '1'], ['virtual-device', String(d.devid)], ['device-type', d.cdrom === true ? 'cdrom' : 'disk'],
+      ['trusted', d.trusted === false ? '0' : '1'],
+    ],
     backendNodes: (_domid, d) => [
-      ['params', d.params], ['type', d.type], ['mode', d.readOnly ? 'r' : 'w'], ['dev', d.vdev], ['device-type', 'disk'],
-      ['removable', '0'], ['bootable', '1'], ['online', '1'], ['state', '1'],
+      ['params', d.params], ['type', d.type], ['mode', d.readOnly ? 'r' : 'w'], ['dev', d.vdev], ['device-type', d.cdrom === true ? 'cdrom' : 'disk'],
+      ['removable', d.cdrom === true ? '1' : '0'], ['bootable', '1'], ['online', '1'], ['state', '1'],
     ],
     start: (domid, d) => vbds.start({ domid, devid: d.devid, type: d.type, params: d.params, readOnly: d.readOnly }),
     stop: (domid, devid) => vbds.stopOne(domid, devid),

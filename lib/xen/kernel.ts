@@ -22,7 +22,7 @@ export async function main(ctx: KernelContext): Promise<void> {
   const args = ctx.args as GuestArgs;
   // Before the page allocator hands out (and zeroes) the frame it lies in.
   const record = args.resume === undefined ? undefined : readResumeRecord(ctx.hv.domain(ctx.domid)!.mem, args.resume);
-  const { sc } = xenAttach(ctx, args.name);
+  const { sc } = xenAttach(ctx, args.name, args.extra);
   // The image's stdout is the PV console; stderr stays the kernel's log.
   process.stdout.write = ((chunk: string | Uint8Array): boolean => {
     sc.console.write(chunk);

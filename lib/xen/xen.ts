@@ -79,6 +79,8 @@ export type XenSoftc = {
   console: Console;
   devices: Map<string, XenDevice>;
   log: Log;
+  /** The kernel command line (the config's `extra`); drivers take `<driver>.<name>=<value>` words from it. */
+  cmdline: string;
 };
 
 /**
@@ -212,7 +214,7 @@ export type Boot = {
 };
 
 /** xen_attach up to the xenstore; the caller probes devices and starts the image. */
-export function xenAttach(ctx: KernelContext, name: string): Boot {
+export function xenAttach(ctx: KernelContext, name: string, cmdline = ''): Boot {
   const log = logger('xen', name);
   pvbusDetect(ctx);
   const hypercall = ctx.hv.entry(ctx.domid);
@@ -242,7 +244,7 @@ export function xenAttach(ctx: KernelContext, name: string): Boot {
   const storeIntr = intr.intrEstablish(getParam(hypercall, HVM_PARAM_STORE_EVTCHN), 0, () => xs?.intr(), 'xenstore');
   xs = new XenStore({ page: storePage, notify: () => intr.intrSignal(storeIntr), name });
 
-  const sc: XenSoftc = { domid: ctx.domid, name, hypercall, mem: self.mem, physmem, intr, dmat, xs, console, devices: new Map(), log };
+  const sc: XenSoftc = { domid: ctx.domid, name, hypercall, mem: self.mem, physmem, intr, dmat, xs, console, devices: new Map(), log, cmdline };
   intr.intrUnmask(consoleIntr);
   intr.intrUnmask(storeIntr);
   void intr.run();
@@ -312,13 +314,22 @@ async function attachDevice(sc: XenSoftc, type: string, unit: string, onChange: 
   return true;
 }
 
-/** otherend_changed: a backend going Closing (the toolstack unplugs the device) or away starts the close. */
+/** Whether the backend is going away for good: gone, or Closing/Closed with `online` 0 (libxl's removal). */
+async function backendLeaving(sc: XenSoftc, backend: string): Promise<boolean> {
+  const state = await sc.xs.read(`${backend}/state`).then(Number, () => null);
+  if (state === null) return true;
+  if (state !== XenbusStateClosing && state !== XenbusStateClosed) return false;
+  // A backend that closes while online stays is restarting: the driver reconnects (xbf's recovery).
+  return (await sc.xs.read(`${backend}/online`).catch(() => '0')) !== '1';
+}
+
+/** otherend_changed: a backend the toolstack unplugs (online 0, Closing) or removes starts the close. */
 async function watchOtherend(sc: XenSoftc, dev: XenDevice, onChange: () => void): Promise<void> {
   const watches = otherendWatches.get(sc) ?? new Map<string, XsWatch>();
   otherendWatches.set(sc, watches);
   const w = await sc.xs.watch(`${dev.backend}/state`, `otherend:${dev.path}`, () => {
-    void sc.xs.read(`${dev.backend}/state`).then((v) => Number(v), () => XenbusStateClosed).then((state) => {
-      if (state === XenbusStateClosing || state === XenbusStateClosed) return detachDevice(sc, dev.path).then((gone) => gone && onChange());
+    void backendLeaving(sc, dev.backend).then((leaving) => {
+      if (leaving) return detachDevice(sc, dev.path).then((gone) => gone && onChange());
     });
   }).catch((err: Error) => {
     sc.log('%s: no watch on the backend: %s', dev.path, err.message);
