@@ -282,6 +282,17 @@ t.test('console: two readers on the unix socket and one on console_port see the 
   const none = await xenpv(['console', 'nosuch']);
   t.equal(none.status, 1);
   t.match(none.stderr, /ESRCH/);
+  const attached = spawn(process.execPath, [cli, 'create', cfg('attached'), '-c', '--rundir', rundir], { stdio: ['pipe', 'pipe', 'pipe'] });
+  let out = '';
+  attached.stdout.on('data', (b: Buffer) => (out += b.toString()));
+  await until('create -c attached', () => {
+    attached.stdin.write('typed\n');
+    return out.includes('echo: typed');
+  });
+  attached.stdin.write('\x1d');
+  t.equal(await new Promise((r) => attached.on('close', r)), 0, 'create -c: the console until Ctrl-]');
+  t.match(out, /^attached: domid \d+$/m);
+  await ok(['destroy', 'attached']);
 });
 
 t.test('pause stops the guest, timers and all; unpause resumes it', async (t) => {
