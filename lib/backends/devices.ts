@@ -76,10 +76,15 @@ export async function deviceAdd<S>(xs: XenStore, domid: number, kind: DeviceKind
   try {
     await kind.start(domid, spec);
   } catch (err) {
-    await xs.rm(fe).catch(() => undefined);
-    await xs.rm(be).catch(() => undefined);
+    await removeNodes(xs, domid, kind.type, devid);
     throw err;
   }
+}
+
+/** The end of a device: both its directories. */
+async function removeNodes(xs: XenStore, domid: number, type: string, devid: number): Promise<void> {
+  await xs.rm(`/local/domain/${domid}/device/${type}/${devid}`).catch(() => undefined);
+  await xs.rm(`/local/domain/0/backend/${type}/${domid}/${devid}`).catch(() => undefined);
 }
 
 async function stateOf(xs: XenStore, path: string): Promise<number | null> {
@@ -123,8 +128,7 @@ export async function deviceRemove<S>(
   if (answers && !(await awaitFrontend(xs, fe, [XenbusStateClosing, XenbusStateClosed], signal))) forced = true;
   await kind.stop(domid, devid);
   if (answers && !forced && !(await awaitFrontend(xs, fe, [XenbusStateClosed], signal))) forced = true;
-  await xs.rm(fe).catch(() => undefined);
-  await xs.rm(be).catch(() => undefined);
+  await removeNodes(xs, domid, kind.type, devid);
   log('%s %d of domain %d removed%s', kind.type, devid, domid, forced ? ' (forced: the frontend did not answer)' : '');
   return { forced };
 }
