@@ -70,7 +70,7 @@ export async function main(guest) {
   t.ok(await waitFor(g, /^before: echoed 10$/m), 'traffic before the detach');
   const attached = heldByDom0(m, g);
   t.ok(attached.grants > baseline.grants && attached.ports > baseline.ports && attached.mappings > baseline.mappings, 'the vif holds grants, ports and mappings');
-  await m.networkDetach(g, 0);
+  t.equal((await m.networkDetach(g, 0)).forced, false, 'the guest answered the removal handshake');
   let after = heldByDom0(m, g);
   for (let i = 0; i < 200 && JSON.stringify(after) !== JSON.stringify(baseline); i++) {
     await new Promise((r) => setTimeout(r, 50));

@@ -126,6 +126,9 @@ export type VbdSpec = {
   readOnly: boolean;
 };
 
+/** A vbd's counters, as Linux blkback's statistics/: requests by kind, 512-byte sectors moved, bad requests. */
+export type VbdStats = { devid: number; counters: Record<string, number> };
+
 /** What a blkback offers; the defaults are Linux blkback's. */
 export type BlkbackOptions = {
   /** max-ring-page-order, 0..4. */
@@ -271,7 +274,7 @@ export type PersistentBudget = { used: number; max: number };
  * One ring and its event channel (Linux struct xen_blkif_ring), with the
  * scratch space one request needs: allocated at connect, reused per request.
  */
-class BlkifRing {
+export class BlkifRing {
   ring: BackRing | null = null;
   ih: IntrHandle | null = null;
   readonly ringHandles: number[] = [];
@@ -332,6 +335,8 @@ export class Blkback {
   private cdrom = false;
   /** Requests answered with BLKIF_RSP_ERROR because they were malformed. */
   badRequests = 0;
+  /** Requests served, by kind, and sectors moved (Linux's st_rd_req, st_wr_req, ...). */
+  readonly stats = { rd_req: 0, wr_req: 0, f_req: 0, ds_req: 0, rd_sect: 0, wr_sect: 0 };
 
   constructor(
     private readonly hypercall: Hypercall,
@@ -344,6 +349,11 @@ export class Blkback {
     this.backendPath = `/local/domain/0/backend/vbd/${spec.domid}/${spec.devid}`;
     this.frontendPath = `/local/domain/${spec.domid}/device/vbd/${spec.devid}`;
     this.log = logger('blkback', `vbd${spec.domid}.${spec.devid}`);
+  }
+
+  /** Each queue's ring error: set when the frontend broke the ring, which then stays unserved until it reconnects. */
+  get ringErrors(): (string | null)[] {
+    return this.rings.map((r) => r.ring?.error?.message ?? null);
   }
 
   private get maxSegments(): number {
@@ -537,6 +547,14 @@ export class Blkback {
     } finally {
       this.unmapTransient(r);
     }
+    if (flush) this.stats.f_req++;
+    if (r.nrSegments !== 0 && write) {
+      this.stats.wr_req++;
+      this.stats.wr_sect += sectors;
+    } else if (!write) {
+      this.stats.rd_req++;
+      this.stats.rd_sect += sectors;
+    }
     return BLKIF_RSP_OKAY;
   }
 
@@ -618,7 +636,7 @@ export class Blkback {
    * A grant that cannot be mapped with the access the operation needs fails
    * the whole request before any data moves; null when all are mapped.
    */
-  private mapSegments(r: BlkifRing, write: boolean): string | null {
+  protected mapSegments(r: BlkifRing, write: boolean): string | null {
     for (let i = 0; i < r.nrSegments; i++) {
       const gref = r.grefs[i]!;
       const pg = this.persistent ? (r.pgrants.get(gref) ?? this.mapPersistent(r, gref)) : undefined;
@@ -690,6 +708,7 @@ export class Blkback {
       return this.bad(r, `discard ${sector}+${count} beyond ${s.sectors}`);
     }
     s.discard(sector * SECTOR_SIZE, count * SECTOR_SIZE, secure);
+    this.stats.ds_req++;
     return BLKIF_RSP_OKAY;
   }
 
@@ -726,6 +745,9 @@ export class Blkback {
   }
 }
 
+/** How a BlkbackSet builds each backend: a harness may hand in a deliberately weakened one. */
+export type BlkbackFactory = (...args: ConstructorParameters<typeof Blkback>) => Blkback;
+
 /** dom0's blkbacks, per domain, sharing one budget of persistent maps. */
 export class BlkbackSet {
   private readonly byDomid = new Map<number, Blkback[]>();
@@ -736,10 +758,16 @@ export class BlkbackSet {
     private readonly intr: Interrupts,
     private readonly xs: XenStore,
     private readonly opts: Readonly<BlkbackOptions> = defaultBlkbackOptions,
+    private readonly make: BlkbackFactory = (...args) => new Blkback(...args),
   ) {}
 
+  /** The running backend of one vbd. */
+  get(domid: number, devid: number): Blkback | undefined {
+    return this.byDomid.get(domid)?.find((b) => b.spec.devid === devid);
+  }
+
   async start(spec: VbdSpec): Promise<void> {
-    const b = new Blkback(this.hypercall, this.intr, this.xs, spec, this.opts, this.budget);
+    const b = this.make(this.hypercall, this.intr, this.xs, spec, this.opts, this.budget);
     const list = this.byDomid.get(spec.domid) ?? [];
     list.push(b);
     this.byDomid.set(spec.domid, list);
@@ -750,6 +778,19 @@ export class BlkbackSet {
     const list = this.byDomid.get(domid) ?? [];
     this.byDomid.delete(domid);
     for (const b of list) await b.stop();
+  }
+
+  /** Stop the blkback of one vbd (its detach). */
+  async stopOne(domid: number, devid: number): Promise<void> {
+    const list = this.byDomid.get(domid) ?? [];
+    const b = list.find((x) => x.spec.devid === devid);
+    if (b === undefined) return;
+    this.byDomid.set(domid, list.filter((x) => x !== b));
+    await b.stop();
+  }
+
+  stats(domid: number): VbdStats[] {
+    return (this.byDomid.get(domid) ?? []).map((b) => ({ devid: b.spec.devid, counters: { ...b.stats, bad_req: b.badRequests } }));
   }
 
   /**
@@ -767,7 +808,7 @@ export class BlkbackSet {
     // wait (bounded) until the frontend has let go of it.
     const released = (v: string | undefined): boolean => v === undefined || (Number(v) !== XenbusStateInitialised && Number(v) !== XenbusStateConnected);
     await this.xs.awaitState(`${old.frontendPath}/state`, released, { timeoutMs }).catch(() => undefined);
-    const b = new Blkback(this.hypercall, this.intr, this.xs, old.spec, this.opts, this.budget);
+    const b = this.make(this.hypercall, this.intr, this.xs, old.spec, this.opts, this.budget);
     list[i] = b;
     await b.start();
     await b.connected(timeoutMs);

@@ -25,7 +25,8 @@ import { BlkbackSet } from './blkback.js';
 import { Bridges, FramePool, parseUplink, type BridgeOptions } from './bridge.js';
 import { NetbackSet, type NetbackOptions } from './netback.js';
 import { Dhcpd, parseDhcpdConfig, type DhcpdSpec } from './dhcpd.js';
-import { Toolstack, type DomainSpec, type NicSpec, type Platform, type StoreIntroduce } from './toolstack.js';
+import { Toolstack, toolstackOps, type Platform, type StoreIntroduce } from './toolstack.js';
+import { Concentrator } from './concentrator.js';
 import { Xenstored, XenstoredRing, type XenstoredLimits } from './xenstored.js';
 import { XenstoredSocket } from './xenstored-socket.js';
 import { bindInterdomain, mapGrant, unmapGrant } from './xenbus.js';
@@ -44,7 +45,7 @@ function attachInterrupts(ctx: KernelContext, hypercall: Hypercall): { intr: Int
 }
 
 /** XS_INTRODUCE's effect in dom0: map the guest's store page, bind its port, serve it. */
-class StoreRings {
+export class StoreRings {
   private readonly rings = new Map<number, { ring: XenstoredRing; intr: IntrHandle; handle: number }>();
 
   constructor(
@@ -78,7 +79,7 @@ class StoreRings {
 }
 
 /** dom0's own client: a ring page in dom0's memory, xenstored at its other end. */
-function localClient(ctx: KernelContext, xsd: Xenstored, physmem: PhysMem): XenStore {
+export function localClient(ctx: KernelContext, xsd: Xenstored, physmem: PhysMem): XenStore {
   const self = ctx.hv.domain(ctx.domid)!;
   const page = new FramePage(self.mem, physmem.alloc(), true);
   let client: XenStore | null = null;
@@ -93,6 +94,8 @@ export type Dom0Args = {
   /** xenstored listens on <socketPath> when set. */
   socketPath?: string | undefined;
   limits?: Partial<XenstoredLimits> | undefined;
+  /** The host's rundir: guests' consoles are concentrated under <rundir>/console. */
+  rundir?: string | undefined;
   /** netback's tunables and bridges' options (pcap, ageing) by bridge name. */
   net?: { netback?: NetbackOptions | undefined; bridges?: Record<string, BridgeSetup> | undefined } | undefined;
 };
@@ -139,9 +142,12 @@ export async function main(ctx: KernelContext): Promise<void> {
     introduce: async (domid, gfn, evtchn) => void (await xs.cmd(XS_INTRODUCE, 0, joinStrings([String(domid), String(gfn), String(evtchn)]))),
     release: async (domid) => void (await xs.cmd(XS_RELEASE, 0, joinStrings([String(domid)]))),
   };
-  const names = new Map<number, string>();
   const net = startNet(hypercall, intr, xs, physmem, args);
-  const consoles = new ConsoleBackend(hypercall, intr, (domid, text) => rpc.event('console', { domid, name: names.get(domid) ?? `dom${domid}`, text }));
+  const concentrator = args.rundir === undefined ? null : new Concentrator(args.rundir);
+  let names: Toolstack | null = null;
+  const consoles = new ConsoleBackend(
+    hypercall, intr, (domid, text) => rpc.event('console', { domid, name: names?.nameOf(domid) ?? `dom${domid}`, text }), concentrator,
+  );
   const vbds = new BlkbackSet(hypercall, intr, xs);
   const toolstack = new Toolstack(
     ctx.hv, hypercall, xs, store, consoles, platform,
@@ -150,28 +156,22 @@ export async function main(ctx: KernelContext): Promise<void> {
     vbds,
     net,
   );
+  names = toolstack;
   const domExc = intr.virqEstablish(VIRQ_DOM_EXC, () => toolstack.domainException(), 'dom-exc');
   intr.intrUnmask(domExc);
   Object.assign(handlers, {
     ping: () => 'pong',
-    create: async (spec: unknown) => {
-      const s = spec as DomainSpec;
-      const domid = await toolstack.create(s);
-      names.set(domid, s.name);
-      return domid;
+    ...toolstackOps(toolstack),
+    // Before the machine terminates this thread: the socket files go with the listeners.
+    stop: async () => {
+      net.bridges.close();
+      await socket?.close();
+      await concentrator?.closeAll();
     },
-    shutdown: (args: unknown) => {
-      const a = args as { domid: number; reason: 'poweroff' | 'reboot' | 'suspend' };
-      return toolstack.requestShutdown(a.domid, a.reason);
-    },
-    destroy: (args: unknown) => toolstack.destroyNow((args as { domid: number }).domid),
-    list: () => toolstack.list(),
     'vbd-restart': (args: unknown) => {
       const a = args as { domid: number; devid: number };
       return vbds.restart(a.domid, a.devid);
     },
-    'network-attach': (a: unknown) => toolstack.networkAttach((a as { domid: number }).domid, (a as { nic: NicSpec }).nic),
-    'network-detach': (a: unknown) => toolstack.networkDetach((a as { domid: number }).domid, (a as { devid: number }).devid),
     'net-stats': () => ({
       vifs: net.list(),
       bridges: net.bridges.list().map((b) => b.report()),
@@ -183,11 +183,6 @@ export async function main(ctx: KernelContext): Promise<void> {
       return { localPort: u.spec.localPort };
     },
     'bridge-config': (a: unknown) => net.bridges.configure((a as { bridge: string }).bridge, (a as { opts: BridgeOptions }).opts),
-    // Before the machine terminates this thread: the socket file goes with the listener.
-    stop: async () => {
-      net.bridges.close();
-      await socket?.close();
-    },
   } satisfies RpcHandlers);
   // Listening last: the machine's first call (ping) finds everything in place.
   port.on('message', (m: unknown) => rpc.receive(m));

@@ -1063,6 +1063,17 @@ export class NetbackSet {
     return [...this.vifs.values()].map((v) => v.vifStats());
   }
 
+  /** Each vif of `domid` with its counters, for `xenpv top`. */
+  stats(domid: number): { devid: number; counters: Record<string, number> }[] {
+    return [...this.vifs.values()].filter((v) => v.spec.domid === domid).map((v) => {
+      const s = v.vifStats();
+      return {
+        devid: v.spec.devid,
+        counters: { rxPackets: s.rxPackets, rxBytes: s.rxBytes, txPackets: s.txPackets, txBytes: s.txBytes, txDropped: s.txDropped, txErrors: s.txErrors },
+      };
+    });
+  }
+
   /** A queue answered something: push and signal once, after the work of this turn. */
   dirty(q: NetbackQueue): void {
     this.dirtyQueues.push(q);
