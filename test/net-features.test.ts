@@ -2,6 +2,9 @@
 // channels with their fallback, the credit scheduler, multicast control.
 
 import t from 'tap';
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { guestImage, heldByDom0, helloCode, runGuests, tempDir, udpFrameCode } from './net-fixtures.js';
 
 const dir = tempDir('xenpv-net-features-');
@@ -208,3 +211,38 @@ export async function main(guest) {
   t.match(rx!.console, /^unicast join: EINVAL$/m);
 });
 
+
+t.test('xenpv network-attach, network-list and network-detach against a host daemon', async (t) => {
+  const root = fileURLToPath(new URL('../..', import.meta.url));
+  const cli = join(root, 'dist/lib/cli/main.js');
+  const rundir = join(dir, 'run');
+  const xenpv = (args: string[]): { status: number | null; stdout: string; stderr: string } =>
+    spawnSync(process.execPath, [cli, ...args, '--rundir', rundir], { encoding: 'utf8', timeout: 60_000 });
+  t.equal(xenpv(['host', 'start']).status, 0);
+  t.teardown(() => void xenpv(['host', 'stop']));
+  const cfg = guestImage(dir, 'plugcli', `
+export async function main(guest) {
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  await sleep(60000); // the host goes first
+}
+`, '');
+  t.equal(xenpv(['create', cfg]).status, 0);
+  const attach = xenpv(['network-attach', 'plugcli', 'mac=00:16:3e:00:0c:01,bridge=xenbr1']);
+  t.equal(attach.status, 0, attach.stderr);
+  t.match(attach.stdout, /^plugcli: vif 0 00:16:3e:00:0c:01$/m);
+  let rows: { devices: { devid: number; frontendState: number; backendState: number; backend: Record<string, string> }[] }[] = [];
+  for (let i = 0; i < 200; i++) {
+    rows = JSON.parse(xenpv(['network-list', 'plugcli', '--json']).stdout) as typeof rows;
+    if (rows[0]?.devices[0]?.frontendState === 4 && rows[0].devices[0].backendState === 4) break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  t.equal(rows[0]!.devices[0]!.backend['bridge'], 'xenbr1');
+  t.equal(rows[0]!.devices[0]!.frontendState, 4, 'both ends Connected');
+  t.match(xenpv(['network-list', 'plugcli']).stdout, /^plugcli +0 +0 +00:16:3e:00:0c:01 xenbr1 +4 +4 /m);
+  const detach = xenpv(['network-detach', 'plugcli', '0']);
+  t.equal(detach.status, 0, detach.stderr);
+  t.equal(detach.stderr, '', 'the guest answered the removal handshake');
+  t.same((JSON.parse(xenpv(['network-list', 'plugcli', '--json']).stdout) as typeof rows)[0]!.devices, [], 'no vif left');
+  t.equal(xenpv(['network-detach', 'plugcli', '0']).status, 1, 'a vif that is not there is refused');
+  t.equal(xenpv(['network-attach', 'plugcli', 'colour=red']).status, 1, 'a bad spec is refused');
+});

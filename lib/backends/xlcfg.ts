@@ -359,6 +359,13 @@ function vif(item: string, fail: (message: string) => never, dir: string, devid:
   };
 }
 
+/** One vif spec as `network-attach` takes it, for interface `devid`; a relative pcap is taken from `dir`. EINVAL names what is wrong. */
+export function parseNicSpec(item: string, dir: string, devid: number): NicSpec {
+  return vif(item, (message) => {
+    throw new XenError('EINVAL', `vif spec ${JSON.stringify(item)}: ${message}`);
+  }, dir, devid);
+}
+
 function vifs(e: XlEntry, file: string): NicSpec[] {
   const fail = (message: string): never => {
     throw new XenError('ECONFIG', `${file}:${e.line}: vif: ${message}`);

@@ -68,6 +68,10 @@ commands that manage a running host (each takes --rundir DIR):
   block-attach NAME SPEC      hotplug a disk (SPEC as a disk = entry)
   block-detach NAME DEVID     unplug a disk (DEVID: its number or xvdX)
   block-list [NAME] [--json]  the domain's disks and their xenbus states
+  network-attach NAME SPEC    hotplug a network interface (SPEC as a vif = entry)
+  network-detach NAME DEVID   unplug a network interface
+  network-list [NAME] [--json]
+                              the domain's interfaces and their xenbus states
   save NAME FILE              suspend the guest, write its memory and config to FILE
   restore FILE                a new domain from FILE; its guest carries on
 `;
