@@ -191,6 +191,14 @@ export async function main(guest) {
     console.log('vif ' + i + ': ' + (x.error === null ? 'working' : 'broken ' + x.error.code) + ', send ' + code + ', up ' + nets[i].up);
   }
   console.log('quarantined ' + guest.sc.dmat.isQuarantined(oldPage));
+  // vif 7's backend answers nothing more: once the ring is full, a send waits, bounded.
+  for (let i = 0; i < 256; i++) void nets[7].send(frame(100)).catch(() => {});
+  let code = 'none';
+  try { await nets[7].send(frame(100), { timeoutMs: 300 }); } catch (err) { code = err.code; }
+  const ac = new AbortController();
+  const aborted = nets[7].send(frame(100), { signal: ac.signal }).catch((err) => err.code);
+  ac.abort();
+  console.log('full ring: ' + code + ', aborted: ' + await aborted);
 }
 `, `vif = [ ${Array.from({ length: 9 }, (_, i) => `'mac=00:16:3e:00:02:0${i},backend=evil${i === 6 || i === 8 ? ',trusted=0' : ''}'`).join(', ')} ]`);
   const [evil, v] = await runGuests([backend, victim]);
@@ -204,6 +212,7 @@ export async function main(guest) {
   t.match(evil!.console, /^vif 6: frame true, rest zeroed true, grant kept false, split false$/m, 'trusted=0: the backend saw only the frame, and only while it was in flight');
   t.match(evil!.console, /^vif 7: frame true, rest zeroed false, grant kept true, split false$/m, 'trusted=1: the buffer stays granted, with what it held before');
   t.match(v!.console, /^quarantined true$/m, 'a page the backend kept mapped is quarantined');
+  t.match(v!.console, /^full ring: ETIMEDOUT, aborted: ECANCELED$/m, 'a send that waits for ring space is bounded and abortable');
 });
 
 t.test('a receiver that stops taking frames holds its sender only for holdMs: the sender goes on talking to others', async (t) => {

@@ -18,6 +18,10 @@ export type SendOptions = {
   checksumOffload?: boolean;
   /** A TCP frame to be cut into segments of `mss` payload bytes (GSO through a netif extra). */
   gso?: { type: 'tcpv4' | 'tcpv6'; mss: number };
+  /** A frame that must wait for ring space waits at most this long (30 s by default): ETIMEDOUT. */
+  timeoutMs?: number;
+  /** Abort the wait for ring space: ECANCELED. */
+  signal?: AbortSignal;
 };
 
 export type FramesOptions = {
@@ -146,7 +150,7 @@ export class NetInterface {
       offload.gsoType = opts.gso.type === 'tcpv6' ? XEN_NETIF_GSO_TYPE_TCPV6 : XEN_NETIF_GSO_TYPE_TCPV4;
       offload.gsoSize = opts.gso.mss;
     }
-    return this.xnf.send(frame, offload);
+    return this.xnf.send(frame, offload, { timeoutMs: opts.timeoutMs, signal: opts.signal });
   }
 
   /**

@@ -55,6 +55,7 @@ const XNF_MAX_WAITERS = 1024;
 /** RX buffers go back to the ring every this many responses taken, not only at the end of a batch. */
 const XNF_RX_REFILL_BATCH = 64;
 const XNF_CONNECT_TIMEOUT_MS = 30_000;
+const XNF_SUSPEND_DRAIN_MS = 5_000;
 const ETH_DATA_LEN = 1500;
 const ETH_MIN_MTU = 68;
 /** Linux netfront's ceiling with feature-sg: the largest frame less its header. */
@@ -111,7 +112,22 @@ type XnfBuf = {
 
 type XnfRingMem = { segs: DmaSegment[]; kva: DmaKva; map: XenDmaMap; ring: FrontRing; ref: number };
 
-type TxWaiter = { frame: Uint8Array; offload: XnfTxOffload | undefined; resolve: () => void; reject: (e: XenError) => void };
+type TxWaiter = {
+  frame: Uint8Array;
+  offload: XnfTxOffload | undefined;
+  resolve: () => void;
+  reject: (e: XenError) => void;
+  /** The bound on the wait, cleared when the frame goes out or fails. */
+  timer: NodeJS.Timeout;
+  signal: AbortSignal | undefined;
+  onAbort: (() => void) | null;
+};
+
+/** How long a frame waits for ring space by default: the backend answers, or the send fails. */
+const XNF_SEND_TIMEOUT_MS = 30_000;
+
+/** A wait for ring space: bounded, and abortable. */
+export type XnfSendWait = { timeoutMs?: number | undefined; signal?: AbortSignal | undefined };
 
 const RESOLVED: Promise<void> = Promise.resolve();
 
@@ -214,17 +230,46 @@ export class XnfSoftc {
   /**
    * xnf_start for one frame: copy it onto a queue's ring now, or once slots
    * free up. Rejects EINVAL (shorter than a header), EMSGSIZE, ENETDOWN,
-   * ENOBUFS (too many senders waiting). A waiting frame is copied before the
-   * promise resolves; the caller must not change it until then.
+   * ENOBUFS (too many senders waiting), and for a frame that waited for ring
+   * space ETIMEDOUT (30 s by default) or ECANCELED. A waiting frame is copied
+   * before the promise resolves; the caller must not change it until then.
    */
-  send(frame: Uint8Array, offload?: XnfTxOffload): Promise<void> {
+  send(frame: Uint8Array, offload?: XnfTxOffload, wait?: XnfSendWait): Promise<void> {
     const err = this.checkFrame(frame, offload);
     if (err !== null) return Promise.reject(err);
     const nq = this.queues.length;
     const q = this.queues[nq === 1 ? 0 : flowHash(frame) % nq]!;
     if (q.waiters.length === 0 && this.encap(q, frame, offload)) return RESOLVED;
     if (q.waiters.length >= XNF_MAX_WAITERS) return Promise.reject(new XenError('ENOBUFS', `${this.name}: ${XNF_MAX_WAITERS} frames waiting`));
-    return new Promise((resolve, reject) => q.waiters.push({ frame, offload, resolve, reject }));
+    if (wait?.signal?.aborted === true) return Promise.reject(new XenError('ECANCELED', `${this.name}: send aborted`));
+    return new Promise((resolve, reject) => {
+      const w: TxWaiter = {
+        frame, offload, resolve, reject, signal: wait?.signal, onAbort: null,
+        timer: setTimeout(() => this.dropWaiter(q, w, new XenError('ETIMEDOUT', `${this.name}: no ring space in ${wait?.timeoutMs ?? XNF_SEND_TIMEOUT_MS} ms`)),
+          wait?.timeoutMs ?? XNF_SEND_TIMEOUT_MS),
+      };
+      if (w.signal !== undefined) {
+        w.onAbort = () => this.dropWaiter(q, w, new XenError('ECANCELED', `${this.name}: send aborted`));
+        w.signal.addEventListener('abort', w.onAbort, { once: true });
+      }
+      q.waiters.push(w);
+    });
+  }
+
+  /** A waiting frame leaves the queue unsent. */
+  private dropWaiter(q: XnfQueue, w: TxWaiter, err: XenError): void {
+    const i = q.waiters.indexOf(w);
+    if (i < 0) return;
+    q.waiters.splice(i, 1);
+    this.settleWaiter(w, err);
+  }
+
+  /** Resolve (err null) or reject a waiter, and let go of its timer and signal. */
+  private settleWaiter(w: TxWaiter, err: XenError | null): void {
+    clearTimeout(w.timer);
+    if (w.onAbort !== null) w.signal?.removeEventListener('abort', w.onAbort);
+    if (err === null) w.resolve();
+    else w.reject(err);
   }
 
   private checkFrame(frame: Uint8Array, offload: XnfTxOffload | undefined): XenError | null {
@@ -458,7 +503,7 @@ export class XnfSoftc {
       const w = q.waiters[0]!;
       if (!this.encap(q, w.frame, w.offload)) return;
       q.waiters.shift();
-      w.resolve();
+      this.settleWaiter(w, null);
     }
   }
 
@@ -615,7 +660,7 @@ export class XnfSoftc {
     this.setLink(false);
     for (const w of this.drainWaiters.splice(0)) w();
     for (const q of this.queues) {
-      for (const w of q.waiters.splice(0)) w.reject(this.error);
+      for (const w of q.waiters.splice(0)) this.settleWaiter(w, this.error);
       for (const done of q.mcastDone.values()) done(NETIF_RSP_ERROR);
       q.mcastDone.clear();
     }
@@ -626,7 +671,7 @@ export class XnfSoftc {
     if (now === this.up) return;
     this.up = now;
     this.log('link %s', now ? 'up' : 'down');
-    if (!now) for (const q of this.queues) for (const w of q.waiters.splice(0)) w.reject(new XenError('ENETDOWN', `${this.name}: link is down`));
+    if (!now) for (const q of this.queues) for (const w of q.waiters.splice(0)) this.settleWaiter(w, new XenError('ENETDOWN', `${this.name}: link is down`));
     try {
       this.onLink?.(now);
     } catch (err) {
@@ -689,7 +734,12 @@ async function xnfRelease(xnf: XnfSoftc): Promise<void> {
   for (const q of xnf.queues.splice(0).reverse()) await xnfQueueDestroy(xnf, q);
 }
 
-export const xnfDriver: XenDriver = { name: 'xnf', attach: xnfAttach, detach: xnfDetach };
+// Before a suspend: what is on the TX rings is answered first (bounded), so no frame is lost with the old backend.
+async function xnfSuspend(sc: XenSoftc, dev: XenDevice): Promise<void> {
+  await softcs.get(sc)?.get(dev.path)?.drain(XNF_SUSPEND_DRAIN_MS).catch(() => undefined);
+}
+
+export const xnfDriver: XenDriver = { name: 'xnf', attach: xnfAttach, detach: xnfDetach, suspend: xnfSuspend };
 
 // xnf_lladdr: the MAC the toolstack gave (Linux reads the frontend's node, OpenBSD the backend's).
 async function xnfLladdr(xnf: XnfSoftc): Promise<void> {
