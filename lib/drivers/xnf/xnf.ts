@@ -558,7 +558,7 @@ export class XnfSoftc {
       q.gather.set(buf.page.subarray(offset, offset + status), q.rxLen);
       q.rxLen += status;
     }
-    if (!q.rxExtras && (first ? (flags & NETRXF_more_data) === 0 : (flags & NETRXF_more_data) === 0)) this.rxDeliver(q);
+    if (!q.rxExtras && (flags & NETRXF_more_data) === 0) this.rxDeliver(q);
     return null;
   }
 
