@@ -18,7 +18,7 @@ import { EVTCHN_MASK, EVTCHN_PENDING, PENDING_SEL, UPCALL_PENDING, bitWord } fro
 import { logger, type Log } from '../log.js';
 import { PAGE_SIZE, type MemoryViews } from '../hypervisor/page.js';
 import type { Hypercall } from '../hypervisor/hypercall.js';
-import type { Vcpu } from '../hypervisor/vcpu.js';
+import type { KernelVcpu } from '../hypervisor/runner.js';
 
 /** 2-level ABI on a 64-bit guest: 64 rows of 64 ports. */
 const NR_ROWS = 64;
@@ -53,7 +53,7 @@ export class Interrupts {
     private readonly hypercall: Hypercall,
     private readonly mem: MemoryViews,
     private readonly sharedInfoGfn: number,
-    private readonly vcpu: Vcpu,
+    private readonly vcpu: KernelVcpu,
     name: string,
   ) {
     this.log = logger('evtchn', name);
@@ -193,15 +193,9 @@ export class Interrupts {
 
   /** The vCPU's idle loop: sleep until kicked, run the upcall, until stop(). */
   async run(): Promise<void> {
-    // A pending Atomics.waitAsync does not keep a thread alive; a running vCPU must.
-    const online = setInterval(() => undefined, 1 << 30);
-    try {
-      while (!this.stopped) {
-        this.upcall();
-        await this.vcpu.halt();
-      }
-    } finally {
-      clearInterval(online);
+    while (!this.stopped) {
+      this.upcall();
+      await this.vcpu.halt();
     }
   }
 
