@@ -11,14 +11,19 @@ import { closeSync, ftruncateSync, openSync } from 'node:fs';
 import { parseSize } from '../backends/xlcfg.js';
 import { hostStatus, manageCommands } from './manage.js';
 import { fuzz } from './fuzz.js';
+import { parseFaults } from '../sim/sim.js';
 
 const USAGE = `usage: xenpv <command> [options]
 
 commands:
-  run <cfg>... [--json] [--duration S]
+  run <cfg>... [--json] [--duration S] [--seed N [--faults LIST]]
       boot a host with dom0, create the domains of the xl-style configs, wait
       until they shut down (or S seconds pass), print each guest's console
       output prefixed with its name; exit 0 when every guest powered off.
+      --seed runs every domain in one thread under a scheduler driven by the
+      seed (0..4294967295), in virtual time, and prints the seed and a digest
+      of the run: the same seed replays the same run. --faults injects
+      spurious,delay,deschedule,vbd-restart (a comma list, or all).
   host start [--rundir DIR] [--config host.json]
       run a host (dom0, xenstored, backends) in the background; print the
       xenstored socket path (DIR/xenstored/socket). DIR defaults to
@@ -65,6 +70,12 @@ commands that manage a running host (each takes --rundir DIR):
   restore FILE                a new domain from FILE; its guest carries on
 `;
 
+function parseSeed(text: string): number {
+  const n = /^\d{1,10}$/.test(text) ? Number(text) : NaN;
+  if (!(n <= 0xffffffff)) throw new XenError('EINVAL', `--seed must be an integer 0..4294967295, not ${text}`);
+  return n;
+}
+
 function fail(err: unknown): never {
   const e = err instanceof XenError ? err : new XenError('EINVAL', (err as Error).message);
   process.stderr.write(`xenpv: ${e.message}\n`);
@@ -78,12 +89,15 @@ async function main(argv: string[]): Promise<number> {
       const { values, positionals } = parseArgs({
         args: rest,
         allowPositionals: true,
-        options: { json: { type: 'boolean', default: false }, duration: { type: 'string' } },
+        options: { json: { type: 'boolean', default: false }, duration: { type: 'string' }, seed: { type: 'string' }, faults: { type: 'string' } },
       });
       if (positionals.length === 0) throw new XenError('EINVAL', 'run needs at least one config file');
       const duration = values.duration === undefined ? undefined : Number(values.duration);
       if (duration !== undefined && !(duration > 0)) throw new XenError('EINVAL', `--duration must be a positive number of seconds, not ${values.duration}`);
-      return run(positionals, { json: values.json === true, durationS: duration });
+      const seed = values.seed === undefined ? undefined : parseSeed(values.seed);
+      if (values.faults !== undefined && seed === undefined) throw new XenError('EINVAL', '--faults needs --seed');
+      const faults = values.faults === undefined ? undefined : parseFaults(values.faults);
+      return run(positionals, { json: values.json === true, durationS: duration, seed, faults });
     }
     case 'host':
       return host(rest);

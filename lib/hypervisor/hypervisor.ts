@@ -68,6 +68,7 @@ import * as grant from './grant.js';
 import { lock, unlock } from './lock.js';
 import { FramePage, PAGE_SIZE } from './page.js';
 import type * as H from './hypercall.js';
+import { XenError } from '../errors.js';
 
 /** Words of the host block. */
 export const HOST = {
@@ -93,6 +94,13 @@ export class Hypervisor {
   readonly host: Int32Array;
   private readonly domains = new Map<number, Domain>();
   readonly lookup = (domid: number): Domain | undefined => this.domain(domid);
+  /**
+   * Whether a hypercall may block its vCPU's thread (SCHEDOP_block, SCHEDOP_poll,
+   * a suspend). The deterministic runner runs every domain in one thread and
+   * turns this off: block and poll then return at once, as after a spurious
+   * wake-up, and a suspending vCPU stops (lib/sim/sim.ts).
+   */
+  vcpusBlock = true;
 
   constructor(
     hostBlock: SharedArrayBuffer,
@@ -394,6 +402,7 @@ export class Hypervisor {
    * stops executing; kernels normally sleep in Atomics.waitAsync instead.
    */
   private block(d: Domain, vcpu: number, timeoutMs: number): number {
+    if (!this.vcpusBlock) return 0;
     const w = d.vcpuWord(vcpu, VCPU_WAKE);
     Atomics.wait(d.ctl, w, 0, timeoutMs);
     return 0;
@@ -413,6 +422,7 @@ export class Hypervisor {
         if (left <= 0) return 0;
         Atomics.store(d.ctl, d.vcpuWord(0, VCPU_WAKE), 0);
         for (const port of ports) if (evtchn.isPending(d, port)) return 0;
+        if (!this.vcpusBlock) return 0;
         this.block(d, 0, left);
       }
     } finally {
@@ -439,6 +449,8 @@ export class Hypervisor {
    * xc_domain_resume arranges) or destroys it, which ends the thread here.
    */
   private suspended(d: Domain): number {
+    // Nothing after the hypercall may run while the toolstack saves the domain; without a thread to block, unwind.
+    if (!this.vcpusBlock) throw new XenError('EOPNOTSUPP', 'a suspended vCPU cannot wait for resume in the deterministic runner');
     while (Atomics.load(d.ctl, D.state) === DomainState.shutdown) Atomics.wait(d.ctl, D.state, DomainState.shutdown);
     return 1;
   }
