@@ -95,7 +95,13 @@ export class Machine {
     host.createDomain({ name: 'Domain-0', memoryMiB: opts.dom0MemoryMiB ?? 16, privileged: true }, 0);
     const args: Dom0Args = { socketPath: m.socketPath, limits: opts.xenstored, rundir: opts.rundir };
     host.start(0, new URL('./backends/dom0.js', import.meta.url).href, args);
-    await m.rpc.call('ping', null, opts.bootTimeoutMs ?? 30_000);
+    try {
+      await m.rpc.call('ping', null, opts.bootTimeoutMs ?? 30_000);
+    } catch (err) {
+      // Nothing of a failed boot stays behind: no thread, and no simulation owning the clock.
+      await host.shutdown();
+      throw err;
+    }
     log('dom0 is up');
     return m;
   }

@@ -185,6 +185,19 @@ t.test('save and restore under the deterministic runner: the guest carries on, a
   t.equal((await once()).digest, a.digest, 'replayed');
 });
 
+t.test('one simulation owns the process at a time; a simulated host takes no rundir', async (t) => {
+  await t.rejects(Machine.boot({ sim: { seed: 1 }, rundir: dir }), { code: 'EINVAL' });
+  const m = await Machine.boot({ sim: { seed: 1 } });
+  try {
+    await t.rejects(Machine.boot({ sim: { seed: 2 } }), { code: 'EBUSY' });
+  } finally {
+    await m.stop();
+  }
+  t.ok(Date.now() > Date.UTC(2025, 1, 1), 'the real clock is back');
+  const again = await Machine.boot({ sim: { seed: 2 } });
+  await again.stop();
+});
+
 t.test('xenpv run --seed: prints the seed and a digest; the same seed prints the same run', (t) => {
   const run = (...args: string[]): { status: number | null; stdout: string; stderr: string } =>
     spawnSync(process.execPath, [cli, 'run', ...args], { encoding: 'utf8', timeout: 60_000 });
