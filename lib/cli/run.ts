@@ -21,10 +21,10 @@ export type RunOptions = {
 type Result = { name: string; domid: number | null; exit: { reason: string }; console: string };
 
 /** What a deterministic run reports: enough to replay it and to compare the replay. */
-type SimSummary = { seed: number; faults: FaultKind[]; steps: number; virtualMs: number; digest: string; injected: FaultRecord[] };
+type SimSummary = { seed: number; faults: FaultKind[]; steps: number; virtualMs: number; digest: string; faultCount: number; injected: FaultRecord[] };
 
 function simSummary(sim: SimRunner, faults: FaultKind[]): SimSummary {
-  return { seed: sim.seed, faults, steps: sim.steps, virtualMs: Math.round(sim.timeMs() * 1000) / 1000, digest: sim.digest(), injected: sim.faults };
+  return { seed: sim.seed, faults, steps: sim.steps, virtualMs: Math.round(sim.timeMs() * 1000) / 1000, digest: sim.digest(), faultCount: sim.faultCount, injected: sim.faults };
 }
 
 /** Splits console text into whole lines per guest, so prefixes land at line starts. */
@@ -99,7 +99,7 @@ export async function run(files: string[], opts: RunOptions): Promise<number> {
   if (opts.json) process.stdout.write(JSON.stringify(sim === null ? { domains: results } : { domains: results, sim }, null, 2) + '\n');
   else for (const r of results) process.stdout.write(`${r.name} (domid ${r.domid ?? '-'}): ${r.exit.reason}\n`);
   if (sim !== null && !opts.json) {
-    process.stdout.write(`xenpv: seed ${sim.seed}: ${sim.steps} steps, ${sim.virtualMs} ms virtual, ${sim.injected.length} faults, digest ${sim.digest}\n`);
+    process.stdout.write(`xenpv: seed ${sim.seed}: ${sim.steps} steps, ${sim.virtualMs} ms virtual, ${sim.faultCount} faults, digest ${sim.digest}\n`);
   }
   return results.every((r) => r.exit.reason === 'poweroff') ? 0 : 1;
 }

@@ -87,6 +87,8 @@ const P_DELAY = 1 / 12;
 const P_ACTION = 1 / 250;
 const DELAY_MAX_MS = 5;
 const DESCHEDULE_MAX_MS = 20;
+/** Faults kept for the summary; a long run keeps counting past them. */
+const MAX_FAULT_RECORDS = 10_000;
 
 type Delivery = { at: number; toKernel: boolean; deliver: () => void };
 
@@ -190,7 +192,9 @@ export class SimRunner implements Runner, ClockOwner {
   private looping = false;
   private stopped = false;
   steps = 0;
+  /** The first MAX_FAULT_RECORDS faults injected (each is in the digest and told to onFault). */
   readonly faults: FaultRecord[] = [];
+  faultCount = 0;
 
   constructor(private readonly opts: SimOptions) {
     this.seed = opts.seed;
@@ -581,7 +585,8 @@ export class SimRunner implements Runner, ClockOwner {
 
   private fault(kind: FaultKind, detail: string): void {
     const f: FaultRecord = { step: this.steps, timeMs: this.nowMs, kind, detail };
-    this.faults.push(f);
+    this.faultCount++;
+    if (this.faults.length < MAX_FAULT_RECORDS) this.faults.push(f);
     this.hash.update(`fault ${f.step} ${kind} ${detail}\n`);
     log('step %d (%s ms): %s %s', f.step, f.timeMs.toFixed(3), kind, detail);
     this.opts.onFault?.(f);
