@@ -7,10 +7,14 @@
 // - deterministic (lib/sim/sim.ts): every domain in the main thread, a seeded
 //   scheduler picking the next runnable vCPU, timer or message, virtual time
 //   and fault injection, so a run replays exactly from its seed.
-// Memory is SharedArrayBuffers under both. Timers are the standard globals
-// (setTimeout, Date.now, performance.now, AbortSignal.timeout): the
-// deterministic runner replaces them with virtual-time ones while it owns the
-// process, so kernels, backends and guest images need no clock handed down.
+// Memory is SharedArrayBuffers under both. Pause is the hypervisor's
+// (XEN_DOMCTL_pausedomain sets the domain's state word and kicks its vCPUs);
+// a runner honours it: a paused domain's vCPU does not come back from
+// halt(), and under the deterministic runner its timers wait too. Timers
+// are the standard globals (setTimeout, Date.now, performance.now,
+// AbortSignal.timeout): the deterministic runner replaces them with
+// virtual-time ones while it owns the process, so kernels, backends and
+// guest images need no clock handed down.
 
 import type { DomainHandle, Hypervisor } from './hypervisor.js';
 
