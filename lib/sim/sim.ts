@@ -314,7 +314,7 @@ export class SimRunner implements Runner, ClockOwner {
       },
       post: (message) => {
         const m = structuredClone(message);
-        this.toHost(() => this.events.message(dom.domid, m, (r) => this.post(dom.domid, r)), `from dom${dom.domid}`);
+        this.enqueue(this.host, false, () => this.events.message(dom.domid, m, (r) => this.post(dom.domid, r)), `from dom${dom.domid}`);
       },
       onMessage: (handler) => {
         dom.handler = handler;
@@ -386,9 +386,9 @@ export class SimRunner implements Runner, ClockOwner {
     this.poke();
   }
 
-  private toHost(deliver: () => void, what = 'event'): void {
-    if (what === 'event') this.host.inbox.push({ at: this.nowMs, toKernel: false, deliver });
-    else this.enqueue(this.host, false, deliver, what);
+  /** Tell the machine something the runner saw (an exit, a crash), as a worker's events do. */
+  private toHost(deliver: () => void): void {
+    this.host.inbox.push({ at: this.nowMs, toKernel: false, deliver });
     this.poke();
   }
 
