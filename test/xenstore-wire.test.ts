@@ -10,6 +10,7 @@ import {
   encodeMessage,
   joinStrings,
   joinWrite,
+  oneString,
   parsePerm,
   splitFirst,
   splitStrings,
@@ -140,4 +141,18 @@ t.test('encodeInto writes what encodeMessage returns and refuses an oversized pa
   const n = encodeInto(m, into, new DataView(into.buffer));
   t.same(into.subarray(0, n), encodeMessage(m));
   t.throws(() => encodeInto({ ...m, payload: new Uint8Array(XENSTORE_PAYLOAD_MAX + 1) }, into, new DataView(into.buffer)), { code: 'E2BIG' });
+});
+
+t.test('property: oneString is the single NUL-terminated string of a payload, or undefined', async (t) => {
+  const arbPayload = fc.oneof(
+    fc.uint8Array({ maxLength: 40 }),
+    fc.string({ unit: 'grapheme', maxLength: 30 }).map((s) => enc.encode(`${s}\0`)),
+    fc.string({ minLength: 250, maxLength: 300 }).map((s) => enc.encode(`${s}\0`)),
+  );
+  fc.assert(
+    fc.property(arbPayload, (p) => {
+      const whole = p.length > 0 && p[p.length - 1] === 0 && countStrings(p) === 1;
+      t.equal(oneString(p), whole ? splitStrings(p)[0] : undefined);
+    }),
+  );
 });

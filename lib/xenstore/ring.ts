@@ -192,7 +192,7 @@ export class XsRing {
     while (this.error === undefined && !this.overHighWater()) {
       const n = this.get(this.decoder.wanted());
       if (n === 0) break;
-      const msgs = this.decoder.feed(this.scratch.subarray(0, n));
+      const msgs = this.decoder.feed(this.scratch, n);
       if (this.decoder.error !== undefined) {
         this.fail(this.decoder.error, XENSTORE_ERROR_PROTO);
         return;
@@ -225,7 +225,7 @@ export class XsRing {
       this.queuedBytes -= n;
       if (n < head.length) break;
     }
-    if (this.queueHead === this.queue.length) {
+    if (this.queueHead !== 0 && this.queueHead === this.queue.length) {
       this.queue.length = 0;
       this.queueHead = 0;
     }

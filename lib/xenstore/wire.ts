@@ -52,11 +52,12 @@ export class XsDecoder {
     return this.payload.length - this.payloadUsed;
   }
 
-  feed(chunk: Uint8Array): XsMessage[] {
+  /** Messages completed by `chunk` up to `end` (its length by default). */
+  feed(chunk: Uint8Array, end = chunk.length): XsMessage[] {
     const out: XsMessage[] = [];
     let at = 0;
-    while (at < chunk.length && this.error === undefined) {
-      at = this.payload === undefined ? this.takeHeader(chunk, at, out) : this.takePayload(chunk, at, out);
+    while (at < end && this.error === undefined) {
+      at = this.payload === undefined ? this.takeHeader(chunk, at, end, out) : this.takePayload(chunk, at, end, out);
     }
     return out;
   }
@@ -68,15 +69,15 @@ export class XsDecoder {
     this.payloadUsed = 0;
   }
 
-  private takeHeader(chunk: Uint8Array, at: number, out: XsMessage[]): number {
-    const n = Math.min(XS_HDR_SIZE - this.hdrUsed, chunk.length - at);
-    this.hdr.set(chunk.subarray(at, at + n), this.hdrUsed);
+  private takeHeader(chunk: Uint8Array, at: number, end: number, out: XsMessage[]): number {
+    const n = Math.min(XS_HDR_SIZE - this.hdrUsed, end - at);
+    for (let i = 0; i < n; i++) this.hdr[this.hdrUsed + i] = chunk[at + i]!;
     this.hdrUsed += n;
     if (this.hdrUsed < XS_HDR_SIZE) return at + n;
     const len = this.hdrView.getUint32(LEN_OFF, true);
     if (len > this.maxPayload) {
       this.error = new XenError('E2BIG', `message announces ${len} payload bytes, at most ${this.maxPayload} allowed`);
-      return chunk.length;
+      return end;
     }
     this.payload = new Uint8Array(len);
     this.payloadUsed = 0;
@@ -84,10 +85,10 @@ export class XsDecoder {
     return at + n;
   }
 
-  private takePayload(chunk: Uint8Array, at: number, out: XsMessage[]): number {
+  private takePayload(chunk: Uint8Array, at: number, end: number, out: XsMessage[]): number {
     const payload = this.payload;
     if (payload === undefined) return at;
-    const n = Math.min(payload.length - this.payloadUsed, chunk.length - at);
+    const n = Math.min(payload.length - this.payloadUsed, end - at);
     payload.set(chunk.subarray(at, at + n), this.payloadUsed);
     this.payloadUsed += n;
     if (this.payloadUsed === payload.length) this.finish(out);
@@ -170,6 +171,28 @@ export function toBytes(value: string | Uint8Array): Uint8Array {
 
 export function fromBytes(bytes: Uint8Array): string {
   return utf8Decoder.decode(bytes);
+}
+
+/** The text of bytes [start, end): short ASCII without a view or a call into TextDecoder. */
+function decodeRange(bytes: Uint8Array, start: number, end: number): string {
+  if (end - start > ASCII_FAST_MAX) return utf8Decoder.decode(bytes.subarray(start, end));
+  let s = '';
+  for (let i = start; i < end; i++) {
+    const c = bytes[i]!;
+    if (c >= 0x80) return utf8Decoder.decode(bytes.subarray(start, end));
+    s += String.fromCharCode(c);
+  }
+  return s;
+}
+
+/**
+ * The one string of a payload that is exactly one NUL-terminated string (C
+ * xenstored's onearg), or undefined when it is anything else.
+ */
+export function oneString(payload: Uint8Array): string | undefined {
+  const last = payload.length - 1;
+  if (last < 0 || payload[last] !== 0 || payload.indexOf(0) !== last) return undefined;
+  return decodeRange(payload, 0, last);
 }
 
 /** Each string followed by a NUL: "a\0b\0". */

@@ -275,7 +275,7 @@ export class XenStore {
       const r = this.waiting[this.waitingHead++]!;
       if (!r.done) this.transmit(r);
     }
-    if (this.waitingHead === this.waiting.length) {
+    if (this.waitingHead !== 0 && this.waitingHead === this.waiting.length) {
       this.waiting.length = 0;
       this.waitingHead = 0;
     }
