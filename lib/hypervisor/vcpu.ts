@@ -11,10 +11,11 @@
 // longer than the most it would ever poll.
 //
 // Polling pays only while the peer that will kick us runs on another CPU.
-// When the poll itself gets descheduled (a gap in its clock), the CPUs are
-// oversubscribed and the poll is stealing time from that peer: for a while
-// the vCPU spends its window blocked in Atomics.wait instead, which gives the
-// CPU away and still wakes faster than the event loop's Atomics.waitAsync.
+// When the CPUs are oversubscribed the poll steals time from that peer: it
+// gets descheduled itself (a long gap in its clock), or its window runs out
+// while the peer waits for a CPU. After either, or two windows in a row that
+// ran out, the vCPU sleeps at once for a while, as a plain halt does, and
+// for twice as long each time it happens again soon after.
 //
 // The wake word says whether anyone must be woken: a kick sets KICKED and
 // calls Atomics.notify only when the vCPU had announced SLEEPING.
@@ -28,26 +29,36 @@ const HALTPOLL_GROW_START_US = 50;
 /** guest_halt_poll_grow, guest_halt_poll_shrink */
 const HALTPOLL_GROW = 2;
 const HALTPOLL_SHRINK = 2;
-/** A gap this long between two looks at the clock while polling means the thread was descheduled. */
-const PREEMPTED_GAP_US = 50;
-/** How long to stay off polling after that. */
-const PREEMPTED_BACKOFF_MS = 20;
-/** The shortest blocking wait. */
-const BLOCK_MIN_MS = 2;
+/**
+ * A gap this long between two looks at the clock while polling means the
+ * thread was descheduled: longer than a young-generation collection, shorter
+ * than the time slice another runnable thread gets. (Continuations that ran
+ * that long inside the poll count too: there is work enough without it.)
+ */
+const PREEMPTED_GAP_US = 500;
+/** Windows in a row that may run out before polling stops for a while. */
+const FAILED_POLLS_MAX = 2;
+/** How long polling stops; doubled, up to the most, while it keeps not paying. */
+const POLL_BACKOFF_MS = 20;
+const POLL_BACKOFF_MAX_MS = 1000;
 /** While polling, at least one event-loop turn this often. */
 const EVENT_LOOP_TURN_MS = 1;
-/** Promise hops the work of an upcall gets before a blocking wait (a xenstore reply to its caller's next request is 4). */
-const CONTINUATION_HOPS = 16;
 
 export type VcpuOptions = {
   /** The longest poll before sleeping, in microseconds; 0 turns polling off. */
   haltPollMaxUs?: number;
+  /** While it keeps polling, the vCPU gives the thread's event loop a turn at least this often. */
+  eventLoopTurnMs?: number;
+  /** A gap in the poll's clock that counts as being descheduled; Infinity never stops polling. */
+  preemptedGapUs?: number;
 };
 
 export class Vcpu {
   private readonly ctl: Int32Array;
   private readonly wake: number;
   private readonly pollMaxUs: number;
+  private readonly eventLoopTurnMs: number;
+  private readonly preemptedGapMs: number;
   /** The current poll window (haltpoll's poll_limit_ns). */
   pollLimitUs = 0;
   /** Halts that ended in the poll window, and halts that slept. */
@@ -57,6 +68,9 @@ export class Vcpu {
   preempted = 0;
   /** No polling before this performance.now(). */
   private pollOffUntil = 0;
+  private backoffMs = POLL_BACKOFF_MS;
+  /** Windows that ran out since the last poll that saw a kick. */
+  private failedPolls = 0;
   /** When the thread's event loop last had a turn. */
   private lastTurn = 0;
 
@@ -64,6 +78,8 @@ export class Vcpu {
     this.ctl = domain.ctl;
     this.wake = domain.vcpuWord(id, VCPU_WAKE);
     this.pollMaxUs = opts.haltPollMaxUs ?? HALTPOLL_MAX_US;
+    this.eventLoopTurnMs = opts.eventLoopTurnMs ?? EVENT_LOOP_TURN_MS;
+    this.preemptedGapMs = (opts.preemptedGapUs ?? PREEMPTED_GAP_US) / 1000;
     if (id < 0 || id >= domain.maxVcpus) throw new RangeError(`vcpu ${id} does not exist`);
   }
 
@@ -71,22 +87,24 @@ export class Vcpu {
    * Idle until kicked or `timeoutMs` passes; clears the kick so the next one
    * is seen. Callers await it with the work of the last upcall still queued
    * as promise continuations: the poll yields to them between looks at the
-   * wake word, and a blocking wait lets them run first.
+   * wake word.
    */
   async halt(timeoutMs = Infinity): Promise<void> {
     const t0 = performance.now();
-    if (this.pollLimitUs > 0) {
+    if (this.pollLimitUs > 0 && t0 >= this.pollOffUntil) {
       // Polling never passes through the event loop; make sure timers, I/O and messages get a turn.
-      if (t0 - this.lastTurn > EVENT_LOOP_TURN_MS) {
+      if (t0 - this.lastTurn > this.eventLoopTurnMs) {
         await new Promise<void>((resolve) => setImmediate(resolve));
         this.lastTurn = performance.now();
       }
-      const until = performance.now() + this.pollLimitUs / 1000;
-      if (t0 < this.pollOffUntil ? await this.block(until) : await this.poll(until)) {
+      const outcome = await this.poll(performance.now() + this.pollLimitUs / 1000);
+      if (outcome === 'kicked') {
         this.polled++;
+        this.failedPolls = 0;
         Atomics.store(this.ctl, this.wake, WAKE_IDLE);
         return;
       }
+      if (outcome === 'preempted' || ++this.failedPolls >= FAILED_POLLS_MAX) this.stopPolling();
     }
     // Announce the sleep so that a kick notifies; a kick that came first left KICKED.
     if (Atomics.compareExchange(this.ctl, this.wake, WAKE_IDLE, WAKE_SLEEPING) === WAKE_IDLE) {
@@ -102,35 +120,29 @@ export class Vcpu {
   }
 
   /** Look at the wake word until it is set or `until` (performance.now()) passes, yielding to promise continuations. */
-  private async poll(until: number): Promise<boolean> {
+  private async poll(until: number): Promise<'kicked' | 'expired' | 'preempted'> {
     let last = performance.now();
     for (let i = 1; ; i++) {
-      if (Atomics.load(this.ctl, this.wake) === WAKE_KICKED) return true;
+      if (Atomics.load(this.ctl, this.wake) === WAKE_KICKED) return 'kicked';
       await null;
       if ((i & 15) !== 0) continue;
       const now = performance.now();
-      if (now - last > PREEMPTED_GAP_US / 1000) {
+      if (now - last > this.preemptedGapMs) {
         this.preempted++;
-        this.pollOffUntil = now + PREEMPTED_BACKOFF_MS;
-        return Atomics.load(this.ctl, this.wake) === WAKE_KICKED;
+        return Atomics.load(this.ctl, this.wake) === WAKE_KICKED ? 'kicked' : 'preempted';
       }
-      if (now >= until) return Atomics.load(this.ctl, this.wake) === WAKE_KICKED;
+      if (now >= until) return Atomics.load(this.ctl, this.wake) === WAKE_KICKED ? 'kicked' : 'expired';
       last = now;
     }
   }
 
-  /**
-   * The window without spinning, for oversubscribed CPUs: after the
-   * continuations of the last upcall had their hops, sleep in Atomics.wait,
-   * which a kick ends as fast as the runtime wakes a thread; the thread's
-   * event loop waits meanwhile.
-   */
-  private async block(until: number): Promise<boolean> {
-    for (let i = 0; i < CONTINUATION_HOPS; i++) await null;
-    if (Atomics.compareExchange(this.ctl, this.wake, WAKE_IDLE, WAKE_SLEEPING) !== WAKE_IDLE) return true;
-    // A timeout under a millisecond makes the wake-up itself several times slower here, so wait at least that.
-    Atomics.wait(this.ctl, this.wake, WAKE_SLEEPING, Math.max(BLOCK_MIN_MS, until - performance.now()));
-    return Atomics.compareExchange(this.ctl, this.wake, WAKE_SLEEPING, WAKE_IDLE) !== WAKE_SLEEPING;
+  /** Polling did not pay: sleep at once for a while, longer if it did not pay right after the last pause either. */
+  private stopPolling(): void {
+    const now = performance.now();
+    const again = now - this.pollOffUntil < this.backoffMs;
+    this.backoffMs = again ? Math.min(POLL_BACKOFF_MAX_MS, this.backoffMs * 2) : POLL_BACKOFF_MS;
+    this.pollOffUntil = now + this.backoffMs;
+    this.failedPolls = 0;
   }
 
   /** haltpoll's adjust_poll_limit: grow when a longer poll would have caught the kick, shrink when none would. */
