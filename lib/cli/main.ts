@@ -9,6 +9,7 @@ import { loadHostConfig } from '../backends/hostcfg.js';
 import { cliPath, defaultRundir, hostDaemon, hostStart, hostStop } from './host.js';
 import { closeSync, ftruncateSync, openSync } from 'node:fs';
 import { parseSize } from '../backends/xlcfg.js';
+import { fuzz } from './fuzz.js';
 
 const USAGE = `usage: xenpv <command> [options]
 
@@ -33,6 +34,12 @@ commands:
   disk create FILE SIZE
       create a raw disk image of SIZE bytes (suffix K, M, G or T; a multiple
       of 512), sparse and zero-filled; EEXIST when FILE exists.
+  fuzz xenstore [--seed N] [--steps M] [--json]
+      a guest that abuses xenstored (quotas, permission probes, malformed
+      and partial messages, unread answers, reconnects) while dom0 and a
+      bystander guest check that they are served and nothing of theirs
+      leaks or changes. Prints the seed; the same seed replays the run.
+      Exit 1 when an invariant broke.
   help
       this text.
 `;
@@ -63,6 +70,8 @@ async function main(argv: string[]): Promise<number> {
       return disk(rest);
     case 'bench':
       return (await import('./bench.js')).bench(rest);
+    case 'fuzz':
+      return fuzz(rest);
     case undefined:
     case 'help':
     case '--help':
