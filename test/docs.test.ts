@@ -322,12 +322,14 @@ t.test('protocol diagrams: each side writes and reads exactly the keys its code 
 
 t.test('protocol checker: a renamed, missing or extra key is caught', async (t) => {
   const diagram = (body: string): Diagram => diagrams(['## x', '```mermaid', 'sequenceDiagram', body, '```'].join('\n'))[0]!;
-  const side = '  %% side FE lib/drivers/xbf/xbf.ts xbfInit xbfDetach';
+  const side = '  %% side FE lib/drivers/xbf/xbf.ts xbfPublish xbfReadDisk xbfRecover';
   const good = [
     side,
-    '  FE->>XSD: write $fe/ring-ref, event-channel, protocol=x86_64-abi, state=3',
-    '  FE->>XSD: wait $be/state>=4',
-    '  FE->>XSD: read $be/sectors, sector-size, info, mode, feature-flush-cache',
+    '  FE->>XSD: rm $fe/$key',
+    '  FE->>XSD: write $fe/ring-page-order, multi-queue-num-queues, ring-ref, ring-ref$i, event-channel, protocol=x86_64-abi, feature-persistent, state=3',
+    '  FE->>XSD: wait $be/state=2',
+    '  FE->>XSD: read $be/sectors, sector-size, physical-sector-size, info, mode, feature-max-indirect-segments, feature-persistent',
+    '  FE->>XSD: read $be/feature-flush-cache, feature-barrier, feature-discard, discard-granularity, discard-alignment, discard-secure',
   ].join('\n');
   t.same(protocolProblems(diagram(good)), [], 'the frontend as it is');
   t.same(protocolProblems(diagram(good.replace('event-channel', 'evtchn'))), [
@@ -337,15 +339,15 @@ t.test('protocol checker: a renamed, missing or extra key is caught', async (t) 
   t.same(protocolProblems(diagram(good.replace(', mode', ''))), [
     'protocols.md:2 (x): FE\'s code does "read mode", the diagram does not draw it',
   ], 'a key left out');
-  t.same(protocolProblems(diagram(`${good}\n  FE->>XSD: write $fe/feature-persistent`)), [
-    'protocols.md:2 (x): FE draws "write feature-persistent", its code does not do it',
+  t.same(protocolProblems(diagram(`${good}\n  FE->>XSD: write $fe/feature-barrier`)), [
+    'protocols.md:2 (x): FE draws "write feature-barrier", its code does not do it',
   ], 'a key the code does not write');
   t.same(protocolProblems(diagram(good.replace('wait $be', 'read $be'))).length, 2, 'the wrong verb');
   t.same(protocolProblems(diagram(`${good}\n  FE->>HV: EVTCHNOP_bind_interdomain`)), [
     'protocols.md:2 (x): FE names EVTCHNOP_bind_interdomain, its code does not use it',
   ], 'a hypercall the side does not make');
-  t.same(protocolProblems(diagram(good.replace('xbfInit', 'xbfInitialise'))).slice(0, 1), [
-    'protocols.md:2 (x): FE: no xbfInitialise with a body in lib/drivers/xbf/xbf.ts',
+  t.same(protocolProblems(diagram(good.replace('xbfReadDisk', 'xbfReadDisks'))).slice(0, 1), [
+    'protocols.md:2 (x): FE: no xbfReadDisks with a body in lib/drivers/xbf/xbf.ts',
   ], 'a function that is not there');
 });
 

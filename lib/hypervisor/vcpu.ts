@@ -20,7 +20,7 @@
 // The wake word says whether anyone must be woken: a kick sets KICKED and
 // calls Atomics.notify only when the vCPU had announced SLEEPING.
 
-import { Domain, VCPU_WAKE, WAKE_IDLE, WAKE_KICKED, WAKE_SLEEPING } from './domain.js';
+import { D, Domain, DomainState, VCPU_BLOCKED, VCPU_WAKE, WAKE_IDLE, WAKE_KICKED, WAKE_SLEEPING } from './domain.js';
 
 /** guest_halt_poll_ns: the longest poll, and the idle time past which polling would not have paid. */
 export const HALTPOLL_MAX_US = 200;
@@ -56,6 +56,7 @@ export type VcpuOptions = {
 export class Vcpu {
   private readonly ctl: Int32Array;
   private readonly wake: number;
+  private readonly blocked: number;
   private readonly pollMaxUs: number;
   private readonly eventLoopTurnMs: number;
   private readonly preemptedGapMs: number;
@@ -77,6 +78,7 @@ export class Vcpu {
   constructor(domain: Domain, readonly id: number, opts: VcpuOptions = {}) {
     this.ctl = domain.ctl;
     this.wake = domain.vcpuWord(id, VCPU_WAKE);
+    this.blocked = domain.vcpuWord(id, VCPU_BLOCKED);
     this.pollMaxUs = opts.haltPollMaxUs ?? HALTPOLL_MAX_US;
     this.eventLoopTurnMs = opts.eventLoopTurnMs ?? EVENT_LOOP_TURN_MS;
     this.preemptedGapMs = (opts.preemptedGapUs ?? PREEMPTED_GAP_US) / 1000;
@@ -90,6 +92,27 @@ export class Vcpu {
    * wake word.
    */
   async halt(timeoutMs = Infinity): Promise<void> {
+    Atomics.store(this.ctl, this.blocked, 1);
+    await this.idle(timeoutMs);
+    Atomics.store(this.ctl, this.blocked, 0);
+    Atomics.store(this.ctl, this.wake, WAKE_IDLE);
+    this.holdWhilePaused();
+  }
+
+  /**
+   * A paused domain does not run: its thread stops here, timers and all, as a
+   * descheduled vCPU stops, until the toolstack unpauses it (or destroys the
+   * domain, which ends the thread). The time held is not CPU time.
+   */
+  holdWhilePaused(): void {
+    if (Atomics.load(this.ctl, D.state) !== DomainState.paused) return;
+    const since = performance.now();
+    while (Atomics.load(this.ctl, D.state) === DomainState.paused) Atomics.wait(this.ctl, D.state, DomainState.paused);
+    Atomics.add(this.ctl, D.pausedMs, Math.round(performance.now() - since));
+  }
+
+  /** Poll for the window, then sleep until kicked or `timeoutMs` passes. */
+  private async idle(timeoutMs: number): Promise<void> {
     const t0 = performance.now();
     if (this.pollLimitUs > 0 && t0 >= this.pollOffUntil) {
       // Polling never passes through the event loop; make sure timers, I/O and messages get a turn.
@@ -101,7 +124,6 @@ export class Vcpu {
       if (outcome === 'kicked') {
         this.polled++;
         this.failedPolls = 0;
-        Atomics.store(this.ctl, this.wake, WAKE_IDLE);
         return;
       }
       if (outcome === 'preempted' || ++this.failedPolls >= FAILED_POLLS_MAX) this.stopPolling();
@@ -115,7 +137,6 @@ export class Vcpu {
         this.lastTurn = performance.now();
       }
     }
-    Atomics.store(this.ctl, this.wake, WAKE_IDLE);
     this.adjust((performance.now() - t0) * 1000);
   }
 
