@@ -1,7 +1,9 @@
 // How fast guests come up, and what each costs in memory. A guest counts as
 // up when its image starts: the kernel runs the image only after every
 // device it probed is attached, and an xbf attach ends when the backend is
-// Connected. The image then says so on its console.
+// Connected. The image then says so on its console. Each guest has a vbd;
+// the scale.boot32 also gives each a vif, which joins the config
+// below once the netfront exists.
 
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
