@@ -87,9 +87,13 @@ type Request = {
   signal: AbortSignal | undefined;
   onAbort: (() => void) | undefined;
   done: boolean;
-  resolve: (msg: XsMessage) => void;
-  reject: (err: XenError) => void;
+  /** What the caller gets from the answer's payload. */
+  decode: (payload: Uint8Array) => unknown;
+  resolve: (value: unknown) => void;
+  reject: (err: unknown) => void;
 };
+
+const asIs = (payload: Uint8Array): Uint8Array => payload;
 type WatchEntry = { path: string; token: string; handler: XsWatchHandler };
 
 const DEFAULT_MAX_OUTSTANDING = 16;
@@ -211,25 +215,27 @@ export class XenStore {
    * XS_ERROR becomes a XenError whose code is the errno name. At most
    * maxOutstanding requests are on the ring; later calls wait their turn.
    */
-  async cmd(type: number, txId: number, payload: Uint8Array, wait?: XsWait): Promise<Uint8Array> {
-    if (payload.length > XENSTORE_PAYLOAD_MAX) {
-      throw new XenError('E2BIG', `request of ${payload.length} bytes exceeds ${XENSTORE_PAYLOAD_MAX}`);
-    }
-    const msg = await this.request(type, txId, payload, wait);
-    if (msg.type === XS_ERROR) throw errorFrom(msg, `xenstore request type ${type}`);
-    if (msg.type !== type) throw new XenError('EIO', `xenstore request type ${type}: answered with type ${msg.type}`);
-    return msg.payload;
+  cmd(type: number, txId: number, payload: Uint8Array, wait?: XsWait): Promise<Uint8Array> {
+    return this.request(type, txId, payload, wait, asIs);
   }
 
-  private request(type: number, txId: number, payload: Uint8Array, wait: XsWait | undefined): Promise<XsMessage> {
+  /**
+   * cmd() with the payload turned into the caller's value as the answer is
+   * settled: one promise per call, however many layers the API has.
+   * @internal for the operations below
+   */
+  request<T>(type: number, txId: number, payload: Uint8Array, wait: XsWait | undefined, decode: (payload: Uint8Array) => T): Promise<T> {
+    if (payload.length > XENSTORE_PAYLOAD_MAX) {
+      return Promise.reject(new XenError('E2BIG', `request of ${payload.length} bytes exceeds ${XENSTORE_PAYLOAD_MAX}`));
+    }
     if (this.error !== undefined) return Promise.reject(this.error);
     const signal = wait?.signal;
     if (signal?.aborted === true) return Promise.reject(cancelled(type, signal));
     const timeoutMs = wait?.timeoutMs ?? this.timeoutMs;
-    return new Promise((resolve, reject) => {
+    return new Promise<T>((resolve, reject) => {
       const r: Request = {
         type, txId, payload, reqId: 0, deadline: performance.now() + timeoutMs, timeoutMs,
-        signal, onAbort: undefined, done: false, resolve, reject,
+        signal, onAbort: undefined, done: false, decode, resolve: resolve as (value: unknown) => void, reject,
       };
       if (signal !== undefined) {
         r.onAbort = () => this.finish(r, cancelled(type, signal));
@@ -265,8 +271,21 @@ export class XenStore {
     if (r.onAbort !== undefined) r.signal?.removeEventListener('abort', r.onAbort);
     if (r.reqId !== 0 && this.pending.get(r.reqId) === r) this.pending.delete(r.reqId);
     if (result instanceof XenError) r.reject(result);
-    else r.resolve(result);
+    else this.answer(r, result);
     this.startWaiting();
+  }
+
+  /** XS_ERROR becomes a XenError whose code is the errno name; a decode that throws rejects. */
+  private answer(r: Request, msg: XsMessage): void {
+    if (msg.type === XS_ERROR) return r.reject(errorFrom(msg, `xenstore request type ${r.type}`));
+    if (msg.type !== r.type) return r.reject(new XenError('EIO', `xenstore request type ${r.type}: answered with type ${msg.type}`));
+    let value: unknown;
+    try {
+      value = r.decode(msg.payload);
+    } catch (err) {
+      return r.reject(err);
+    }
+    r.resolve(value);
   }
 
   /** Put waiting requests on the ring while slots are free (skipping those already settled). */
@@ -569,20 +588,22 @@ export class XsTransaction {
 
 // The operations, shared by XenStore and XsTransaction.
 
-async function xsRead(xs: XenStore, tx: number, path: string, wait?: XsWait): Promise<string> {
-  return fromBytes(await xs.cmd(XS_READ, tx, joinStrings([path]), wait));
+const ignore = (): void => undefined;
+
+function xsRead(xs: XenStore, tx: number, path: string, wait?: XsWait): Promise<string> {
+  return xs.request(XS_READ, tx, joinStrings([path]), wait, fromBytes);
 }
 
-async function xsWrite(xs: XenStore, tx: number, path: string, value: string | Uint8Array, wait?: XsWait): Promise<void> {
-  await xs.cmd(XS_WRITE, tx, joinWrite(path, value), wait);
+function xsWrite(xs: XenStore, tx: number, path: string, value: string | Uint8Array, wait?: XsWait): Promise<void> {
+  return xs.request(XS_WRITE, tx, joinWrite(path, value), wait, ignore);
 }
 
-async function xsList(xs: XenStore, tx: number, path: string, wait?: XsWait): Promise<string[]> {
-  return splitStrings(await xs.cmd(XS_DIRECTORY, tx, joinStrings([path]), wait));
+function xsList(xs: XenStore, tx: number, path: string, wait?: XsWait): Promise<string[]> {
+  return xs.request(XS_DIRECTORY, tx, joinStrings([path]), wait, splitStrings);
 }
 
-async function xsAck(xs: XenStore, tx: number, type: number, path: string, wait?: XsWait): Promise<void> {
-  await xs.cmd(type, tx, joinStrings([path]), wait);
+function xsAck(xs: XenStore, tx: number, type: number, path: string, wait?: XsWait): Promise<void> {
+  return xs.request(type, tx, joinStrings([path]), wait, ignore);
 }
 
 async function xsGetPerms(xs: XenStore, tx: number, path: string, wait?: XsWait): Promise<XsPerm[]> {
