@@ -14,15 +14,20 @@ import { parseDhcpdConfig } from '../backends/dhcpd.js';
 import type { BridgeSetup } from '../backends/dom0.js';
 import { hostStatus, manageCommands } from './manage.js';
 import { fuzz } from './fuzz.js';
+import { parseFaults } from '../sim/sim.js';
 
 const USAGE = `usage: xenpv <command> [options]
 
 commands:
-  run <cfg>... [--json] [--duration S] [--uplink BRIDGE=udp:LPORT:HOST:RPORT]...
-      [--pcap BRIDGE=FILE]... [--dhcp BRIDGE=FIRST-LAST]...
+  run <cfg>... [--json] [--duration S] [--seed N [--faults LIST]]
+      [--uplink BRIDGE=udp:LPORT:HOST:RPORT]... [--pcap BRIDGE=FILE]... [--dhcp BRIDGE=FIRST-LAST]...
       boot a host with dom0, create the domains of the xl-style configs, wait
       until they shut down (or S seconds pass), print each guest's console
       output prefixed with its name; exit 0 when every guest powered off.
+      --seed runs every domain in one thread under a scheduler driven by the
+      seed (0..4294967295), in virtual time, and prints the seed and a digest
+      of the run: the same seed replays the same run. --faults injects
+      spurious,delay,deschedule,vbd-restart (a comma list, or all).
       --uplink joins a bridge to a UDP peer, one Ethernet frame per datagram
       (QEMU -netdev dgram, socat); --pcap captures a bridge to FILE;
       --dhcp BRIDGE=FIRST-LAST serves DHCP on a bridge (as the subnet's .1).
@@ -35,6 +40,12 @@ commands:
       stop that host; its socket and pid file go with it.
   host status [--rundir DIR]
       the host's pid, uptime and number of domains.
+  bench [--quick] [--json] [--out FILE] [--only PREFIX,...]
+      measure xenpv against the limits of this runtime and its peers (the
+      median of 3 runs each), print the table and the targets, and write the
+      JSON report to FILE (default ./xenpv-bench.json). --quick runs 250 ms
+      instead of 1 s per run; --json prints the report instead of the table;
+      --only runs the metrics whose names start with a prefix (xenstore.).
   disk create FILE SIZE
       create a raw disk image of SIZE bytes (suffix K, M, G or T; a multiple
       of 512), sparse and zero-filled; EEXIST when FILE exists.
@@ -76,6 +87,12 @@ commands that manage a running host (each takes --rundir DIR):
   restore FILE                a new domain from FILE; its guest carries on
 `;
 
+function parseSeed(text: string): number {
+  const n = /^\d{1,10}$/.test(text) ? Number(text) : NaN;
+  if (!(n <= 0xffffffff)) throw new XenError('EINVAL', `--seed must be an integer 0..4294967295, not ${text}`);
+  return n;
+}
+
 function fail(err: unknown): never {
   const e = err instanceof XenError ? err : new XenError('EINVAL', (err as Error).message);
   process.stderr.write(`xenpv: ${e.message}\n`);
@@ -92,6 +109,8 @@ async function main(argv: string[]): Promise<number> {
         options: {
           json: { type: 'boolean', default: false },
           duration: { type: 'string' },
+          seed: { type: 'string' },
+          faults: { type: 'string' },
           uplink: { type: 'string', multiple: true },
           pcap: { type: 'string', multiple: true },
           dhcp: { type: 'string', multiple: true },
@@ -100,6 +119,9 @@ async function main(argv: string[]): Promise<number> {
       if (positionals.length === 0) throw new XenError('EINVAL', 'run needs at least one config file');
       const duration = values.duration === undefined ? undefined : Number(values.duration);
       if (duration !== undefined && !(duration > 0)) throw new XenError('EINVAL', `--duration must be a positive number of seconds, not ${values.duration}`);
+      const seed = values.seed === undefined ? undefined : parseSeed(values.seed);
+      if (values.faults !== undefined && seed === undefined) throw new XenError('EINVAL', '--faults needs --seed');
+      const faults = values.faults === undefined ? undefined : parseFaults(values.faults);
       const uplinks = bridgeArgs('--uplink', values.uplink ?? []);
       for (const spec of Object.values(uplinks)) parseUplink(spec);
       const pcaps = bridgeArgs('--pcap', values.pcap ?? []);
@@ -109,12 +131,14 @@ async function main(argv: string[]): Promise<number> {
         bridges[name] = { ...bridges[name], dhcp: { range } };
         parseDhcpdConfig({ range });
       }
-      return run(positionals, { json: values.json === true, durationS: duration, uplinks, bridges });
+      return run(positionals, { json: values.json === true, durationS: duration, seed, faults, uplinks, bridges });
     }
     case 'host':
       return host(rest);
     case 'disk':
       return disk(rest);
+    case 'bench':
+      return (await import('./bench.js')).bench(rest);
     case 'fuzz':
       return fuzz(rest);
     case undefined:
