@@ -14,6 +14,7 @@ import type { BridgeSetup, Dom0Args } from './backends/dom0.js';
 import type { BridgeOptions, BridgeReport } from './backends/bridge.js';
 import type { NetbackOptions, VifStats } from './backends/netback.js';
 import { parseDhcpdConfig } from './backends/dhcpd.js';
+import { parseMac } from './ether.js';
 import type { XenstoredLimits } from './backends/xenstored.js';
 import { SimRunner, type SimOptions } from './sim/sim.js';
 import { join } from 'node:path';
@@ -100,7 +101,10 @@ export class Machine {
   /** Create and start dom0, and wait until its toolstack answers. */
   static async boot(opts: MachineOptions = {}): Promise<Machine> {
     // A bad bridge setting is the caller's error, found before any thread starts.
-    for (const b of Object.values(opts.bridges ?? {})) if (b.dhcp !== undefined) parseDhcpdConfig(b.dhcp);
+    for (const b of Object.values(opts.bridges ?? {})) {
+      if (b.dhcp !== undefined) parseDhcpdConfig(b.dhcp);
+      if (b.sink !== undefined) parseMac(b.sink);
+    }
     // A simulated host has no sockets: every byte that reaches it must come from the seed.
     if (opts.sim !== undefined && opts.rundir !== undefined) throw new XenError('EINVAL', 'a deterministic machine takes no rundir');
     if (opts.sim !== undefined && Object.keys(opts.uplinks ?? {}).length > 0) throw new XenError('EINVAL', 'a deterministic machine takes no uplink');

@@ -246,3 +246,13 @@ t.test('Linux in a network namespace, its TAP device bridged by socat to the UDP
   t.equal(exit.reason, 'poweroff');
   t.match(exit.console, /^echoed 1 datagrams, answered [4-9]\d* pings$/m);
 });
+
+t.test('the network benchmark (bench/net.ts) measures frames reaching a guest and a dom0 sink', async (t) => {
+  const { NET_METRICS, netBench } = await import('../bench/net.js');
+  const r = await netBench(1, 100);
+  t.ok(r !== null);
+  for (const name of NET_METRICS) {
+    t.equal(r![name].length, 1, name);
+    t.ok(r![name][0]! > 0, `${name}: frames arrived`);
+  }
+});

@@ -23,6 +23,7 @@ import { BlkbackSet } from './blkback.js';
 import { Bridges, FramePool, parseUplink, type BridgeOptions } from './bridge.js';
 import { NetbackSet, type NetbackOptions } from './netback.js';
 import { Dhcpd, parseDhcpdConfig, type DhcpdSpec } from './dhcpd.js';
+import { parseMac } from '../ether.js';
 import { Toolstack, toolstackOps, type Platform, type StoreIntroduce } from './toolstack.js';
 import { Concentrator } from './concentrator.js';
 import { Xenstored, XenstoredRing, type XenstoredLimits } from './xenstored.js';
@@ -98,14 +99,19 @@ export type Dom0Args = {
   net?: { netback?: NetbackOptions | undefined; bridges?: Record<string, BridgeSetup> | undefined } | undefined;
 };
 
-/** What a bridge is set up with: its own options, and a DHCP server on a port of its own. */
-export type BridgeSetup = BridgeOptions & { dhcp?: DhcpdSpec | undefined };
+/**
+ * What a bridge is set up with: its own options, a DHCP server on a port of
+ * its own, and a sink: a dom0 port at that MAC that takes frames and drops
+ * them, counted (what `xenpv bench` measures a guest against).
+ */
+export type BridgeSetup = BridgeOptions & { dhcp?: DhcpdSpec | undefined; sink?: string | undefined };
 
 /** dom0's network: one frame pool, the bridges (a DHCP server on those that ask), a netback per vif. */
 function startNet(hypercall: Hypercall, intr: Interrupts, xs: XenStore, physmem: PhysMem, args: Dom0Args): NetbackSet {
   const bridges = new Bridges(new FramePool(hypercall, physmem));
-  for (const [name, { dhcp, ...opts }] of Object.entries(args.net?.bridges ?? {})) {
+  for (const [name, { dhcp, sink, ...opts }] of Object.entries(args.net?.bridges ?? {})) {
     bridges.configure(name, opts);
+    if (sink !== undefined) bridges.attachLocal(name, { name: 'sink', mac: parseMac(sink), mtu: 65521 }).onFrame(() => undefined);
     if (dhcp === undefined) continue;
     // A locally administered address of its own, as a host on the bridge has.
     const port = bridges.attachLocal(name, { name: 'dhcpd', mac: Uint8Array.from([0x02, 0, 0, ...randomBytes(3)]) });
