@@ -120,7 +120,10 @@ export class World {
   private async boot(domid: number, args: { name: string; extra: string }): Promise<void> {
     const d = this.host.domain(domid);
     Atomics.store(d.ctl, D.state, DomainState.running);
-    const { sc } = xenAttach({ domid, hv: this.host.hv, args }, args.name, args.extra, { idle: false });
+    // A peer in this thread lets go of a grant before the granter revokes it, or never:
+    // revocation does not wait (no timer may decide a run), a ref still mapped goes to quarantine at once.
+    const gnttab = { removeRetries: 0 };
+    const { sc } = xenAttach({ domid, hv: this.host.hv, args }, args.name, args.extra, { idle: false, gnttab });
     this.guests.set(domid, sc);
     this.addCpu(domid, sc.intr, d.sharedInfoGfn, d.mem);
     if (this.probe.get(args.name) !== false) await probeDevices(sc);

@@ -32,7 +32,7 @@ import { XenbusStateClosed, XenbusStateClosing, XenbusStateInitialising } from '
 import { logger, type Log } from '../log.js';
 import { PhysMem } from './physmem.js';
 import { XenCons } from './xencons.js';
-import { GrantTable } from '../gnttab/gnttab.js';
+import { GrantTable, type GrantTableOptions } from '../gnttab/gnttab.js';
 import { XenDmaTag } from '../busdma/busdma.js';
 import { xbfDriver } from '../drivers/xbf/xbf.js';
 
@@ -218,7 +218,7 @@ export type Boot = {
  * image. With `idle: false` the vCPU's idle loop is not started: whoever
  * runs the domain in its own thread (lib/fuzz/world.ts) calls the upcall.
  */
-export function xenAttach(ctx: KernelContext, name: string, cmdline = '', opts: { idle?: boolean } = {}): Boot {
+export function xenAttach(ctx: KernelContext, name: string, cmdline = '', opts: { idle?: boolean; gnttab?: GrantTableOptions } = {}): Boot {
   const log = logger('xen', name);
   pvbusDetect(ctx);
   const hypercall = ctx.hv.entry(ctx.domid);
@@ -231,7 +231,7 @@ export function xenAttach(ctx: KernelContext, name: string, cmdline = '', opts: 
   const physmem = new PhysMem(self.mem, ramPages(hypercall));
   const sharedInfoGfn = initSharedInfo(hypercall, physmem);
   const intr = new Interrupts(hypercall, self.mem, sharedInfoGfn, new Vcpu(self, 0), name);
-  const gnttab = new GrantTable(hypercall, self.mem, physmem, name);
+  const gnttab = new GrantTable(hypercall, self.mem, physmem, name, opts.gnttab);
   gnttab.init();
   const dmat = new XenDmaTag(gnttab, physmem, name);
 
