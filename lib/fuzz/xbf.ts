@@ -111,6 +111,8 @@ export type TakenRequest = {
 
 type BackQueue = {
   index: number;
+  /** The ring's pages as mapped. */
+  pages: Page[];
   ring: BackRing;
   head: Page;
   size: number;
@@ -140,6 +142,8 @@ export class HostileBlkBackend {
   readonly kept: BlkMapping[] = [];
   /** Events from the frontend. */
   kicks = 0;
+  /** Each indirect page as mapped, and how many of its bytes hold the request's descriptors. */
+  onIndirectPage: ((page: Uint8Array, usedBytes: number) => void) | null = null;
   private readonly scratch = new Uint8Array(112);
   private readonly desc = new Uint8Array(PAGE_SIZE);
 
@@ -161,11 +165,14 @@ export class HostileBlkBackend {
     return this.world.dom0.hypercall;
   }
 
-  /** libxl__device_disk_add's nodes: the frontend Initialising, the backend online; connect() follows. */
-  async create(): Promise<void> {
+  /**
+   * libxl__device_disk_add's nodes: the frontend Initialising, the backend
+   * online; connect() follows. `trusted` false: the disk spec's `untrusted`.
+   */
+  async create(trusted = true): Promise<void> {
     const fe: [string, string][] = [
       ['backend', this.be], ['backend-id', '0'], ['state', String(XenbusStateInitialising)], ['virtual-device', String(this.devid)],
-      ['device-type', 'disk'], ['trusted', '1'],
+      ['device-type', 'disk'], ['trusted', trusted ? '1' : '0'],
     ];
     const be: [string, string][] = [
       ['frontend', this.fe], ['frontend-id', String(this.domid)], ['state', String(XenbusStateInitialising)], ['online', '1'],
@@ -234,7 +241,7 @@ export class HostileBlkBackend {
       const ring = new BackRing(maps.map((m) => m.page), this.wire.entryBytes, size, `hostile.${i}`);
       const ih = bindInterdomain(this.hypercall, this.world.dom0.intr, this.domid, port, () => void this.kicks++, `hostile.${i}`);
       this.world.dom0.intr.intrUnmask(ih);
-      this.queues.push({ index: i, ring, head: maps[0]!.page, size, ringHandles: maps.map((m) => m.handle), ih, reqCons: 0, rspProd: 0, rspPushed: 0 });
+      this.queues.push({ index: i, pages: maps.map((m) => m.page), ring, head: maps[0]!.page, size, ringHandles: maps.map((m) => m.handle), ih, reqCons: 0, rspProd: 0, rspPushed: 0 });
     }
   }
 
@@ -348,6 +355,7 @@ export class HostileBlkBackend {
       const m = this.map(ref, false);
       if (m === null) return segs;
       const count = Math.min(ENTRIES_PER_FRAME, n - p * ENTRIES_PER_FRAME);
+      this.onIndirectPage?.(m.bytes, count * SEG_BYTES);
       this.desc.set(m.bytes.subarray(0, count * SEG_BYTES));
       this.done(m);
       const d = new DataView(this.desc.buffer);
