@@ -191,6 +191,7 @@ export class BlkbackFuzz {
       this.checkAllMemory();
       this.checkDisk();
       this.hash.update(this.disk);
+      this.report.refusals['port throttled'] = this.world.dom0.intr.throttles;
     } finally {
       if (this.dir !== '') rmSync(this.dir, { recursive: true, force: true });
     }
@@ -721,7 +722,8 @@ export class BlkbackFuzz {
 
   /** Let blkback run; every request of an unbroken ring must then be answered, and as the model says. */
   private async exchange(): Promise<void> {
-    await this.world.settle();
+    // Settle, and wait out (in virtual time) a throttle a storm may have set off.
+    await this.world.drain();
     for (const q of this.conn!.queues) {
       this.collect(q);
       if (!q.broken && q.outstanding.size > 0) {

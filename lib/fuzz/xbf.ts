@@ -507,7 +507,8 @@ export class XbfFuzz {
       await this.world.settle();
       this.held.push(...this.backend.take());
       await this.act();
-      await this.world.settle();
+      // Settle, and wait out (in virtual time) a throttle a storm may have set off.
+      await this.world.drain();
       this.completions();
       await this.checkEpisode();
       if (this.step % XSA396_CHECK_EVERY === XSA396_CHECK_EVERY - 1) this.checkKept();
@@ -520,6 +521,7 @@ export class XbfFuzz {
     if (this.xbf !== null) await this.unplug(false);
     this.checkKept();
     this.report.actions['pages still mapped by the backend'] = this.backend.kept.length;
+    this.report.refusals['port throttled'] = this.sc.intr.throttles;
     this.report.digest = this.hash.digest('hex');
     this.report.ms = Math.round(performance.now() - start);
     return this.report;
