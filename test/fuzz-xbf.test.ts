@@ -29,6 +29,7 @@ t.test('50,000 seeded steps against xbf break no invariant; every malicious answ
   t.ok(Object.keys(r.actions).some((a) => / persistent$/.test(a)), 'persistent grants');
   t.ok((r.actions['pages still mapped by the backend'] ?? 0) > 0, 'the backend ended the run holding mappings, checked all along');
   t.ok((r.refusals.ok ?? 0) > 10_000, 'most transfers succeeded');
+  t.ok((r.refusals['port throttled'] ?? 0) > 0, 'event storms got the port held masked for a while');
 });
 
 t.test('a seed replays exactly; another seed is another run', async (t) => {
