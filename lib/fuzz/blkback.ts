@@ -416,6 +416,8 @@ export class BlkbackFuzz {
     this.push(q);
     if (how !== 'unserved') await this.world.settle();
     if (how === 'half') {
+      // Judge what was served before new requests rewrite the descriptor pages it read.
+      this.collect(q);
       for (let n = this.rng.range(1, 4); n > 0 && this.free(q) > 0; n--) this.send(q, this.validPlan());
       this.push(q);
     }
