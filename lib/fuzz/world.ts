@@ -22,6 +22,7 @@ import { D, DomainState } from '../hypervisor/domain.js';
 import { UPCALL_PENDING } from '../hypervisor/evtchn.js';
 import { Host } from '../hypervisor/host.js';
 import type { Hypercall } from '../hypervisor/hypercall.js';
+import type { KernelContext } from '../hypervisor/runner.js';
 import { PAGE_SIZE, type MemoryViews } from '../hypervisor/page.js';
 import { Vcpu } from '../hypervisor/vcpu.js';
 import { PhysMem } from '../xen/physmem.js';
@@ -98,6 +99,20 @@ export type WorldGuestSpec = {
   probe?: boolean;
 };
 
+/** A kernel context for a guest whose vCPU the world pumps itself: no channel to a machine, no exit but a halt. */
+function inProcessContext(host: Host, domid: number, args: unknown): KernelContext {
+  const d = host.domain(domid);
+  return {
+    domid, hv: host.hv, args,
+    vcpu: (id) => new Vcpu(d, id),
+    post: () => undefined,
+    onMessage: () => undefined,
+    routeStdout: () => undefined,
+    load: (url) => import(url),
+    exit: () => new Promise<never>(() => undefined),
+  };
+}
+
 type Cpu = { domid: number; intr: Interrupts; upcallPending: number; u8: Uint8Array };
 
 export class World {
@@ -124,8 +139,7 @@ export class World {
       introduce: (domid, _gfn, evtchn) => rings.introduce(xsd, domid, evtchn),
       release: (domid) => rings.release(domid),
     });
-    const ctx = { domid: 0, hv: host.hv, args: null };
-    const xs = localClient(ctx, xsd, physmem);
+    const xs = localClient({ domid: 0, hv: host.hv }, xsd, physmem);
     const consoles = new ConsoleBackend(hypercall, intr, () => undefined);
     const vbds = new BlkbackSet(hypercall, intr, xs, { ...defaultBlkbackOptions, ...opts.blkback }, opts.makeBlkback);
     const toolstack = new Toolstack(
@@ -161,7 +175,7 @@ export class World {
     // A peer in this thread lets go of a grant before the granter revokes it, or never:
     // revocation does not wait (no timer may decide a run), a ref still mapped goes to quarantine at once.
     const gnttab = { removeRetries: 0 };
-    const { sc } = xenAttach({ domid, hv: this.host.hv, args }, args.name, args.extra, { idle: false, gnttab, clock: this.clock });
+    const { sc } = xenAttach(inProcessContext(this.host, domid, args), args.name, args.extra, { idle: false, gnttab, clock: this.clock });
     this.guests.set(domid, sc);
     this.addCpu(domid, sc.intr, d.sharedInfoGfn, d.mem);
     if (this.probe.get(args.name) !== false) await probeDevices(sc);
