@@ -824,7 +824,7 @@ export class BlkbackFuzz {
     let i = from;
     while (i < to && this.region[i] === this.shadow[i]) i++;
     const page = Math.floor(i / PAGE_SIZE);
-    const what = page % 2 === 0 ? `canary page ${page} (from ${from} to ${to})` : `buffer ${(page - 1) / 2} (${this.kinds[(page - 1) / 2]})`;
+    const what = page % 2 === 0 ? `the canary page before buffer ${page / 2}` : `buffer ${(page - 1) / 2} (${this.kinds[(page - 1) / 2]})`;
     this.violation(`memory of ${what} changed at byte ${i % PAGE_SIZE}: ${this.region[i]} where the model has ${this.shadow[i]}`);
     // Resynchronise so that one stray write is reported once.
     this.shadow.set(this.region.subarray(from, to), from);
