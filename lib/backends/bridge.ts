@@ -51,6 +51,13 @@ export type PoolBuffer = { gfn: number; pages: number; bytes: Uint8Array };
 
 export class Packet {
   readonly frags: Frag[] = Array.from({ length: MAX_FRAGS }, () => ({ domid: 0, ref: 0, byRef: false, offset: 0, len: 0 }));
+  /**
+   * The first bytes of the frame (HEADER_BYTES at most), in dom0 memory: a
+   * slot of the pool's header pages, so that a short frame can be sent on
+   * from here (copybreak).
+   */
+  readonly header: Uint8Array;
+  headerLen = 0;
   nrFrags = 0;
   len = 0;
   /** The sender left the TCP/UDP checksum blank (NETTXF_csum_blank). */
@@ -62,9 +69,6 @@ export class Packet {
   hash = 0;
   /** Holders: the maker while it forwards, and each port queue that keeps it. */
   refs = 0;
-  /** The first bytes of the frame, in dom0's heap. */
-  readonly header = new Uint8Array(HEADER_BYTES);
-  headerLen = 0;
   /** The whole frame in dom0 memory, once some port needed it. */
   buf: PoolBuffer | null = null;
   /** The checksum in `buf` has been filled in. */
@@ -76,6 +80,16 @@ export class Packet {
   nrExtras = 0;
   originQueue = 0;
   queuedAtMs = 0;
+
+  constructor(
+    /** Where `header` is: a dom0 frame and the offset in it. */
+    readonly headerGfn: number,
+    readonly headerOffset: number,
+    mem: MemoryViews,
+  ) {
+    const at = headerGfn * PAGE_SIZE + headerOffset;
+    this.header = mem.u8.subarray(at, at + HEADER_BYTES);
+  }
 
   /** The view of the whole frame in dom0 memory (buf must be set). */
   bytes(): Uint8Array {
@@ -146,7 +160,12 @@ export class FramePool {
   ) {
     this.mem = physmem.mem;
     const packets = opts.packets ?? 4096;
-    for (let i = 0; i < packets; i++) this.free.push(new Packet());
+    // Each packet's header slot: HEADER_BYTES in dom0 pages, none straddling a page.
+    const perPage = PAGE_SIZE / HEADER_BYTES;
+    const headerGfn = physmem.alloc(Math.ceil(packets / perPage));
+    for (let i = 0; i < packets; i++) {
+      this.free.push(new Packet(headerGfn + Math.floor(i / perPage), (i % perPage) * HEADER_BYTES, this.mem));
+    }
     for (let i = 0; i < (opts.smallBuffers ?? 256); i++) this.small.push(this.buffer(physmem, 1));
     for (let i = 0; i < (opts.largeBuffers ?? 16); i++) this.large.push(this.buffer(physmem, LARGE_PAGES));
     this.stats.packets = packets;
@@ -246,22 +265,37 @@ export class FramePool {
     return op.status;
   }
 
-  /** Copy the frame's first HEADER_BYTES into pkt.header; the GNTST status. */
+  /** Copy the frame's first HEADER_BYTES into pkt.header (straight into dom0 memory); the GNTST status. */
   copyHeader(pkt: Packet): number {
-    const scratchGfn = this.scratchGfn;
     const want = Math.min(HEADER_BYTES, pkt.len);
     let got = 0;
     for (let i = 0; i < pkt.nrFrags && got < want; i++) {
       const f = pkt.frags[i]!;
       const n = Math.min(f.len, want - got);
       if (n === 0) continue;
-      const st = this.copy(f, f.offset, 0, scratchGfn, false, got, n);
+      const st = this.copy(f, f.offset, 0, pkt.headerGfn, false, pkt.headerOffset + got, n);
       if (st !== GNTST_okay) return st;
       got += n;
     }
-    pkt.header.set(this.mem.u8.subarray(scratchGfn * PAGE_SIZE, scratchGfn * PAGE_SIZE + got));
     pkt.headerLen = got;
     return GNTST_okay;
+  }
+
+  /**
+   * Copybreak: a frame that fits its header copy is sent on from there (Linux
+   * netback too copies the first 128 bytes of every frame into dom0), so each
+   * receiver's copy reads dom0's page instead of pinning the sender's grant
+   * again. The sender is still answered only when every port let go of the
+   * packet: its ring stays the queue, and a slow receiver still slows it.
+   */
+  fragsFromHeader(pkt: Packet): void {
+    const f = pkt.frags[0]!;
+    f.domid = DOMID_SELF;
+    f.byRef = false;
+    f.ref = pkt.headerGfn;
+    f.offset = pkt.headerOffset;
+    f.len = pkt.len;
+    pkt.nrFrags = 1;
   }
 
   /**

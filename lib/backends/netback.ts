@@ -489,6 +489,7 @@ export class Netback implements BridgePort {
         if (why !== null) return this.disable(why);
         continue;
       }
+      if (pkt.len <= HEADER_BYTES) pool.fragsFromHeader(pkt);
       q.held = pkt;
     }
     if (ring.error !== undefined) this.disable(ring.error.message);
