@@ -133,6 +133,15 @@ export class Machine {
     await this.rpc.call('destroy', { domid });
   }
 
+  /**
+   * Stop a vbd's backend and start a new one on the same storage while the
+   * guest runs (a backend crash and restart); resolves once the guest's
+   * frontend has reconnected.
+   */
+  async restartVbd(domid: number, devid: number): Promise<void> {
+    await this.rpc.call('vbd-restart', { domid, devid }, 60_000);
+  }
+
   /** Stop every domain and dom0. */
   async stop(): Promise<void> {
     // dom0 closes its listeners first; a dom0 that does not answer is terminated all the same.

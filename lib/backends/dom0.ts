@@ -119,11 +119,12 @@ export async function main(ctx: KernelContext): Promise<void> {
   };
   const names = new Map<number, string>();
   const consoles = new ConsoleBackend(hypercall, intr, (domid, text) => rpc.event('console', { domid, name: names.get(domid) ?? `dom${domid}`, text }));
+  const vbds = new BlkbackSet(hypercall, intr, xs);
   const toolstack = new Toolstack(
     ctx.hv, hypercall, xs, store, consoles, platform,
     (exit) => rpc.event('exit', exit),
     new URL('../xen/kernel.js', import.meta.url).href,
-    new BlkbackSet(hypercall, intr, xs),
+    vbds,
   );
   const domExc = intr.virqEstablish(VIRQ_DOM_EXC, () => toolstack.domainException(), 'dom-exc');
   intr.intrUnmask(domExc);
@@ -141,6 +142,10 @@ export async function main(ctx: KernelContext): Promise<void> {
     },
     destroy: (args: unknown) => toolstack.destroyNow((args as { domid: number }).domid),
     list: () => toolstack.list(),
+    'vbd-restart': (args: unknown) => {
+      const a = args as { domid: number; devid: number };
+      return vbds.restart(a.domid, a.devid);
+    },
     // Before the machine terminates this thread: the socket file goes with the listener.
     stop: async () => void (await socket?.close()),
   } satisfies RpcHandlers);

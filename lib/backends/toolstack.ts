@@ -52,6 +52,10 @@ export type DiskSpec = {
   /** The image path (type file) or the size in bytes (memory, null). */
   params: string;
   readOnly: boolean;
+  /** devtype=cdrom: the guest sees a CD-ROM (VDISK_CDROM), read-only. */
+  cdrom?: boolean;
+  /** `untrusted`: false, and the frontend takes the measures of XSA-403 (the `trusted` node). */
+  trusted?: boolean;
 };
 
 /** dom0's block backends as the toolstack starts and stops them. */
@@ -205,12 +209,14 @@ export class Toolstack {
     if (this.vbds === null) throw new XenError('ENODEV', 'no block backend in this dom0');
     const fe = `/local/domain/${domid}/device/vbd/${disk.devid}`;
     const be = `/local/domain/0/backend/vbd/${domid}/${disk.devid}`;
+    const devtype = disk.cdrom === true ? 'cdrom' : 'disk';
     const feNodes: [string, string][] = [
-      ['backend', be], ['backend-id', '0'], ['state', '1'], ['virtual-device', String(disk.devid)], ['device-type', 'disk'],
+      ['backend', be], ['backend-id', '0'], ['state', '1'], ['virtual-device', String(disk.devid)], ['device-type', devtype],
+      ['trusted', disk.trusted === false ? '0' : '1'],
     ];
     const beNodes: [string, string][] = [
       ['frontend', fe], ['frontend-id', String(domid)], ['params', disk.params], ['type', disk.type],
-      ['mode', disk.readOnly ? 'r' : 'w'], ['dev', disk.vdev], ['device-type', 'disk'], ['removable', '0'],
+      ['mode', disk.readOnly ? 'r' : 'w'], ['dev', disk.vdev], ['device-type', devtype], ['removable', disk.cdrom === true ? '1' : '0'],
       ['bootable', '1'], ['online', '1'], ['state', '1'],
     ];
     // The guest owns its frontend and dom0 may read it; dom0 owns the backend and the guest may read it.

@@ -59,6 +59,7 @@ import {
   isChild,
   permFor,
   type XsCaller,
+  type XsNode,
 } from './xenstored-store.js';
 
 /**
@@ -217,9 +218,12 @@ export class Xenstored {
 
   /** A fork of the live store for a transaction; it records what it looks at. */
   forkDb(accessed: Map<string, number>): XsDb {
-    return new XsDb(this.db.root, this.nextGen, {
-      touch: (path, gen) => {
-        if (!accessed.has(path)) accessed.set(path, gen);
+    // What a node was when the transaction began, not after the transaction's
+    // own changes: a node it removed and wrote again is no conflict.
+    const start = this.db.root;
+    return new XsDb(start, this.nextGen, {
+      touch: (path) => {
+        if (!accessed.has(path)) accessed.set(path, peekRoot(start, path)?.gen ?? NO_NODE);
       },
     }, new Map(this.db.owned), this.limits);
   }
@@ -275,7 +279,11 @@ export class Xenstored {
 
 /** Look a node up without recording the access. */
 function peek(db: XsDb, path: string): { gen: number } | undefined {
-  let node = db.root;
+  return peekRoot(db.root, path);
+}
+
+function peekRoot(root: XsNode, path: string): { gen: number } | undefined {
+  let node = root;
   if (path === '/') return node;
   for (const name of path.slice(1).split('/')) {
     const child = node.children.get(name);

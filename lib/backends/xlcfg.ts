@@ -186,11 +186,14 @@ export function vdevToDevid(vdev: string): number | null {
 }
 
 const DISK_KEYS = ['target', 'format', 'vdev', 'access'] as const;
+/** Keywords that stand alone in a disk spec: `cdrom` (devtype=cdrom), `trusted`, `untrusted`. */
+const DISK_FLAGS = new Set(['cdrom', 'trusted', 'untrusted']);
 
 // libxl's disk spec (xl-disk-configuration.txt): key=value items, or the
 // positional target,format,vdev,access; a `target=` item takes the rest.
 function disk(item: string, fail: (message: string) => never, dir: string): DiskSpec {
   const v: Partial<Record<(typeof DISK_KEYS)[number], string>> = {};
+  const flags = new Set<string>();
   let rest = item.trim();
   for (let pos = 0; rest !== ''; ) {
     const isTarget = rest.startsWith('target=');
@@ -200,14 +203,22 @@ function disk(item: string, fail: (message: string) => never, dir: string): Disk
     const eq = part.indexOf('=');
     let key: string;
     let value: string;
-    if (eq < 0) {
+    if (DISK_FLAGS.has(part)) {
+      flags.add(part);
+      continue;
+    } else if (eq < 0) {
       key = DISK_KEYS[pos++] ?? fail(`too many positional parameters in ${JSON.stringify(item)}`);
       value = part;
     } else {
       key = part.slice(0, eq).trim();
       value = part.slice(eq + 1).trim();
     }
-    if (key === 'devtype' || key === 'backendtype' || key === 'backend') continue;
+    if (key === 'devtype') {
+      if (value !== 'cdrom' && value !== 'disk') fail(`devtype ${value}: want disk or cdrom`);
+      if (value === 'cdrom') flags.add('cdrom');
+      continue;
+    }
+    if (key === 'backendtype' || key === 'backend') continue;
     if (!(DISK_KEYS as readonly string[]).includes(key)) fail(`unknown disk parameter ${key}`);
     v[key as (typeof DISK_KEYS)[number]] = value;
   }
@@ -215,8 +226,10 @@ function disk(item: string, fail: (message: string) => never, dir: string): Disk
   if (format !== 'raw' && format !== 'memory' && format !== 'null') fail(`format ${format}: want raw, memory or null`);
   if (v.vdev === undefined) fail('vdev is required');
   const devid = vdevToDevid(v.vdev) ?? fail(`vdev ${v.vdev}: want xvda, xvdb, ...`);
-  const access = v.access ?? 'rw';
+  const access = v.access ?? (flags.has('cdrom') ? 'ro' : 'rw');
   if (!['r', 'ro', 'w', 'rw'].includes(access)) fail(`access ${access}: want r, ro, w or rw`);
+  if (flags.has('cdrom') && (access === 'w' || access === 'rw')) fail('a cdrom is read-only');
+  if (flags.has('trusted') && flags.has('untrusted')) fail('both trusted and untrusted');
   if (v.target === undefined || v.target === '') fail('target is required');
   let params: string;
   if (format === 'raw') params = isAbsolute(v.target) ? v.target : resolve(dir, v.target);
@@ -227,7 +240,10 @@ function disk(item: string, fail: (message: string) => never, dir: string): Disk
       fail((err as Error).message.replace(/^EINVAL: /, ''));
     }
   }
-  return { vdev: v.vdev, devid, type: format === 'raw' ? 'file' : format, params, readOnly: access === 'r' || access === 'ro' };
+  const spec: DiskSpec = { vdev: v.vdev, devid, type: format === 'raw' ? 'file' : format, params, readOnly: access === 'r' || access === 'ro' };
+  if (flags.has('cdrom')) spec.cdrom = true;
+  if (flags.has('untrusted')) spec.trusted = false;
+  return spec;
 }
 
 function disks(e: XlEntry, file: string): DiskSpec[] {

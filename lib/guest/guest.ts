@@ -4,15 +4,51 @@
 // to the PV console, and returning from main powers the guest off.
 
 import { formatWithOptions } from 'node:util';
+import { XenError } from '../errors.js';
 import type { XenStore } from '../xenstore/xenstore.js';
 import { shutdown, type XenDevice, type XenSoftc } from '../xen/xen.js';
-import { xbfDisks, type XbfSoftc } from '../drivers/xbf/xbf.js';
+import { xbfDisks, type XbfFeatures, type XbfSoftc } from '../drivers/xbf/xbf.js';
+import { readPartitionTable, type PartitionTable } from './partition.js';
 
 /**
- * A disk as a guest image sees it (one xbf unit). Errors are XenErrors:
- * EINVAL for a range outside the disk or data that is not whole sectors,
- * EROFS for a write to a read-only disk, EIO when the backend refused a
- * request or broke the protocol.
+ * Why a disk operation failed:
+ * - EINVAL: a range outside the disk, or data that is not whole sectors;
+ * - EROFS: a write or discard to a read-only disk;
+ * - EOPNOTSUPP: the backend offers no (secure) discard, or withdrew a feature;
+ * - EIO: the backend refused the request, broke the protocol, or did not come back;
+ * - ENXIO: the disk was detached;
+ * - EAGAIN: too many transfers queued.
+ */
+export type DiskErrorCode = 'EINVAL' | 'EROFS' | 'EOPNOTSUPP' | 'EIO' | 'ENXIO' | 'EAGAIN';
+export type DiskOp = 'read' | 'write' | 'flush' | 'discard';
+const DISK_ERROR_CODES = new Set<string>(['EINVAL', 'EROFS', 'EOPNOTSUPP', 'EIO', 'ENXIO', 'EAGAIN']);
+
+/** A failed disk operation: `code` says why; `op`, `lba` and `count` say what was asked. */
+export class DiskError extends XenError {
+  declare readonly code: DiskErrorCode;
+
+  constructor(
+    code: DiskErrorCode,
+    message: string,
+    readonly op: DiskOp,
+    readonly lba: number,
+    readonly count: number,
+    options?: { cause?: unknown },
+  ) {
+    super(code, message, options);
+  }
+}
+
+function diskError(err: unknown, op: DiskOp, lba: number, count: number): DiskError {
+  if (err instanceof DiskError) return err;
+  const code = err instanceof XenError && DISK_ERROR_CODES.has(err.code) ? (err.code as DiskErrorCode) : 'EIO';
+  const message = (err instanceof Error ? err.message : String(err)).replace(/^[A-Z]+: /, '');
+  return new DiskError(code, message, op, lba, count, { cause: err });
+}
+
+/**
+ * A disk as a guest image sees it (one xbf unit). Sector numbers and counts
+ * are in `sectorSize` units. Every failure is a DiskError.
  */
 export class Disk {
   constructor(private readonly xbf: XbfSoftc) {}
@@ -24,20 +60,48 @@ export class Disk {
   get sectorSize(): number {
     return this.xbf.sectorSize;
   }
+  get physicalSectorSize(): number {
+    return this.xbf.physicalSectorSize;
+  }
   get sectors(): number {
     return this.xbf.sectors;
   }
   get readOnly(): boolean {
     return this.xbf.readOnly;
   }
-  read(lba: number, count: number): Promise<Uint8Array> {
-    return this.xbf.read(lba, count);
+  /** VDISK_CDROM: a CD-ROM drive (read-only, removable). */
+  get cdrom(): boolean {
+    return this.xbf.cdrom;
   }
-  write(lba: number, data: Uint8Array): Promise<void> {
-    return this.xbf.write(lba, data);
+  /** What xbf and the backend agreed on: queues, ring size, indirect segments, persistent grants, flush, barrier, discard. */
+  get features(): Readonly<XbfFeatures> {
+    return { ...this.xbf.features };
+  }
+  /** Times the backend went away and came back while this disk was attached. */
+  get reconnects(): number {
+    return this.xbf.reconnects;
+  }
+  read(lba: number, count: number): Promise<Uint8Array> {
+    return this.xbf.read(lba, count).catch((err: unknown) => Promise.reject(diskError(err, 'read', lba, count)));
+  }
+  /** Read into `into` (whole sectors) instead of a new array. */
+  readInto(lba: number, into: Uint8Array): Promise<void> {
+    return this.xbf.readInto(lba, into).catch((err: unknown) => Promise.reject(diskError(err, 'read', lba, into.length / this.sectorSize)));
+  }
+  /** With `fua`, the data is on stable storage when the promise resolves. */
+  write(lba: number, data: Uint8Array, opts: { fua?: boolean } = {}): Promise<void> {
+    return this.xbf.write(lba, data, opts).catch((err: unknown) => Promise.reject(diskError(err, 'write', lba, data.length / this.sectorSize)));
   }
   flush(): Promise<void> {
-    return this.xbf.flush();
+    return this.xbf.flush().catch((err: unknown) => Promise.reject(diskError(err, 'flush', 0, 0)));
+  }
+  /** The sectors are no longer needed; they read back as zeros. `secure` asks that the old data be unrecoverable. */
+  discard(lba: number, count: number, opts: { secure?: boolean } = {}): Promise<void> {
+    return this.xbf.discard(lba, count, opts).catch((err: unknown) => Promise.reject(diskError(err, 'discard', lba, count)));
+  }
+  /** The MBR or GPT partition table (lib/guest/partition.ts). */
+  partitions(): Promise<PartitionTable> {
+    return readPartitionTable(this);
   }
 }
 

@@ -111,6 +111,11 @@ export class FramePage implements Page {
   write(offset: number, from: Uint8Array): void {
     this.mem.u8.set(from, this.enter(offset, from.length, true));
   }
+  /** The page's bytes as a view; see pageBytes. */
+  bytes(): Uint8Array {
+    const at = this.enter(0, PAGE_SIZE, false);
+    return this.mem.u8.subarray(at, at + PAGE_SIZE);
+  }
 }
 
 /**
@@ -134,6 +139,9 @@ export class ReadOnlyPage implements ReadPage {
   read(offset: number, into: Uint8Array): void {
     this.page.read(offset, into);
   }
+  bytes(): Uint8Array {
+    return this.page.bytes();
+  }
 }
 
 export function isWritable(page: ReadPage | Page): page is Page {
@@ -144,4 +152,16 @@ export function isWritable(page: ReadPage | Page): page is Page {
 export function writablePage(page: ReadPage | Page | null): Page {
   if (page === null || !isWritable(page)) throw new XenError('EACCES', 'the mapping is not writable');
   return page;
+}
+
+/**
+ * The bytes of a mapped page as a view of the granter's memory, for I/O that
+ * must not go through a copy (a backend's fs.readSync into a granted page).
+ * Unlike the page object, the view is not revoked by unmap: its holder drops
+ * it before unmapping, and stores nothing through the view of a read-only
+ * mapping. EINVAL for a page that is not a mapping of domain memory.
+ */
+export function pageBytes(page: ReadPage): Uint8Array {
+  if (page instanceof FramePage || page instanceof ReadOnlyPage) return page.bytes();
+  throw new XenError('EINVAL', 'not a page of domain memory');
 }

@@ -17,7 +17,7 @@ function imageUrl(image: string): string {
 
 export async function main(ctx: KernelContext): Promise<void> {
   const args = ctx.args as GuestArgs;
-  const { sc } = xenAttach(ctx, args.name);
+  const { sc } = xenAttach(ctx, args.name, args.extra);
   // The image's stdout is the PV console; stderr stays the kernel's log.
   process.stdout.write = ((chunk: string | Uint8Array): boolean => {
     sc.console.write(chunk);

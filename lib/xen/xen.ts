@@ -74,6 +74,8 @@ export type XenSoftc = {
   console: Console;
   devices: Map<string, XenDevice>;
   log: Log;
+  /** The kernel command line (the config's `extra`); drivers take `<driver>.<name>=<value>` words from it. */
+  cmdline: string;
 };
 
 /** The guest's PV console: output queued while the ring is full, flushed on the backend's event. */
@@ -182,7 +184,7 @@ export type Boot = {
 };
 
 /** xen_attach up to the xenstore; the caller probes devices and starts the image. */
-export function xenAttach(ctx: KernelContext, name: string): Boot {
+export function xenAttach(ctx: KernelContext, name: string, cmdline = ''): Boot {
   const log = logger('xen', name);
   pvbusDetect(ctx);
   const hypercall = ctx.hv.entry(ctx.domid);
@@ -209,7 +211,7 @@ export function xenAttach(ctx: KernelContext, name: string): Boot {
   const storeIntr = intr.intrEstablish(getParam(hypercall, HVM_PARAM_STORE_EVTCHN), 0, () => xs?.intr(), 'xenstore');
   xs = new XenStore({ page: storePage, notify: () => intr.intrSignal(storeIntr), name });
 
-  const sc: XenSoftc = { domid: ctx.domid, name, hypercall, mem: self.mem, physmem, intr, dmat, xs, console, devices: new Map(), log };
+  const sc: XenSoftc = { domid: ctx.domid, name, hypercall, mem: self.mem, physmem, intr, dmat, xs, console, devices: new Map(), log, cmdline };
   intr.intrUnmask(consoleIntr);
   intr.intrUnmask(storeIntr);
   void intr.run();

@@ -1,24 +1,46 @@
-// xbf(4): the Xen block frontend, after OpenBSD sys/dev/pv/xbf.c. One
-// one-page blkif ring; every page the backend touches is shared through the
-// Xen bus_dma tag (sc.dmat), so grant refs sit where physical addresses were.
-// Each request slot (ccb) owns a dmamap and an 11-page bounce buffer of
-// dmamem; the caller's data is copied in and out of it. Responses are copied
-// once off the ring and checked (id outstanding, operation matches, status
-// known); a violation breaks the disk with a logged reason, never throws out
-// of the interrupt.
+// xbf(4): the Xen block frontend, after OpenBSD sys/dev/pv/xbf.c, with the
+// features of Linux xen-blkfront.c: multi-page rings (ring-page-order),
+// several queues (multi-queue-num-queues), indirect descriptors
+// (feature-max-indirect-segments), persistent grants (feature-persistent),
+// the x86_32 request layout (`protocol`), FLUSH_DISKCACHE and WRITE_BARRIER,
+// DISCARD, and recovery when the backend goes away and comes back.
+//
+// Every page the backend touches is shared through the Xen bus_dma tag
+// (sc.dmat), so grant refs sit where physical addresses were. A guest image
+// hands xbf plain arrays, so data passes through the pages of the request
+// slot (ccb): a write is copied in, a read copied out. A transfer starts at
+// its sector's offset within a 4 KiB page, where a page cache would put it,
+// so segments are unaligned within pages as they are under a real kernel.
+// With persistent grants a ccb's pages stay granted for the connection;
+// without, each request grants them and revokes them when it completes. A
+// backend that is not trusted (`trusted` = 0, XSA-403) gets no persistent
+// grants and pages zeroed around the data.
+//
+// Responses are copied once off the ring and checked (id outstanding,
+// operation matches, status known, grants given back); a violation breaks
+// the disk with a logged reason and never throws out of the interrupt.
+//
+// When the backend closes (it crashed, or dom0 restarted it), the requests
+// still out are taken back, oldest first, and issued again once a backend
+// connects (Linux blkif_recover): no write acknowledged is lost, and none in
+// flight is dropped.
 
 import {
-  BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE,
-  BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, VDISK_READONLY,
-  blkif_request, blkif_request_segment, blkif_response,
+  BLKIF_DISCARD_SECURE, BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT,
+  BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY,
+  VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE, blkif_request, blkif_request_discard, blkif_request_discard_x86_32,
+  blkif_request_indirect, blkif_request_indirect_x86_32, blkif_request_segment, blkif_request_x86_32, blkif_response,
+  blkif_response_x86_32,
 } from '../../abi/blkif.js';
-import { __CONST_RING_SIZE, blkif_sring, blkif_sring_entry } from '../../abi/ring.js';
-import { offsetOf } from '../../abi/layout.js';
-import { XEN_IO_PROTO_ABI_X86_64 } from '../../abi/protocols.js';
-import { XenbusStateClosed, XenbusStateClosing, XenbusStateConnected, XenbusStateInitialised } from '../../abi/xenbus.js';
+import { __CONST_RING_SIZE, blkif_sring, blkif_sring_entry, blkif_sring_entry_x86_32, blkif_sring_x86_32 } from '../../abi/ring.js';
+import { offsetOf, type Layout } from '../../abi/layout.js';
+import { XEN_IO_PROTO_ABI_X86_32, XEN_IO_PROTO_ABI_X86_64 } from '../../abi/protocols.js';
 import {
-  BUS_DMA_READ, BUS_DMA_WRITE, BUS_DMA_ZERO, BUS_DMASYNC_POSTREAD, BUS_DMASYNC_POSTWRITE, BUS_DMASYNC_PREREAD, BUS_DMASYNC_PREWRITE,
-  busDmaDomid, type DmaKva, type DmaSegment, type XenDmaMap,
+  XenbusStateClosed, XenbusStateClosing, XenbusStateConnected, XenbusStateInitWait, XenbusStateInitialised,
+} from '../../abi/xenbus.js';
+import {
+  BUS_DMA_READ, BUS_DMA_WRITE, BUS_DMA_ZERO, BUS_DMASYNC_POSTREAD, BUS_DMASYNC_POSTWRITE, BUS_DMASYNC_PREREAD,
+  BUS_DMASYNC_PREWRITE, busDmaDomid, type DmaKva, type DmaSegment, type XenDmaMap,
 } from '../../busdma/busdma.js';
 import { XenError } from '../../errors.js';
 import type { IntrHandle } from '../../evtchn/evtchn.js';
@@ -26,67 +48,277 @@ import { FramePage, PAGE_SIZE } from '../../hypervisor/page.js';
 import { logger, type Log } from '../../log.js';
 import { FrontRing } from '../../xen/ring.js';
 import type { XenDevice, XenDriver, XenSoftc } from '../../xen/xen.js';
+import type { XsWatch } from '../../xenstore/xenstore.js';
 
 // --- wire layouts ------------------------------------------------------------
 
 const XBF_SEC_SHIFT = 9;
 const XBF_SEC_SIZE = 1 << XBF_SEC_SHIFT;
-const XBF_MAX_SGE = BLKIF_MAX_SEGMENTS_PER_REQUEST;
-/** The most one request carries: XBF_MAX_SGE whole pages. */
-const XBF_MAXPHYS = XBF_MAX_SGE * PAGE_SIZE;
-const XBF_RING_SIZE = __CONST_RING_SIZE(blkif_sring, PAGE_SIZE);
-const ENTRY_BYTES = blkif_sring_entry.size;
+const XBF_SECS_PER_PAGE = PAGE_SIZE / XBF_SEC_SIZE;
+const XBF_SEG_BYTES = blkif_request_segment.size;
+const XBF_SEGS_PER_INDIRECT_PAGE = PAGE_SIZE / XBF_SEG_BYTES;
+/** XENBUS_MAX_RING_GRANT_ORDER */
+const XBF_MAX_RING_PAGE_ORDER = 4;
+const XBF_MAX_QUEUES = 16;
+/** Linux blkback's MAX_INDIRECT_SEGMENTS: more would not fit its one indirect page per request. */
+const XBF_MAX_INDIRECT_SEGS = 256;
+const XBF_MAX_CCBS_PER_QUEUE = 64;
+/** Request pages one disk may take: at most 16 MiB and a quarter of free memory. */
+const XBF_MAX_BUFFER_PAGES = 4096;
 const XBF_CONNECT_TIMEOUT_MS = 30_000;
-const XBF_MAX_WAITERS = 4096;
+const XBF_RECONNECT_TIMEOUT_MS = 30_000;
+const XBF_MAX_QUEUED = 4096;
+/** Frontend nodes of a connection, removed before the next one publishes its own. */
+const XBF_TRANSPORT_NODE = /^(ring-ref\d*|event-channel|queue-\d+|ring-page-order|multi-queue-num-queues|protocol|feature-persistent)$/;
 
-const REQ_OPERATION = offsetOf(blkif_request, 'operation');
-const REQ_NR_SEGMENTS = offsetOf(blkif_request, 'nr_segments');
-const REQ_HANDLE = offsetOf(blkif_request, 'handle');
-const REQ_ID = offsetOf(blkif_request, 'id');
-const REQ_SECTOR = offsetOf(blkif_request, 'sector_number');
-const REQ_SEG = offsetOf(blkif_request, 'seg');
-const SEG_GREF = offsetOf(blkif_request_segment, 'gref');
-const SEG_FIRST = offsetOf(blkif_request_segment, 'first_sect');
-const SEG_LAST = offsetOf(blkif_request_segment, 'last_sect');
-const RSP_ID = offsetOf(blkif_response, 'id');
-const RSP_OPERATION = offsetOf(blkif_response, 'operation');
-const RSP_STATUS = offsetOf(blkif_response, 'status');
+/** Where the fields sit under one `protocol`: the native layout or the i386 one. */
+type XbfWire = {
+  protocol: string;
+  sring: Layout;
+  entryBytes: number;
+  reqNrSegments: number;
+  reqHandle: number;
+  reqId: number;
+  reqSector: number;
+  reqSeg: number;
+  discardFlag: number;
+  discardHandle: number;
+  discardId: number;
+  discardSector: number;
+  discardNrSectors: number;
+  indOp: number;
+  indNrSegments: number;
+  indId: number;
+  indSector: number;
+  indHandle: number;
+  indGrefs: number;
+  rspId: number;
+  rspOperation: number;
+  rspStatus: number;
+};
+
+function xbfWire(protocol: string, req: Layout, discard: Layout, ind: Layout, rsp: Layout, sring: Layout, entry: Layout): XbfWire {
+  return {
+    protocol, sring, entryBytes: entry.size,
+    reqNrSegments: offsetOf(req, 'nr_segments'), reqHandle: offsetOf(req, 'handle'), reqId: offsetOf(req, 'id'),
+    reqSector: offsetOf(req, 'sector_number'), reqSeg: offsetOf(req, 'seg'),
+    discardFlag: offsetOf(discard, 'flag'), discardHandle: offsetOf(discard, 'handle'), discardId: offsetOf(discard, 'id'),
+    discardSector: offsetOf(discard, 'sector_number'), discardNrSectors: offsetOf(discard, 'nr_sectors'),
+    indOp: offsetOf(ind, 'indirect_op'), indNrSegments: offsetOf(ind, 'nr_segments'), indId: offsetOf(ind, 'id'),
+    indSector: offsetOf(ind, 'sector_number'), indHandle: offsetOf(ind, 'handle'), indGrefs: offsetOf(ind, 'indirect_grefs'),
+    rspId: offsetOf(rsp, 'id'), rspOperation: offsetOf(rsp, 'operation'), rspStatus: offsetOf(rsp, 'status'),
+  };
+}
+
+const XBF_WIRES: ReadonlyMap<string, XbfWire> = new Map([
+  [XEN_IO_PROTO_ABI_X86_64, xbfWire(
+    XEN_IO_PROTO_ABI_X86_64, blkif_request, blkif_request_discard, blkif_request_indirect, blkif_response, blkif_sring, blkif_sring_entry,
+  )],
+  [XEN_IO_PROTO_ABI_X86_32, xbfWire(
+    XEN_IO_PROTO_ABI_X86_32, blkif_request_x86_32, blkif_request_discard_x86_32, blkif_request_indirect_x86_32,
+    blkif_response_x86_32, blkif_sring_x86_32, blkif_sring_entry_x86_32,
+  )],
+]);
+
+/** A u64 on the wire as two little-endian words (no BigInt on the data path). */
+function putU64(view: DataView, at: number, value: number): void {
+  view.setUint32(at, value >>> 0, true);
+  view.setUint32(at + 4, Math.floor(value / 0x1_0000_0000), true);
+}
+
+function putU32(bytes: Uint8Array, at: number, value: number): void {
+  bytes[at] = value & 0xff;
+  bytes[at + 1] = (value >>> 8) & 0xff;
+  bytes[at + 2] = (value >>> 16) & 0xff;
+  bytes[at + 3] = value >>> 24;
+}
+
+// --- tunables ------------------------------------------------------------------
+
+/**
+ * What this frontend asks for, from `xbf.<name>=<value>` words on the kernel
+ * command line (the config's `extra`), as Linux takes xen_blkfront.* module
+ * parameters. The backend's limits cap each one.
+ */
+export type XbfParams = {
+  /** xbf.max_ring_page_order: ring pages as a power of two, 0..4. */
+  maxRingPageOrder: number;
+  /** xbf.max_queues: rings, 1..16. */
+  maxQueues: number;
+  /** xbf.max_indirect_segments: segments per indirect request; 11 or less turns indirect descriptors off. */
+  maxIndirectSegments: number;
+  /** xbf.feature_persistent: 0 or 1. */
+  persistent: boolean;
+  /** xbf.protocol: x86_64-abi or x86_32-abi, the request layout on the ring. */
+  protocol: string;
+  /** xbf.trusted: 0 treats every backend as untrusted, as the `trusted` node does. */
+  trusted: boolean;
+};
+
+export const xbfDefaultParams: Readonly<XbfParams> = {
+  maxRingPageOrder: 0, maxQueues: 1, maxIndirectSegments: 32, persistent: true, protocol: XEN_IO_PROTO_ABI_X86_64, trusted: true,
+};
+
+/** The xbf.* words of a command line; a bad value is logged and the default kept. */
+export function xbfParams(cmdline: string, log: Log = logger('xbf')): XbfParams {
+  const p: XbfParams = { ...xbfDefaultParams };
+  for (const word of cmdline.split(/\s+/)) {
+    const m = /^xbf\.([a-z_]+)=(.*)$/.exec(word);
+    if (m !== null && !setParam(p, m[1]!, m[2]!)) log('ignoring %s', word);
+  }
+  return p;
+}
+
+function setParam(p: XbfParams, key: string, value: string): boolean {
+  switch (key) {
+    case 'max_ring_page_order':
+      return setInt(value, 0, XBF_MAX_RING_PAGE_ORDER, (n) => (p.maxRingPageOrder = n));
+    case 'max_queues':
+      return setInt(value, 1, XBF_MAX_QUEUES, (n) => (p.maxQueues = n));
+    case 'max_indirect_segments':
+      return setInt(value, 0, XBF_MAX_INDIRECT_SEGS, (n) => (p.maxIndirectSegments = n));
+    case 'feature_persistent':
+      return setInt(value, 0, 1, (n) => (p.persistent = n === 1));
+    case 'trusted':
+      return setInt(value, 0, 1, (n) => (p.trusted = n === 1));
+    case 'protocol':
+      if (!XBF_WIRES.has(value)) return false;
+      p.protocol = value;
+      return true;
+    default:
+      return false;
+  }
+}
+
+function setInt(value: string, min: number, max: number, set: (n: number) => unknown): boolean {
+  const n = /^\d+$/.test(value) ? Number(value) : NaN;
+  if (!Number.isSafeInteger(n) || n < min || n > max) return false;
+  set(n);
+  return true;
+}
 
 // --- softc -------------------------------------------------------------------
 
-/** One request slot (OpenBSD's struct xbf_ccb): its id on the ring is its index. */
-type XbfCcb = {
-  id: number;
-  map: XenDmaMap;
-  bufSegs: DmaSegment[];
-  buf: DmaKva;
-  /** The operation in flight, -1 when free. */
+/** One transfer (OpenBSD's scsi_xfer, Linux's struct request), split over as many requests as it needs. */
+export type XbfBio = {
+  /** BLKIF_OP_READ, _WRITE, _WRITE_BARRIER, _FLUSH_DISKCACHE or _DISCARD. */
   op: number;
-  done: ((status: number | XenError) => void) | null;
+  /** In 512-byte units, as on the ring. */
+  sector: number;
+  /** READ fills it; WRITE and WRITE_BARRIER send it; null for a flush or a discard. */
+  data: Uint8Array | null;
+  /** DISCARD: 512-byte sectors, and BLKIF_DISCARD_SECURE or 0. */
+  nrSectors: number;
+  flag: number;
+  /** Called once, when every request of the transfer has been answered. */
+  done: (err: XenError | null) => void;
+  /** Bytes of data handed to requests so far (1 once a dataless request is out). */
+  next: number;
+  inflight: number;
+  error: XenError | null;
+  /** The last response status (for raw requests). */
+  status: number;
+  /** Bytes put on the ring as they are (hostile-peer tests), or null. */
+  raw: Uint8Array | null;
 };
 
-type XbfRing = { segs: DmaSegment[]; kva: DmaKva; map: XenDmaMap; ring: FrontRing; ref: number };
+function bioCreate(op: number, sector: number, data: Uint8Array | null, nrSectors: number, flag: number, done: (err: XenError | null) => void): XbfBio {
+  return { op, sector, data, nrSectors, flag, done, next: 0, inflight: 0, error: null, status: BLKIF_RSP_OKAY, raw: null };
+}
+
+function bioIssued(bio: XbfBio): boolean {
+  return bio.data === null ? bio.next > 0 : bio.next >= bio.data.length;
+}
+
+/** One request slot (OpenBSD's struct xbf_ccb, Linux's blk_shadow): its id on the ring is its index in its queue. */
+type XbfCcb = {
+  id: number;
+  dataSegs: DmaSegment[];
+  dataKva: DmaKva;
+  dataMap: XenDmaMap;
+  /** A view of each data page, for copies in and out. */
+  pages: Uint8Array[];
+  indSegs: DmaSegment[] | null;
+  indKva: DmaKva | null;
+  indMap: XenDmaMap | null;
+  indPages: Uint8Array[];
+  /** The transfer this request carries a piece of; null when the slot is free. */
+  bio: XbfBio | null;
+  /** The operation the response must carry. */
+  rspOp: number;
+  /** The piece: first 512-byte sector, byte offset in bio.data, bytes, and its order of issue. */
+  sector: number;
+  offset: number;
+  len: number;
+  seq: number;
+};
+
+/** One ring and its event channel (Linux struct blkfront_ring_info). */
+type XbfQueue = {
+  index: number;
+  name: string;
+  ringSegs: DmaSegment[];
+  ringKva: DmaKva;
+  ringMap: XenDmaMap;
+  ring: FrontRing;
+  ih: IntrHandle | null;
+  ccbs: XbfCcb[];
+  free: XbfCcb[];
+  /** Requests put on the ring and not yet pushed. */
+  dirty: boolean;
+  req: Uint8Array;
+  reqView: DataView;
+  rsp: Uint8Array;
+  rspView: DataView;
+};
+
+/** What was negotiated with the backend, for a guest image or a test to see. */
+export type XbfFeatures = {
+  protocol: string;
+  ringPageOrder: number;
+  queues: number;
+  /** Segments per indirect request, 0 when indirect descriptors are off. */
+  indirectSegments: number;
+  persistent: boolean;
+  trusted: boolean;
+  flushCache: boolean;
+  barrier: boolean;
+  discard: boolean;
+  discardGranularity: number;
+  discardAlignment: number;
+  discardSecure: boolean;
+};
 
 export class XbfSoftc {
   readonly name: string;
   readonly log: Log;
   readonly devid: number;
+  readonly params: XbfParams;
+  wire: XbfWire;
+  /** In sectorSize units. */
   sectors = 0;
   sectorSize = XBF_SEC_SIZE;
+  physicalSectorSize = XBF_SEC_SIZE;
   readOnly = false;
-  flushCache = false;
-  /** Set once: the backend broke the protocol or the disk went away. */
+  cdrom = false;
+  removable = false;
+  features: XbfFeatures;
+  /** Pages per request: 11, or the indirect segment count. */
+  segsPerRequest: number = BLKIF_MAX_SEGMENTS_PER_REQUEST;
+  queues: XbfQueue[] = [];
+  /** connecting -> connected <-> recovering; broken for good. */
+  state: 'connecting' | 'connected' | 'recovering' | 'broken' = 'connecting';
+  /** Set once: the backend broke the protocol, never came back, or the disk went away. */
   error: XenError | null = null;
-  ring: XbfRing | null = null;
-  ih: IntrHandle | null = null;
-  readonly ccbs: XbfCcb[] = [];
-  /** Ccbs not in flight; popped by getCcb. */
-  readonly freeCcbs: XbfCcb[] = [];
-  private readonly waiters: Array<(ccb: XbfCcb | XenError) => void> = [];
-  private readonly req = new Uint8Array(ENTRY_BYTES);
-  private readonly reqView = new DataView(this.req.buffer);
-  private readonly rsp = new Uint8Array(ENTRY_BYTES);
-  private readonly rspView = new DataView(this.rsp.buffer);
+  /** Times a backend came back and the requests in flight were issued again. */
+  reconnects = 0;
+  recovery: Promise<void> | null = null;
+  watch: XsWatch | null = null;
+  readonly abort = new AbortController();
+  /** Transfers waiting for a ccb, oldest first. */
+  private readonly pending: XbfBio[] = [];
+  private seq = 0;
+  private nextQueue = 0;
 
   constructor(
     readonly sc: XenSoftc,
@@ -95,37 +327,72 @@ export class XbfSoftc {
     this.name = `xbf${dev.unit}`;
     this.log = logger('xbf', this.name);
     this.devid = Number(dev.unit);
+    this.params = xbfParams(sc.cmdline, this.log);
+    this.wire = XBF_WIRES.get(this.params.protocol)!;
+    this.features = {
+      protocol: this.wire.protocol, ringPageOrder: 0, queues: 0, indirectSegments: 0, persistent: false, trusted: true,
+      flushCache: false, barrier: false, discard: false, discardGranularity: 0, discardAlignment: 0, discardSecure: false,
+    };
   }
 
-  /** Sectors of 512 bytes per disk sector. */
+  /** 512-byte sectors per disk sector. */
   get ratio(): number {
     return this.sectorSize / XBF_SEC_SIZE;
   }
 
-  // --- datapath ----------------------------------------------------------------
+  // --- the disk as the guest uses it -------------------------------------------------
 
   // xbf_scsi_cmd READ: `count` disk sectors from `lba`.
   async read(lba: number, count: number): Promise<Uint8Array> {
     this.checkRange(lba, count);
     const out = new Uint8Array(count * this.sectorSize);
-    await this.transfer(BLKIF_OP_READ, lba * this.ratio, out);
+    if (count > 0) await this.io(BLKIF_OP_READ, lba * this.ratio, out);
     return out;
   }
 
-  // xbf_scsi_cmd WRITE: whole disk sectors from `lba`.
-  async write(lba: number, data: Uint8Array): Promise<void> {
+  /** READ into the caller's array (whole sectors). */
+  async readInto(lba: number, into: Uint8Array): Promise<void> {
+    this.checkData(into);
+    this.checkRange(lba, into.length / this.sectorSize);
+    if (into.length > 0) await this.io(BLKIF_OP_READ, lba * this.ratio, into);
+  }
+
+  // xbf_scsi_cmd WRITE. FUA: a barrier write when the backend only has
+  // barriers, else (feature-flush-cache) the write and then a flush.
+  async write(lba: number, data: Uint8Array, opts: { fua?: boolean } = {}): Promise<void> {
+    this.checkData(data);
+    this.checkRange(lba, data.length / this.sectorSize);
+    if (this.readOnly) throw new XenError('EROFS', `${this.name}: read-only disk`);
+    if (data.length === 0) return;
+    const fua = opts.fua === true;
+    if (fua && this.features.barrier && !this.features.flushCache) return this.io(BLKIF_OP_WRITE_BARRIER, lba * this.ratio, data);
+    await this.io(BLKIF_OP_WRITE, lba * this.ratio, data);
+    if (fua) await this.flush();
+  }
+
+  // xbf_scsi_cmd SYNCHRONIZE_CACHE: a backend with neither feature writes through.
+  async flush(): Promise<void> {
+    if (this.error !== null) throw this.error;
+    if (this.features.flushCache) await this.io(BLKIF_OP_FLUSH_DISKCACHE, 0, null);
+    else if (this.features.barrier) await this.io(BLKIF_OP_WRITE_BARRIER, 0, null);
+  }
+
+  /** BLKIF_OP_DISCARD of `count` disk sectors; `secure` asks that the old data be unrecoverable. */
+  async discard(lba: number, count: number, opts: { secure?: boolean } = {}): Promise<void> {
+    this.checkRange(lba, count);
+    if (this.readOnly) throw new XenError('EROFS', `${this.name}: read-only disk`);
+    const secure = opts.secure === true;
+    if (!this.features.discard || (secure && !this.features.discardSecure)) {
+      throw new XenError('EOPNOTSUPP', `${this.name}: the backend offers no ${secure ? 'secure ' : ''}discard`);
+    }
+    if (count === 0) return;
+    await this.io(BLKIF_OP_DISCARD, lba * this.ratio, null, count * this.ratio, secure ? BLKIF_DISCARD_SECURE : 0);
+  }
+
+  private checkData(data: Uint8Array): void {
     if (!(data instanceof Uint8Array) || data.length % this.sectorSize !== 0) {
       throw new XenError('EINVAL', `${this.name}: data must be whole sectors of ${this.sectorSize} bytes`);
     }
-    this.checkRange(lba, data.length / this.sectorSize);
-    if (this.readOnly) throw new XenError('EROFS', `${this.name}: read-only disk`);
-    await this.transfer(BLKIF_OP_WRITE, lba * this.ratio, data);
-  }
-
-  // xbf_scsi_cmd SYNCHRONIZE_CACHE: without feature-flush-cache the backend has no cache to flush.
-  async flush(): Promise<void> {
-    if (this.error !== null) throw this.error;
-    if (this.flushCache) await this.submit(BLKIF_OP_FLUSH_DISKCACHE, 0, null);
   }
 
   private checkRange(lba: number, count: number): void {
@@ -135,139 +402,388 @@ export class XbfSoftc {
     }
   }
 
-  // xbf_submit_cmd for a transfer: split into requests of at most XBF_MAXPHYS, up to a ring's worth in flight.
-  async transfer(op: number, sector: number, bytes: Uint8Array): Promise<void> {
-    const chunks = Math.ceil(bytes.length / XBF_MAXPHYS);
-    let next = 0;
-    const worker = async (): Promise<void> => {
-      while (next < chunks) {
-        const i = next++;
-        const part = bytes.subarray(i * XBF_MAXPHYS, Math.min(bytes.length, (i + 1) * XBF_MAXPHYS));
-        await this.submit(op, sector + (i * XBF_MAXPHYS) / XBF_SEC_SIZE, part);
-      }
-    };
-    await Promise.all(Array.from({ length: Math.min(chunks, this.ccbs.length) }, worker));
-  }
-
-  // xbf_submit_cmd + xbf_complete_cmd for one request (a FLUSH has no data).
-  async submit(op: number, sector: number, data: Uint8Array | null): Promise<void> {
-    const ccb = await this.getCcb();
-    try {
-      const status = await this.start(ccb, op, sector, data);
-      if (status === BLKIF_RSP_EOPNOTSUPP) throw new XenError('EOPNOTSUPP', `${this.name}: operation ${op} not supported by the backend`);
-      if (status !== BLKIF_RSP_OKAY) throw new XenError('EIO', `${this.name}: operation ${op} at sector ${sector}: status ${status}`);
-      if (op === BLKIF_OP_READ && data !== null) {
-        this.sc.dmat.dmamapSync(ccb.map, 0, data.length, BUS_DMASYNC_POSTREAD);
-        ccb.buf.read(0, data);
-      }
-    } finally {
-      await this.putCcb(ccb);
-    }
-  }
-
-  /** Load the ccb's map, put the request on the ring, notify; resolves with the response status. */
-  private start(ccb: XbfCcb, op: number, sector: number, data: Uint8Array | null): Promise<number | XenError> {
-    if (this.error !== null) throw this.error;
-    const domid = busDmaDomid(this.dev.backendId);
-    if (data !== null) {
-      const write = op === BLKIF_OP_WRITE;
-      if (write) ccb.buf.write(0, data);
-      this.sc.dmat.dmamapLoadRaw(ccb.map, ccb.bufSegs, data.length, domid | (write ? BUS_DMA_WRITE : BUS_DMA_READ));
-      this.sc.dmat.dmamapSync(ccb.map, 0, data.length, write ? BUS_DMASYNC_PREWRITE : BUS_DMASYNC_PREREAD);
-    }
-    this.encodeRequest(ccb, op, sector);
-    const ring = this.ring!.ring;
-    const done = new Promise<number | XenError>((resolve) => (ccb.done = resolve));
-    ccb.op = op;
-    ring.putRequest(this.req);
-    if (ring.pushRequests()) this.sc.intr.intrSignal(this.ih!);
-    return done.then((r) => {
-      if (r instanceof XenError) throw r;
-      return r;
+  private io(op: number, sector: number, data: Uint8Array | null, nrSectors = 0, flag = 0): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.strategy(bioCreate(op, sector, data, nrSectors, flag, (err) => (err === null ? resolve() : reject(err))));
     });
   }
 
-  private encodeRequest(ccb: XbfCcb, op: number, sector: number): void {
-    this.req.fill(0);
-    this.req[REQ_OPERATION] = op;
-    this.req[REQ_NR_SEGMENTS] = ccb.map.dm_nsegs;
-    this.reqView.setUint16(REQ_HANDLE, this.devid & 0xffff, true);
-    this.reqView.setBigUint64(REQ_ID, BigInt(ccb.id), true);
-    this.reqView.setBigUint64(REQ_SECTOR, BigInt(sector), true);
-    for (let i = 0; i < ccb.map.dm_nsegs; i++) {
-      const seg = ccb.map.dm_segs[i]!;
-      const at = REQ_SEG + i * blkif_request_segment.size;
-      this.reqView.setUint32(at + SEG_GREF, seg.ds_addr, true);
-      this.req[at + SEG_FIRST] = seg.ds_offset >> XBF_SEC_SHIFT;
-      this.req[at + SEG_LAST] = (seg.ds_offset + seg.ds_len - 1) >> XBF_SEC_SHIFT;
+  // --- datapath ------------------------------------------------------------------
+
+  /** xbf_scsi_cmd: queue a transfer; `bio.done` is called once it is answered. */
+  strategy(bio: XbfBio): void {
+    if (this.error !== null) return bio.done(this.error);
+    if (this.pending.length >= XBF_MAX_QUEUED) return bio.done(new XenError('EAGAIN', `${this.name}: ${XBF_MAX_QUEUED} transfers queued`));
+    this.pending.push(bio);
+    this.dispatch();
+  }
+
+  /** Put queued transfers on the rings while ccbs are free, then push each ring once. */
+  private dispatch(): void {
+    if (this.state !== 'connected') return;
+    while (this.pending.length > 0) {
+      const q = this.freeQueue();
+      if (q === null) break;
+      const bio = this.pending[0]!;
+      const ccb = q.free.pop()!;
+      try {
+        this.start(q, ccb, bio);
+      } catch (err) {
+        // The request could not be built (no grant refs): the transfer fails, the ring goes on.
+        ccb.bio = null;
+        q.free.push(ccb);
+        this.pending.shift();
+        this.fail(bio, err instanceof XenError ? err : new XenError('EIO', String(err)));
+        continue;
+      }
+      if (bioIssued(bio)) this.pending.shift();
+    }
+    for (const q of this.queues) {
+      if (!q.dirty) continue;
+      q.dirty = false;
+      if (q.ring.pushRequests() && q.ih !== null) this.sc.intr.intrSignal(q.ih);
     }
   }
 
-  // xbf_intr: copy each response once, check it, complete its ccb.
-  intr(): void {
-    const ring = this.ring?.ring;
-    if (ring === undefined || this.error !== null) return;
-    do {
-      ring.unconsumedResponses();
-      while (ring.takeResponse(this.rsp)) {
-        const why = this.complete();
-        if (why !== null) return this.broken(why);
+  /** The next queue, round robin, that has a free ccb. */
+  private freeQueue(): XbfQueue | null {
+    const n = this.queues.length;
+    for (let i = 0; i < n; i++) {
+      const q = this.queues[(this.nextQueue + i) % n]!;
+      if (q.free.length > 0) {
+        this.nextQueue = (this.nextQueue + i + 1) % n;
+        return q;
       }
-    } while (ring.finalCheckForResponses());
-    if (ring.error !== undefined) this.broken(ring.error.message);
-  }
-
-  /** Check the response in this.rsp against what is outstanding; null when it completed a ccb. */
-  private complete(): string | null {
-    const id = this.rspView.getBigUint64(RSP_ID, true);
-    const op = this.rsp[RSP_OPERATION]!;
-    const status = this.rspView.getInt16(RSP_STATUS, true);
-    const ccb = id < BigInt(this.ccbs.length) ? this.ccbs[Number(id)] : undefined;
-    if (ccb === undefined || ccb.op < 0 || ccb.done === null) return `response for id ${id}, which is not outstanding`;
-    if (op !== ccb.op) return `response for id ${id} has operation ${op}, request had ${ccb.op}`;
-    if (status !== BLKIF_RSP_OKAY && status !== BLKIF_RSP_ERROR && status !== BLKIF_RSP_EOPNOTSUPP) return `response for id ${id}: unknown status ${status}`;
-    const done = ccb.done;
-    ccb.done = null;
-    done(status);
+    }
     return null;
   }
 
-  /** The disk is unusable from now on; every request in flight and waiting fails. */
-  broken(reason: string): void {
-    if (this.error !== null) return;
-    this.error = new XenError('EIO', `${this.name}: ${reason}`);
-    this.log('broken: %s', reason);
-    for (const ccb of this.ccbs) {
-      const done = ccb.done;
-      ccb.done = null;
-      done?.(this.error);
+  // xbf_submit_cmd: the next piece of `bio` as one request in `ccb`, on q's ring (not yet pushed).
+  private start(q: XbfQueue, ccb: XbfCcb, bio: XbfBio): void {
+    const w = this.wire;
+    q.req.fill(0);
+    ccb.bio = bio;
+    ccb.seq = this.seq++;
+    ccb.sector = bio.sector;
+    ccb.offset = 0;
+    ccb.len = 0;
+    if (bio.raw !== null) {
+      this.encodeRaw(q, ccb, bio.raw);
+      bio.next = 1;
+    } else if (bio.op === BLKIF_OP_DISCARD) {
+      q.req[0] = BLKIF_OP_DISCARD;
+      q.req[w.discardFlag] = bio.flag;
+      q.reqView.setUint16(w.discardHandle, this.devid & 0xffff, true);
+      putU64(q.reqView, w.discardId, ccb.id);
+      putU64(q.reqView, w.discardSector, bio.sector);
+      putU64(q.reqView, w.discardNrSectors, bio.nrSectors);
+      ccb.rspOp = BLKIF_OP_DISCARD;
+      bio.next = 1;
+    } else if (bio.data === null) {
+      this.encodeDirect(q, ccb, bio.op, 0, bio.sector);
+      bio.next = 1;
+    } else {
+      this.load(q, ccb, bio);
     }
-    for (const w of this.waiters.splice(0)) w(this.error);
+    bio.inflight++;
+    q.ring.putRequest(q.req);
+    q.dirty = true;
   }
 
-  private getCcb(): Promise<XbfCcb> {
-    if (this.error !== null) return Promise.reject(this.error);
-    const ccb = this.freeCcbs.pop();
-    if (ccb !== undefined) return Promise.resolve(ccb);
-    if (this.waiters.length >= XBF_MAX_WAITERS) return Promise.reject(new XenError('EAGAIN', `${this.name}: ${XBF_MAX_WAITERS} requests waiting`));
-    return new Promise((resolve, reject) => this.waiters.push((c) => (c instanceof XenError ? reject(c) : resolve(c))));
+  /** A READ/WRITE/barrier piece: fill and grant the pages, describe them directly or through indirect pages. */
+  private load(q: XbfQueue, ccb: XbfCcb, bio: XbfBio): void {
+    const data = bio.data!;
+    const sector = bio.sector + bio.next / XBF_SEC_SIZE;
+    const pageOff = (sector % XBF_SECS_PER_PAGE) * XBF_SEC_SIZE;
+    const maxSegs = bio.op === BLKIF_OP_WRITE_BARRIER ? BLKIF_MAX_SEGMENTS_PER_REQUEST : this.segsPerRequest;
+    const cap = Math.floor((maxSegs * PAGE_SIZE - pageOff) / this.sectorSize) * this.sectorSize;
+    const len = Math.min(data.length - bio.next, cap);
+    const npages = Math.ceil((pageOff + len) / PAGE_SIZE);
+    const write = bio.op !== BLKIF_OP_READ;
+    if (!this.features.trusted) for (let i = 0; i < npages; i++) ccb.pages[i]!.fill(0);
+    if (write) copyPages(ccb.pages, pageOff, data, bio.next, len, true);
+    const dmat = this.sc.dmat;
+    if (!this.features.persistent) {
+      dmat.dmamapLoadRaw(ccb.dataMap, ccb.dataSegs, npages * PAGE_SIZE, busDmaDomid(this.dev.backendId) | (write ? BUS_DMA_WRITE : BUS_DMA_READ));
+    }
+    dmat.dmamapSync(ccb.dataMap, 0, npages * PAGE_SIZE, write ? BUS_DMASYNC_PREWRITE : BUS_DMASYNC_PREREAD);
+    ccb.sector = sector;
+    ccb.offset = bio.next;
+    ccb.len = len;
+    bio.next += len;
+    if (npages <= BLKIF_MAX_SEGMENTS_PER_REQUEST) {
+      this.encodeDirect(q, ccb, bio.op, npages, sector);
+      for (let i = 0; i < npages; i++) this.putSegment(q.req, this.wire.reqSeg + i * XBF_SEG_BYTES, ccb, i, pageOff, len, npages);
+    } else {
+      this.encodeIndirect(q, ccb, bio.op, npages, sector, pageOff, len);
+    }
   }
 
-  // xbf_reclaim_cmd: unload (revoking the grants), then hand the ccb on.
-  private async putCcb(ccb: XbfCcb): Promise<void> {
-    const wasRead = ccb.op === BLKIF_OP_READ;
-    ccb.op = -1;
-    if (ccb.map.dm_nsegs !== 0) {
-      if (!wasRead) this.sc.dmat.dmamapSync(ccb.map, 0, ccb.map.dm_mapsize, BUS_DMASYNC_POSTWRITE);
-      try {
-        await this.sc.dmat.dmamapUnload(ccb.map);
-      } catch (err) {
-        this.log('ccb %d: %s', ccb.id, (err as Error).message);
+  /** blkif_request_segment `i` of the piece: its page's grant and the sectors used in it. */
+  private putSegment(into: Uint8Array, at: number, ccb: XbfCcb, i: number, pageOff: number, len: number, npages: number): void {
+    const first = i === 0 ? pageOff >> XBF_SEC_SHIFT : 0;
+    const last = i === npages - 1 ? ((pageOff + len - 1 - i * PAGE_SIZE) >> XBF_SEC_SHIFT) : XBF_SECS_PER_PAGE - 1;
+    putU32(into, at, ccb.dataMap.dm_segs[i]!.ds_addr);
+    into[at + 4] = first;
+    into[at + 5] = last;
+  }
+
+  private encodeDirect(q: XbfQueue, ccb: XbfCcb, op: number, nrSegments: number, sector: number): void {
+    const w = this.wire;
+    q.req[0] = op;
+    q.req[w.reqNrSegments] = nrSegments;
+    q.reqView.setUint16(w.reqHandle, this.devid & 0xffff, true);
+    putU64(q.reqView, w.reqId, ccb.id);
+    putU64(q.reqView, w.reqSector, sector);
+    ccb.rspOp = op;
+  }
+
+  // blkif_setup_rw_req with indirect grants: the segments go in the ccb's indirect pages.
+  private encodeIndirect(q: XbfQueue, ccb: XbfCcb, op: number, npages: number, sector: number, pageOff: number, len: number): void {
+    const w = this.wire;
+    const nind = Math.ceil(npages / XBF_SEGS_PER_INDIRECT_PAGE);
+    if (!this.features.trusted) for (let p = 0; p < nind; p++) ccb.indPages[p]!.fill(0);
+    for (let i = 0; i < npages; i++) {
+      const page = ccb.indPages[Math.floor(i / XBF_SEGS_PER_INDIRECT_PAGE)]!;
+      this.putSegment(page, (i % XBF_SEGS_PER_INDIRECT_PAGE) * XBF_SEG_BYTES, ccb, i, pageOff, len, npages);
+    }
+    const indMap = ccb.indMap!;
+    if (!this.features.persistent) this.sc.dmat.dmamapLoadRaw(indMap, ccb.indSegs!, nind * PAGE_SIZE, busDmaDomid(this.dev.backendId) | BUS_DMA_WRITE);
+    this.sc.dmat.dmamapSync(indMap, 0, nind * PAGE_SIZE, BUS_DMASYNC_PREWRITE);
+    q.req[0] = BLKIF_OP_INDIRECT;
+    q.req[w.indOp] = op;
+    q.reqView.setUint16(w.indNrSegments, npages, true);
+    putU64(q.reqView, w.indId, ccb.id);
+    putU64(q.reqView, w.indSector, sector);
+    q.reqView.setUint16(w.indHandle, this.devid & 0xffff, true);
+    for (let p = 0; p < nind; p++) q.reqView.setUint32(w.indGrefs + p * 4, indMap.dm_segs[p]!.ds_addr, true);
+    ccb.rspOp = op;
+  }
+
+  /** A raw request: the caller's bytes with the ccb's id in the field its operation uses. */
+  private encodeRaw(q: XbfQueue, ccb: XbfCcb, raw: Uint8Array): void {
+    const w = this.wire;
+    q.req.set(raw.subarray(0, q.req.length));
+    const op = q.req[0]!;
+    const idAt = op === BLKIF_OP_INDIRECT ? w.indId : op === BLKIF_OP_DISCARD ? w.discardId : w.reqId;
+    putU64(q.reqView, idAt, ccb.id);
+    ccb.rspOp = op === BLKIF_OP_INDIRECT ? q.req[w.indOp]! : op;
+  }
+
+  // xbf_intr: take the answers, then start what waits for the ccbs they freed.
+  intr(q: XbfQueue): void {
+    if (this.drain(q)) this.dispatch();
+  }
+
+  /** Copy each response on q's ring once, check it, complete its ccb; false when the disk broke. */
+  private drain(q: XbfQueue): boolean {
+    if (this.error !== null) return false;
+    const ring = q.ring;
+    do {
+      ring.unconsumedResponses();
+      while (ring.takeResponse(q.rsp)) {
+        const why = this.response(q);
+        if (why !== null) {
+          this.broken(why);
+          return false;
+        }
+      }
+    } while (ring.finalCheckForResponses());
+    if (ring.error !== undefined) {
+      this.broken(ring.error.message);
+      return false;
+    }
+    return true;
+  }
+
+  /** The response in q.rsp against what is outstanding: null when it completed a ccb, else what is wrong. */
+  private response(q: XbfQueue): string | null {
+    const w = this.wire;
+    const lo = q.rspView.getUint32(w.rspId, true);
+    const hi = q.rspView.getUint32(w.rspId + 4, true);
+    const op = q.rsp[w.rspOperation]!;
+    const status = q.rspView.getInt16(w.rspStatus, true);
+    const ccb = hi === 0 && lo < q.ccbs.length ? q.ccbs[lo]! : undefined;
+    if (ccb === undefined || ccb.bio === null) return `queue ${q.index}: response for id ${hi * 0x1_0000_0000 + lo}, which is not outstanding`;
+    if (op !== ccb.rspOp) return `queue ${q.index}: response for id ${lo} has operation ${op}, the request ${ccb.rspOp}`;
+    if (status !== BLKIF_RSP_OKAY && status !== BLKIF_RSP_ERROR && status !== BLKIF_RSP_EOPNOTSUPP) {
+      return `queue ${q.index}: response for id ${lo} has unknown status ${status}`;
+    }
+    return this.complete(q, ccb, status);
+  }
+
+  // xbf_complete_cmd + xbf_reclaim_cmd: revoke, copy a read out, free the ccb, account the piece.
+  private complete(q: XbfQueue, ccb: XbfCcb, status: number): string | null {
+    const bio = ccb.bio!;
+    ccb.bio = null;
+    if (!this.reclaim(ccb, bio)) {
+      this.settle(bio, new XenError('EIO', `${this.name}: backend kept a grant mapped`));
+      return `queue ${q.index}: the backend still maps the pages of id ${ccb.id} after answering it`;
+    }
+    if (status === BLKIF_RSP_OKAY && bio.op === BLKIF_OP_READ && bio.data !== null && bio.raw === null) {
+      copyPages(ccb.pages, (ccb.sector % XBF_SECS_PER_PAGE) * XBF_SEC_SIZE, bio.data, ccb.offset, ccb.len, false);
+    }
+    q.free.push(ccb);
+    bio.status = status;
+    this.settle(bio, status === BLKIF_RSP_OKAY || bio.raw !== null ? null : this.statusError(bio, status));
+    return null;
+  }
+
+  /** Revoke a non-persistent request's grants; false if the backend still maps one (the ccb is then lost). */
+  private reclaim(ccb: XbfCcb, bio: XbfBio): boolean {
+    const data = this.reclaimMap(ccb, ccb.dataMap, bio.op === BLKIF_OP_READ);
+    return (ccb.indMap === null || this.reclaimMap(ccb, ccb.indMap, false)) && data;
+  }
+
+  private reclaimMap(ccb: XbfCcb, map: XenDmaMap, read: boolean): boolean {
+    if (map.dm_nsegs === 0) return true;
+    const dmat = this.sc.dmat;
+    dmat.dmamapSync(map, 0, map.dm_mapsize, read ? BUS_DMASYNC_POSTREAD : BUS_DMASYNC_POSTWRITE);
+    if (this.features.persistent) return true;
+    dmat.dmamapUnload(map).catch((err: Error) => this.log('ccb %d: %s', ccb.id, err.message));
+    // The fast path revokes at once; a map still loaded waits on the backend (then quarantine).
+    return map.dm_nsegs === 0;
+  }
+
+  private statusError(bio: XbfBio, status: number): XenError {
+    const what = `${this.name}: operation ${bio.op} at sector ${bio.sector}`;
+    if (status !== BLKIF_RSP_EOPNOTSUPP) return new XenError('EIO', `${what}: BLKIF_RSP_ERROR`);
+    // blkif_interrupt: the backend withdrew the feature.
+    if (bio.op === BLKIF_OP_WRITE_BARRIER) this.features.barrier = false;
+    else if (bio.op === BLKIF_OP_FLUSH_DISKCACHE) this.features.flushCache = false;
+    else if (bio.op === BLKIF_OP_DISCARD && bio.flag !== 0) this.features.discardSecure = false;
+    else if (bio.op === BLKIF_OP_DISCARD) this.features.discard = false;
+    return new XenError('EOPNOTSUPP', `${what}: not supported by the backend`);
+  }
+
+  /** One request of `bio` answered (or given up): the transfer is done when all are. */
+  private settle(bio: XbfBio, err: XenError | null): void {
+    bio.inflight--;
+    if (err !== null && bio.error === null) bio.error = err;
+    if (bio.inflight === 0 && bioIssued(bio)) bio.done(bio.error);
+  }
+
+  /** A transfer that will get no more requests. */
+  private fail(bio: XbfBio, err: XenError): void {
+    if (bio.error === null) bio.error = err;
+    bio.next = bio.data === null ? 1 : bio.data.length;
+    if (bio.inflight === 0) bio.done(bio.error);
+  }
+
+  /** The disk is unusable from now on: every transfer in flight and queued fails. */
+  broken(reason: string, code = 'EIO'): void {
+    if (this.error !== null) return;
+    this.error = new XenError(code, `${this.name}: ${reason}`);
+    this.state = 'broken';
+    this.log('broken: %s', reason);
+    for (const q of this.queues) {
+      for (const ccb of q.ccbs) {
+        const bio = ccb.bio;
+        if (bio === null) continue;
+        ccb.bio = null;
+        this.settle(bio, this.error);
       }
     }
-    const w = this.waiters.shift();
-    if (w !== undefined) w(ccb);
-    else this.freeCcbs.push(ccb);
+    for (const bio of this.pending.splice(0)) this.fail(bio, this.error);
+  }
+
+  /**
+   * Put `raw` on the first ring as one request under a free ccb's id (the id
+   * field of its operation is overwritten) and resolve with the response's
+   * status. For tests that play a hostile frontend against a real backend.
+   */
+  rawRequest(raw: Uint8Array): Promise<number> {
+    return new Promise((resolve, reject) => {
+      const bio = bioCreate(raw[0] ?? 0, 0, null, 0, 0, (err) => (err === null ? resolve(bio.status) : reject(err)));
+      bio.raw = raw.slice();
+      this.strategy(bio);
+    });
+  }
+
+  // --- recovery ------------------------------------------------------------------
+
+  /** The backend's state changed: a connected disk whose backend closes starts recovery. */
+  backendChanged(): void {
+    if (this.state !== 'connected') return;
+    void this.sc.xs.read(`${this.dev.backend}/state`).then(Number, () => XenbusStateClosed).then((s) => {
+      if (this.state !== 'connected' || (s !== XenbusStateClosing && s !== XenbusStateClosed)) return;
+      this.log('backend state %d: recovering', s);
+      this.state = 'recovering';
+      this.recovery = xbfRecover(this).finally(() => (this.recovery = null));
+    });
+  }
+
+  /** Take every response the old backend left, then hand the requests still out back to the queue, oldest first. */
+  takeBack(): boolean {
+    for (const q of this.queues) if (!this.drain(q)) return false;
+    const out = this.queues.flatMap((q) => q.ccbs).filter((c) => c.bio !== null).sort((a, b) => a.seq - b.seq);
+    const again: XbfBio[] = [];
+    for (const ccb of out) {
+      const parent = ccb.bio!;
+      ccb.bio = null;
+      this.reclaim(ccb, parent);
+      if (parent.raw !== null) {
+        this.settle(parent, new XenError('ECANCELED', `${this.name}: raw request lost with the backend`));
+        continue;
+      }
+      const data = parent.data === null ? null : parent.data.subarray(ccb.offset, ccb.offset + ccb.len);
+      again.push(bioCreate(parent.op, ccb.sector, data, parent.nrSectors, parent.flag, (err) => this.settle(parent, err)));
+    }
+    this.pending.unshift(...again);
+    if (again.length > 0) this.log('%d request(s) to issue again', again.length);
+    return true;
+  }
+
+  /** Connected again after recovery: what waited goes out; a backend that closed meanwhile starts another round. */
+  resumed(): void {
+    this.reconnects++;
+    this.state = 'connected';
+    this.dispatch();
+    this.backendChanged();
+  }
+}
+
+/** Copy `len` bytes between `data[at..]` and the pages, which hold them from byte `pageOff` of page 0 on. */
+function copyPages(pages: readonly Uint8Array[], pageOff: number, data: Uint8Array, at: number, len: number, toPages: boolean): void {
+  for (let p = 0, off = pageOff, done = 0; done < len; p++, off = 0) {
+    const n = Math.min(PAGE_SIZE - off, len - done);
+    if (toPages) pages[p]!.set(data.subarray(at + done, at + done + n), off);
+    else data.set(pages[p]!.subarray(off, off + n), at + done);
+    done += n;
+  }
+}
+
+// blkif_recover: stop the interrupts, take back what is out, let go of the
+// rings, say Closed, wait for a backend in InitWait and connect again. A
+// backend that closes again before we are connected costs another round;
+// all rounds together are bounded by XBF_RECONNECT_TIMEOUT_MS.
+async function xbfRecover(xbf: XbfSoftc): Promise<void> {
+  const { xs } = xbf.sc;
+  const deadline = Date.now() + XBF_RECONNECT_TIMEOUT_MS;
+  try {
+    for (const q of xbf.queues) {
+      if (q.ih !== null) await xbf.sc.intr.intrDisestablish(q.ih);
+      q.ih = null;
+    }
+    if (!xbf.takeBack()) return;
+    for (;;) {
+      await xbfQueuesDestroy(xbf);
+      await xs.write(`${xbf.dev.path}/state`, String(XenbusStateClosed));
+      const timeoutMs = Math.max(1, deadline - Date.now());
+      await xs.awaitState(`${xbf.dev.backend}/state`, XenbusStateInitWait, { timeoutMs, signal: xbf.abort.signal });
+      try {
+        await xbfConnect(xbf);
+        break;
+      } catch (err) {
+        if (xbf.abort.signal.aborted || Date.now() >= deadline) throw err;
+        xbf.log('reconnect failed, again: %s', (err as Error).message);
+      }
+    }
+    xbf.log('reconnected');
+    xbf.resumed();
+  } catch (err) {
+    if (xbf.abort.signal.aborted) xbf.broken('detached', 'ENXIO');
+    else xbf.broken(`backend did not come back: ${(err as Error).message}`);
   }
 }
 
@@ -280,24 +796,27 @@ export function xbfDisks(sc: XenSoftc): XbfSoftc[] {
   return [...(softcs.get(sc)?.values() ?? [])].sort((a, b) => a.devid - b.devid);
 }
 
-// xbf_attach: ccbs, ring, interrupt, negotiation; each failure unwinds the steps before it.
+// xbf_attach: negotiate (rings, interrupts, ccbs), then watch the backend for
+// it going away; a failure unwinds what was built.
 async function xbfAttach(sc: XenSoftc, dev: XenDevice): Promise<void> {
   const xbf = new XbfSoftc(sc, dev);
   try {
-    xbfCcbsCreate(xbf);
-    xbfRingCreate(xbf);
-    xbf.ih = sc.intr.intrEstablish(0, dev.backendId, () => xbf.intr(), xbf.name);
-    await xbfInit(xbf);
+    await xbfConnect(xbf);
+    // Connected first: the watch fires once at once, and a backend that closed meanwhile starts recovery.
+    xbf.state = 'connected';
+    xbf.watch = await sc.xs.watch(`${dev.backend}/state`, () => xbf.backendChanged());
   } catch (err) {
     xbf.log('attach failed: %s', (err as Error).message);
-    await xbfRelease(xbf);
+    xbf.broken('attach failed', 'ENXIO');
+    await xbfQueuesDestroy(xbf);
     throw err;
   }
-  sc.intr.intrUnmask(xbf.ih);
   const map = softcs.get(sc) ?? new Map<string, XbfSoftc>();
   map.set(dev.path, xbf);
   softcs.set(sc, map);
-  xbf.log('%d sectors of %d bytes%s', xbf.sectors, xbf.sectorSize, xbf.readOnly ? ', read-only' : '');
+  const f = xbf.features;
+  xbf.log('%d sectors of %d bytes%s; %d queue(s), ring order %d, indirect %d, persistent %s, %s',
+    xbf.sectors, xbf.sectorSize, xbf.readOnly ? ', read-only' : '', f.queues, f.ringPageOrder, f.indirectSegments, f.persistent, f.protocol);
 }
 
 // xbf_detach: Closing, fail what is in flight, release everything, Closed.
@@ -305,113 +824,236 @@ async function xbfDetach(sc: XenSoftc, dev: XenDevice): Promise<void> {
   const xbf = softcs.get(sc)?.get(dev.path);
   if (xbf === undefined) return;
   softcs.get(sc)!.delete(dev.path);
+  xbf.abort.abort();
+  await xbf.watch?.unwatch().catch(() => undefined);
   await sc.xs.write(`${dev.path}/state`, String(XenbusStateClosing)).catch(() => undefined);
-  xbf.broken('detached');
-  await xbfRelease(xbf);
+  xbf.broken('detached', 'ENXIO');
+  await xbf.recovery?.catch(() => undefined);
+  await xbfQueuesDestroy(xbf);
   await sc.xs.write(`${dev.path}/state`, String(XenbusStateClosed)).catch(() => undefined);
-}
-
-/** Undo attach in reverse; tolerates a half-built softc. */
-async function xbfRelease(xbf: XbfSoftc): Promise<void> {
-  if (xbf.ih !== null) await xbf.sc.intr.intrDisestablish(xbf.ih).catch(() => undefined);
-  xbf.ih = null;
-  await xbfRingDestroy(xbf);
-  await xbfCcbsDestroy(xbf);
 }
 
 export const xbfDriver: XenDriver = { name: 'xbf', attach: xbfAttach, detach: xbfDetach };
 
 // --- ring and ccb create/destroy -------------------------------------------------
 
-// xbf_ring_create: one zeroed page of dmamem, granted to the backend.
-function xbfRingCreate(xbf: XbfSoftc): void {
-  const dmat = xbf.sc.dmat;
-  const segs = dmat.dmamemAlloc(PAGE_SIZE, PAGE_SIZE, 0, 1, BUS_DMA_ZERO);
-  const kva = dmat.dmamemMap(segs, PAGE_SIZE, 0);
-  let map: XenDmaMap | null = null;
+/** The physical address of each page of dmamem. */
+function pagesOf(segs: readonly DmaSegment[]): number[] {
+  const out: number[] = [];
+  for (const s of segs) for (let off = 0; off < s.ds_len; off += PAGE_SIZE) out.push(s.ds_addr + off);
+  return out;
+}
+
+// xbf_ring_create for one queue: 2^order zeroed pages granted to the backend, and an unbound port.
+function xbfQueueCreate(xbf: XbfSoftc, index: number, order: number): XbfQueue {
+  const { dmat, intr, mem } = xbf.sc;
+  const size = PAGE_SIZE << order;
+  const npages = 1 << order;
+  const ringSegs = dmat.dmamemAlloc(size, PAGE_SIZE, 0, npages, BUS_DMA_ZERO);
+  const ringKva = dmat.dmamemMap(ringSegs, size, 0);
+  let ringMap: XenDmaMap | null = null;
   try {
-    map = dmat.dmamapCreate(PAGE_SIZE, 1, PAGE_SIZE, 0, 0);
-    dmat.dmamapLoadRaw(map, segs, PAGE_SIZE, busDmaDomid(xbf.dev.backendId));
+    ringMap = dmat.dmamapCreate(size, npages, PAGE_SIZE, PAGE_SIZE, 0);
+    dmat.dmamapLoadRaw(ringMap, ringSegs, size, busDmaDomid(xbf.dev.backendId));
   } catch (err) {
-    if (map !== null) dmat.dmamapDestroy(map);
+    if (ringMap !== null) dmat.dmamapDestroy(ringMap);
+    dmat.dmamemUnmap(ringKva);
+    dmat.dmamemFree(ringSegs);
+    throw err;
+  }
+  const name = `${xbf.name}.${index}`;
+  const pages = pagesOf(ringSegs).map((pa) => new FramePage(mem, pa / PAGE_SIZE, true));
+  const ring = new FrontRing(pages, xbf.wire.entryBytes, __CONST_RING_SIZE(xbf.wire.sring, size), name);
+  ring.init();
+  const req = new Uint8Array(xbf.wire.entryBytes);
+  const rsp = new Uint8Array(xbf.wire.entryBytes);
+  const q: XbfQueue = {
+    index, name, ringSegs, ringKva, ringMap, ring, ih: null, ccbs: [], free: [], dirty: false,
+    req, reqView: new DataView(req.buffer), rsp, rspView: new DataView(rsp.buffer),
+  };
+  xbf.queues.push(q);
+  q.ih = intr.intrEstablish(0, xbf.dev.backendId, () => xbf.intr(q), name);
+  return q;
+}
+
+// xbf_ring_destroy and xbf_free_ccbs for every queue; tolerates half-built ones.
+async function xbfQueuesDestroy(xbf: XbfSoftc): Promise<void> {
+  const { dmat, intr } = xbf.sc;
+  for (const q of xbf.queues.splice(0)) {
+    if (q.ih !== null) await intr.intrDisestablish(q.ih).catch(() => undefined);
+    q.ih = null;
+    await xbfCcbsDestroy(xbf, q);
+    await dmat.dmamapUnload(q.ringMap).catch((err: Error) => xbf.log('%s ring: %s', q.name, err.message));
+    dmat.dmamapDestroy(q.ringMap);
+    dmat.dmamemUnmap(q.ringKva);
+    dmat.dmamemFree(q.ringSegs);
+  }
+}
+
+/** dmamem of `npages` pages, mapped, with a map of one page per segment; or null for none. */
+function xbfBufCreate(xbf: XbfSoftc, npages: number): { segs: DmaSegment[]; kva: DmaKva; map: XenDmaMap; pages: Uint8Array[] } {
+  const { dmat } = xbf.sc;
+  const size = npages * PAGE_SIZE;
+  const segs = dmat.dmamemAlloc(size, PAGE_SIZE, 0, npages, 0);
+  const kva = dmat.dmamemMap(segs, size, 0);
+  try {
+    const map = dmat.dmamapCreate(size, npages, PAGE_SIZE, PAGE_SIZE, 0);
+    const pages = pagesOf(segs).map((_, i) => kva.bytes(i * PAGE_SIZE, PAGE_SIZE));
+    return { segs, kva, map, pages };
+  } catch (err) {
     dmat.dmamemUnmap(kva);
     dmat.dmamemFree(segs);
     throw err;
   }
-  const page = new FramePage(xbf.sc.mem, segs[0]!.ds_addr / PAGE_SIZE, true);
-  const ring = new FrontRing([page], ENTRY_BYTES, XBF_RING_SIZE, xbf.name);
-  ring.init();
-  xbf.ring = { segs, kva, map, ring, ref: map.dm_segs[0]!.ds_addr };
 }
 
-// xbf_ring_destroy
-async function xbfRingDestroy(xbf: XbfSoftc): Promise<void> {
-  const r = xbf.ring;
-  if (r === null) return;
-  xbf.ring = null;
-  const dmat = xbf.sc.dmat;
-  await dmat.dmamapUnload(r.map).catch((err: Error) => xbf.log('ring: %s', err.message));
-  dmat.dmamapDestroy(r.map);
-  dmat.dmamemUnmap(r.kva);
-  dmat.dmamemFree(r.segs);
-}
-
-// xbf_alloc_ccbs: a dmamap and XBF_MAX_SGE pages of buffer per ring slot.
-function xbfCcbsCreate(xbf: XbfSoftc): void {
-  const dmat = xbf.sc.dmat;
-  for (let id = 0; id < XBF_RING_SIZE; id++) {
-    const bufSegs = dmat.dmamemAlloc(XBF_MAXPHYS, PAGE_SIZE, 0, XBF_MAX_SGE, 0);
-    const buf = dmat.dmamemMap(bufSegs, XBF_MAXPHYS, 0);
-    let map: XenDmaMap;
-    try {
-      map = dmat.dmamapCreate(XBF_MAXPHYS, XBF_MAX_SGE, PAGE_SIZE, PAGE_SIZE, 0);
-    } catch (err) {
-      dmat.dmamemUnmap(buf);
-      dmat.dmamemFree(bufSegs);
-      throw err;
+// xbf_alloc_ccbs (blkfront_setup_indirect): each ccb gets segsPerRequest data
+// pages and, with indirect descriptors, the pages for them. With persistent
+// grants everything is granted now, writable, for the whole connection.
+function xbfCcbsCreate(xbf: XbfSoftc, q: XbfQueue, count: number): void {
+  const { dmat } = xbf.sc;
+  const segs = xbf.segsPerRequest;
+  const nind = segs > BLKIF_MAX_SEGMENTS_PER_REQUEST ? Math.ceil(segs / XBF_SEGS_PER_INDIRECT_PAGE) : 0;
+  const domid = busDmaDomid(xbf.dev.backendId);
+  for (let id = 0; id < count; id++) {
+    const data = xbfBufCreate(xbf, segs);
+    const ind = nind > 0 ? xbfBufCreate(xbf, nind) : null;
+    const ccb: XbfCcb = {
+      id, dataSegs: data.segs, dataKva: data.kva, dataMap: data.map, pages: data.pages,
+      indSegs: ind?.segs ?? null, indKva: ind?.kva ?? null, indMap: ind?.map ?? null, indPages: ind?.pages ?? [],
+      bio: null, rspOp: -1, sector: 0, offset: 0, len: 0, seq: 0,
+    };
+    q.ccbs.push(ccb);
+    if (xbf.features.persistent) {
+      dmat.dmamapLoadRaw(ccb.dataMap, ccb.dataSegs, segs * PAGE_SIZE, domid);
+      if (ind !== null) dmat.dmamapLoadRaw(ind.map, ind.segs, nind * PAGE_SIZE, domid);
     }
-    const ccb: XbfCcb = { id, map, bufSegs, buf, op: -1, done: null };
-    xbf.ccbs.push(ccb);
   }
-  for (let i = xbf.ccbs.length - 1; i >= 0; i--) xbf.freeCcbs.push(xbf.ccbs[i]!);
+  for (let i = q.ccbs.length - 1; i >= 0; i--) q.free.push(q.ccbs[i]!);
 }
 
 // xbf_free_ccbs
-async function xbfCcbsDestroy(xbf: XbfSoftc): Promise<void> {
-  const dmat = xbf.sc.dmat;
-  for (const ccb of xbf.ccbs.splice(0)) {
-    if (ccb.map.dm_nsegs !== 0) await dmat.dmamapUnload(ccb.map).catch((err: Error) => xbf.log('ccb %d: %s', ccb.id, err.message));
-    dmat.dmamapDestroy(ccb.map);
-    dmat.dmamemUnmap(ccb.buf);
-    dmat.dmamemFree(ccb.bufSegs);
+async function xbfCcbsDestroy(xbf: XbfSoftc, q: XbfQueue): Promise<void> {
+  const { dmat } = xbf.sc;
+  for (const ccb of q.ccbs.splice(0)) {
+    for (const map of [ccb.dataMap, ccb.indMap]) {
+      if (map === null) continue;
+      if (map.dm_nsegs !== 0) await dmat.dmamapUnload(map).catch((err: Error) => xbf.log('%s ccb %d: %s', q.name, ccb.id, err.message));
+      dmat.dmamapDestroy(map);
+    }
+    dmat.dmamemUnmap(ccb.dataKva);
+    dmat.dmamemFree(ccb.dataSegs);
+    if (ccb.indKva !== null) dmat.dmamemUnmap(ccb.indKva);
+    if (ccb.indSegs !== null) dmat.dmamemFree(ccb.indSegs);
   }
-  xbf.freeCcbs.length = 0;
+  q.free.length = 0;
 }
 
 // --- backend negotiation ---------------------------------------------------------
 
-// xbf_init: ring-ref, event-channel, protocol, Initialised; await Connected; read the disk.
-async function xbfInit(xbf: XbfSoftc): Promise<void> {
-  const { xs } = xbf.sc;
-  const fe = xbf.dev.path;
-  const be = xbf.dev.backend;
-  await xs.write(`${fe}/ring-ref`, String(xbf.ring!.ref));
-  await xs.write(`${fe}/event-channel`, String(xbf.ih!.port));
-  await xs.write(`${fe}/protocol`, XEN_IO_PROTO_ABI_X86_64);
-  await xs.write(`${fe}/state`, String(XenbusStateInitialised));
-  const state = await xs.awaitState(`${be}/state`, (v) => v !== undefined && Number(v) >= XenbusStateConnected, { timeoutMs: XBF_CONNECT_TIMEOUT_MS });
-  if (Number(state) !== XenbusStateConnected) throw new XenError('ENXIO', `${xbf.name}: backend state ${state}`);
-  xbf.sectors = await xs.getNumber(`${be}/sectors`);
-  xbf.sectorSize = await xs.getNumber(`${be}/sector-size`);
-  const info = await xs.getNumber(`${be}/info`).catch(() => 0);
-  const mode = await xs.read(`${be}/mode`).catch(() => 'w');
-  xbf.flushCache = (await xs.getNumber(`${be}/feature-flush-cache`).catch(() => 0)) === 1;
-  xbf.readOnly = (info & VDISK_READONLY) !== 0 || mode === 'r';
-  if (!Number.isSafeInteger(xbf.sectors) || xbf.sectors < 0) throw new XenError('EPROTO', `${xbf.name}: sectors ${xbf.sectors}`);
-  if (xbf.sectorSize < XBF_SEC_SIZE || xbf.sectorSize > PAGE_SIZE || (xbf.sectorSize & (xbf.sectorSize - 1)) !== 0) {
-    throw new XenError('EPROTO', `${xbf.name}: sector-size ${xbf.sectorSize}`);
+/** A backend node that is a non-negative integer, `fallback` when absent; EPROTO for anything else. */
+async function beNumber(xbf: XbfSoftc, key: string, fallback: number): Promise<number> {
+  let text: string;
+  try {
+    text = await xbf.sc.xs.read(`${xbf.dev.backend}/${key}`);
+  } catch {
+    return fallback;
   }
-  // `sectors` is in 512-byte units (Linux); the disk's own sectors are sectorSize.
-  xbf.sectors = Math.floor(xbf.sectors / xbf.ratio);
-  await xs.write(`${fe}/state`, String(XenbusStateConnected));
+  const n = /^\d+$/.test(text) ? Number(text) : NaN;
+  if (!Number.isSafeInteger(n)) throw new XenError('EPROTO', `${xbf.name}: backend ${key} = ${JSON.stringify(text)}`);
+  return n;
+}
+
+// talk_to_blkback + blkfront_connect: the backend's limits, our rings, the
+// nodes, Initialised; await Connected; the disk, the ccbs, Connected.
+async function xbfConnect(xbf: XbfSoftc): Promise<void> {
+  const { xs } = xbf.sc;
+  const be = xbf.dev.backend;
+  const signal = xbf.abort.signal;
+  const state = await xs.awaitState(`${be}/state`, (v) => v !== undefined && Number(v) >= XenbusStateInitWait, { timeoutMs: XBF_CONNECT_TIMEOUT_MS, signal });
+  if (Number(state) !== XenbusStateInitWait && Number(state) !== XenbusStateConnected) throw new XenError('ENXIO', `${xbf.name}: backend state ${state}`);
+  const p = xbf.params;
+  const trusted = p.trusted && (await xs.read(`${xbf.dev.path}/trusted`).catch(() => '1')) !== '0';
+  const order = Math.min(p.maxRingPageOrder, await beNumber(xbf, 'max-ring-page-order', 0), XBF_MAX_RING_PAGE_ORDER);
+  const nq = Math.max(1, Math.min(p.maxQueues, await beNumber(xbf, 'multi-queue-max-queues', 1), XBF_MAX_QUEUES));
+  Object.assign(xbf.features, { trusted, ringPageOrder: order, queues: nq, protocol: xbf.wire.protocol });
+  for (let i = 0; i < nq; i++) xbfQueueCreate(xbf, i, order);
+  await xbfPublish(xbf, order, p.persistent && trusted);
+  const connected = await xs.awaitState(`${be}/state`, (v) => v !== undefined && Number(v) >= XenbusStateConnected, { timeoutMs: XBF_CONNECT_TIMEOUT_MS, signal });
+  if (Number(connected) !== XenbusStateConnected) throw new XenError('ENXIO', `${xbf.name}: backend state ${connected}`);
+  await xbfReadDisk(xbf, p.persistent && trusted);
+  const perCcb = xbf.segsPerRequest + (xbf.features.indirectSegments > 0 ? Math.ceil(xbf.segsPerRequest / XBF_SEGS_PER_INDIRECT_PAGE) : 0);
+  const budget = Math.min(XBF_MAX_BUFFER_PAGES, Math.floor(xbf.sc.physmem.freePages / 4));
+  for (const q of xbf.queues) {
+    const count = Math.max(1, Math.min(q.ring.size, XBF_MAX_CCBS_PER_QUEUE, Math.floor(budget / (nq * perCcb))));
+    xbfCcbsCreate(xbf, q, count);
+  }
+  for (const q of xbf.queues) xbf.sc.intr.intrUnmask(q.ih!);
+  await xs.write(`${xbf.dev.path}/state`, String(XenbusStateConnected));
+}
+
+// talk_to_blkback's transaction: this connection's nodes replace the last one's.
+async function xbfPublish(xbf: XbfSoftc, order: number, persistent: boolean): Promise<void> {
+  const fe = xbf.dev.path;
+  const nq = xbf.queues.length;
+  const nodes = new Map<string, string>();
+  if (order > 0) nodes.set('ring-page-order', String(order));
+  if (nq > 1) nodes.set('multi-queue-num-queues', String(nq));
+  for (const q of xbf.queues) {
+    const dir = nq === 1 ? '' : `queue-${q.index}/`;
+    const refs = q.ringMap.dm_segs.slice(0, q.ringMap.dm_nsegs);
+    if (order === 0) nodes.set(`${dir}ring-ref`, String(refs[0]!.ds_addr));
+    else for (const [i, s] of refs.entries()) nodes.set(`${dir}ring-ref${i}`, String(s.ds_addr));
+    nodes.set(`${dir}event-channel`, String(q.ih!.port));
+  }
+  nodes.set('protocol', xbf.wire.protocol);
+  nodes.set('feature-persistent', persistent ? '1' : '0');
+  await xbf.sc.xs.transaction(async (t) => {
+    // Only what this connection does not write again goes: removing a node and
+    // writing it in the same transaction would look like a conflict to xenstored.
+    for (const key of await t.list(fe).catch(() => [] as string[])) {
+      if (!XBF_TRANSPORT_NODE.test(key)) continue;
+      if (!key.startsWith('queue-')) {
+        if (!nodes.has(key)) await t.rm(`${fe}/${key}`);
+      } else if (![...nodes.keys()].some((k) => k.startsWith(`${key}/`))) {
+        await t.rm(`${fe}/${key}`);
+      } else {
+        for (const sub of await t.list(`${fe}/${key}`)) if (!nodes.has(`${key}/${sub}`)) await t.rm(`${fe}/${key}/${sub}`);
+      }
+    }
+    for (const [k, v] of nodes) await t.write(`${fe}/${k}`, v);
+    await t.write(`${fe}/state`, String(XenbusStateInitialised));
+  }, { signal: xbf.abort.signal });
+}
+
+// blkfront_connect + blkfront_gather_backend_features: the disk and what the backend offers.
+async function xbfReadDisk(xbf: XbfSoftc, persistent: boolean): Promise<void> {
+  const sectors512 = await beNumber(xbf, 'sectors', -1);
+  const sectorSize = await beNumber(xbf, 'sector-size', -1);
+  if (sectors512 < 0 || sectorSize < XBF_SEC_SIZE || sectorSize > PAGE_SIZE || (sectorSize & (sectorSize - 1)) !== 0) {
+    throw new XenError('EPROTO', `${xbf.name}: backend sectors ${sectors512}, sector-size ${sectorSize}`);
+  }
+  const physical = await beNumber(xbf, 'physical-sector-size', sectorSize);
+  const info = await beNumber(xbf, 'info', 0);
+  const mode = await xbf.sc.xs.read(`${xbf.dev.backend}/mode`).catch(() => 'w');
+  const flag = async (key: string): Promise<boolean> => (await beNumber(xbf, key, 0)) === 1;
+  const indirect = Math.min(xbf.params.maxIndirectSegments, await beNumber(xbf, 'feature-max-indirect-segments', 0), XBF_MAX_INDIRECT_SEGS);
+  Object.assign(xbf.features, {
+    persistent: persistent && (await flag('feature-persistent')),
+    indirectSegments: indirect > BLKIF_MAX_SEGMENTS_PER_REQUEST ? indirect : 0,
+    flushCache: await flag('feature-flush-cache'),
+    barrier: await flag('feature-barrier'),
+    discard: await flag('feature-discard'),
+    discardGranularity: await beNumber(xbf, 'discard-granularity', sectorSize),
+    discardAlignment: await beNumber(xbf, 'discard-alignment', 0),
+    discardSecure: await flag('discard-secure'),
+  });
+  xbf.segsPerRequest = Math.max(BLKIF_MAX_SEGMENTS_PER_REQUEST, xbf.features.indirectSegments);
+  xbf.sectorSize = sectorSize;
+  xbf.physicalSectorSize = physical >= sectorSize && physical % sectorSize === 0 ? physical : sectorSize;
+  // `sectors` is in 512-byte units whatever the sector size (Linux); the disk's own sectors are sectorSize.
+  xbf.sectors = Math.floor(sectors512 / xbf.ratio);
+  xbf.readOnly = (info & VDISK_READONLY) !== 0 || mode === 'r';
+  xbf.cdrom = (info & VDISK_CDROM) !== 0;
+  xbf.removable = (info & VDISK_REMOVABLE) !== 0;
 }
