@@ -110,16 +110,19 @@ export async function main(guest) {
     ['discard past the end', discard(2000, 100)],
     ['good read', rw(0, 1, 3, [[rw0.ref, 0, 7]])],
     ['good indirect read', indirect(0, 1, 5, [ind.ref])],
+    ['good barrier write', rw(2, 1, 100, [[rw0.ref, 0, 7]])],
+    ['good flush', rw(3, 0, 0, [])],
   ];
   for (const [what, bytes] of cases) console.log(what + ' ' + await x.rawRequest(bytes));
   console.log('data ' + sc.mem.u8[rw0.paddr] + ' ' + sc.mem.u8[rw0.paddr + 4095]);
+  console.log('barrier on memory ' + await y.rawRequest(rw(2, 1, 0, [[rw0.ref, 0, 7]])));
   // A frontend whose req_prod runs a whole ring ahead: that ring stops, dom0 and the other disk go on.
   const page = y.queues[0].ring.pages[0];
   page.store32(0, page.load32(0) + 1000);
   sc.intr.intrSignal(y.queues[0].ih);
   const [disk] = guest.disks();
   await disk.write(2047, new Uint8Array(512).fill(7));
-  console.log('still serving ' + (await disk.read(2047, 1))[511] + ' ' + (await disk.read(9, 1))[0]);
+  console.log('still serving ' + (await disk.read(2047, 1))[511] + ' ' + (await disk.read(9, 1))[0] + ' ' + (await disk.read(107, 1))[0]);
 }
 `;
   const exit = await runGuest('hostile-front', image, `'hostile-front.img,raw,xvda,rw', 'format=memory, vdev=xvdb, target=1M'`);
@@ -136,7 +139,10 @@ export async function main(guest) {
   t.match(c, /^good read 0$/m);
   t.match(c, /^good indirect read 0$/m);
   t.match(c, /^data 5 12$/m, "the good indirect read put sectors 5..12 in the page");
-  t.match(c, /^still serving 7 9$/m);
+  t.match(c, /^good barrier write 0$/m);
+  t.match(c, /^good flush 0$/m);
+  t.match(c, /^barrier on memory -2$/m, 'storage without a cache: BLKIF_RSP_EOPNOTSUPP');
+  t.match(c, /^still serving 7 9 12$/m, 'the barrier wrote sectors 5..12 at 100..107');
 });
 
 // One hostile backend per unit: `act(ctx)` runs on each event, with the ring

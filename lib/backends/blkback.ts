@@ -386,15 +386,14 @@ export class Blkback {
     const signal = this.abort.signal;
     const f = this.frontendPath;
     await this.xs.awaitState(`${f}/state`, XenbusStateInitialised, { signal, timeoutMs: CONNECT_TIMEOUT_MS });
-    const optional = (key: string, fallback: string): Promise<string> => this.xs.read(`${f}/${key}`, { signal }).catch(() => fallback);
-    const protocol = await optional('protocol', XEN_IO_PROTO_ABI_X86_64);
+    const protocol = await this.xs.read(`${f}/protocol`, { signal }).catch(() => XEN_IO_PROTO_ABI_X86_64);
     const wire = WIRES.get(protocol);
     if (wire === undefined) throw new XenError('EOPNOTSUPP', `protocol ${protocol}`);
-    const nrQueues = Number(await optional('multi-queue-num-queues', '1'));
-    const order = Number(await optional('ring-page-order', '0'));
+    const nrQueues = Number(await this.xs.read(`${f}/multi-queue-num-queues`, { signal }).catch(() => '1'));
+    const order = Number(await this.xs.read(`${f}/ring-page-order`, { signal }).catch(() => '0'));
     if (!Number.isInteger(nrQueues) || nrQueues < 1 || nrQueues > this.opts.maxQueues) throw new XenError('EINVAL', `multi-queue-num-queues ${nrQueues}`);
     if (!Number.isInteger(order) || order < 0 || order > this.opts.maxRingPageOrder) throw new XenError('EINVAL', `ring-page-order ${order}`);
-    const persistent = this.opts.persistent && (await optional('feature-persistent', '0')) === '1';
+    const persistent = this.opts.persistent && (await this.xs.read(`${f}/feature-persistent`, { signal }).catch(() => '0')) === '1';
     const queues: { refs: number[]; port: number }[] = [];
     for (let q = 0; q < nrQueues; q++) {
       const dir = nrQueues === 1 ? f : `${f}/queue-${q}`;
@@ -442,20 +441,19 @@ export class Blkback {
     const s = this.storage!;
     const ro = this.spec.readOnly;
     const info = (ro ? VDISK_READONLY : 0) | (this.cdrom ? VDISK_CDROM | VDISK_REMOVABLE : 0);
-    const nodes: [string, string][] = [
-      ['sectors', String(s.sectors)],
-      ['sector-size', String(SECTOR_SIZE)],
-      ['physical-sector-size', String(s.physicalSectorSize)],
-      ['info', String(info)],
-      ['feature-flush-cache', s.cache ? '1' : '0'],
-      ['feature-barrier', s.cache ? '1' : '0'],
-      ['feature-discard', s.discardGranularity > 0 && !ro ? '1' : '0'],
-      ['discard-granularity', String(s.discardGranularity)],
-      ['discard-alignment', '0'],
-      ['discard-secure', s.discardSecure ? '1' : '0'],
-    ];
+    const discard = s.discardGranularity > 0 && !ro;
     await this.xs.transaction(async (t) => {
-      for (const [k, v] of nodes) await t.write(`${this.backendPath}/${k}`, v);
+      const b = this.backendPath;
+      await t.write(`${b}/sectors`, String(s.sectors));
+      await t.write(`${b}/sector-size`, String(SECTOR_SIZE));
+      await t.write(`${b}/physical-sector-size`, String(s.physicalSectorSize));
+      await t.write(`${b}/info`, String(info));
+      await t.write(`${b}/feature-flush-cache`, s.cache ? '1' : '0');
+      await t.write(`${b}/feature-barrier`, s.cache ? '1' : '0');
+      await t.write(`${b}/feature-discard`, discard ? '1' : '0');
+      await t.write(`${b}/discard-granularity`, String(s.discardGranularity));
+      await t.write(`${b}/discard-alignment`, '0');
+      await t.write(`${b}/discard-secure`, s.discardSecure ? '1' : '0');
     });
   }
 
@@ -773,6 +771,7 @@ export class BlkbackSet {
     list[i] = b;
     await b.start();
     await b.connected(timeoutMs);
+    await this.xs.awaitState(`${old.frontendPath}/state`, XenbusStateConnected, { timeoutMs });
   }
 }
 

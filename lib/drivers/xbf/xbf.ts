@@ -222,7 +222,8 @@ export type XbfBio = {
   raw: Uint8Array | null;
 };
 
-function bioCreate(op: number, sector: number, data: Uint8Array | null, nrSectors: number, flag: number, done: (err: XenError | null) => void): XbfBio {
+/** A transfer for XbfSoftc.strategy; a caller may reuse it once `done` ran (reset `next`, `inflight`, `error`). */
+export function bioCreate(op: number, sector: number, data: Uint8Array | null, nrSectors: number, flag: number, done: (err: XenError | null) => void): XbfBio {
   return { op, sector, data, nrSectors, flag, done, next: 0, inflight: 0, error: null, status: BLKIF_RSP_OKAY, raw: null };
 }
 
@@ -430,6 +431,7 @@ export class XbfSoftc {
         this.start(q, ccb, bio);
       } catch (err) {
         // The request could not be built (no grant refs): the transfer fails, the ring goes on.
+        this.reclaim(ccb, bio);
         ccb.bio = null;
         q.free.push(ccb);
         this.pending.shift();
@@ -951,14 +953,14 @@ async function xbfCcbsDestroy(xbf: XbfSoftc, q: XbfQueue): Promise<void> {
 
 // --- backend negotiation ---------------------------------------------------------
 
-/** A backend node that is a non-negative integer, `fallback` when absent; EPROTO for anything else. */
-async function beNumber(xbf: XbfSoftc, key: string, fallback: number): Promise<number> {
-  let text: string;
-  try {
-    text = await xbf.sc.xs.read(`${xbf.dev.backend}/${key}`);
-  } catch {
-    return fallback;
-  }
+/** A node's value, or undefined when it is absent. */
+function optional(read: Promise<string>): Promise<string | undefined> {
+  return read.catch(() => undefined);
+}
+
+/** A backend node as a non-negative integer: `fallback` when absent, EPROTO for anything else. */
+function count(xbf: XbfSoftc, key: string, text: string | undefined, fallback: number): number {
+  if (text === undefined) return fallback;
   const n = /^\d+$/.test(text) ? Number(text) : NaN;
   if (!Number.isSafeInteger(n)) throw new XenError('EPROTO', `${xbf.name}: backend ${key} = ${JSON.stringify(text)}`);
   return n;
@@ -970,12 +972,15 @@ async function xbfConnect(xbf: XbfSoftc): Promise<void> {
   const { xs } = xbf.sc;
   const be = xbf.dev.backend;
   const signal = xbf.abort.signal;
+  // Only a backend waiting for us: one already Connected would never map the rings made now.
   const state = await xs.awaitState(`${be}/state`, (v) => v !== undefined && Number(v) >= XenbusStateInitWait, { timeoutMs: XBF_CONNECT_TIMEOUT_MS, signal });
-  if (Number(state) !== XenbusStateInitWait && Number(state) !== XenbusStateConnected) throw new XenError('ENXIO', `${xbf.name}: backend state ${state}`);
+  if (Number(state) !== XenbusStateInitWait) throw new XenError('ENXIO', `${xbf.name}: backend state ${state}`);
   const p = xbf.params;
-  const trusted = p.trusted && (await xs.read(`${xbf.dev.path}/trusted`).catch(() => '1')) !== '0';
-  const order = Math.min(p.maxRingPageOrder, await beNumber(xbf, 'max-ring-page-order', 0), XBF_MAX_RING_PAGE_ORDER);
-  const nq = Math.max(1, Math.min(p.maxQueues, await beNumber(xbf, 'multi-queue-max-queues', 1), XBF_MAX_QUEUES));
+  const trusted = p.trusted && (await optional(xs.read(`${xbf.dev.path}/trusted`))) !== '0';
+  const maxOrder = count(xbf, 'max-ring-page-order', await optional(xs.read(`${be}/max-ring-page-order`)), 0);
+  const maxQueues = count(xbf, 'multi-queue-max-queues', await optional(xs.read(`${be}/multi-queue-max-queues`)), 1);
+  const order = Math.min(p.maxRingPageOrder, maxOrder, XBF_MAX_RING_PAGE_ORDER);
+  const nq = Math.max(1, Math.min(p.maxQueues, maxQueues, XBF_MAX_QUEUES));
   Object.assign(xbf.features, { trusted, ringPageOrder: order, queues: nq, protocol: xbf.wire.protocol });
   for (let i = 0; i < nq; i++) xbfQueueCreate(xbf, i, order);
   await xbfPublish(xbf, order, p.persistent && trusted);
@@ -996,57 +1001,47 @@ async function xbfConnect(xbf: XbfSoftc): Promise<void> {
 async function xbfPublish(xbf: XbfSoftc, order: number, persistent: boolean): Promise<void> {
   const fe = xbf.dev.path;
   const nq = xbf.queues.length;
-  const nodes = new Map<string, string>();
-  if (order > 0) nodes.set('ring-page-order', String(order));
-  if (nq > 1) nodes.set('multi-queue-num-queues', String(nq));
-  for (const q of xbf.queues) {
-    const dir = nq === 1 ? '' : `queue-${q.index}/`;
-    const refs = q.ringMap.dm_segs.slice(0, q.ringMap.dm_nsegs);
-    if (order === 0) nodes.set(`${dir}ring-ref`, String(refs[0]!.ds_addr));
-    else for (const [i, s] of refs.entries()) nodes.set(`${dir}ring-ref${i}`, String(s.ds_addr));
-    nodes.set(`${dir}event-channel`, String(q.ih!.port));
-  }
-  nodes.set('protocol', xbf.wire.protocol);
-  nodes.set('feature-persistent', persistent ? '1' : '0');
   await xbf.sc.xs.transaction(async (t) => {
-    // Only what this connection does not write again goes: removing a node and
-    // writing it in the same transaction would look like a conflict to xenstored.
-    for (const key of await t.list(fe).catch(() => [] as string[])) {
-      if (!XBF_TRANSPORT_NODE.test(key)) continue;
-      if (!key.startsWith('queue-')) {
-        if (!nodes.has(key)) await t.rm(`${fe}/${key}`);
-      } else if (![...nodes.keys()].some((k) => k.startsWith(`${key}/`))) {
-        await t.rm(`${fe}/${key}`);
-      } else {
-        for (const sub of await t.list(`${fe}/${key}`)) if (!nodes.has(`${key}/${sub}`)) await t.rm(`${fe}/${key}/${sub}`);
-      }
+    for (const key of await t.list(fe).catch(() => [] as string[])) if (XBF_TRANSPORT_NODE.test(key)) await t.rm(`${fe}/${key}`);
+    if (order > 0) await t.write(`${fe}/ring-page-order`, String(order));
+    if (nq > 1) await t.write(`${fe}/multi-queue-num-queues`, String(nq));
+    for (const q of xbf.queues) {
+      // One queue keeps the classic keys at the top; several go under queue-N/.
+      const dir = nq === 1 ? fe : `${fe}/queue-${q.index}`;
+      const refs = q.ringMap.dm_segs;
+      if (order === 0) await t.write(`${dir}/ring-ref`, String(refs[0]!.ds_addr));
+      else for (let i = 0; i < 1 << order; i++) await t.write(`${dir}/ring-ref${i}`, String(refs[i]!.ds_addr));
+      await t.write(`${dir}/event-channel`, String(q.ih!.port));
     }
-    for (const [k, v] of nodes) await t.write(`${fe}/${k}`, v);
+    await t.write(`${fe}/protocol`, xbf.wire.protocol);
+    await t.write(`${fe}/feature-persistent`, persistent ? '1' : '0');
     await t.write(`${fe}/state`, String(XenbusStateInitialised));
   }, { signal: xbf.abort.signal });
 }
 
 // blkfront_connect + blkfront_gather_backend_features: the disk and what the backend offers.
 async function xbfReadDisk(xbf: XbfSoftc, persistent: boolean): Promise<void> {
-  const sectors512 = await beNumber(xbf, 'sectors', -1);
-  const sectorSize = await beNumber(xbf, 'sector-size', -1);
+  const { xs } = xbf.sc;
+  const be = xbf.dev.backend;
+  const num = async (key: string, read: Promise<string>, fallback: number): Promise<number> => count(xbf, key, await optional(read), fallback);
+  const sectors512 = await num('sectors', xs.read(`${be}/sectors`), -1);
+  const sectorSize = await num('sector-size', xs.read(`${be}/sector-size`), -1);
   if (sectors512 < 0 || sectorSize < XBF_SEC_SIZE || sectorSize > PAGE_SIZE || (sectorSize & (sectorSize - 1)) !== 0) {
     throw new XenError('EPROTO', `${xbf.name}: backend sectors ${sectors512}, sector-size ${sectorSize}`);
   }
-  const physical = await beNumber(xbf, 'physical-sector-size', sectorSize);
-  const info = await beNumber(xbf, 'info', 0);
-  const mode = await xbf.sc.xs.read(`${xbf.dev.backend}/mode`).catch(() => 'w');
-  const flag = async (key: string): Promise<boolean> => (await beNumber(xbf, key, 0)) === 1;
-  const indirect = Math.min(xbf.params.maxIndirectSegments, await beNumber(xbf, 'feature-max-indirect-segments', 0), XBF_MAX_INDIRECT_SEGS);
+  const physical = await num('physical-sector-size', xs.read(`${be}/physical-sector-size`), sectorSize);
+  const info = await num('info', xs.read(`${be}/info`), 0);
+  const mode = await optional(xs.read(`${be}/mode`));
+  const indirect = Math.min(xbf.params.maxIndirectSegments, await num('feature-max-indirect-segments', xs.read(`${be}/feature-max-indirect-segments`), 0));
   Object.assign(xbf.features, {
-    persistent: persistent && (await flag('feature-persistent')),
-    indirectSegments: indirect > BLKIF_MAX_SEGMENTS_PER_REQUEST ? indirect : 0,
-    flushCache: await flag('feature-flush-cache'),
-    barrier: await flag('feature-barrier'),
-    discard: await flag('feature-discard'),
-    discardGranularity: await beNumber(xbf, 'discard-granularity', sectorSize),
-    discardAlignment: await beNumber(xbf, 'discard-alignment', 0),
-    discardSecure: await flag('discard-secure'),
+    persistent: persistent && (await num('feature-persistent', xs.read(`${be}/feature-persistent`), 0)) === 1,
+    indirectSegments: indirect > BLKIF_MAX_SEGMENTS_PER_REQUEST ? Math.min(indirect, XBF_MAX_INDIRECT_SEGS) : 0,
+    flushCache: (await num('feature-flush-cache', xs.read(`${be}/feature-flush-cache`), 0)) === 1,
+    barrier: (await num('feature-barrier', xs.read(`${be}/feature-barrier`), 0)) === 1,
+    discard: (await num('feature-discard', xs.read(`${be}/feature-discard`), 0)) === 1,
+    discardGranularity: await num('discard-granularity', xs.read(`${be}/discard-granularity`), sectorSize),
+    discardAlignment: await num('discard-alignment', xs.read(`${be}/discard-alignment`), 0),
+    discardSecure: (await num('discard-secure', xs.read(`${be}/discard-secure`), 0)) === 1,
   });
   xbf.segsPerRequest = Math.max(BLKIF_MAX_SEGMENTS_PER_REQUEST, xbf.features.indirectSegments);
   xbf.sectorSize = sectorSize;
