@@ -6,13 +6,29 @@ import { XenError } from './errors.js';
 import { Host } from './hypervisor/host.js';
 import { Rpc } from './rpc.js';
 import { logger } from './log.js';
-import type { DomainExit, DomainSpec } from './backends/toolstack.js';
+import type { DeviceStats, DiskSpec, DomainExit, DomainInfo, DomainSpec } from './backends/toolstack.js';
+import type { DeviceInfo } from './backends/devices.js';
+import { grantCounts } from './hypervisor/grant.js';
+import { openPorts } from './hypervisor/evtchn.js';
 import type { Dom0Args } from './backends/dom0.js';
 import type { XenstoredLimits } from './backends/xenstored.js';
 import { join } from 'node:path';
 import { rmSync } from 'node:fs';
 
 const log = logger('machine');
+
+/** A row of `xenpv list`: the toolstack's view and the CPU time the host measured. */
+export type DomainRow = DomainInfo & { timeS: number };
+
+/** A domain in `xenpv top`: its row, what it holds in the hypervisor, its devices' counters. */
+export type DomainTop = DomainRow & {
+  /** Event channels open, grant entries it grants (and of those, pinned by a mapper), mappings it holds of others' grants. */
+  ports: number;
+  granted: number;
+  pinned: number;
+  mapped: number;
+  devices: DeviceStats[];
+};
 
 export type MachineOptions = {
   /** dom0's memory in MiB. */
@@ -57,7 +73,7 @@ export class Machine {
     const host = m.host;
     m.rpc = new Rpc((msg) => host.post(0, msg), m.platformHandlers(), (name, data) => m.event(name, data));
     host.createDomain({ name: 'Domain-0', memoryMiB: opts.dom0MemoryMiB ?? 16, privileged: true }, 0);
-    const args: Dom0Args = { socketPath: m.socketPath, limits: opts.xenstored };
+    const args: Dom0Args = { socketPath: m.socketPath, limits: opts.xenstored, rundir: opts.rundir };
     host.start(0, new URL('./backends/dom0.js', import.meta.url).href, args);
     await m.rpc.call('ping', null, opts.bootTimeoutMs ?? 30_000);
     log('dom0 is up');
@@ -131,6 +147,59 @@ export class Machine {
   /** Destroy a guest now, as `xl destroy`. */
   async destroy(domid: number): Promise<void> {
     await this.rpc.call('destroy', { domid });
+  }
+
+  /** `xl list`: dom0 and every guest, with the CPU time each has used. */
+  async list(): Promise<DomainRow[]> {
+    const rows = (await this.rpc.call('list', null)) as DomainInfo[];
+    return rows.map((r) => ({ ...r, timeS: this.host.cpuTimeMs(r.domid) / 1000 }));
+  }
+
+  /** `xl top` counters: per domain, its resources in the hypervisor and its devices. */
+  async top(): Promise<DomainTop[]> {
+    const rows = await this.list();
+    const devices = (await this.rpc.call('device-stats', null)) as { domid: number; devices: DeviceStats[] }[];
+    return rows.map((r) => {
+      const d = this.host.hv.domain(r.domid);
+      const g = d === undefined ? { granted: 0, pinned: 0, mapped: 0 } : grantCounts(d);
+      const ports = d === undefined ? 0 : openPorts(d);
+      return { ...r, ports, ...g, devices: devices.find((x) => x.domid === r.domid)?.devices ?? [] };
+    });
+  }
+
+  /** `xl pause` (true) and `xl unpause` (false). */
+  async pause(domid: number, paused: boolean): Promise<void> {
+    await this.rpc.call(paused ? 'pause' : 'unpause', { domid });
+  }
+
+  /** `xl vcpu-set`: the guest brings vCPUs online or offline to match `count`. */
+  async vcpuSet(domid: number, count: number): Promise<void> {
+    await this.rpc.call('vcpu-set', { domid, count });
+  }
+
+  /** `xl block-attach`. */
+  async blockAttach(domid: number, disk: DiskSpec): Promise<void> {
+    await this.rpc.call('block-attach', { domid, disk });
+  }
+
+  /** `xl block-detach`: resolves once the device is gone; `forced` when the guest did not answer. */
+  async blockDetach(domid: number, devid: number): Promise<{ forced: boolean }> {
+    return (await this.rpc.call('block-detach', { domid, devid }, 60_000)) as { forced: boolean };
+  }
+
+  /** `xl block-list`. */
+  async blockList(domid: number): Promise<DeviceInfo[]> {
+    return (await this.rpc.call('block-list', { domid })) as DeviceInfo[];
+  }
+
+  /** `xl save`: the guest suspends; its memory and config go to `file`; the domain goes. */
+  async save(domid: number, file: string): Promise<{ pages: number }> {
+    return (await this.rpc.call('save', { domid, file }, 120_000)) as { pages: number };
+  }
+
+  /** `xl restore`: a new domain from a save file; resolves with its domid once it runs. */
+  async restore(file: string): Promise<{ domid: number; name: string }> {
+    return (await this.rpc.call('restore', { file }, 120_000)) as { domid: number; name: string };
   }
 
   /**

@@ -232,17 +232,23 @@ function pathPattern(arg: ts.Expression | undefined): string | null {
 }
 
 /**
- * The identifier a path ends in when it is `${base}/${key}`: the key is named
- * elsewhere (a node table, or the caller of a helper), so the call itself
- * names no key. `/local/domain/${domid}` is a whole path, not such a key.
+ * The key identifier of a path that is exactly `${base}/${key}`: a key the
+ * code does not spell out here. Inside a helper, whose parameter it is, the
+ * callers name it; elsewhere (a loop over a table) it stands for "some key".
  */
 function dynamicKey(arg: ts.Expression | undefined): string | null {
-  if (arg === undefined || !ts.isTemplateExpression(arg)) return null;
-  const spans = arg.templateSpans;
-  const last = spans[spans.length - 1]!;
-  const before = spans.length >= 2 ? spans[spans.length - 2]!.literal.text : null;
-  if (last.literal.text !== '' || before !== '/' || !ts.isIdentifier(last.expression)) return null;
-  return last.expression.text;
+  if (arg === undefined || !ts.isTemplateExpression(arg) || arg.head.text !== '' || arg.templateSpans.length !== 2) return null;
+  const [base, key] = arg.templateSpans as unknown as [ts.TemplateSpan, ts.TemplateSpan];
+  if (base.literal.text !== '/' || key.literal.text !== '' || !ts.isIdentifier(key.expression)) return null;
+  return key.expression.text;
+}
+
+/** Whether `name` is a parameter of the function that contains `node`. */
+function isParameter(node: ts.Node, name: string): boolean {
+  for (let n = node.parent; n !== undefined; n = n.parent) {
+    if (ts.isFunctionLike(n)) return n.parameters.some((p) => ts.isIdentifier(p.name) && p.name.text === name);
+  }
+  return false;
 }
 
 function isString(e: ts.Expression | undefined): e is ts.StringLiteral {
@@ -337,7 +343,8 @@ function codeOps(body: ts.Node, sf: ts.SourceFile, helpers: ReadonlyMap<string, 
     if (ts.isIdentifier(node)) names.add(node.text);
     if (ts.isCallExpression(node)) {
       const verb = xsVerb(node, sf);
-      if (verb !== undefined && dynamicKey(node.arguments[0]) === null) {
+      const dynamic = dynamicKey(node.arguments[0]);
+      if (verb !== undefined && (dynamic === null || !isParameter(node, dynamic))) {
         const pattern = pathPattern(node.arguments[0]);
         if (pattern === null) problems.push(`cannot read the key of ${node.getText(sf).slice(0, 60)}`);
         else ops.add(`${verb} ${keyOf(pattern)}`);
@@ -430,7 +437,7 @@ t.test('protocol checker: a renamed, missing or extra key is caught', async (t) 
     '  %% side FE test/fixtures/protocol-side.ts connect',
     '  FE->>XSD: wait $be/state>=2',
     '  FE->>XSD: read $be/feature-persistent, max-ring-page-order',
-    '  FE->>XSD: write $fe/protocol=x86_64-abi, ring-ref, event-channel, state=3',
+    '  FE->>XSD: write $fe/protocol=x86_64-abi, ring-ref, event-channel, $k, state=3',
     '  FE->>XSD: rm /local/domain/0/backend/vbd/$fe',
   ].join('\n');
   t.same(protocolProblems(diagram(good)), [], 'every way of naming a key is read: client calls, helpers, node tables');

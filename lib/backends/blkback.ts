@@ -126,6 +126,9 @@ export type VbdSpec = {
   readOnly: boolean;
 };
 
+/** A vbd's counters, as Linux blkback's statistics/: requests by kind, 512-byte sectors moved, bad requests. */
+export type VbdStats = { devid: number; counters: Record<string, number> };
+
 /** What a blkback offers; the defaults are Linux blkback's. */
 export type BlkbackOptions = {
   /** max-ring-page-order, 0..4. */
@@ -332,6 +335,8 @@ export class Blkback {
   private cdrom = false;
   /** Requests answered with BLKIF_RSP_ERROR because they were malformed. */
   badRequests = 0;
+  /** Requests served, by kind, and sectors moved (Linux's st_rd_req, st_wr_req, ...). */
+  readonly stats = { rd_req: 0, wr_req: 0, f_req: 0, ds_req: 0, rd_sect: 0, wr_sect: 0 };
 
   constructor(
     private readonly hypercall: Hypercall,
@@ -537,6 +542,14 @@ export class Blkback {
     } finally {
       this.unmapTransient(r);
     }
+    if (flush) this.stats.f_req++;
+    if (r.nrSegments !== 0 && write) {
+      this.stats.wr_req++;
+      this.stats.wr_sect += sectors;
+    } else if (!write) {
+      this.stats.rd_req++;
+      this.stats.rd_sect += sectors;
+    }
     return BLKIF_RSP_OKAY;
   }
 
@@ -690,6 +703,7 @@ export class Blkback {
       return this.bad(r, `discard ${sector}+${count} beyond ${s.sectors}`);
     }
     s.discard(sector * SECTOR_SIZE, count * SECTOR_SIZE, secure);
+    this.stats.ds_req++;
     return BLKIF_RSP_OKAY;
   }
 
@@ -750,6 +764,19 @@ export class BlkbackSet {
     const list = this.byDomid.get(domid) ?? [];
     this.byDomid.delete(domid);
     for (const b of list) await b.stop();
+  }
+
+  /** Stop the blkback of one vbd (its detach). */
+  async stopOne(domid: number, devid: number): Promise<void> {
+    const list = this.byDomid.get(domid) ?? [];
+    const b = list.find((x) => x.spec.devid === devid);
+    if (b === undefined) return;
+    this.byDomid.set(domid, list.filter((x) => x !== b));
+    await b.stop();
+  }
+
+  stats(domid: number): VbdStats[] {
+    return (this.byDomid.get(domid) ?? []).map((b) => ({ devid: b.spec.devid, counters: { ...b.stats, bad_req: b.badRequests } }));
   }
 
   /**

@@ -21,7 +21,8 @@ import { joinStrings } from '../xenstore/wire.js';
 import { XenStore } from '../xenstore/xenstore.js';
 import { ConsoleBackend } from './console.js';
 import { BlkbackSet } from './blkback.js';
-import { Toolstack, type DomainSpec, type Platform, type StoreIntroduce } from './toolstack.js';
+import { Toolstack, toolstackOps, type Platform, type StoreIntroduce } from './toolstack.js';
+import { Concentrator } from './concentrator.js';
 import { Xenstored, XenstoredRing, type XenstoredLimits } from './xenstored.js';
 import { XenstoredSocket } from './xenstored-socket.js';
 import { bindInterdomain, mapGrant, unmapGrant } from './xenbus.js';
@@ -89,6 +90,8 @@ export type Dom0Args = {
   /** xenstored listens on <socketPath> when set. */
   socketPath?: string | undefined;
   limits?: Partial<XenstoredLimits> | undefined;
+  /** The host's rundir: guests' consoles are concentrated under <rundir>/console. */
+  rundir?: string | undefined;
 };
 
 export async function main(ctx: KernelContext): Promise<void> {
@@ -117,8 +120,11 @@ export async function main(ctx: KernelContext): Promise<void> {
     introduce: async (domid, gfn, evtchn) => void (await xs.cmd(XS_INTRODUCE, 0, joinStrings([String(domid), String(gfn), String(evtchn)]))),
     release: async (domid) => void (await xs.cmd(XS_RELEASE, 0, joinStrings([String(domid)]))),
   };
-  const names = new Map<number, string>();
-  const consoles = new ConsoleBackend(hypercall, intr, (domid, text) => rpc.event('console', { domid, name: names.get(domid) ?? `dom${domid}`, text }));
+  const concentrator = args.rundir === undefined ? null : new Concentrator(args.rundir);
+  let names: Toolstack | null = null;
+  const consoles = new ConsoleBackend(
+    hypercall, intr, (domid, text) => rpc.event('console', { domid, name: names?.nameOf(domid) ?? `dom${domid}`, text }), concentrator,
+  );
   const vbds = new BlkbackSet(hypercall, intr, xs);
   const toolstack = new Toolstack(
     ctx.hv, hypercall, xs, store, consoles, platform,
@@ -126,28 +132,21 @@ export async function main(ctx: KernelContext): Promise<void> {
     new URL('../xen/kernel.js', import.meta.url).href,
     vbds,
   );
+  names = toolstack;
   const domExc = intr.virqEstablish(VIRQ_DOM_EXC, () => toolstack.domainException(), 'dom-exc');
   intr.intrUnmask(domExc);
   Object.assign(handlers, {
     ping: () => 'pong',
-    create: async (spec: unknown) => {
-      const s = spec as DomainSpec;
-      const domid = await toolstack.create(s);
-      names.set(domid, s.name);
-      return domid;
+    ...toolstackOps(toolstack),
+    // Before the machine terminates this thread: the socket files go with the listeners.
+    stop: async () => {
+      await socket?.close();
+      await concentrator?.closeAll();
     },
-    shutdown: (args: unknown) => {
-      const a = args as { domid: number; reason: 'poweroff' | 'reboot' | 'suspend' };
-      return toolstack.requestShutdown(a.domid, a.reason);
-    },
-    destroy: (args: unknown) => toolstack.destroyNow((args as { domid: number }).domid),
-    list: () => toolstack.list(),
     'vbd-restart': (args: unknown) => {
       const a = args as { domid: number; devid: number };
       return vbds.restart(a.domid, a.devid);
     },
-    // Before the machine terminates this thread: the socket file goes with the listener.
-    stop: async () => void (await socket?.close()),
   } satisfies RpcHandlers);
   // Listening last: the machine's first call (ping) finds everything in place.
   port.on('message', (m: unknown) => rpc.receive(m));

@@ -4,12 +4,12 @@
 // that breaks framing loses its socket, never the daemon.
 
 import { mkdirSync, rmSync } from 'node:fs';
-import { createConnection, createServer, type Server, type Socket } from 'node:net';
+import { createServer, type Server, type Socket } from 'node:net';
 import { dirname } from 'node:path';
-import { XenError } from '../errors.js';
 import { logger } from '../log.js';
 import { XsDecoder, encodeMessage } from '../xenstore/wire.js';
 import type { Xenstored } from './xenstored.js';
+import { removeStaleSocket } from './stale-socket.js';
 
 const log = logger('xenstored', 'socket');
 
@@ -29,7 +29,7 @@ export class XenstoredSocket {
   /** Listen on `path` (its directory is created); a stale socket left by a dead host is replaced. */
   static async listen(xsd: Xenstored, path: string): Promise<XenstoredSocket> {
     mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
-    await removeStale(path);
+    await removeStaleSocket(path, 'xenstored');
     const server = createServer({ allowHalfOpen: false });
     const self = new XenstoredSocket(path, server);
     server.maxConnections = MAX_CLIENTS;
@@ -79,18 +79,4 @@ export class XenstoredSocket {
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
     rmSync(this.path, { force: true });
   }
-}
-
-/** A socket file nobody answers on is left from a host that died; one that answers is in use. */
-async function removeStale(path: string): Promise<void> {
-  const alive = await new Promise<boolean>((resolve) => {
-    const probe = createConnection(path);
-    probe.once('connect', () => {
-      probe.destroy();
-      resolve(true);
-    });
-    probe.once('error', () => resolve(false));
-  });
-  if (alive) throw new XenError('EADDRINUSE', `${path}: another xenstored is listening`);
-  rmSync(path, { force: true });
 }

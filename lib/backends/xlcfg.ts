@@ -2,7 +2,7 @@
 // "string", a 'string', a number, or a [list, of, values] that may span lines;
 // `#` starts a comment. Every error names the file, the line and the key.
 
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { XenError } from '../errors.js';
 import type { DiskSpec, DomainSpec } from './toolstack.js';
@@ -12,7 +12,8 @@ export type XlEntry = { key: string; value: XlValue; line: number };
 
 const MAX_CONFIG_BYTES = 1 << 20;
 const IGNORED = new Set(['type', 'builder', 'uuid', 'maxmem', 'cpus', 'boot', 'serial', 'vnc', 'sdl', 'device_model_version', 'vif']);
-const KNOWN = new Set(['name', 'memory', 'vcpus', 'kernel', 'extra', 'on_poweroff', 'on_reboot', 'on_crash', 'disk']);
+const KNOWN = new Set(['name', 'memory', 'vcpus', 'maxvcpus', 'kernel', 'extra', 'on_poweroff', 'on_reboot', 'on_crash', 'disk', 'console_port']);
+const ACTIONS = ['destroy', 'restart', 'preserve'] as const;
 
 class Parser {
   private at = 0;
@@ -134,29 +135,50 @@ export function loadDomainConfig(file: string): DomainSpec {
   }
   if (raw.length > MAX_CONFIG_BYTES) throw new XenError('ECONFIG', `${file}: larger than ${MAX_CONFIG_BYTES} bytes`);
   const spec: Partial<DomainSpec> = { memoryMiB: 128, vcpus: 1, extra: '', onPoweroff: 'destroy', onReboot: 'restart', onCrash: 'destroy' };
-  const seen = new Set<string>();
+  const lines = new Map<string, number>();
   for (const e of parseXl(raw.toString('utf8'), file)) {
-    if (seen.has(e.key)) throw new XenError('ECONFIG', `${file}:${e.line}: ${e.key}: set twice`);
-    seen.add(e.key);
+    if (lines.has(e.key)) throw new XenError('ECONFIG', `${file}:${e.line}: ${e.key}: set twice (first on line ${lines.get(e.key)})`);
+    lines.set(e.key, e.line);
     if (IGNORED.has(e.key)) continue;
     if (!KNOWN.has(e.key)) throw new XenError('ECONFIG', `${file}:${e.line}: ${e.key}: unknown key`);
-    if (e.key === 'name') spec.name = text(e, file);
-    else if (e.key === 'memory') spec.memoryMiB = positive(e, file, 65536);
-    else if (e.key === 'vcpus') spec.vcpus = positive(e, file, 32);
-    else if (e.key === 'extra') spec.extra = text(e, file);
-    else if (e.key === 'kernel') {
-      const k = text(e, file);
-      spec.kernel = isAbsolute(k) ? k : resolve(dirname(file), k);
-    } else if (e.key === 'disk') spec.disks = disks(e, file);
-    else if (e.key === 'on_poweroff') spec.onPoweroff = want(e, file, ['destroy', 'preserve'] as const);
-    else if (e.key === 'on_reboot') spec.onReboot = want(e, file, ['destroy', 'restart', 'preserve'] as const);
-    else spec.onCrash = want(e, file, ['destroy', 'restart', 'preserve'] as const);
+    setKey(spec, e, file);
   }
+  const at = (key: string): string => `${file}${lines.has(key) ? `:${lines.get(key)}` : ''}: ${key}`;
   if (spec.name === undefined || !/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(spec.name)) {
-    throw new XenError('ECONFIG', `${file}: name: required, 1-64 letters, digits, ".", "_" or "-"`);
+    throw new XenError('ECONFIG', `${at('name')}: required, 1-64 letters, digits, ".", "_" or "-", starting with a letter or digit`);
   }
   if (spec.kernel === undefined) throw new XenError('ECONFIG', `${file}: kernel: required (the guest image module)`);
+  if (spec.maxVcpus !== undefined && spec.maxVcpus < spec.vcpus!) throw new XenError('ECONFIG', `${at('maxvcpus')}: ${spec.maxVcpus} is less than vcpus (${spec.vcpus})`);
   return spec as DomainSpec;
+}
+
+/** What `create` checks beyond the syntax: the files the config names exist. */
+export function checkDomainFiles(spec: DomainSpec, file: string): void {
+  if (!existsSync(spec.kernel)) throw new XenError('ECONFIG', `${file}: kernel: ${spec.kernel}: no such file`);
+  for (const d of spec.disks ?? []) {
+    if (d.type === 'file' && !existsSync(d.params)) throw new XenError('ECONFIG', `${file}: disk: ${d.vdev}: ${d.params}: no such file`);
+  }
+}
+
+/** One key's value into the spec. */
+function setKey(spec: Partial<DomainSpec>, e: XlEntry, file: string): void {
+  switch (e.key) {
+    case 'name': spec.name = text(e, file); break;
+    case 'memory': spec.memoryMiB = positive(e, file, 65536); break;
+    case 'vcpus': spec.vcpus = positive(e, file, 32); break;
+    case 'maxvcpus': spec.maxVcpus = positive(e, file, 32); break;
+    case 'extra': spec.extra = text(e, file); break;
+    case 'kernel': {
+      const k = text(e, file);
+      spec.kernel = isAbsolute(k) ? k : resolve(dirname(file), k);
+      break;
+    }
+    case 'disk': spec.disks = disks(e, file); break;
+    case 'on_poweroff': spec.onPoweroff = want(e, file, ACTIONS); break;
+    case 'on_reboot': spec.onReboot = want(e, file, ACTIONS); break;
+    case 'on_crash': spec.onCrash = want(e, file, ACTIONS); break;
+    case 'console_port': spec.consolePort = positive(e, file, 65535); break;
+  }
 }
 
 const SIZE_UNITS: Record<string, number> = { '': 1, K: 1 << 10, M: 1 << 20, G: 1 << 30, T: 2 ** 40 };
@@ -244,6 +266,13 @@ function disk(item: string, fail: (message: string) => never, dir: string): Disk
   if (flags.has('cdrom')) spec.cdrom = true;
   if (flags.has('untrusted')) spec.trusted = false;
   return spec;
+}
+
+/** One disk spec as `block-attach` takes it; a relative target is taken from `dir`. EINVAL names what is wrong. */
+export function parseDiskSpec(item: string, dir: string): DiskSpec {
+  return disk(item, (message) => {
+    throw new XenError('EINVAL', `disk spec ${JSON.stringify(item)}: ${message}`);
+  }, dir);
 }
 
 function disks(e: XlEntry, file: string): DiskSpec[] {

@@ -1,7 +1,8 @@
 // `xenpv host start|stop`: a host that outlives the command. start spawns a
-// detached `xenpv host daemon`, which boots a Machine, writes its pid file
-// and reports the xenstored socket over the IPC channel, then drops the
-// channel; stop signals the pid and waits for the daemon to clean up.
+// detached `xenpv host daemon`, which boots a Machine, opens the control
+// socket (lib/backends/control.ts), writes its pid file and reports the
+// xenstored socket over the IPC channel, then drops the channel; stop
+// signals the pid and waits for the daemon to clean up.
 
 import { spawn } from 'node:child_process';
 import { mkdirSync, openSync, closeSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -10,6 +11,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { XenError } from '../errors.js';
 import { Machine, type MachineOptions } from '../machine.js';
+import { ControlServer, controlOps } from '../backends/control.js';
 
 const START_TIMEOUT_MS = 30_000;
 const STOP_TIMEOUT_MS = 15_000;
@@ -19,6 +21,11 @@ export function defaultRundir(): string {
   const xdg = process.env['XDG_RUNTIME_DIR'];
   if (xdg !== undefined && xdg !== '') return join(xdg, 'xenpv');
   return join(tmpdir(), `xenpv-${process.getuid?.() ?? 0}`);
+}
+
+/** The host's control socket. */
+export function controlPath(rundir: string): string {
+  return join(rundir, 'control');
 }
 
 function pidFile(rundir: string): string {
@@ -93,12 +100,20 @@ export async function hostDaemon(rundir: string, opts: MachineOptions = {}): Pro
     process.send?.({ error: (err as Error).message } satisfies Ready);
     process.exit(1);
   }
+  let control: ControlServer;
+  try {
+    control = await ControlServer.listen(controlPath(rundir), controlOps({ machine, rundir, startedAt: Date.now() }));
+  } catch (err) {
+    await machine.stop();
+    process.send?.({ error: (err as Error).message } satisfies Ready);
+    process.exit(1);
+  }
   writeFileSync(pidFile(rundir), `${process.pid}\n`);
   let stopping = false;
   const stop = (): void => {
     if (stopping) return;
     stopping = true;
-    void machine.stop().finally(() => {
+    void control.close().then(() => machine.stop()).finally(() => {
       rmSync(pidFile(rundir), { force: true });
       process.exit(0);
     });

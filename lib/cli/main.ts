@@ -9,6 +9,7 @@ import { loadHostConfig } from '../backends/hostcfg.js';
 import { cliPath, defaultRundir, hostDaemon, hostStart, hostStop } from './host.js';
 import { closeSync, ftruncateSync, openSync } from 'node:fs';
 import { parseSize } from '../backends/xlcfg.js';
+import { hostStatus, manageCommands } from './manage.js';
 import { fuzz } from './fuzz.js';
 
 const USAGE = `usage: xenpv <command> [options]
@@ -25,6 +26,8 @@ commands:
       sets xenstored's quotas: {"xenstored": {"maxNodes": 1000, ...}}.
   host stop [--rundir DIR]
       stop that host; its socket and pid file go with it.
+  host status [--rundir DIR]
+      the host's pid, uptime and number of domains.
   disk create FILE SIZE
       create a raw disk image of SIZE bytes (suffix K, M, G or T; a multiple
       of 512), sparse and zero-filled; EEXIST when FILE exists.
@@ -36,6 +39,23 @@ commands:
       Exit 1 when an invariant broke.
   help
       this text.
+
+commands that manage a running host (each takes --rundir DIR):
+  create CFG [-c]             create a guest from an xl config; -c attaches its console
+  list [NAME] [--json]        domains as xl list shows them (Domain-0 first)
+  destroy NAME                stop a domain now
+  shutdown NAME [-w]          ask the guest to power off; -w waits until it has
+  reboot NAME                 ask the guest to reboot
+  pause NAME / unpause NAME   stop and resume the domain's vCPU
+  vcpu-set NAME N             bring vCPUs 0..N-1 online, the rest offline
+  console NAME                attach to the guest's console; Ctrl-] detaches
+  top [--once] [--json] [-d S]
+                              per-domain and per-device counters, refreshed
+  block-attach NAME SPEC      hotplug a disk (SPEC as a disk = entry)
+  block-detach NAME DEVID     unplug a disk (DEVID: its number or xvdX)
+  block-list [NAME] [--json]  the domain's disks and their xenbus states
+  save NAME FILE              suspend the guest, write its memory and config to FILE
+  restore FILE                a new domain from FILE; its guest carries on
 `;
 
 function fail(err: unknown): never {
@@ -70,8 +90,11 @@ async function main(argv: string[]): Promise<number> {
     case '-h':
       process.stdout.write(USAGE);
       return command === undefined ? 2 : 0;
-    default:
-      throw new XenError('EINVAL', `unknown command ${command}; see xenpv help`);
+    default: {
+      const manage = Object.hasOwn(manageCommands, command) ? manageCommands[command] : undefined;
+      if (manage === undefined) throw new XenError('EINVAL', `unknown command ${command}; see xenpv help`);
+      return manage(rest);
+    }
   }
 }
 
@@ -95,11 +118,13 @@ async function host(argv: string[]): Promise<number> {
       case 'stop':
         process.stdout.write(`stopped host pid ${await hostStop(rundir)}\n`);
         return 0;
+      case 'status':
+        return await hostStatus(rundir);
       case 'daemon':
         await hostDaemon(rundir, config);
         return new Promise<number>(() => undefined); // runs until signalled
       default:
-        throw new XenError('EINVAL', `host needs start or stop, not ${sub ?? 'nothing'}`);
+        throw new XenError('EINVAL', `host needs start, stop or status, not ${sub ?? 'nothing'}`);
     }
   } catch (err) {
     // A host in the wrong state is not a usage error: status 1.

@@ -51,11 +51,14 @@ export async function run(files: string[], opts: RunOptions): Promise<number> {
     const deadline = opts.durationS === undefined ? null : AbortSignal.timeout(opts.durationS * 1000);
     for (const { spec, domid } of created) {
       let exit: DomainExit;
+      // A restarted guest (on_reboot/on_crash = restart) runs on under a new domid.
+      let current = domid;
       try {
-        exit = await machine.waitExit(domid, deadline ?? undefined);
+        exit = await machine.waitExit(current, deadline ?? undefined);
+        while (exit.restartedAs !== undefined) exit = await machine.waitExit((current = exit.restartedAs), deadline ?? undefined);
       } catch {
-        await machine.destroy(domid).catch(() => undefined);
-        exit = { domid, name: spec.name, reason: 'destroyed', console: '' };
+        await machine.destroy(current).catch(() => undefined);
+        exit = { domid: current, name: spec.name, reason: 'destroyed', console: '' };
       }
       if (!opts.json) printer.flush(domid, spec.name);
       results.push({ name: spec.name, domid, exit: { reason: exit.reason }, console: exit.console });

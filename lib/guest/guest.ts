@@ -9,6 +9,7 @@ import type { XenStore } from '../xenstore/xenstore.js';
 import { shutdown, type XenDevice, type XenSoftc } from '../xen/xen.js';
 import { xbfDisks, type XbfFeatures, type XbfSoftc } from '../drivers/xbf/xbf.js';
 import { readPartitionTable, type PartitionTable } from './partition.js';
+import { vcpusOnline } from '../xen/cpu.js';
 
 /**
  * Why a disk operation failed:
@@ -111,6 +112,11 @@ export type GuestImage = { main(guest: Guest): Promise<void> | void };
 
 export class Guest {
   private shutdownHandler: ((reason: ShutdownReason) => void | Promise<void>) | null = null;
+  private devicesChanged: (() => void) | null = null;
+  private suspendHandler: (() => unknown) | null = null;
+  private resumeHandler: ((state: unknown) => void) | null = null;
+  /** Set by the kernel of a restored domain: what onSuspend's handler returned before the save. */
+  resumeState: unknown = undefined;
 
   constructor(
     private readonly sc: XenSoftc,
@@ -148,6 +154,50 @@ export class Guest {
   /** console.log to the PV console. */
   print(...values: unknown[]): void {
     this.sc.console.write(formatWithOptions({ colors: false }, ...values) + '\n');
+  }
+
+  /** Console input (what `xenpv console` clients type), decoded as UTF-8. */
+  onInput(handler: (text: string) => void): void {
+    const decoder = new TextDecoder('utf-8');
+    this.sc.console.onInput((bytes) => handler(decoder.decode(bytes, { stream: true })));
+  }
+
+  /** vCPUs online now (`xenpv vcpu-set` changes it). */
+  vcpus(): number {
+    return vcpusOnline(this.sc);
+  }
+
+  /** Called when a device appears or goes away (hotplug). */
+  onDevicesChanged(handler: () => void): void {
+    this.devicesChanged = handler;
+  }
+
+  /** The kernel's side of hotplug. */
+  devicesChangedNow(): void {
+    this.devicesChanged?.();
+  }
+
+  /**
+   * Called when the toolstack suspends the guest (`xenpv save`): stop
+   * issuing I/O, wait for what is in flight and return the state to carry
+   * over (JSON). A restored guest runs main() again with it as
+   * `guest.resumeState`.
+   */
+  onSuspend(handler: () => unknown): void {
+    this.suspendHandler = handler;
+  }
+
+  /** Called when a suspend was cancelled and the guest runs on in place, with the state onSuspend returned. */
+  onResume(handler: (state: unknown) => void): void {
+    this.resumeHandler = handler;
+  }
+
+  /** The kernel's side of suspend and a cancelled suspend. */
+  suspendHooks(): { suspend(): Promise<unknown>; resumed(state: unknown): void } {
+    return {
+      suspend: async () => (this.suspendHandler === null ? null : await this.suspendHandler()),
+      resumed: (state) => this.resumeHandler?.(state),
+    };
   }
 
   /** Called when the toolstack asks for a shutdown; without a handler the guest complies at once. */

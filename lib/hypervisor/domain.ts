@@ -28,7 +28,11 @@ export const D = {
   privileged: 9,
   domid: 10,
   nrMaptrack: 11,
-  /** per vCPU: wake word, online, poll port (0 = not polling), spare */
+  /** Milliseconds vCPU 0 spent held by a pause (not CPU time). */
+  pausedMs: 12,
+  /** The frame a suspending guest named (HYPERVISOR_suspend's third argument), 0 for none. */
+  suspendRecord: 13,
+  /** per vCPU: wake word, online, poll port (0 = not polling), blocked (halted, waiting for an event) */
   vcpus: 32,
   /** two words (lo, hi) per HVM param */
   params: 32 + MAX_VCPUS * 4,
@@ -46,6 +50,7 @@ export const D = {
 export const VCPU_WAKE = 0;
 export const VCPU_ONLINE = 1;
 export const VCPU_POLL = 2;
+export const VCPU_BLOCKED = 3;
 
 export const DomainState = {
   free: 0,

@@ -325,3 +325,10 @@ export function closeAll(d: Domain, lookup: DomainLookup): void {
     if (Atomics.load(d.ctl, entry(port) + STATE) !== EVTCHNSTAT_closed) close(d, port, lookup);
   }
 }
+
+/** Ports of `d` that are not closed. */
+export function openPorts(d: Domain): number {
+  let n = 0;
+  for (let port = 1; port < MAX_EVTCHNS; port++) if (Atomics.load(d.ctl, entry(port) + STATE) !== EVTCHNSTAT_closed) n++;
+  return n;
+}

@@ -245,3 +245,19 @@ export function copy(caller: Domain, op: gnttab_copy, lookup: DomainLookup): voi
   unpin(src);
   op.status = GNTST_okay;
 }
+
+/** What a domain holds in grant tables: entries it grants, of those pinned by a mapper, and mappings it holds of others' grants. */
+export function grantCounts(d: Domain): { granted: number; pinned: number; mapped: number } {
+  let granted = 0;
+  let pinned = 0;
+  const n = nrEntries(d);
+  for (let ref = 0; ref < n; ref++) {
+    if ((Atomics.load(d.mem.u32, entryWord(d, ref)) & GTF_type_mask) !== 0) granted++;
+    if ((d.ctl[D.active + ref] ?? 0) !== 0) pinned++;
+  }
+  let mapped = 0;
+  for (let h = 0; h < MAX_MAPTRACK; h++) {
+    if ((Atomics.load(d.ctl, D.maptrack + h * 4 + MT_FLAGS) & ~MT_INUSE) !== 0) mapped++;
+  }
+  return { granted, pinned, mapped };
+}

@@ -47,6 +47,8 @@ export class Host {
   private readonly handles = new Map<number, DomainHandle>();
   private readonly registries = new Map<number, MessagePort>();
   private readonly workers = new Map<number, Worker>();
+  /** CPU time of each domain's thread at its last sample, kept once the thread has ended. */
+  private readonly cpuMs = new Map<number, number>();
   readonly names = new Map<number, string>();
 
   constructor(private readonly events: HostEvents = {}) {
@@ -136,6 +138,20 @@ export class Host {
     });
   }
 
+  /**
+   * CPU time of a domain's vCPU thread: its event loop's busy time (a thread
+   * idle in Atomics.waitAsync is not busy) less the time a pause held it.
+   */
+  cpuTimeMs(domid: number): number {
+    const w = this.workers.get(domid);
+    const d = this.hv.domain(domid);
+    if (w !== undefined && d !== undefined) {
+      const busy = w.performance.eventLoopUtilization().active - Atomics.load(d.ctl, D.pausedMs);
+      this.cpuMs.set(domid, Math.max(busy, this.cpuMs.get(domid) ?? 0));
+    }
+    return this.cpuMs.get(domid) ?? 0;
+  }
+
   post(domid: number, message: unknown): void {
     const w = this.workers.get(domid);
     if (w === undefined) throw new XenError('ESRCH', `domain ${domid} is not running`);
@@ -153,6 +169,7 @@ export class Host {
     Atomics.store(this.hv.host, HOST.domains + domid, 2);
     this.handles.delete(domid);
     this.names.delete(domid);
+    this.cpuMs.delete(domid);
     this.broadcast({ remove: domid });
     log('destroyed domain %d', domid);
   }

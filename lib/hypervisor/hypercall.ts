@@ -59,7 +59,13 @@ export type xen_memory_reservation = { domid: number; nr_extents: number };
 
 export type xen_hvm_param = { domid: number; index: number; value: bigint };
 
-export type sched_shutdown = { reason: number };
+/**
+ * `srec` is HYPERVISOR_suspend's third argument, which C passes beside the
+ * struct (a PV guest's start_info frame): here the frame of the resume record
+ * a suspending kernel leaves for its restore.
+ */
+export type sched_shutdown = { reason: number; srec?: number };
+export type vcpu_op = { vcpuid: number };
 export type sched_remote_shutdown = { domain_id: number; reason: number };
 export type sched_poll = { ports: number[]; nr_ports: number; timeout: bigint };
 
@@ -76,4 +82,6 @@ export type xen_domctl_getdomaininfo = {
   max_vcpu_id: number;
   shutdown_reason: number;
   state: string;
+  /** vCPU 0 is halted, waiting for an event (xl's "b"). */
+  blocked: boolean;
 };

@@ -12,6 +12,7 @@ import {
   __HYPERVISOR_hvm_op,
   __HYPERVISOR_memory_op,
   __HYPERVISOR_sched_op,
+  __HYPERVISOR_vcpu_op,
   __HYPERVISOR_xen_version,
   DOMID_SELF,
   VIRQ_DOM_EXC,
@@ -55,11 +56,13 @@ import {
   SCHEDOP_shutdown,
   SCHEDOP_yield,
   SHUTDOWN_poweroff,
+  SHUTDOWN_suspend,
   SHUTDOWN_watchdog,
 } from '../abi/sched.js';
+import { VCPUOP_down, VCPUOP_is_up, VCPUOP_up } from '../abi/vcpu.js';
 import { XENVER_extraversion, XENVER_get_features, XENVER_version } from '../abi/version.js';
-import { XEN_EINVAL, XEN_ENOSYS, XEN_EPERM, XEN_ESRCH, XEN_EFAULT } from '../abi/errno.js';
-import { D, Domain, DomainState, MAX_GRANT_FRAMES, NR_HVM_PARAMS, SpecialPage, VCPU_POLL, VCPU_WAKE } from './domain.js';
+import { XEN_EBUSY, XEN_EINVAL, XEN_ENOENT, XEN_ENOSYS, XEN_EPERM, XEN_ESRCH, XEN_EFAULT } from '../abi/errno.js';
+import { D, Domain, DomainState, MAX_GRANT_FRAMES, NR_HVM_PARAMS, SpecialPage, VCPU_BLOCKED, VCPU_ONLINE, VCPU_POLL, VCPU_WAKE } from './domain.js';
 import * as evtchn from './evtchn.js';
 import * as grant from './grant.js';
 import { lock, unlock } from './lock.js';
@@ -146,6 +149,8 @@ export class Hypervisor {
         return this.hvmOp(caller, cmd, arg);
       case __HYPERVISOR_sched_op:
         return this.schedOp(caller, cmd, arg);
+      case __HYPERVISOR_vcpu_op:
+        return arg === undefined ? -XEN_EFAULT : this.vcpuOp(caller, cmd, arg as H.vcpu_op);
       case __HYPERVISOR_xen_version:
         return this.xenVersion(cmd, arg);
       default:
@@ -364,8 +369,12 @@ export class Hypervisor {
       case SCHEDOP_poll:
         return arg === undefined ? -XEN_EFAULT : this.poll(caller, arg as H.sched_poll);
       case SCHEDOP_shutdown: {
-        const reason = arg === undefined ? -1 : (arg as H.sched_shutdown).reason;
-        return this.shutdown(caller, reason);
+        const op = arg as H.sched_shutdown | undefined;
+        const reason = op === undefined ? -1 : op.reason;
+        if (reason !== SHUTDOWN_suspend) return this.shutdown(caller, reason);
+        Atomics.store(caller.ctl, D.suspendRecord, Number.isInteger(op?.srec) ? op!.srec! : 0);
+        const rc = this.shutdown(caller, reason);
+        return rc !== 0 ? rc : this.suspended(caller);
       }
       case SCHEDOP_remote_shutdown: {
         if (arg === undefined) return -XEN_EFAULT;
@@ -424,6 +433,73 @@ export class Hypervisor {
     return 0;
   }
 
+  /**
+   * A suspended vCPU is descheduled until the toolstack resumes the domain
+   * (the suspend was cancelled: the hypercall returns 1, as Xen's
+   * xc_domain_resume arranges) or destroys it, which ends the thread here.
+   */
+  private suspended(d: Domain): number {
+    while (Atomics.load(d.ctl, D.state) === DomainState.shutdown) Atomics.wait(d.ctl, D.state, DomainState.shutdown);
+    return 1;
+  }
+
+  /** VCPUOP_up, VCPUOP_down, VCPUOP_is_up on one's own vCPUs (vcpu_op's vcpuid in the argument). */
+  private vcpuOp(caller: Domain, cmd: number, op: H.vcpu_op): number {
+    const v = op.vcpuid;
+    if (!Number.isInteger(v) || v < 0 || v >= caller.maxVcpus) return -XEN_ENOENT;
+    const w = caller.vcpuWord(v, VCPU_ONLINE);
+    switch (cmd) {
+      case VCPUOP_up:
+        Atomics.store(caller.ctl, w, 1);
+        return 0;
+      case VCPUOP_down:
+        // vCPU 0 runs the kernel's thread; taking it down would stop the domain.
+        if (v === 0) return -XEN_EBUSY;
+        Atomics.store(caller.ctl, w, 0);
+        return 0;
+      case VCPUOP_is_up:
+        return Atomics.load(caller.ctl, w) === 0 ? 0 : 1;
+      default:
+        return -XEN_ENOSYS;
+    }
+  }
+
+  /** The target of a domctl: privileged callers only, never the caller itself. */
+  private domctlTarget(caller: Domain, domid: number): Domain | number {
+    if (!caller.privileged) return -XEN_EPERM;
+    if (domid === caller.domid) return -XEN_EINVAL;
+    return this.domain(domid) ?? -XEN_ESRCH;
+  }
+
+  /** XEN_DOMCTL_pausedomain: the domain's vCPU stops at its next event and stays stopped. */
+  pauseDomain(caller: Domain, domid: number): number {
+    const d = this.domctlTarget(caller, domid);
+    if (typeof d === 'number') return d;
+    if (Atomics.compareExchange(d.ctl, D.state, DomainState.running, DomainState.paused) !== DomainState.running) return -XEN_EINVAL;
+    for (let v = 0; v < d.maxVcpus; v++) evtchn.kickVcpu(d, v);
+    return 0;
+  }
+
+  /** XEN_DOMCTL_unpausedomain of a domain paused by pauseDomain. */
+  unpauseDomain(caller: Domain, domid: number): number {
+    const d = this.domctlTarget(caller, domid);
+    if (typeof d === 'number') return d;
+    if (Atomics.compareExchange(d.ctl, D.state, DomainState.paused, DomainState.running) !== DomainState.paused) return -XEN_EINVAL;
+    Atomics.notify(d.ctl, D.state);
+    return 0;
+  }
+
+  /** XEN_DOMCTL_resumedomain: a domain that suspended runs on in place. */
+  resumeDomain(caller: Domain, domid: number): number {
+    const d = this.domctlTarget(caller, domid);
+    if (typeof d === 'number') return d;
+    if (d.state !== 'shutdown' || Atomics.load(d.ctl, D.shutdownReason) !== SHUTDOWN_suspend) return -XEN_EINVAL;
+    Atomics.store(d.ctl, D.suspendRecord, 0);
+    Atomics.store(d.ctl, D.state, DomainState.running);
+    Atomics.notify(d.ctl, D.state);
+    return 0;
+  }
+
   private xenVersion(cmd: number, arg: object | undefined): number {
     switch (cmd) {
       case XENVER_version:
@@ -453,15 +529,18 @@ export class Hypervisor {
     if (!caller.privileged && domid !== caller.domid) return -XEN_EPERM;
     const d = this.domain(domid);
     if (d === undefined) return -XEN_ESRCH;
+    let online = 0;
+    for (let v = 0; v < d.maxVcpus; v++) if (Atomics.load(d.ctl, d.vcpuWord(v, VCPU_ONLINE)) !== 0) online++;
     return {
       domain: domid,
       flags: 0,
       tot_pages: d.nrPages,
       max_pages: d.nrPages,
-      nr_online_vcpus: d.maxVcpus,
+      nr_online_vcpus: online,
       max_vcpu_id: d.maxVcpus - 1,
       shutdown_reason: Atomics.load(d.ctl, D.shutdownReason),
       state: d.state,
+      blocked: Atomics.load(d.ctl, d.vcpuWord(0, VCPU_BLOCKED)) === 1,
     };
   }
 

@@ -8,8 +8,11 @@ import { XenError } from '../errors.js';
 import { Guest, type GuestImage, type ShutdownReason } from '../guest/guest.js';
 import type { KernelContext } from '../hypervisor/thread.js';
 import { probeDevices, watchHotplug, watchShutdown, xenAttach } from './xen.js';
+import { watchCpus } from './cpu.js';
+import { readResumeRecord, xenSuspend } from './suspend.js';
 
-export type GuestArgs = { name: string; image: string; extra: string };
+/** `resume`: the frame of the resume record of a restored domain (lib/xen/suspend.ts). */
+export type GuestArgs = { name: string; image: string; extra: string; resume?: number };
 
 function imageUrl(image: string): string {
   return pathToFileURL(isAbsolute(image) ? image : resolve(image)).href;
@@ -17,6 +20,8 @@ function imageUrl(image: string): string {
 
 export async function main(ctx: KernelContext): Promise<void> {
   const args = ctx.args as GuestArgs;
+  // Before the page allocator hands out (and zeroes) the frame it lies in.
+  const record = args.resume === undefined ? undefined : readResumeRecord(ctx.hv.domain(ctx.domid)!.mem, args.resume);
   const { sc } = xenAttach(ctx, args.name, args.extra);
   // The image's stdout is the PV console; stderr stays the kernel's log.
   process.stdout.write = ((chunk: string | Uint8Array): boolean => {
@@ -25,8 +30,13 @@ export async function main(ctx: KernelContext): Promise<void> {
   }) as typeof process.stdout.write;
   await probeDevices(sc);
   const guest = new Guest(sc, args.extra);
-  await watchHotplug(sc, () => undefined);
-  await watchShutdown(sc, (reason) => void guest.requested(reason as ShutdownReason));
+  if (record !== undefined) guest.resumeState = record.image;
+  await watchHotplug(sc, () => guest.devicesChangedNow());
+  await watchShutdown(sc, (reason) => {
+    if (reason === 'suspend') void xenSuspend(sc, guest.suspendHooks()).catch((err: Error) => sc.log('suspend failed: %s', err.message));
+    else void guest.requested(reason as ShutdownReason);
+  });
+  await watchCpus(sc);
   const mod = (await import(imageUrl(args.image))) as Partial<GuestImage>;
   if (typeof mod.main !== 'function') throw new XenError('ENOEXEC', `${args.image} exports no main(guest)`);
   await mod.main(guest);

@@ -27,7 +27,8 @@ import { FramePage, MemoryViews, PAGE_SIZE } from '../hypervisor/page.js';
 import { Vcpu } from '../hypervisor/vcpu.js';
 import type { Hypercall } from '../hypervisor/hypercall.js';
 import type { KernelContext } from '../hypervisor/thread.js';
-import { XenStore } from '../xenstore/xenstore.js';
+import { XenStore, type XsWatch } from '../xenstore/xenstore.js';
+import { XenbusStateClosed, XenbusStateClosing, XenbusStateInitialising } from '../abi/xenbus.js';
 import { logger, type Log } from '../log.js';
 import { PhysMem } from './physmem.js';
 import { XenCons } from './xencons.js';
@@ -58,6 +59,10 @@ export type XenDriver = {
   name: string;
   attach(sc: XenSoftc, dev: XenDevice): Promise<void>;
   detach(sc: XenSoftc, dev: XenDevice): Promise<void>;
+  /** Before the kernel suspends: complete the I/O in flight, hold new I/O (lib/xen/suspend.ts). */
+  suspend?(sc: XenSoftc, dev: XenDevice): Promise<void>;
+  /** After a suspend the toolstack cancelled: the backend is as it was; let held I/O go. */
+  resume?(sc: XenSoftc, dev: XenDevice): Promise<void>;
 };
 
 /** Everything the nexus set up, handed to drivers and to the guest layer. */
@@ -78,13 +83,20 @@ export type XenSoftc = {
   cmdline: string;
 };
 
-/** The guest's PV console: output queued while the ring is full, flushed on the backend's event. */
+/**
+ * The guest's PV console: output queued while the ring is full, flushed on
+ * the backend's event; input taken from the `in` ring on the same event.
+ */
 export class Console {
   private readonly queue: Uint8Array[] = [];
   private queued = 0;
   private drainedWaiters: Array<() => void> = [];
   private readonly maxQueued = 1 << 20;
   dropped = 0;
+  private inputHandler: ((bytes: Uint8Array) => void) | null = null;
+  /** Input that came before anyone listened, kept up to one ring's worth. */
+  private early: Uint8Array[] = [];
+  private readonly inBuf = new Uint8Array(1024);
 
   constructor(
     private readonly ring: XenCons,
@@ -120,6 +132,24 @@ export class Console {
     if (this.queue.length === 0 && this.ring.pendingBytes === 0) {
       for (const w of this.drainedWaiters.splice(0)) w();
     }
+  }
+
+  /** The backend's event: take the input it put in the `in` ring, tell it there is room. */
+  receive(): void {
+    let moved = false;
+    for (let n = this.ring.read(this.inBuf); n > 0; n = this.ring.read(this.inBuf)) {
+      moved = true;
+      const bytes = this.inBuf.slice(0, n);
+      if (this.inputHandler !== null) this.inputHandler(bytes);
+      else if (this.early.reduce((a, b) => a + b.length, 0) < this.inBuf.length) this.early.push(bytes);
+    }
+    if (moved) this.signal();
+  }
+
+  /** Where input goes from now on (what came before is handed over first). */
+  onInput(handler: (bytes: Uint8Array) => void): void {
+    this.inputHandler = handler;
+    for (const b of this.early.splice(0)) handler(b);
   }
 
   /** Resolve when the backend has taken everything, or after `timeoutMs`. */
@@ -203,7 +233,10 @@ export function xenAttach(ctx: KernelContext, name: string, cmdline = ''): Boot 
 
   const consPage = new FramePage(self.mem, getParam(hypercall, HVM_PARAM_CONSOLE_PFN), true);
   let console: Console | null = null;
-  const consoleIntr = intr.intrEstablish(getParam(hypercall, HVM_PARAM_CONSOLE_EVTCHN), 0, () => console?.flush(), 'console');
+  const consoleIntr = intr.intrEstablish(getParam(hypercall, HVM_PARAM_CONSOLE_EVTCHN), 0, () => {
+    console?.flush();
+    console?.receive();
+  }, 'console');
   console = new Console(new XenCons(consPage, 'guest'), () => intr.intrSignal(consoleIntr));
 
   const storePage = new FramePage(self.mem, getParam(hypercall, HVM_PARAM_STORE_PFN), true);
@@ -226,7 +259,7 @@ export async function probeDevices(sc: XenSoftc): Promise<void> {
   const types = await listOrEmpty(sc.xs, 'device');
   for (const type of types) {
     for (const unit of await listOrEmpty(sc.xs, `device/${type}`)) {
-      await attachDevice(sc, type, unit);
+      await attachDevice(sc, type, unit, () => undefined);
     }
   }
 }
@@ -240,24 +273,34 @@ async function listOrEmpty(xs: XenStore, path: string): Promise<string[]> {
   }
 }
 
-async function attachDevice(sc: XenSoftc, type: string, unit: string): Promise<void> {
+/** The watch on each attached device's backend state (Linux's otherend watch), by device path. */
+const otherendWatches = new WeakMap<XenSoftc, Map<string, XsWatch>>();
+
+/** How long a closing frontend waits for its backend to let go (Linux's XENNET_TIMEOUT is 10 s). */
+const CLOSE_TIMEOUT_MS = 10_000;
+
+// xenbus_probe_node + config_attach: a unit whose frontend is Initialising gets its driver.
+async function attachDevice(sc: XenSoftc, type: string, unit: string, onChange: () => void): Promise<boolean> {
   const path = `device/${type}/${unit}`;
-  if (sc.devices.has(path)) return;
+  if (sc.devices.has(path)) return false;
   let backend: string;
   let backendId: number;
   try {
+    // A frontend past Initialising belongs to a driver that has it or had it (Linux skips it too).
+    if (Number(await sc.xs.read(`${path}/state`)) !== XenbusStateInitialising) return false;
     backend = await sc.xs.read(`${path}/backend`);
     backendId = await sc.xs.getNumber(`${path}/backend-id`);
   } catch (err) {
     sc.log('%s: no backend (%s), not attached', path, (err as Error).message);
-    return;
+    return false;
   }
+  if (sc.devices.has(path)) return false;
   const drv = xenDrivers.get(type);
   const dev: XenDevice = { type, unit, path, backend, backendId, driver: drv?.name ?? null };
   sc.devices.set(path, dev);
   if (drv === undefined) {
     sc.log('%s at xen0 backend %d not configured', path, backendId);
-    return;
+    return true;
   }
   try {
     await drv.attach(sc, dev);
@@ -265,16 +308,56 @@ async function attachDevice(sc: XenSoftc, type: string, unit: string): Promise<v
   } catch (err) {
     sc.devices.delete(path);
     sc.log('%s: %s attach failed: %s', path, drv.name, (err as Error).message);
+    return false;
   }
+  await watchOtherend(sc, dev, onChange);
+  return true;
 }
 
-async function detachDevice(sc: XenSoftc, path: string): Promise<void> {
+/** Whether the backend is going away for good: gone, or Closing/Closed with `online` 0 (libxl's removal). */
+async function backendLeaving(sc: XenSoftc, backend: string): Promise<boolean> {
+  const state = await sc.xs.read(`${backend}/state`).then(Number, () => null);
+  if (state === null) return true;
+  if (state !== XenbusStateClosing && state !== XenbusStateClosed) return false;
+  // A backend that closes while online stays is restarting: the driver reconnects (xbf's recovery).
+  return (await sc.xs.read(`${backend}/online`).catch(() => '0')) !== '1';
+}
+
+/** otherend_changed: a backend the toolstack unplugs (online 0, Closing) or removes starts the close. */
+async function watchOtherend(sc: XenSoftc, dev: XenDevice, onChange: () => void): Promise<void> {
+  const watches = otherendWatches.get(sc) ?? new Map<string, XsWatch>();
+  otherendWatches.set(sc, watches);
+  const w = await sc.xs.watch(`${dev.backend}/state`, `otherend:${dev.path}`, () => {
+    void backendLeaving(sc, dev.backend).then((leaving) => {
+      if (leaving) return detachDevice(sc, dev.path).then((gone) => gone && onChange());
+    });
+  }).catch((err: Error) => {
+    sc.log('%s: no watch on the backend: %s', dev.path, err.message);
+    return null;
+  });
+  if (w !== null) watches.set(dev.path, w);
+}
+
+// The frontend's half of closing (xennet_remove's order): Closing, wait until the
+// backend has let go of the ring and port (Closed), then the driver frees its
+// grants and port and says Closed. Freeing first would leave grants the backend
+// still maps, which the grant table must quarantine.
+async function detachDevice(sc: XenSoftc, path: string): Promise<boolean> {
   const dev = sc.devices.get(path);
-  if (dev === undefined) return;
+  if (dev === undefined) return false;
   sc.devices.delete(path);
+  const w = otherendWatches.get(sc)?.get(path);
+  otherendWatches.get(sc)?.delete(path);
+  await w?.unwatch().catch(() => undefined);
   const drv = dev.driver === null ? undefined : xenDrivers.get(dev.type);
-  if (drv !== undefined) await drv.detach(sc, dev);
+  if (drv === undefined) return true;
+  await sc.xs.write(`${path}/state`, String(XenbusStateClosing)).catch(() => undefined);
+  await sc.xs.awaitState(`${dev.backend}/state`, (v) => v === undefined || Number(v) === XenbusStateClosed, { timeoutMs: CLOSE_TIMEOUT_MS })
+    .catch((err: Error) => sc.log('%s: backend did not close: %s', path, err.message));
+  await drv.detach(sc, dev);
+  await sc.xs.write(`${path}/state`, String(XenbusStateClosed)).catch(() => undefined);
   sc.log('%s detached', path);
+  return true;
 }
 
 /** xen_hotplug: a watch on device/ attaches new units and detaches vanished ones. */
@@ -284,8 +367,8 @@ export async function watchHotplug(sc: XenSoftc, onChange: () => void): Promise<
     if (m === null) return;
     const devPath = `device/${m[1]}/${m[2]}`;
     void sc.xs.read(`${devPath}/backend`).then(
-      () => attachDevice(sc, m[1]!, m[2]!).then(onChange),
-      () => detachDevice(sc, devPath).then(onChange),
+      () => attachDevice(sc, m[1]!, m[2]!, onChange).then((added) => added && onChange()),
+      () => detachDevice(sc, devPath).then((gone) => gone && onChange()),
     );
   });
 }

@@ -318,6 +318,10 @@ export class XbfSoftc {
   readonly abort = new AbortController();
   /** Transfers waiting for a ccb, oldest first. */
   private readonly pending: XbfBio[] = [];
+  /** While the kernel suspends: transfers asked for since, waiting for resume (null when not suspending). */
+  private held: XbfBio[] | null = null;
+  /** Waiting until nothing is queued or in flight. */
+  private idleWaiters: Array<() => void> = [];
   private seq = 0;
   private nextQueue = 0;
 
@@ -414,6 +418,11 @@ export class XbfSoftc {
   /** xbf_scsi_cmd: queue a transfer; `bio.done` is called once it is answered. */
   strategy(bio: XbfBio): void {
     if (this.error !== null) return bio.done(this.error);
+    if (this.held !== null) {
+      if (this.held.length >= XBF_MAX_QUEUED) return bio.done(new XenError('EAGAIN', `${this.name}: ${XBF_MAX_QUEUED} transfers held`));
+      this.held.push(bio);
+      return;
+    }
     if (this.pending.length >= XBF_MAX_QUEUED) return bio.done(new XenError('EAGAIN', `${this.name}: ${XBF_MAX_QUEUED} transfers queued`));
     this.pending.push(bio);
     this.dispatch();
@@ -628,6 +637,7 @@ export class XbfSoftc {
     q.free.push(ccb);
     bio.status = status;
     this.settle(bio, status === BLKIF_RSP_OKAY || bio.raw !== null ? null : this.statusError(bio, status));
+    if (this.idleWaiters.length > 0 && this.isIdle()) for (const f of this.idleWaiters.splice(0)) f();
     return null;
   }
 
@@ -687,6 +697,37 @@ export class XbfSoftc {
       }
     }
     for (const bio of this.pending.splice(0)) this.fail(bio, this.error);
+    for (const bio of this.held?.splice(0) ?? []) this.fail(bio, this.error);
+    for (const f of this.idleWaiters.splice(0)) f();
+  }
+
+  // --- suspend ---------------------------------------------------------------------
+
+  private isIdle(): boolean {
+    return this.pending.length === 0 && this.queues.every((q) => q.free.length === q.ccbs.length);
+  }
+
+  /**
+   * For the kernel's suspend: transfers asked for from now on wait; resolves
+   * when every transfer asked for before (queued or in flight) is answered,
+   * or after `timeoutMs`.
+   */
+  async quiesce(timeoutMs: number): Promise<void> {
+    this.held ??= [];
+    if (this.error !== null || this.isIdle()) return;
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      new Promise<void>((resolve) => this.idleWaiters.push(resolve)),
+      new Promise<void>((resolve) => (timer = setTimeout(resolve, timeoutMs))),
+    ]);
+    clearTimeout(timer);
+  }
+
+  /** After a suspend the toolstack cancelled: the backend is as it was, so the held transfers go. */
+  unhold(): void {
+    const held = this.held ?? [];
+    this.held = null;
+    for (const bio of held) this.strategy(bio);
   }
 
   /**
@@ -707,8 +748,11 @@ export class XbfSoftc {
   /** The backend's state changed: a connected disk whose backend closes starts recovery. */
   backendChanged(): void {
     if (this.state !== 'connected') return;
-    void this.sc.xs.read(`${this.dev.backend}/state`).then(Number, () => XenbusStateClosed).then((s) => {
+    void this.sc.xs.read(`${this.dev.backend}/state`).then(Number, () => XenbusStateClosed).then(async (s) => {
       if (this.state !== 'connected' || (s !== XenbusStateClosing && s !== XenbusStateClosed)) return;
+      // online 0: the toolstack unplugs the disk; the nexus detaches it (lib/xen/xen.ts).
+      if ((await this.sc.xs.read(`${this.dev.backend}/online`).catch(() => '0')) !== '1') return;
+      if (this.state !== 'connected') return;
       this.log('backend state %d: recovering', s);
       this.state = 'recovering';
       this.recovery = xbfRecover(this).finally(() => (this.recovery = null));
@@ -835,7 +879,18 @@ async function xbfDetach(sc: XenSoftc, dev: XenDevice): Promise<void> {
   await sc.xs.write(`${dev.path}/state`, String(XenbusStateClosed)).catch(() => undefined);
 }
 
-export const xbfDriver: XenDriver = { name: 'xbf', attach: xbfAttach, detach: xbfDetach };
+// Suspend, minimally: what was asked for completes and new transfers wait. A
+// suspend the toolstack cancels finds the backend as it was, so resume lets
+// them go; a restored domain attaches its disks afresh.
+async function xbfSuspend(sc: XenSoftc, dev: XenDevice): Promise<void> {
+  await softcs.get(sc)?.get(dev.path)?.quiesce(XBF_RECONNECT_TIMEOUT_MS);
+}
+
+async function xbfResume(sc: XenSoftc, dev: XenDevice): Promise<void> {
+  softcs.get(sc)?.get(dev.path)?.unhold();
+}
+
+export const xbfDriver: XenDriver = { name: 'xbf', attach: xbfAttach, detach: xbfDetach, suspend: xbfSuspend, resume: xbfResume };
 
 // --- ring and ccb create/destroy -------------------------------------------------
 
