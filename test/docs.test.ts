@@ -329,6 +329,13 @@ function keyHelpers(files: readonly ts.SourceFile[], bodies: readonly ts.Node[])
   return helpers;
 }
 
+/** The node a value sits in, past `as`, `satisfies` and parentheses: `[['rate', r] as Entry]` is a table entry. */
+function outside(node: ts.Node): ts.Node {
+  let p = node.parent;
+  while (ts.isAsExpression(p) || ts.isSatisfiesExpression(p) || ts.isParenthesizedExpression(p) || ts.isTypeAssertionExpression(p)) p = p.parent;
+  return p;
+}
+
 /**
  * The xenstore operations in `body`: client calls `xs.<method>(path, ...)`;
  * calls of key helpers with a literal key; and the node tables a side writes
@@ -373,7 +380,7 @@ function codeOps(body: ts.Node, sf: ts.SourceFile, helpers: ReadonlyMap<string, 
         }
       }
     }
-    const table = ts.isArrayLiteralExpression(node) && ts.isArrayLiteralExpression(node.parent);
+    const table = ts.isArrayLiteralExpression(node) && ts.isArrayLiteralExpression(outside(node));
     if (table && !mapped.has(node) && node.elements.length >= 2 && node.elements.length <= 3) {
       const first = (node as ts.ArrayLiteralExpression).elements[0];
       if (isString(first)) ops.add(`${tableVerb((node as ts.ArrayLiteralExpression).elements[1])} ${first.text === '' ? '<*>' : first.text}`);
@@ -421,9 +428,13 @@ function protocolProblems(d: Diagram): string[] {
 t.test('protocol diagrams: each side writes and reads exactly the keys its code does', async (t) => {
   const md = readFileSync(join(docs, 'protocols.md'), 'utf8');
   const all = diagrams(md);
-  t.same(all.map((d) => d.title), [
+  const required = [
     'Domain build and xenstore introduction', 'The vbd: xenbus states and keys', 'control/shutdown', 'Console',
-  ], 'the handshakes drawn');
+    // The vif's handshake is drawn once the network frontend exists.
+    ...(existsSync(join(root, 'lib/drivers/xnf/xnf.ts')) ? ['The vif: xenbus states and keys'] : []),
+  ];
+  const titles = all.map((d) => d.title);
+  t.same(required.filter((r) => !titles.includes(r)), [], 'every handshake is drawn');
   for (const d of all) {
     t.same(protocolProblems(d), [], `${d.title}: the diagram matches the code`);
     const ops = [...d.ops.values()].reduce((n, s) => n + s.size, 0);
@@ -437,7 +448,7 @@ t.test('protocol checker: a renamed, missing or extra key is caught', async (t) 
     '  %% side FE test/fixtures/protocol-side.ts connect',
     '  FE->>XSD: wait $be/state>=2',
     '  FE->>XSD: read $be/feature-persistent, max-ring-page-order',
-    '  FE->>XSD: write $fe/protocol=x86_64-abi, ring-ref, event-channel, $k, state=3',
+    '  FE->>XSD: write $fe/protocol=x86_64-abi, ring-ref, event-channel, queue-dir, $k, state=3',
     '  FE->>XSD: rm /local/domain/0/backend/vbd/$fe',
   ].join('\n');
   t.same(protocolProblems(diagram(good)), [], 'every way of naming a key is read: client calls, helpers, node tables');
