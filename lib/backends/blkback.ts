@@ -274,7 +274,7 @@ export type PersistentBudget = { used: number; max: number };
  * One ring and its event channel (Linux struct xen_blkif_ring), with the
  * scratch space one request needs: allocated at connect, reused per request.
  */
-class BlkifRing {
+export class BlkifRing {
   ring: BackRing | null = null;
   ih: IntrHandle | null = null;
   readonly ringHandles: number[] = [];
@@ -349,6 +349,11 @@ export class Blkback {
     this.backendPath = `/local/domain/0/backend/vbd/${spec.domid}/${spec.devid}`;
     this.frontendPath = `/local/domain/${spec.domid}/device/vbd/${spec.devid}`;
     this.log = logger('blkback', `vbd${spec.domid}.${spec.devid}`);
+  }
+
+  /** Each queue's ring error: set when the frontend broke the ring, which then stays unserved until it reconnects. */
+  get ringErrors(): (string | null)[] {
+    return this.rings.map((r) => r.ring?.error?.message ?? null);
   }
 
   private get maxSegments(): number {
@@ -631,7 +636,7 @@ export class Blkback {
    * A grant that cannot be mapped with the access the operation needs fails
    * the whole request before any data moves; null when all are mapped.
    */
-  private mapSegments(r: BlkifRing, write: boolean): string | null {
+  protected mapSegments(r: BlkifRing, write: boolean): string | null {
     for (let i = 0; i < r.nrSegments; i++) {
       const gref = r.grefs[i]!;
       const pg = this.persistent ? (r.pgrants.get(gref) ?? this.mapPersistent(r, gref)) : undefined;
@@ -740,6 +745,9 @@ export class Blkback {
   }
 }
 
+/** How a BlkbackSet builds each backend: a harness may hand in a deliberately weakened one. */
+export type BlkbackFactory = (...args: ConstructorParameters<typeof Blkback>) => Blkback;
+
 /** dom0's blkbacks, per domain, sharing one budget of persistent maps. */
 export class BlkbackSet {
   private readonly byDomid = new Map<number, Blkback[]>();
@@ -750,10 +758,16 @@ export class BlkbackSet {
     private readonly intr: Interrupts,
     private readonly xs: XenStore,
     private readonly opts: Readonly<BlkbackOptions> = defaultBlkbackOptions,
+    private readonly make: BlkbackFactory = (...args) => new Blkback(...args),
   ) {}
 
+  /** The running backend of one vbd. */
+  get(domid: number, devid: number): Blkback | undefined {
+    return this.byDomid.get(domid)?.find((b) => b.spec.devid === devid);
+  }
+
   async start(spec: VbdSpec): Promise<void> {
-    const b = new Blkback(this.hypercall, this.intr, this.xs, spec, this.opts, this.budget);
+    const b = this.make(this.hypercall, this.intr, this.xs, spec, this.opts, this.budget);
     const list = this.byDomid.get(spec.domid) ?? [];
     list.push(b);
     this.byDomid.set(spec.domid, list);
@@ -794,7 +808,7 @@ export class BlkbackSet {
     // wait (bounded) until the frontend has let go of it.
     const released = (v: string | undefined): boolean => v === undefined || (Number(v) !== XenbusStateInitialised && Number(v) !== XenbusStateConnected);
     await this.xs.awaitState(`${old.frontendPath}/state`, released, { timeoutMs }).catch(() => undefined);
-    const b = new Blkback(this.hypercall, this.intr, this.xs, old.spec, this.opts, this.budget);
+    const b = this.make(this.hypercall, this.intr, this.xs, old.spec, this.opts, this.budget);
     list[i] = b;
     await b.start();
     await b.connected(timeoutMs);

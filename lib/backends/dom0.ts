@@ -41,7 +41,7 @@ function attachInterrupts(ctx: KernelContext, hypercall: Hypercall): { intr: Int
 }
 
 /** XS_INTRODUCE's effect in dom0: map the guest's store page, bind its port, serve it. */
-class StoreRings {
+export class StoreRings {
   private readonly rings = new Map<number, { ring: XenstoredRing; intr: IntrHandle; handle: number }>();
 
   constructor(
@@ -75,7 +75,7 @@ class StoreRings {
 }
 
 /** dom0's own client: a ring page in dom0's memory, xenstored at its other end. */
-function localClient(ctx: KernelContext, xsd: Xenstored, physmem: PhysMem): XenStore {
+export function localClient(ctx: KernelContext, xsd: Xenstored, physmem: PhysMem): XenStore {
   const self = ctx.hv.domain(ctx.domid)!;
   const page = new FramePage(self.mem, physmem.alloc(), true);
   let client: XenStore | null = null;

@@ -1,14 +1,24 @@
-// `xenpv fuzz <harness> --seed N --steps M [--json]`: run a hostile-peer
-// harness, print its seed first (so a failing run can be replayed), then
-// what it did and every invariant it saw broken. Exit 1 on any violation.
+// `xenpv fuzz <harness> [--device D] --seed N --steps M [--json]`: run a
+// hostile-peer harness, print its seed first (so a failing run can be
+// replayed), then what it did and every invariant it saw broken. Exit 1 on
+// any violation.
+//
+//   fuzz xenstore                   a guest that abuses xenstored
+//   fuzz frontend --device blkback  a frontend that abuses a real blkback
 
 import { randomInt } from 'node:crypto';
 import { parseArgs } from 'node:util';
 import { XenError } from '../errors.js';
-import { fuzzXenstore, type FuzzReport } from '../fuzz/xenstore.js';
+import { fuzzBlkback } from '../fuzz/blkback.js';
+import type { FuzzReport } from '../fuzz/report.js';
+import { fuzzXenstore } from '../fuzz/xenstore.js';
 
-const HARNESSES: Record<string, (seed: number, steps: number, progress: (n: number) => void) => FuzzReport> = {
+type Harness = (seed: number, steps: number, progress: (n: number) => void) => FuzzReport | Promise<FuzzReport>;
+
+/** Harnesses by `<name>` or `<name> --device <device>`. */
+const HARNESSES: Record<string, Harness> = {
   xenstore: (seed, steps, onProgress) => fuzzXenstore({ seed, steps, onProgress }),
+  'frontend blkback': (seed, steps, onProgress) => fuzzBlkback({ seed, steps, onProgress }),
 };
 
 function integer(name: string, value: string | undefined, fallback: number, max: number): number {
@@ -22,24 +32,31 @@ function counts(map: Record<string, number>): string {
   return Object.entries(map).sort(([a], [b]) => a.localeCompare(b)).map(([k, v]) => `${k} ${v}`).join(', ') || 'none';
 }
 
-export function fuzz(argv: string[]): number {
+function usage(): XenError {
+  const names = Object.keys(HARNESSES).map((k) => k.replace(' ', ' --device '));
+  return new XenError('EINVAL', `fuzz needs one harness of: ${names.join('; ')}`);
+}
+
+export async function fuzz(argv: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
     args: argv,
     allowPositionals: true,
-    options: { seed: { type: 'string' }, steps: { type: 'string' }, json: { type: 'boolean', default: false } },
+    options: {
+      seed: { type: 'string' }, steps: { type: 'string' }, device: { type: 'string' }, json: { type: 'boolean', default: false },
+    },
   });
   const [name, ...extra] = positionals;
-  const harness = name === undefined ? undefined : HARNESSES[name];
-  if (harness === undefined || extra.length > 0) {
-    throw new XenError('EINVAL', `fuzz needs one harness of: ${Object.keys(HARNESSES).join(', ')}`);
-  }
+  if (name === undefined || extra.length > 0) throw usage();
+  const key = values.device === undefined ? name : `${name} ${values.device}`;
+  const harness = HARNESSES[key];
+  if (harness === undefined) throw usage();
   const seed = integer('seed', values.seed, randomInt(0x7fffffff), 0xffffffff);
   const steps = integer('steps', values.steps, 100_000, 1e9);
-  if (!values.json) process.stdout.write(`fuzz ${name}: seed ${seed}, ${steps} steps\n`);
+  if (!values.json) process.stdout.write(`fuzz ${key}: seed ${seed}, ${steps} steps\n`);
   const progress = (n: number): void => {
     if (!values.json && process.stderr.isTTY) process.stderr.write(`\r${n} steps`);
   };
-  const report = harness(seed, steps, progress);
+  const report = await harness(seed, steps, progress);
   if (values.json) {
     process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
   } else {
@@ -49,7 +66,7 @@ export function fuzz(argv: string[]): number {
       `${report.steps} steps in ${(report.ms / 1000).toFixed(1)} s (${rate} steps/s)\n` +
         `actions: ${counts(report.actions)}\n` +
         `refusals: ${counts(report.refusals)}\n` +
-        `ring breaks: ${report.ringBreaks}; slowest probe of dom0 and a bystander: ${report.maxProbeLatencyMs} ms\n` +
+        `ring breaks: ${report.ringBreaks}; slowest answer to a bystander: ${report.maxProbeLatencyMs} ms\n` +
         `digest ${report.digest}\n`,
     );
     for (const v of report.violations) process.stdout.write(`VIOLATION at step ${v.step}: ${v.what}\n`);

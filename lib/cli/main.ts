@@ -37,6 +37,13 @@ commands:
       bystander guest check that they are served and nothing of theirs
       leaks or changes. Prints the seed; the same seed replays the run.
       Exit 1 when an invariant broke.
+  fuzz frontend --device blkback [--seed N] [--steps M] [--json]
+      a guest frontend that sends a real blkback malformed requests (bad
+      segment counts and sectors, indirect-page abuse, refs not granted,
+      read-only or granted elsewhere, floods, event storms, req_prod jumps,
+      disconnects mid-request) mixed with I/O checked against a model of
+      the disk; canary pages around every buffer; a bystander's disk must
+      keep working. The whole host runs in one thread, so a seed replays.
   help
       this text.
 

@@ -48,6 +48,8 @@ export class Interrupts {
   private stopped = false;
   /** Events that arrived for a port nobody established; counted, not fatal. */
   spurious = 0;
+  /** Handlers that threw (a driver bug: logged, the port goes on). */
+  handlerErrors = 0;
 
   constructor(
     private readonly hypercall: Hypercall,
@@ -184,6 +186,7 @@ export class Interrupts {
       await h.handler();
     } catch (err) {
       // A driver's failure must not take the interrupt path down with it.
+      this.handlerErrors++;
       this.log('handler %s on port %d threw: %s', h.name, h.port, (err as Error).message);
     } finally {
       h.running = null;

@@ -22,7 +22,10 @@ import { DEFAULT_LIMITS, Xenstored, XenstoredRing, type XenstoredLimits, type Xs
 import { FramePage, MemoryViews, PAGE_SIZE } from '../hypervisor/page.js';
 import { XsRing } from '../xenstore/ring.js';
 import { XsDecoder, encodeMessage, joinStrings, joinWrite, splitStrings, type XsMessage } from '../xenstore/wire.js';
+import { MAX_VIOLATIONS, type FuzzReport } from './report.js';
 import { Rng } from './rng.js';
+
+export type { FuzzReport };
 
 const ATTACKER = 5;
 const BYSTANDER = 6;
@@ -41,7 +44,6 @@ const TAIL_CANARY = 0x5a;
 const PROBE_EVERY = 64;
 const CANARY_EVERY = 1024;
 const MAX_OUT_BYTES = 1 << 18;
-const MAX_VIOLATIONS = 50;
 const WIRE_ERRORS = new Set(xsd_errors.map((e) => e.errstring));
 
 export type XenstoreFuzzOptions = {
@@ -53,23 +55,6 @@ export type XenstoreFuzzOptions = {
   onProgress?: (step: number) => void;
   /** The xenstored under attack; a test hands in a deliberately weakened one to see the harness catch it. */
   makeXenstored?: (limits: Partial<XenstoredLimits> | undefined) => Xenstored;
-};
-
-export type FuzzReport = {
-  harness: string;
-  seed: number;
-  steps: number;
-  ms: number;
-  /** How often each attack ran. */
-  actions: Record<string, number>;
-  /** Error names xenstored answered the attacker with. */
-  refusals: Record<string, number>;
-  /** Times the attacker broke its ring badly enough to be released and introduced again. */
-  ringBreaks: number;
-  maxProbeLatencyMs: number;
-  violations: { step: number; what: string }[];
-  /** sha256 of everything the guests received: equal digests, equal runs. */
-  digest: string;
 };
 
 type Mode = 'mixed' | 'nodes' | 'watches' | 'tx' | 'deaf' | 'storm' | 'garbage' | 'probe' | 'reconnect' | 'reintroduce';

@@ -213,8 +213,12 @@ export type Boot = {
   storeIntr: IntrHandle;
 };
 
-/** xen_attach up to the xenstore; the caller probes devices and starts the image. */
-export function xenAttach(ctx: KernelContext, name: string, cmdline = ''): Boot {
+/**
+ * xen_attach up to the xenstore; the caller probes devices and starts the
+ * image. With `idle: false` the vCPU's idle loop is not started: whoever
+ * runs the domain in its own thread (lib/fuzz/world.ts) calls the upcall.
+ */
+export function xenAttach(ctx: KernelContext, name: string, cmdline = '', opts: { idle?: boolean } = {}): Boot {
   const log = logger('xen', name);
   pvbusDetect(ctx);
   const hypercall = ctx.hv.entry(ctx.domid);
@@ -247,7 +251,7 @@ export function xenAttach(ctx: KernelContext, name: string, cmdline = ''): Boot 
   const sc: XenSoftc = { domid: ctx.domid, name, hypercall, mem: self.mem, physmem, intr, dmat, xs, console, devices: new Map(), log, cmdline };
   intr.intrUnmask(consoleIntr);
   intr.intrUnmask(storeIntr);
-  void intr.run();
+  if (opts.idle !== false) void intr.run();
   return { sc, consoleIntr, storeIntr };
 }
 
