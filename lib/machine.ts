@@ -12,6 +12,7 @@ import { grantCounts } from './hypervisor/grant.js';
 import { openPorts } from './hypervisor/evtchn.js';
 import type { Dom0Args } from './backends/dom0.js';
 import type { XenstoredLimits } from './backends/xenstored.js';
+import { SimRunner, type SimOptions } from './sim/sim.js';
 import { join } from 'node:path';
 import { rmSync } from 'node:fs';
 
@@ -42,6 +43,12 @@ export type MachineOptions = {
   rundir?: string;
   /** xenstored's quotas; see XenstoredLimits. */
   xenstored?: Partial<XenstoredLimits>;
+  /**
+   * Run every domain under the deterministic runner (lib/sim/sim.ts) with
+   * this seed and these faults, instead of a worker thread each. The machine
+   * owns the process's clock until stop().
+   */
+  sim?: SimOptions;
 };
 
 export class Machine {
@@ -52,9 +59,14 @@ export class Machine {
   private readonly exits = new Map<number, DomainExit>();
   private readonly exitWaiters = new Map<number, Array<(e: DomainExit) => void>>();
   private dom0Dead: Error | null = null;
+  /** The deterministic runner, when the machine runs under one. */
+  readonly sim: SimRunner | null;
+  /** The vbds of each guest this machine created, for the vbd-restart fault. */
+  private readonly vbds = new Map<number, number[]>();
 
   private constructor(private readonly opts: MachineOptions) {
     this.socketPath = opts.rundir === undefined ? undefined : join(opts.rundir, 'xenstored', 'socket');
+    this.sim = opts.sim === undefined ? null : new SimRunner(opts.sim);
     this.host = new Host({
       onMessage: (domid, m) => {
         if (domid === 0) this.rpc.receive(m);
@@ -64,18 +76,32 @@ export class Machine {
         this.dom0Dead = error ?? new XenError('ESHUTDOWN', 'dom0 stopped');
         this.rpc.close(new XenError('ESHUTDOWN', `dom0 stopped: ${this.dom0Dead.message}`));
       },
+    }, this.sim ?? undefined);
+    this.sim?.action('vbd-restart', (rng) => {
+      const all = [...this.vbds].flatMap(([domid, devids]) => devids.map((devid) => ({ domid, devid })));
+      if (all.length === 0) return null;
+      const { domid, devid } = rng.pick(all);
+      return { detail: `vbd ${devid} of dom${domid}`, done: this.restartVbd(domid, devid) };
     });
   }
 
   /** Create and start dom0, and wait until its toolstack answers. */
   static async boot(opts: MachineOptions = {}): Promise<Machine> {
+    // A simulated host has no sockets: every byte that reaches it must come from the seed.
+    if (opts.sim !== undefined && opts.rundir !== undefined) throw new XenError('EINVAL', 'a deterministic machine takes no rundir');
     const m = new Machine(opts);
     const host = m.host;
     m.rpc = new Rpc((msg) => host.post(0, msg), m.platformHandlers(), (name, data) => m.event(name, data));
     host.createDomain({ name: 'Domain-0', memoryMiB: opts.dom0MemoryMiB ?? 16, privileged: true }, 0);
     const args: Dom0Args = { socketPath: m.socketPath, limits: opts.xenstored, rundir: opts.rundir };
     host.start(0, new URL('./backends/dom0.js', import.meta.url).href, args);
-    await m.rpc.call('ping', null, opts.bootTimeoutMs ?? 30_000);
+    try {
+      await m.rpc.call('ping', null, opts.bootTimeoutMs ?? 30_000);
+    } catch (err) {
+      // Nothing of a failed boot stays behind: no thread, and no simulation owning the clock.
+      await host.shutdown();
+      throw err;
+    }
     log('dom0 is up');
     return m;
   }
@@ -99,9 +125,13 @@ export class Machine {
   private event(name: string, data: unknown): void {
     if (name === 'console') {
       const c = data as { domid: number; name: string; text: string };
+      this.sim?.note(`console ${c.domid}`, c.text);
       this.opts.onConsole?.(c.domid, c.name, c.text);
     } else if (name === 'exit') {
       const e = data as DomainExit;
+      const vbds = this.vbds.get(e.domid);
+      this.vbds.delete(e.domid);
+      if (vbds !== undefined && e.restartedAs !== undefined) this.vbds.set(e.restartedAs, vbds);
       this.exits.set(e.domid, e);
       this.opts.onExit?.(e);
       for (const w of this.exitWaiters.get(e.domid) ?? []) w(e);
@@ -112,7 +142,9 @@ export class Machine {
   /** Build and start a guest; resolves with its domid once it runs. */
   async create(spec: DomainSpec): Promise<number> {
     if (this.dom0Dead !== null) throw new XenError('ESHUTDOWN', 'dom0 is not running');
-    return (await this.rpc.call('create', spec)) as number;
+    const domid = (await this.rpc.call('create', spec)) as number;
+    if (spec.disks !== undefined && spec.disks.length > 0) this.vbds.set(domid, spec.disks.map((d) => d.devid));
+    return domid;
   }
 
   /** Resolve when the guest has shut down and been destroyed. */

@@ -12,7 +12,7 @@ export async function main(guest) {
   const [disk] = guest.disks();
   if (disk === undefined) throw new Error('no disk attached');
   if (disk.sectorSize !== 512) throw new Error(`sector size ${disk.sectorSize}, want 512`);
-  console.log(`disk ${disk.path}: ${disk.sectors} sectors of ${disk.sectorSize} bytes`);
+  guest.print(`disk ${disk.path}: ${disk.sectors} sectors of ${disk.sectorSize} bytes`);
   const buf = new Uint8Array(CHUNK_SECTORS * 512);
   for (let lba = 0; lba < disk.sectors; lba += CHUNK_SECTORS) {
     const n = Math.min(CHUNK_SECTORS, disk.sectors - lba);
@@ -29,6 +29,6 @@ export async function main(guest) {
     const at = got.findIndex((b, i) => b !== want[i]);
     if (at >= 0) throw new Error(`sector ${lba + Math.floor(at / 512)}: byte ${got[at]}, want ${want[at]}`);
   }
-  console.log(`verified ${disk.sectors} sectors`);
+  guest.print(`verified ${disk.sectors} sectors`);
   await guest.shutdown('poweroff');
 }

@@ -1,11 +1,12 @@
 // A guest image: an ES module whose main(guest) runs once the kernel has
-// attached its devices. Its stdout is the PV console.
+// attached its devices. guest.print writes a line to the PV console (its
+// stdout is the console too, under the threads runner).
 
 export async function main(guest) {
-  console.log(`hello from domU ${guest.domid}`);
+  guest.print(`hello from domU ${guest.domid}`);
   const devices = guest.devices();
-  if (devices.length === 0) console.log('devices: none');
-  for (const d of devices) console.log(`device ${d.path}: ${d.driver ?? 'no driver'} (backend ${d.backendId})`);
-  console.log(`name ${await guest.xenstore.read('name')}, extra "${guest.extra}"`);
+  if (devices.length === 0) guest.print('devices: none');
+  for (const d of devices) guest.print(`device ${d.path}: ${d.driver ?? 'no driver'} (backend ${d.backendId})`);
+  guest.print(`name ${await guest.xenstore.read('name')}, extra "${guest.extra}"`);
   await guest.shutdown('poweroff');
 }

@@ -3,7 +3,6 @@
 // (as it serves any domain) and each introduced guest over the page the
 // builder granted it. The toolstack answers the machine's calls.
 
-import { parentPort } from 'node:worker_threads';
 import { VIRQ_DOM_EXC } from '../abi/xen.js';
 import { GNTTAB_RESERVED_XENSTORE } from '../abi/grant_table.js';
 import { XS_INTRODUCE, XS_RELEASE } from '../abi/xs_wire.js';
@@ -11,8 +10,7 @@ import { XenError } from '../errors.js';
 import { Interrupts, type IntrHandle } from '../evtchn/evtchn.js';
 import type { Hypercall } from '../hypervisor/hypercall.js';
 import { FramePage } from '../hypervisor/page.js';
-import type { KernelContext } from '../hypervisor/thread.js';
-import { Vcpu } from '../hypervisor/vcpu.js';
+import type { KernelContext } from '../hypervisor/runner.js';
 import { Rpc, type RpcHandlers } from '../rpc.js';
 import { logger } from '../log.js';
 import { PhysMem } from '../xen/physmem.js';
@@ -35,7 +33,7 @@ function attachInterrupts(ctx: KernelContext, hypercall: Hypercall): { intr: Int
   if (self === undefined) throw new XenError('ESRCH', 'dom0 unknown to itself');
   const physmem = new PhysMem(self.mem, ramPages(hypercall));
   const gfn = initSharedInfo(hypercall, physmem);
-  const intr = new Interrupts(hypercall, self.mem, gfn, new Vcpu(self, 0), 'dom0');
+  const intr = new Interrupts(hypercall, self.mem, gfn, ctx.vcpu(0), 'dom0');
   void intr.run();
   return { intr, physmem };
 }
@@ -75,7 +73,7 @@ export class StoreRings {
 }
 
 /** dom0's own client: a ring page in dom0's memory, xenstored at its other end. */
-export function localClient(ctx: KernelContext, xsd: Xenstored, physmem: PhysMem): XenStore {
+export function localClient(ctx: Pick<KernelContext, 'domid' | 'hv'>, xsd: Xenstored, physmem: PhysMem): XenStore {
   const self = ctx.hv.domain(ctx.domid)!;
   const page = new FramePage(self.mem, physmem.alloc(), true);
   let client: XenStore | null = null;
@@ -96,8 +94,6 @@ export type Dom0Args = {
 
 export async function main(ctx: KernelContext): Promise<void> {
   const args = (ctx.args ?? {}) as Dom0Args;
-  const port = parentPort;
-  if (port === null) throw new XenError('EINVAL', 'dom0 must run in a worker thread');
   const hypercall = ctx.hv.entry(ctx.domid);
   const { intr, physmem } = attachInterrupts(ctx, hypercall);
   const rings = new StoreRings(hypercall, intr);
@@ -110,7 +106,7 @@ export async function main(ctx: KernelContext): Promise<void> {
   const xs = localClient(ctx, xsd, physmem);
   // One channel both ways: dom0 calls the machine's domctls, the machine calls the toolstack.
   const handlers: RpcHandlers = {};
-  const rpc = new Rpc((m) => port.postMessage(m), handlers);
+  const rpc = new Rpc((m) => ctx.post(m), handlers);
   const platform: Platform = {
     createDomain: async (spec) => (await rpc.call('createdomain', spec)) as number,
     unpause: async (domid, kernel, args) => void (await rpc.call('unpause', { domid, kernel, args })),
@@ -149,6 +145,6 @@ export async function main(ctx: KernelContext): Promise<void> {
     },
   } satisfies RpcHandlers);
   // Listening last: the machine's first call (ping) finds everything in place.
-  port.on('message', (m: unknown) => rpc.receive(m));
+  ctx.onMessage((m) => rpc.receive(m));
   log('dom0 up');
 }

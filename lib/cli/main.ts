@@ -11,14 +11,19 @@ import { closeSync, ftruncateSync, openSync } from 'node:fs';
 import { parseSize } from '../backends/xlcfg.js';
 import { hostStatus, manageCommands } from './manage.js';
 import { fuzz } from './fuzz.js';
+import { parseFaults } from '../sim/sim.js';
 
 const USAGE = `usage: xenpv <command> [options]
 
 commands:
-  run <cfg>... [--json] [--duration S]
+  run <cfg>... [--json] [--duration S] [--seed N [--faults LIST]]
       boot a host with dom0, create the domains of the xl-style configs, wait
       until they shut down (or S seconds pass), print each guest's console
       output prefixed with its name; exit 0 when every guest powered off.
+      --seed runs every domain in one thread under a scheduler driven by the
+      seed (0..4294967295), in virtual time, and prints the seed and a digest
+      of the run: the same seed replays the same run. --faults injects
+      spurious,delay,deschedule,vbd-restart (a comma list, or all).
   host start [--rundir DIR] [--config host.json]
       run a host (dom0, xenstored, backends) in the background; print the
       xenstored socket path (DIR/xenstored/socket). DIR defaults to
@@ -28,6 +33,12 @@ commands:
       stop that host; its socket and pid file go with it.
   host status [--rundir DIR]
       the host's pid, uptime and number of domains.
+  bench [--quick] [--json] [--out FILE] [--only PREFIX,...]
+      measure xenpv against the limits of this runtime and its peers (the
+      median of 3 runs each), print the table and the targets, and write the
+      JSON report to FILE (default ./xenpv-bench.json). --quick runs 250 ms
+      instead of 1 s per run; --json prints the report instead of the table;
+      --only runs the metrics whose names start with a prefix (xenstore.).
   disk create FILE SIZE
       create a raw disk image of SIZE bytes (suffix K, M, G or T; a multiple
       of 512), sparse and zero-filled; EEXIST when FILE exists.
@@ -65,6 +76,12 @@ commands that manage a running host (each takes --rundir DIR):
   restore FILE                a new domain from FILE; its guest carries on
 `;
 
+function parseSeed(text: string): number {
+  const n = /^\d{1,10}$/.test(text) ? Number(text) : NaN;
+  if (!(n <= 0xffffffff)) throw new XenError('EINVAL', `--seed must be an integer 0..4294967295, not ${text}`);
+  return n;
+}
+
 function fail(err: unknown): never {
   const e = err instanceof XenError ? err : new XenError('EINVAL', (err as Error).message);
   process.stderr.write(`xenpv: ${e.message}\n`);
@@ -78,17 +95,22 @@ async function main(argv: string[]): Promise<number> {
       const { values, positionals } = parseArgs({
         args: rest,
         allowPositionals: true,
-        options: { json: { type: 'boolean', default: false }, duration: { type: 'string' } },
+        options: { json: { type: 'boolean', default: false }, duration: { type: 'string' }, seed: { type: 'string' }, faults: { type: 'string' } },
       });
       if (positionals.length === 0) throw new XenError('EINVAL', 'run needs at least one config file');
       const duration = values.duration === undefined ? undefined : Number(values.duration);
       if (duration !== undefined && !(duration > 0)) throw new XenError('EINVAL', `--duration must be a positive number of seconds, not ${values.duration}`);
-      return run(positionals, { json: values.json === true, durationS: duration });
+      const seed = values.seed === undefined ? undefined : parseSeed(values.seed);
+      if (values.faults !== undefined && seed === undefined) throw new XenError('EINVAL', '--faults needs --seed');
+      const faults = values.faults === undefined ? undefined : parseFaults(values.faults);
+      return run(positionals, { json: values.json === true, durationS: duration, seed, faults });
     }
     case 'host':
       return host(rest);
     case 'disk':
       return disk(rest);
+    case 'bench':
+      return (await import('./bench.js')).bench(rest);
     case 'fuzz':
       return fuzz(rest);
     case undefined:

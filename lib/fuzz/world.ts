@@ -21,6 +21,7 @@ import { D, DomainState } from '../hypervisor/domain.js';
 import { UPCALL_PENDING } from '../hypervisor/evtchn.js';
 import { Host } from '../hypervisor/host.js';
 import type { Hypercall } from '../hypervisor/hypercall.js';
+import type { KernelContext } from '../hypervisor/runner.js';
 import { PAGE_SIZE, type MemoryViews } from '../hypervisor/page.js';
 import { Vcpu } from '../hypervisor/vcpu.js';
 import { PhysMem } from '../xen/physmem.js';
@@ -61,6 +62,20 @@ export type WorldGuestSpec = {
   probe?: boolean;
 };
 
+/** A kernel context for a guest whose vCPU the world pumps itself: no channel to a machine, no exit but a halt. */
+function inProcessContext(host: Host, domid: number, args: unknown): KernelContext {
+  const d = host.domain(domid);
+  return {
+    domid, hv: host.hv, args,
+    vcpu: (id) => new Vcpu(d, id),
+    post: () => undefined,
+    onMessage: () => undefined,
+    routeStdout: () => undefined,
+    load: (url) => import(url),
+    exit: () => new Promise<never>(() => undefined),
+  };
+}
+
 type Cpu = { domid: number; intr: Interrupts; upcallPending: number; u8: Uint8Array };
 
 export class World {
@@ -86,8 +101,7 @@ export class World {
       introduce: (domid, _gfn, evtchn) => rings.introduce(xsd, domid, evtchn),
       release: (domid) => rings.release(domid),
     });
-    const ctx = { domid: 0, hv: host.hv, args: null };
-    const xs = localClient(ctx, xsd, physmem);
+    const xs = localClient({ domid: 0, hv: host.hv }, xsd, physmem);
     const consoles = new ConsoleBackend(hypercall, intr, () => undefined);
     const vbds = new BlkbackSet(hypercall, intr, xs, { ...defaultBlkbackOptions, ...opts.blkback }, opts.makeBlkback);
     const toolstack = new Toolstack(
@@ -120,7 +134,7 @@ export class World {
   private async boot(domid: number, args: { name: string; extra: string }): Promise<void> {
     const d = this.host.domain(domid);
     Atomics.store(d.ctl, D.state, DomainState.running);
-    const { sc } = xenAttach({ domid, hv: this.host.hv, args }, args.name, args.extra, { idle: false });
+    const { sc } = xenAttach(inProcessContext(this.host, domid, args), args.name, args.extra, { idle: false });
     this.guests.set(domid, sc);
     this.addCpu(domid, sc.intr, d.sharedInfoGfn, d.mem);
     if (this.probe.get(args.name) !== false) await probeDevices(sc);

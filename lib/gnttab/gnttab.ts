@@ -14,7 +14,6 @@
 // handed out again and the page must never be reused, because the peer may
 // still read or write it.
 
-import { setTimeout as sleep } from 'node:timers/promises';
 import { offsetOf } from '../abi/layout.js';
 import * as gntabi from '../abi/grant_table.js';
 import {
@@ -75,6 +74,24 @@ export function gntstName(status: number): string {
     if (name.startsWith('GNTST_') && value === status) return name;
   }
   return 'GNTST_general_error';
+}
+
+// A wait on the global timers (virtual time under the deterministic runner,
+// which replaces them; node:timers/promises would keep real time); rejects
+// with the signal's reason when it aborts.
+function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted === true) return reject(signal.reason);
+    const onAbort = (): void => {
+      clearTimeout(timer);
+      reject(signal!.reason);
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
 }
 
 export class GrantTable {
@@ -254,7 +271,7 @@ export class GrantTable {
     let waitMs = this.waitMs;
     for (let i = 0; i < this.retries && signal?.aborted !== true; i++) {
       try {
-        await sleep(waitMs, undefined, signal === undefined ? undefined : { signal });
+        await sleep(waitMs, signal);
       } catch {
         break;
       }

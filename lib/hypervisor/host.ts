@@ -1,16 +1,18 @@
 // The machine: the main thread's part of the hypervisor. It allocates each
 // domain's control block and memory, places the special pages, tells every
-// thread about the domain, and runs each domain's vCPU as a worker thread.
-// What a domain does once started is its kernel's business.
+// kernel about the domain, and has its runner run each domain's vCPU (a
+// worker thread each by default; lib/hypervisor/runner.ts). What a domain
+// does once started is its kernel's business.
 
-import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import { XenError } from '../errors.js';
 import { logger } from '../log.js';
 import { SHUTDOWN_crash } from '../abi/sched.js';
 import { D, Domain, DomainState, MAX_GRANT_FRAMES, MAX_VCPUS, SPECIAL_PAGES, SpecialPage, VCPU_ONLINE, newControlBlock } from './domain.js';
-import { DOMID_FIRST_RESERVED, HOST, HOST_WORDS, Hypervisor, type DomainHandle, type RegistryMessage } from './hypervisor.js';
+import { DOMID_FIRST_RESERVED, HOST, HOST_WORDS, Hypervisor, type DomainHandle } from './hypervisor.js';
 import { EVTCHN_MASK, EVTCHN_MASK_BYTES } from './evtchn.js';
 import { PAGE_SIZE } from './page.js';
+import type { Runner } from './runner.js';
+import { ThreadRunner } from './threads.js';
 
 const log = logger('host');
 
@@ -20,16 +22,6 @@ export type DomainConfig = {
   vcpus?: number;
   privileged?: boolean;
   maxGrantFrames?: number;
-};
-
-/** What a vCPU thread receives: enough to build its Hypervisor view and boot its kernel. */
-export type VcpuData = {
-  domid: number;
-  hostBlock: SharedArrayBuffer;
-  registry: MessagePort;
-  known: DomainHandle[];
-  kernel: string;
-  args: unknown;
 };
 
 export type HostEvents = {
@@ -45,14 +37,21 @@ export class Host {
   readonly hostBlock = new SharedArrayBuffer(HOST_WORDS * 4);
   readonly hv: Hypervisor;
   private readonly handles = new Map<number, DomainHandle>();
-  private readonly registries = new Map<number, MessagePort>();
-  private readonly workers = new Map<number, Worker>();
-  /** CPU time of each domain's thread at its last sample, kept once the thread has ended. */
-  private readonly cpuMs = new Map<number, number>();
   readonly names = new Map<number, string>();
 
-  constructor(private readonly events: HostEvents = {}) {
+  constructor(
+    private readonly events: HostEvents = {},
+    readonly runner: Runner = new ThreadRunner(),
+  ) {
     this.hv = new Hypervisor(this.hostBlock, null);
+    runner.bind({ hostBlock: this.hostBlock, hv: this.hv, handles: () => [...this.handles.values()] }, {
+      exited: (domid, error) => {
+        const d = this.hv.domain(domid);
+        if (error !== null && d !== undefined) this.hv.shutdown(d, SHUTDOWN_crash);
+        this.events.onExit?.(domid, error);
+      },
+      message: (domid, m, reply) => this.events.onMessage?.(domid, m, reply),
+    });
   }
 
   /** XEN_DOMCTL_createdomain and the builder's memory setup: the domain starts paused. */
@@ -84,7 +83,7 @@ export class Host {
     this.names.set(id, cfg.name);
     this.hv.add(h);
     Atomics.store(this.hv.host, HOST.domains + id, 1);
-    this.broadcast({ add: h });
+    this.runner.added(h);
     log('created domain %d (%s): %d pages, %d vcpus', id, cfg.name, nrPages, vcpus);
     return h;
   }
@@ -97,86 +96,45 @@ export class Host {
     }
   }
 
-  private broadcast(msg: RegistryMessage): void {
-    for (const port of this.registries.values()) port.postMessage(msg);
-  }
-
   domain(domid: number): Domain {
     const d = this.hv.domain(domid);
     if (d === undefined) throw new XenError('ESRCH', `no domain ${domid}`);
     return d;
   }
 
-  /** Unpause for the first time: start the vCPU thread running `kernel` (a module URL). */
+  /** Unpause for the first time: the runner starts the domain's vCPU running `kernel` (a module URL). */
   start(domid: number, kernel: string, args: unknown): void {
     const d = this.domain(domid);
-    if (this.workers.has(domid)) throw new XenError('EEXIST', `domain ${domid} is already running`);
-    const { port1, port2 } = new MessageChannel();
-    this.registries.set(domid, port1);
-    const data: VcpuData = {
-      domid,
-      hostBlock: this.hostBlock,
-      registry: port2,
-      known: [...this.handles.values()],
-      kernel,
-      args,
-    };
-    const worker = new Worker(new URL('./thread.js', import.meta.url), { workerData: data, transferList: [port2] });
-    this.workers.set(domid, worker);
+    if (this.runner.running(domid)) throw new XenError('EEXIST', `domain ${domid} is already running`);
     Atomics.store(d.ctl, D.state, DomainState.running);
-    worker.on('message', (m: unknown) => this.events.onMessage?.(domid, m, (r) => worker.postMessage(r)));
-    worker.on('error', (err) => {
-      log('domain %d crashed: %s', domid, err.message);
-      this.hv.shutdown(d, SHUTDOWN_crash);
-      this.events.onExit?.(domid, err);
-    });
-    worker.on('exit', () => {
-      this.workers.delete(domid);
-      this.registries.get(domid)?.close();
-      this.registries.delete(domid);
-      this.events.onExit?.(domid, null);
-    });
+    this.runner.start({ domid, kernel, args });
   }
 
-  /**
-   * CPU time of a domain's vCPU thread: its event loop's busy time (a thread
-   * idle in Atomics.waitAsync is not busy) less the time a pause held it.
-   */
+  /** CPU time of a domain's vCPU. */
   cpuTimeMs(domid: number): number {
-    const w = this.workers.get(domid);
-    const d = this.hv.domain(domid);
-    if (w !== undefined && d !== undefined) {
-      const busy = w.performance.eventLoopUtilization().active - Atomics.load(d.ctl, D.pausedMs);
-      this.cpuMs.set(domid, Math.max(busy, this.cpuMs.get(domid) ?? 0));
-    }
-    return this.cpuMs.get(domid) ?? 0;
+    return this.runner.cpuTimeMs(domid);
   }
 
   post(domid: number, message: unknown): void {
-    const w = this.workers.get(domid);
-    if (w === undefined) throw new XenError('ESRCH', `domain ${domid} is not running`);
-    w.postMessage(message);
+    this.runner.post(domid, message);
   }
 
   /** XEN_DOMCTL_destroydomain: stop the vCPU, drop its mappings and ports, forget it. */
   async destroy(domid: number): Promise<void> {
     const d = this.domain(domid);
     Atomics.store(d.ctl, D.state, DomainState.dying);
-    const w = this.workers.get(domid);
-    if (w !== undefined) await w.terminate();
+    await this.runner.destroy(domid);
     this.hv.teardown(d);
     Atomics.store(d.ctl, D.state, DomainState.dead);
     Atomics.store(this.hv.host, HOST.domains + domid, 2);
     this.handles.delete(domid);
     this.names.delete(domid);
-    this.cpuMs.delete(domid);
-    this.broadcast({ remove: domid });
+    this.runner.removed(domid);
     log('destroyed domain %d', domid);
   }
 
-  /** Stop every thread; for the end of a run. */
+  /** Stop every domain; for the end of a run. */
   async shutdown(): Promise<void> {
-    const ids = [...this.workers.keys()].sort((a, b) => b - a);
-    for (const id of ids) await this.workers.get(id)?.terminate();
+    await this.runner.shutdown();
   }
 }

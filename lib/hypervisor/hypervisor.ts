@@ -62,12 +62,13 @@ import {
 import { VCPUOP_down, VCPUOP_is_up, VCPUOP_up } from '../abi/vcpu.js';
 import { XENVER_extraversion, XENVER_get_features, XENVER_version } from '../abi/version.js';
 import { XEN_EBUSY, XEN_EINVAL, XEN_ENOENT, XEN_ENOSYS, XEN_EPERM, XEN_ESRCH, XEN_EFAULT } from '../abi/errno.js';
-import { D, Domain, DomainState, MAX_GRANT_FRAMES, NR_HVM_PARAMS, SpecialPage, VCPU_BLOCKED, VCPU_ONLINE, VCPU_POLL, VCPU_WAKE } from './domain.js';
+import { D, Domain, DomainState, MAX_GRANT_FRAMES, NR_HVM_PARAMS, SpecialPage, VCPU_BLOCKED, VCPU_ONLINE, VCPU_POLL, VCPU_WAKE, WAKE_IDLE, WAKE_SLEEPING } from './domain.js';
 import * as evtchn from './evtchn.js';
 import * as grant from './grant.js';
 import { lock, unlock } from './lock.js';
 import { FramePage, PAGE_SIZE } from './page.js';
 import type * as H from './hypercall.js';
+import { XenError } from '../errors.js';
 
 /** Words of the host block. */
 export const HOST = {
@@ -93,6 +94,13 @@ export class Hypervisor {
   readonly host: Int32Array;
   private readonly domains = new Map<number, Domain>();
   readonly lookup = (domid: number): Domain | undefined => this.domain(domid);
+  /**
+   * Whether a hypercall may block its vCPU's thread (SCHEDOP_block, SCHEDOP_poll,
+   * a suspend). The deterministic runner runs every domain in one thread and
+   * turns this off: block and poll then return at once, as after a spurious
+   * wake-up, and a suspending vCPU stops (lib/sim/sim.ts).
+   */
+  vcpusBlock = true;
 
   constructor(
     hostBlock: SharedArrayBuffer,
@@ -394,8 +402,13 @@ export class Hypervisor {
    * stops executing; kernels normally sleep in Atomics.waitAsync instead.
    */
   private block(d: Domain, vcpu: number, timeoutMs: number): number {
+    if (!this.vcpusBlock) return 0;
     const w = d.vcpuWord(vcpu, VCPU_WAKE);
-    Atomics.wait(d.ctl, w, 0, timeoutMs);
+    // Announce the sleep so a kick notifies; a kick that came first leaves KICKED and we do not sleep.
+    if (Atomics.compareExchange(d.ctl, w, WAKE_IDLE, WAKE_SLEEPING) === WAKE_IDLE) {
+      Atomics.wait(d.ctl, w, WAKE_SLEEPING, timeoutMs);
+      Atomics.compareExchange(d.ctl, w, WAKE_SLEEPING, WAKE_IDLE);
+    }
     return 0;
   }
 
@@ -411,8 +424,9 @@ export class Hypervisor {
         for (const port of ports) if (evtchn.isPending(d, port)) return 0;
         const left = deadline === Infinity ? Infinity : deadline - performance.now();
         if (left <= 0) return 0;
-        Atomics.store(d.ctl, d.vcpuWord(0, VCPU_WAKE), 0);
+        Atomics.store(d.ctl, d.vcpuWord(0, VCPU_WAKE), WAKE_IDLE);
         for (const port of ports) if (evtchn.isPending(d, port)) return 0;
+        if (!this.vcpusBlock) return 0;
         this.block(d, 0, left);
       }
     } finally {
@@ -439,6 +453,8 @@ export class Hypervisor {
    * xc_domain_resume arranges) or destroys it, which ends the thread here.
    */
   private suspended(d: Domain): number {
+    // Nothing after the hypercall may run while the toolstack saves the domain; without a thread to block, unwind.
+    if (!this.vcpusBlock) throw new XenError('EOPNOTSUPP', 'a suspended vCPU cannot wait for resume in the deterministic runner');
     while (Atomics.load(d.ctl, D.state) === DomainState.shutdown) Atomics.wait(d.ctl, D.state, DomainState.shutdown);
     return 1;
   }

@@ -1,4 +1,4 @@
-// The domU kernel: the thread entry of a guest. xen_attach, probe, watches,
+// The domU kernel: what a guest's vCPU 0 starts in. xen_attach, probe, watches,
 // then the guest image. The image's stdout is the PV console; an exception
 // out of it is a crash (the host records SHUTDOWN_crash).
 
@@ -6,7 +6,7 @@ import { isAbsolute, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { XenError } from '../errors.js';
 import { Guest, type GuestImage, type ShutdownReason } from '../guest/guest.js';
-import type { KernelContext } from '../hypervisor/thread.js';
+import type { KernelContext } from '../hypervisor/runner.js';
 import { probeDevices, watchHotplug, watchShutdown, xenAttach } from './xen.js';
 import { watchCpus } from './cpu.js';
 import { readResumeRecord, xenSuspend } from './suspend.js';
@@ -23,11 +23,8 @@ export async function main(ctx: KernelContext): Promise<void> {
   // Before the page allocator hands out (and zeroes) the frame it lies in.
   const record = args.resume === undefined ? undefined : readResumeRecord(ctx.hv.domain(ctx.domid)!.mem, args.resume);
   const { sc } = xenAttach(ctx, args.name, args.extra);
-  // The image's stdout is the PV console; stderr stays the kernel's log.
-  process.stdout.write = ((chunk: string | Uint8Array): boolean => {
-    sc.console.write(chunk);
-    return true;
-  }) as typeof process.stdout.write;
+  // The image's stdout is the PV console (where the runner can route it); stderr stays the kernel's log.
+  ctx.routeStdout((chunk) => sc.console.write(chunk));
   await probeDevices(sc);
   const guest = new Guest(sc, args.extra);
   if (record !== undefined) guest.resumeState = record.image;
@@ -37,7 +34,7 @@ export async function main(ctx: KernelContext): Promise<void> {
     else void guest.requested(reason as ShutdownReason);
   });
   await watchCpus(sc);
-  const mod = (await import(imageUrl(args.image))) as Partial<GuestImage>;
+  const mod = (await ctx.load(imageUrl(args.image))) as Partial<GuestImage>;
   if (typeof mod.main !== 'function') throw new XenError('ENOEXEC', `${args.image} exports no main(guest)`);
   await mod.main(guest);
   await guest.shutdown('poweroff');

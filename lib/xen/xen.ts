@@ -24,9 +24,8 @@ import { XenError } from '../errors.js';
 import { errnoName } from '../hypervisor/errno.js';
 import { Interrupts, type IntrHandle } from '../evtchn/evtchn.js';
 import { FramePage, MemoryViews, PAGE_SIZE } from '../hypervisor/page.js';
-import { Vcpu } from '../hypervisor/vcpu.js';
 import type { Hypercall } from '../hypervisor/hypercall.js';
-import type { KernelContext } from '../hypervisor/thread.js';
+import type { KernelContext } from '../hypervisor/runner.js';
 import { XenStore, type XsWatch } from '../xenstore/xenstore.js';
 import { XenbusStateClosed, XenbusStateClosing, XenbusStateInitialising } from '../abi/xenbus.js';
 import { logger, type Log } from '../log.js';
@@ -81,6 +80,8 @@ export type XenSoftc = {
   log: Log;
   /** The kernel command line (the config's `extra`); drivers take `<driver>.<name>=<value>` words from it. */
   cmdline: string;
+  /** The runner stops this domain's vCPUs for good (after SCHEDOP_shutdown). */
+  exit: () => Promise<never>;
 };
 
 /**
@@ -230,7 +231,7 @@ export function xenAttach(ctx: KernelContext, name: string, cmdline = '', opts: 
   if (self === undefined) throw new XenError('ESRCH', 'own domain unknown');
   const physmem = new PhysMem(self.mem, ramPages(hypercall));
   const sharedInfoGfn = initSharedInfo(hypercall, physmem);
-  const intr = new Interrupts(hypercall, self.mem, sharedInfoGfn, new Vcpu(self, 0), name);
+  const intr = new Interrupts(hypercall, self.mem, sharedInfoGfn, ctx.vcpu(0), name);
   const gnttab = new GrantTable(hypercall, self.mem, physmem, name);
   gnttab.init();
   const dmat = new XenDmaTag(gnttab, physmem, name);
@@ -248,7 +249,7 @@ export function xenAttach(ctx: KernelContext, name: string, cmdline = '', opts: 
   const storeIntr = intr.intrEstablish(getParam(hypercall, HVM_PARAM_STORE_EVTCHN), 0, () => xs?.intr(), 'xenstore');
   xs = new XenStore({ page: storePage, notify: () => intr.intrSignal(storeIntr), name });
 
-  const sc: XenSoftc = { domid: ctx.domid, name, hypercall, mem: self.mem, physmem, intr, dmat, xs, console, devices: new Map(), log, cmdline };
+  const sc: XenSoftc = { domid: ctx.domid, name, hypercall, mem: self.mem, physmem, intr, dmat, xs, console, devices: new Map(), log, cmdline, exit: ctx.exit };
   intr.intrUnmask(consoleIntr);
   intr.intrUnmask(storeIntr);
   if (opts.idle !== false) void intr.run();
@@ -407,5 +408,5 @@ export async function shutdown(sc: XenSoftc, reason: string): Promise<never> {
   check(sc.hypercall(__HYPERVISOR_sched_op, SCHEDOP_shutdown, { reason: code }), 'SCHEDOP_shutdown');
   sc.intr.stop();
   // The hypervisor has stopped this domain; nothing after this point may run.
-  process.exit(0);
+  return sc.exit();
 }
