@@ -329,7 +329,7 @@ function keyHelpers(files: readonly ts.SourceFile[], bodies: readonly ts.Node[])
   return helpers;
 }
 
-/** The node a value sits in, past `as`, `satisfies` and parentheses: `[['rate', r] as Entry]` is a table entry. */
+/** The node a value sits in, past `as`, `satisfies` and parentheses: `[['rate', r] as Entry]` and `nodes.push(['rate', r])` are table entries. */
 function outside(node: ts.Node): ts.Node {
   let p = node.parent;
   while (ts.isAsExpression(p) || ts.isSatisfiesExpression(p) || ts.isParenthesizedExpression(p) || ts.isTypeAssertionExpression(p)) p = p.parent;
@@ -339,7 +339,7 @@ function outside(node: ts.Node): ts.Node {
 /**
  * The xenstore operations in `body`: client calls `xs.<method>(path, ...)`;
  * calls of key helpers with a literal key; and the node tables a side writes
- * through one call per entry: `['key', value, perms]` entries,
+ * through one call per entry: `['key', value, perms]` entries (in an array or pushed onto one),
  * `['a', 'b'].map((n) => [n, value, perms])`, and `nodes.set('key', value)`
  * on a Map named `nodes`. `problems` gets every client call whose path is
  * neither literal nor `${base}/${key}`, since its key cannot be read.
@@ -380,10 +380,13 @@ function codeOps(body: ts.Node, sf: ts.SourceFile, helpers: ReadonlyMap<string, 
         }
       }
     }
-    const table = ts.isArrayLiteralExpression(node) && ts.isArrayLiteralExpression(outside(node));
-    if (table && !mapped.has(node) && node.elements.length >= 2 && node.elements.length <= 3) {
-      const first = (node as ts.ArrayLiteralExpression).elements[0];
-      if (isString(first)) ops.add(`${tableVerb((node as ts.ArrayLiteralExpression).elements[1])} ${first.text === '' ? '<*>' : first.text}`);
+    if (ts.isArrayLiteralExpression(node) && !mapped.has(node) && node.elements.length >= 2 && node.elements.length <= 3) {
+      const around = outside(node);
+      const pushed = ts.isCallExpression(around) && ts.isPropertyAccessExpression(around.expression) && around.expression.name.text === 'push';
+      const first = node.elements[0];
+      if ((ts.isArrayLiteralExpression(around) || pushed) && isString(first)) {
+        ops.add(`${tableVerb(node.elements[1])} ${first.text === '' ? '<*>' : first.text}`);
+      }
     }
     ts.forEachChild(node, visit);
   };
@@ -448,7 +451,7 @@ t.test('protocol checker: a renamed, missing or extra key is caught', async (t) 
     '  %% side FE test/fixtures/protocol-side.ts connect',
     '  FE->>XSD: wait $be/state>=2',
     '  FE->>XSD: read $be/feature-persistent, max-ring-page-order',
-    '  FE->>XSD: write $fe/protocol=x86_64-abi, ring-ref, event-channel, queue-dir, $k, state=3',
+    '  FE->>XSD: write $fe/protocol=x86_64-abi, ring-ref, event-channel, queue-dir, queue-order, $k, state=3',
     '  FE->>XSD: rm /local/domain/0/backend/vbd/$fe',
   ].join('\n');
   t.same(protocolProblems(diagram(good)), [], 'every way of naming a key is read: client calls, helpers, node tables');
