@@ -12,11 +12,12 @@ import { parseSize } from '../backends/xlcfg.js';
 import { hostStatus, manageCommands } from './manage.js';
 import { fuzz } from './fuzz.js';
 import { parseFaults } from '../sim/sim.js';
+import { trace } from './trace.js';
 
 const USAGE = `usage: xenpv <command> [options]
 
 commands:
-  run <cfg>... [--json] [--duration S] [--seed N [--faults LIST]]
+  run <cfg>... [--json] [--duration S] [--seed N [--faults LIST]] [--trace FILE]
       boot a host with dom0, create the domains of the xl-style configs, wait
       until they shut down (or S seconds pass), print each guest's console
       output prefixed with its name; exit 0 when every guest powered off.
@@ -24,6 +25,12 @@ commands:
       seed (0..4294967295), in virtual time, and prints the seed and a digest
       of the run: the same seed replays the same run. --faults injects
       spurious,delay,deschedule,vbd-restart (a comma list, or all).
+      --trace records every ring slot, event, grant operation, xenstore
+      message, console chunk and vif frame of the run into FILE.
+  trace FILE [--json] [--pcapng OUT]
+      decode a trace: one line per record (time, domain, device, what, with
+      the io/*.h field names), or one JSON object per line; --pcapng writes
+      the frames the vifs carried to OUT for tshark or wireshark.
   host start [--rundir DIR] [--config host.json]
       run a host (dom0, xenstored, backends) in the background; print the
       xenstored socket path (DIR/xenstored/socket). DIR defaults to
@@ -89,7 +96,9 @@ async function main(argv: string[]): Promise<number> {
       const { values, positionals } = parseArgs({
         args: rest,
         allowPositionals: true,
-        options: { json: { type: 'boolean', default: false }, duration: { type: 'string' }, seed: { type: 'string' }, faults: { type: 'string' } },
+        options: {
+          json: { type: 'boolean', default: false }, duration: { type: 'string' }, seed: { type: 'string' }, faults: { type: 'string' }, trace: { type: 'string' },
+        },
       });
       if (positionals.length === 0) throw new XenError('EINVAL', 'run needs at least one config file');
       const duration = values.duration === undefined ? undefined : Number(values.duration);
@@ -97,8 +106,10 @@ async function main(argv: string[]): Promise<number> {
       const seed = values.seed === undefined ? undefined : parseSeed(values.seed);
       if (values.faults !== undefined && seed === undefined) throw new XenError('EINVAL', '--faults needs --seed');
       const faults = values.faults === undefined ? undefined : parseFaults(values.faults);
-      return run(positionals, { json: values.json === true, durationS: duration, seed, faults });
+      return run(positionals, { json: values.json === true, durationS: duration, seed, faults, trace: values.trace });
     }
+    case 'trace':
+      return trace(rest);
     case 'host':
       return host(rest);
     case 'disk':
