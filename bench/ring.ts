@@ -4,11 +4,10 @@
 // its final check, and the peer bumps that word only when the push says so,
 // so a wrong event-suppression decision shows up as a sleep that times out.
 //
-// `node dist/bench/ring.js [count]`; the module is also the kernel that
-// test/ring.test.ts runs for its two-thread test (main() below).
+// `xenpv bench` reports it as ring.xen.roundtrip.mops; the module is also
+// the kernel that test/ring.test.ts runs for its two-thread test (main()).
 
-import { isMainThread, parentPort } from 'node:worker_threads';
-import { pathToFileURL } from 'node:url';
+import { parentPort } from 'node:worker_threads';
 import { __CONST_RING_SIZE, netif_tx_sring, netif_tx_sring_entry } from '../lib/abi/ring.js';
 import { GNTMAP_host_map, GNTTABOP_map_grant_ref, GNTTABOP_setup_table, GNTTABOP_query_size, GTF_permit_access, grant_entry_v1 } from '../lib/abi/grant_table.js';
 import { DOMID_SELF, __HYPERVISOR_grant_table_op } from '../lib/abi/xen.js';
@@ -184,13 +183,4 @@ export async function runPair(count: number): Promise<{ front: RingKernelReport;
     host.start(front, kernel, { role: 'front', peer: back, count, wake } satisfies RingKernelArgs);
   }).finally(() => host?.shutdown());
   return { front: reports.get('front')!, back: reports.get('back')! };
-}
-
-if (isMainThread && process.argv[1] !== undefined && import.meta.url === pathToFileURL(process.argv[1]).href) {
-  const count = Number(process.argv[2] ?? 2_000_000);
-  const r = await runPair(count);
-  const rate = (count / r.front.elapsedMs) * 1000;
-  console.log(`ring: ${count} requests and responses (${ENTRY_BYTES}-byte netif tx entries, ${NR_ENTS} slots) in ${r.front.elapsedMs.toFixed(0)} ms: ${(rate / 1e6).toFixed(2)}M round trips/s (2 descriptors each)`);
-  console.log(`front: notifies ${r.front.notifies} sleeps ${r.front.sleeps} timeouts ${r.front.timeouts} error ${r.front.error}`);
-  console.log(`back:  notifies ${r.back.notifies} sleeps ${r.back.sleeps} timeouts ${r.back.timeouts} error ${r.back.error}`);
 }

@@ -6,12 +6,15 @@ import {
   XS_HDR_SIZE,
   XsDecoder,
   countStrings,
+  encodeInto,
   encodeMessage,
   joinStrings,
   joinWrite,
+  oneString,
   parsePerm,
   splitFirst,
   splitStrings,
+  toBytes,
   type XsMessage,
 } from '../lib/xenstore/wire.js';
 
@@ -118,4 +121,38 @@ t.test('property: strings survive join and split', async (t) => {
     }),
   );
   t.pass();
+});
+
+t.test('property: joinStrings, joinWrite and toBytes give the UTF-8 of the joined text, ASCII or not, short or long', async (t) => {
+  // Short ASCII strings take an encoder of their own; everything else TextEncoder. Both must agree byte for byte.
+  const arbText = fc.oneof(fc.string({ maxLength: 40 }), fc.string({ unit: 'grapheme', maxLength: 40 }), fc.string({ minLength: 250, maxLength: 300 }));
+  fc.assert(
+    fc.property(fc.array(arbText, { minLength: 1, maxLength: 4 }), arbText, (parts, value) => {
+      t.same(joinStrings(parts), enc.encode(parts.map((p) => `${p}\0`).join('')));
+      t.same(joinWrite(parts[0]!, value), enc.encode(`${parts[0]}\0${value}`));
+      t.same(toBytes(value), enc.encode(value));
+    }),
+  );
+});
+
+t.test('encodeInto writes what encodeMessage returns and refuses an oversized payload', async (t) => {
+  const m = msg(XS_WRITE, 7, 9, 'a/b\0value');
+  const into = new Uint8Array(XS_HDR_SIZE + XENSTORE_PAYLOAD_MAX).fill(0xee);
+  const n = encodeInto(m, into, new DataView(into.buffer));
+  t.same(into.subarray(0, n), encodeMessage(m));
+  t.throws(() => encodeInto({ ...m, payload: new Uint8Array(XENSTORE_PAYLOAD_MAX + 1) }, into, new DataView(into.buffer)), { code: 'E2BIG' });
+});
+
+t.test('property: oneString is the single NUL-terminated string of a payload, or undefined', async (t) => {
+  const arbPayload = fc.oneof(
+    fc.uint8Array({ maxLength: 40 }),
+    fc.string({ unit: 'grapheme', maxLength: 30 }).map((s) => enc.encode(`${s}\0`)),
+    fc.string({ minLength: 250, maxLength: 300 }).map((s) => enc.encode(`${s}\0`)),
+  );
+  fc.assert(
+    fc.property(arbPayload, (p) => {
+      const whole = p.length > 0 && p[p.length - 1] === 0 && countStrings(p) === 1;
+      t.equal(oneString(p), whole ? splitStrings(p)[0] : undefined);
+    }),
+  );
 });

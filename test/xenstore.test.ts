@@ -3,11 +3,12 @@ import { Worker } from 'node:worker_threads';
 import t from 'tap';
 
 import { XenbusStateConnected, XenbusStateInitialised, XenbusStateInitWait } from '../lib/abi/xenbus.js';
-import { XENSTORE_PAYLOAD_MAX, XS_READ } from '../lib/abi/xs_wire.js';
+import { offsetOf } from '../lib/abi/layout.js';
+import { XENSTORE_PAYLOAD_MAX, XS_READ, xenstore_domain_interface } from '../lib/abi/xs_wire.js';
 import { XenstoredRing, Xenstored } from '../lib/backends/xenstored.js';
 import { XenError, type XenErrorShape } from '../lib/errors.js';
 import { FramePage, MemoryViews } from '../lib/hypervisor/page.js';
-import { joinStrings } from '../lib/xenstore/wire.js';
+import { XS_HDR_SIZE, joinStrings } from '../lib/xenstore/wire.js';
 import { attach, makeHome, settle, sleep } from './xenstore-harness.js';
 
 async function world(): Promise<{ xsd: Xenstored; dom0: ReturnType<typeof attach>; dom1: ReturnType<typeof attach>; dom2: ReturnType<typeof attach> }> {
@@ -219,6 +220,26 @@ t.test('a dead xenstored times requests out; close fails them', async (t) => {
   xs.close();
   await t.rejects(pending, { code: 'ESHUTDOWN' });
   await t.rejects(xs.read('z'), { code: 'ESHUTDOWN' });
+});
+
+t.test('calls past maxOutstanding wait their turn; one aborted or timed out while waiting never reaches the ring', async (t) => {
+  const page = new FramePage(new MemoryViews(new SharedArrayBuffer(4096)), 0, true);
+  const { XenStore } = await import('../lib/xenstore/xenstore.js');
+  const reqProd = offsetOf(xenstore_domain_interface, 'req_prod');
+  const xs = new XenStore({ page, notify: () => undefined, timeoutMs: 200, maxOutstanding: 2 });
+  const onRing = xs.read('a').catch((e: XenError) => e.code);
+  const onRing2 = xs.read('b').catch((e: XenError) => e.code);
+  const ctl = new AbortController();
+  const aborted = xs.read('c', { signal: ctl.signal });
+  const timedOut = xs.read('d', { timeoutMs: 20 });
+  ctl.abort();
+  await t.rejects(aborted, { code: 'ECANCELED' });
+  await t.rejects(timedOut, { code: 'ETIMEDOUT' });
+  t.equal(page.load32(reqProd), 2 * (XS_HDR_SIZE + 2), 'only the two calls holding slots are on the ring');
+  t.same(await Promise.all([onRing, onRing2]), ['ETIMEDOUT', 'ETIMEDOUT']);
+  await t.rejects(xs.read('e', { timeoutMs: 20 }), { code: 'ETIMEDOUT' });
+  t.equal(page.load32(reqProd), 3 * (XS_HDR_SIZE + 2), 'timed-out calls gave their slots back');
+  xs.close();
 });
 
 t.test('client in a worker, xenstored here, woken through Atomics', async (t) => {

@@ -27,6 +27,7 @@ import {
   XS_WRITE,
 } from '../lib/abi/xs_wire.js';
 import { XenstoredRing, Xenstored } from '../lib/backends/xenstored.js';
+import { isValidNodename } from '../lib/backends/xenstored-store.js';
 import { encodeMessage, fromBytes, joinStrings, joinWrite, type XsMessage } from '../lib/xenstore/wire.js';
 import { ERROR, REQ_CONS, REQ_PROD, attach, direct, errorOf, guestWrite, makeHome, newPage, rawGuest, settle, strings } from './xenstore-harness.js';
 
@@ -357,4 +358,22 @@ t.test('hostile guest that never reads its answers is throttled', async (t) => {
   t.ok(consumed <= 4, 'after a couple of answers piled up');
   t.equal(bad.server.error, undefined, 'not a protocol error, just back-pressure');
   t.equal(await good.xs.read('/big'), 'x'.repeat(3000), 'others keep being served');
+});
+
+t.test('property: node names are checked as C xenstored is_valid_nodename checks them', async (t) => {
+  // The rule written out with regular expressions, as the C source reads; the store checks it in one pass.
+  const reference = (path: string): boolean => {
+    if (!path.startsWith('/') || (path.endsWith('/') && path !== '/') || path.includes('//')) return false;
+    const localOff = /^\/local\/domain\/\d{1,5}\//.exec(path)?.[0].length ?? 0;
+    if (path.length > localOff + 2048 || path.length > 3072) return false;
+    return /^[A-Za-z0-9\-/_@]*$/.test(path);
+  };
+  const segment = fc.string({ unit: fc.constantFrom('a', 'Z', '0', '-', '_', '@', '/', '.', ' ', 'é', '\0'), maxLength: 12 });
+  const long = fc.integer({ min: 2030, max: 3100 }).map((n) => `/local/domain/7/${'x'.repeat(n)}`);
+  const longOutside = fc.integer({ min: 2030, max: 3100 }).map((n) => `/tool/${'y'.repeat(n)}`);
+  fc.assert(
+    fc.property(fc.oneof(segment.map((s) => `/${s}`), segment, long, longOutside, fc.constant('/')), (path) => {
+      t.equal(isValidNodename(path), reference(path), JSON.stringify(path.slice(0, 40)));
+    }),
+  );
 });

@@ -85,14 +85,25 @@ export function domainPath(domid: number): string {
   return `/local/domain/${domid}`;
 }
 
+const SLASH = 0x2f;
+/** The characters of a node name besides "/": A-Z a-z 0-9 - _ @ (VALID_CHARS), by char code. */
+const NAME_CHAR = new Uint8Array(128);
+for (let c = 0; c < 128; c++) NAME_CHAR[c] = c !== SLASH && VALID_CHARS.test(String.fromCharCode(c)) ? 1 : 0;
+
 /** C xenstored is_valid_nodename: absolute, no "//", no trailing "/", bounded length, plain characters. */
 export function isValidNodename(path: string): boolean {
-  if (!path.startsWith('/')) return false;
-  if (path.endsWith('/') && path !== '/') return false;
-  if (path.includes('//')) return false;
+  const n = path.length;
+  if (n === 0 || path.charCodeAt(0) !== SLASH || n > XENSTORE_ABS_PATH_MAX) return false;
+  if (n > 1 && path.charCodeAt(n - 1) === SLASH) return false;
+  for (let i = 1, prev = SLASH; i < n; i++) {
+    const c = path.charCodeAt(i);
+    if (c === SLASH ? prev === SLASH : c >= 128 || NAME_CHAR[c] === 0) return false;
+    prev = c;
+  }
+  // Below a domain's home the limit counts from the home; only a long path can reach it.
+  if (n <= XENSTORE_REL_PATH_MAX) return true;
   const localOff = LOCAL_DOMAIN.exec(path)?.[0].length ?? 0;
-  if (path.length > localOff + XENSTORE_REL_PATH_MAX || path.length > XENSTORE_ABS_PATH_MAX) return false;
-  return VALID_CHARS.test(path);
+  return n <= localOff + XENSTORE_REL_PATH_MAX;
 }
 
 /** A request's path made absolute (relative ones live under the caller's home); EINVAL if malformed. */
@@ -122,12 +133,15 @@ export function isChild(path: string, watched: string): boolean {
 
 type Access = { read: boolean; write: boolean; owner: boolean };
 
+const ALL: Access = Object.freeze({ read: true, write: true, owner: true });
+const NONE: Access = Object.freeze({ read: false, write: false, owner: false });
+
 /** C xenstored perm_for_conn: owner and privileged get everything, then the ACL, then the default. */
 export function permFor(caller: XsCaller, perms: readonly XsPerm[]): Access {
   const owner = perms[0];
-  if (owner === undefined) return { read: false, write: false, owner: false };
+  if (owner === undefined) return NONE;
   const isMe = (domid: number): boolean => domid === caller.domid || domid === caller.target;
-  if (caller.privileged || isMe(owner.domid)) return { read: true, write: true, owner: true };
+  if (caller.privileged || isMe(owner.domid)) return ALL;
   const entry = perms.slice(1).find((p) => isMe(p.domid)) ?? owner;
   return { read: canRead(entry.perm), write: canWrite(entry.perm), owner: false };
 }
@@ -165,9 +179,12 @@ export class XsDb {
   /** The node at an absolute path, recorded as looked at. */
   lookup(path: string): XsNode | undefined {
     let node: XsNode | undefined = this.root;
-    for (const name of partsOf(path)) {
-      node = node.children.get(name);
-      if (node === undefined) break;
+    // Name by name, without splitting the path into an array.
+    for (let start = 1; path !== '/' && node !== undefined; ) {
+      const slash = path.indexOf('/', start);
+      node = node.children.get(slash < 0 ? path.slice(start) : path.slice(start, slash));
+      if (slash < 0) break;
+      start = slash + 1;
     }
     this.hooks.touch?.(path, node?.gen ?? NO_NODE);
     return node;

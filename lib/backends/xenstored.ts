@@ -43,6 +43,7 @@ import {
   countStrings,
   formatPerm,
   joinStrings,
+  oneString,
   parsePerm,
   splitFirst,
   splitStrings,
@@ -147,10 +148,9 @@ function parseDomid(s: string | undefined): number {
 
 /** The one string of a single-argument request (C onearg): exactly one NUL, at the end. */
 function oneArg(payload: Uint8Array): string {
-  if (payload.length === 0 || countStrings(payload) !== 1 || payload[payload.length - 1] !== 0) {
-    throw new XenError('EINVAL', 'expected one NUL-terminated argument');
-  }
-  return splitStrings(payload)[0] ?? '';
+  const arg = oneString(payload);
+  if (arg === undefined) throw new XenError('EINVAL', 'expected one NUL-terminated argument');
+  return arg;
 }
 
 function wireErrorName(err: unknown, log: Log): string {

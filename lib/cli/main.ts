@@ -40,6 +40,12 @@ commands:
       stop that host; its socket and pid file go with it.
   host status [--rundir DIR]
       the host's pid, uptime and number of domains.
+  bench [--quick] [--json] [--out FILE] [--only PREFIX,...]
+      measure xenpv against the limits of this runtime and its peers (the
+      median of 3 runs each), print the table and the targets, and write the
+      JSON report to FILE (default ./xenpv-bench.json). --quick runs 250 ms
+      instead of 1 s per run; --json prints the report instead of the table;
+      --only runs the metrics whose names start with a prefix (xenstore.).
   disk create FILE SIZE
       create a raw disk image of SIZE bytes (suffix K, M, G or T; a multiple
       of 512), sparse and zero-filled; EEXIST when FILE exists.
@@ -114,6 +120,8 @@ async function main(argv: string[]): Promise<number> {
       return host(rest);
     case 'disk':
       return disk(rest);
+    case 'bench':
+      return (await import('./bench.js')).bench(rest);
     case 'fuzz':
       return fuzz(rest);
     case undefined:

@@ -1,8 +1,10 @@
 // Guest interrupts over event channels, after OpenBSD sys/dev/pv/xen.c
 // (xen_intr, xen_intr_establish, xen_intr_mask, ...). The upcall scans the
-// 2-level pending bitmap in shared_info and hands each port to its handler.
-// A handler runs as a task outside the upcall with its port masked, and the
-// port is unmasked when the handler returns, so a handler never re-enters.
+// 2-level pending bitmap in shared_info and hands each port to its handler,
+// as xen_intr() does, with the port masked. A handler that returns at once
+// has run to completion inside the upcall, and its port is unmasked there.
+// A handler that returns a promise keeps its port masked until the promise
+// settles, so a handler never re-enters.
 
 import { vcpu_info, DOMID_SELF, __HYPERVISOR_event_channel_op } from '../abi/xen.js';
 import {
@@ -185,21 +187,44 @@ export class Interrupts {
     h.count++;
     if (tracing) traceEvtchnDeliver(h.traceDev, port);
     this.setMask(port);
-    h.running = this.runHandler(h);
+    let result: void | Promise<void> = undefined;
+    try {
+      result = h.handler();
+    } catch (err) {
+      this.handlerFailed(h, err);
+    }
+    if (result instanceof Promise) h.running = this.settle(h, result);
+    else this.unmaskAfter(h);
   }
 
-  private async runHandler(h: IntrHandle): Promise<void> {
-    await Promise.resolve();
+  /** The rest of an asynchronous handler, its port masked until it settles. */
+  private async settle(h: IntrHandle, result: Promise<void>): Promise<void> {
     try {
-      await h.handler();
+      await result;
     } catch (err) {
-      // A driver's failure must not take the interrupt path down with it.
-      this.handlerErrors++;
-      this.log('handler %s on port %d threw: %s', h.name, h.port, (err as Error).message);
+      this.handlerFailed(h, err);
     } finally {
       h.running = null;
-      if (!h.closed && this.handles.get(h.port) === h) this.intrUnmask(h);
+      this.unmaskAfter(h);
     }
+  }
+
+  // A driver's failure must not take the interrupt path down with it.
+  private handlerFailed(h: IntrHandle, err: unknown): void {
+    this.handlerErrors++;
+    this.log('handler %s on port %d threw: %s', h.name, h.port, (err as Error).message);
+  }
+
+  /**
+   * The port's handler returned: clear the mask ourselves and ask the
+   * hypervisor to deliver only when an event came in while it was masked
+   * (Linux unmask_evtchn), which saves a hypercall per event.
+   */
+  private unmaskAfter(h: IntrHandle): void {
+    if (h.closed || this.handles.get(h.port) !== h) return;
+    const bit = 1 << (h.port & 31);
+    Atomics.and(this.mem.u32, bitWord(this.mask, h.port), ~bit);
+    if ((Atomics.load(this.mem.u32, bitWord(this.pending, h.port)) & bit) !== 0) this.intrUnmask(h);
   }
 
   /** The vCPU's idle loop: sleep until kicked, run the upcall, until stop(). */

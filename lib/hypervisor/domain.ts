@@ -52,6 +52,15 @@ export const VCPU_ONLINE = 1;
 export const VCPU_POLL = 2;
 export const VCPU_BLOCKED = 3;
 
+/**
+ * Values of the wake word. A kick sets KICKED and calls Atomics.notify only
+ * when the word said SLEEPING: a vCPU that is running or polling (haltpoll)
+ * sees the kick without the cost of a thread wake-up.
+ */
+export const WAKE_IDLE = 0;
+export const WAKE_KICKED = 1;
+export const WAKE_SLEEPING = 2;
+
 export const DomainState = {
   free: 0,
   paused: 1,

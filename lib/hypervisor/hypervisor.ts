@@ -62,7 +62,7 @@ import {
 import { VCPUOP_down, VCPUOP_is_up, VCPUOP_up } from '../abi/vcpu.js';
 import { XENVER_extraversion, XENVER_get_features, XENVER_version } from '../abi/version.js';
 import { XEN_EBUSY, XEN_EINVAL, XEN_ENOENT, XEN_ENOSYS, XEN_EPERM, XEN_ESRCH, XEN_EFAULT } from '../abi/errno.js';
-import { D, Domain, DomainState, MAX_GRANT_FRAMES, NR_HVM_PARAMS, SpecialPage, VCPU_BLOCKED, VCPU_ONLINE, VCPU_POLL, VCPU_WAKE } from './domain.js';
+import { D, Domain, DomainState, MAX_GRANT_FRAMES, NR_HVM_PARAMS, SpecialPage, VCPU_BLOCKED, VCPU_ONLINE, VCPU_POLL, VCPU_WAKE, WAKE_IDLE, WAKE_SLEEPING } from './domain.js';
 import * as evtchn from './evtchn.js';
 import * as grant from './grant.js';
 import { lock, unlock } from './lock.js';
@@ -404,7 +404,11 @@ export class Hypervisor {
   private block(d: Domain, vcpu: number, timeoutMs: number): number {
     if (!this.vcpusBlock) return 0;
     const w = d.vcpuWord(vcpu, VCPU_WAKE);
-    Atomics.wait(d.ctl, w, 0, timeoutMs);
+    // Announce the sleep so a kick notifies; a kick that came first leaves KICKED and we do not sleep.
+    if (Atomics.compareExchange(d.ctl, w, WAKE_IDLE, WAKE_SLEEPING) === WAKE_IDLE) {
+      Atomics.wait(d.ctl, w, WAKE_SLEEPING, timeoutMs);
+      Atomics.compareExchange(d.ctl, w, WAKE_SLEEPING, WAKE_IDLE);
+    }
     return 0;
   }
 
@@ -420,7 +424,7 @@ export class Hypervisor {
         for (const port of ports) if (evtchn.isPending(d, port)) return 0;
         const left = deadline === Infinity ? Infinity : deadline - performance.now();
         if (left <= 0) return 0;
-        Atomics.store(d.ctl, d.vcpuWord(0, VCPU_WAKE), 0);
+        Atomics.store(d.ctl, d.vcpuWord(0, VCPU_WAKE), WAKE_IDLE);
         for (const port of ports) if (evtchn.isPending(d, port)) return 0;
         if (!this.vcpusBlock) return 0;
         this.block(d, 0, left);

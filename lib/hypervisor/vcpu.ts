@@ -2,28 +2,100 @@
 // kicks it (an event became pending) and then runs the upcall. The thread
 // runner sleeps in Atomics.waitAsync on the vCPU's wake word, so the thread's
 // event loop keeps serving timers and messages meanwhile.
+//
+// Waking a sleeping thread costs tens of microseconds, more than most work an
+// event brings. So before sleeping, an idle vCPU that was woken soon after it
+// went idle last time polls its wake word for a while, as Linux's
+// cpuidle-haltpoll governor does for a KVM guest: the window grows while
+// events keep arriving just after it closed, and shrinks when the vCPU sleeps
+// longer than the most it would ever poll.
+//
+// Polling pays only while the peer that will kick us runs on another CPU.
+// When the CPUs are oversubscribed the poll steals time from that peer: it
+// gets descheduled itself (a long gap in its clock), or its window runs out
+// while the peer waits for a CPU. After either, or two windows in a row that
+// ran out, the vCPU sleeps at once for a while, as a plain halt does, and
+// for twice as long each time it happens again soon after.
+//
+// The wake word says whether anyone must be woken: a kick sets KICKED and
+// calls Atomics.notify only when the vCPU had announced SLEEPING.
 
-import { D, Domain, DomainState, VCPU_BLOCKED, VCPU_WAKE } from './domain.js';
+import { D, Domain, DomainState, VCPU_BLOCKED, VCPU_WAKE, WAKE_IDLE, WAKE_KICKED, WAKE_SLEEPING } from './domain.js';
+
+/** guest_halt_poll_ns: the longest poll, and the idle time past which polling would not have paid. */
+export const HALTPOLL_MAX_US = 200;
+/** guest_halt_poll_grow_start */
+const HALTPOLL_GROW_START_US = 50;
+/** guest_halt_poll_grow, guest_halt_poll_shrink */
+const HALTPOLL_GROW = 2;
+const HALTPOLL_SHRINK = 2;
+/**
+ * A gap this long between two looks at the clock while polling means the
+ * thread was descheduled: longer than a young-generation collection, shorter
+ * than the time slice another runnable thread gets. (Continuations that ran
+ * that long inside the poll count too: there is work enough without it.)
+ */
+const PREEMPTED_GAP_US = 500;
+/** Windows in a row that may run out before polling stops for a while. */
+const FAILED_POLLS_MAX = 2;
+/** How long polling stops; doubled, up to the most, while it keeps not paying. */
+const POLL_BACKOFF_MS = 20;
+const POLL_BACKOFF_MAX_MS = 1000;
+/** While polling, at least one event-loop turn this often. */
+const EVENT_LOOP_TURN_MS = 1;
+
+export type VcpuOptions = {
+  /** The longest poll before sleeping, in microseconds; 0 turns polling off. */
+  haltPollMaxUs?: number;
+  /** While it keeps polling, the vCPU gives the thread's event loop a turn at least this often. */
+  eventLoopTurnMs?: number;
+  /** A gap in the poll's clock that counts as being descheduled; Infinity never stops polling. */
+  preemptedGapUs?: number;
+};
 
 export class Vcpu {
   private readonly ctl: Int32Array;
   private readonly wake: number;
   private readonly blocked: number;
+  private readonly pollMaxUs: number;
+  private readonly eventLoopTurnMs: number;
+  private readonly preemptedGapMs: number;
+  /** The current poll window (haltpoll's poll_limit_ns). */
+  pollLimitUs = 0;
+  /** Halts that ended in the poll window, and halts that slept. */
+  polled = 0;
+  slept = 0;
+  /** Polls cut short because the thread was descheduled. */
+  preempted = 0;
+  /** No polling before this performance.now(). */
+  private pollOffUntil = 0;
+  private backoffMs = POLL_BACKOFF_MS;
+  /** Windows that ran out since the last poll that saw a kick. */
+  private failedPolls = 0;
+  /** When the thread's event loop last had a turn. */
+  private lastTurn = 0;
 
-  constructor(domain: Domain, readonly id: number) {
+  constructor(domain: Domain, readonly id: number, opts: VcpuOptions = {}) {
     this.ctl = domain.ctl;
     this.wake = domain.vcpuWord(id, VCPU_WAKE);
     this.blocked = domain.vcpuWord(id, VCPU_BLOCKED);
+    this.pollMaxUs = opts.haltPollMaxUs ?? HALTPOLL_MAX_US;
+    this.eventLoopTurnMs = opts.eventLoopTurnMs ?? EVENT_LOOP_TURN_MS;
+    this.preemptedGapMs = (opts.preemptedGapUs ?? PREEMPTED_GAP_US) / 1000;
     if (id < 0 || id >= domain.maxVcpus) throw new RangeError(`vcpu ${id} does not exist`);
   }
 
-  /** Sleep until kicked or `timeoutMs` passes; clears the kick so the next one is seen. */
+  /**
+   * Idle until kicked or `timeoutMs` passes; clears the kick so the next one
+   * is seen. Callers await it with the work of the last upcall still queued
+   * as promise continuations: the poll yields to them between looks at the
+   * wake word.
+   */
   async halt(timeoutMs = Infinity): Promise<void> {
     Atomics.store(this.ctl, this.blocked, 1);
-    const r = Atomics.waitAsync(this.ctl, this.wake, 0, timeoutMs);
-    if (r.async) await r.value;
+    await this.idle(timeoutMs);
     Atomics.store(this.ctl, this.blocked, 0);
-    Atomics.store(this.ctl, this.wake, 0);
+    Atomics.store(this.ctl, this.wake, WAKE_IDLE);
     this.holdWhilePaused();
   }
 
@@ -39,9 +111,73 @@ export class Vcpu {
     Atomics.add(this.ctl, D.pausedMs, Math.round(performance.now() - since));
   }
 
-  /** Kick this vCPU from outside, e.g. to make it notice a stop request. */
+  /** Poll for the window, then sleep until kicked or `timeoutMs` passes. */
+  private async idle(timeoutMs: number): Promise<void> {
+    const t0 = performance.now();
+    if (this.pollLimitUs > 0 && t0 >= this.pollOffUntil) {
+      // Polling never passes through the event loop; make sure timers, I/O and messages get a turn.
+      if (t0 - this.lastTurn > this.eventLoopTurnMs) {
+        await new Promise<void>((resolve) => setImmediate(resolve));
+        this.lastTurn = performance.now();
+      }
+      const outcome = await this.poll(performance.now() + this.pollLimitUs / 1000);
+      if (outcome === 'kicked') {
+        this.polled++;
+        this.failedPolls = 0;
+        return;
+      }
+      if (outcome === 'preempted' || ++this.failedPolls >= FAILED_POLLS_MAX) this.stopPolling();
+    }
+    // Announce the sleep so that a kick notifies; a kick that came first left KICKED.
+    if (Atomics.compareExchange(this.ctl, this.wake, WAKE_IDLE, WAKE_SLEEPING) === WAKE_IDLE) {
+      this.slept++;
+      const r = Atomics.waitAsync(this.ctl, this.wake, WAKE_SLEEPING, timeoutMs);
+      if (r.async) {
+        await r.value;
+        this.lastTurn = performance.now();
+      }
+    }
+    this.adjust((performance.now() - t0) * 1000);
+  }
+
+  /** Look at the wake word until it is set or `until` (performance.now()) passes, yielding to promise continuations. */
+  private async poll(until: number): Promise<'kicked' | 'expired' | 'preempted'> {
+    let last = performance.now();
+    for (let i = 1; ; i++) {
+      if (Atomics.load(this.ctl, this.wake) === WAKE_KICKED) return 'kicked';
+      await null;
+      if ((i & 15) !== 0) continue;
+      const now = performance.now();
+      if (now - last > this.preemptedGapMs) {
+        this.preempted++;
+        return Atomics.load(this.ctl, this.wake) === WAKE_KICKED ? 'kicked' : 'preempted';
+      }
+      if (now >= until) return Atomics.load(this.ctl, this.wake) === WAKE_KICKED ? 'kicked' : 'expired';
+      last = now;
+    }
+  }
+
+  /** Polling did not pay: sleep at once for a while, longer if it did not pay right after the last pause either. */
+  private stopPolling(): void {
+    const now = performance.now();
+    const again = now - this.pollOffUntil < this.backoffMs;
+    this.backoffMs = again ? Math.min(POLL_BACKOFF_MAX_MS, this.backoffMs * 2) : POLL_BACKOFF_MS;
+    this.pollOffUntil = now + this.backoffMs;
+    this.failedPolls = 0;
+  }
+
+  /** haltpoll's adjust_poll_limit: grow when a longer poll would have caught the kick, shrink when none would. */
+  private adjust(idleUs: number): void {
+    if (idleUs > this.pollLimitUs && idleUs <= this.pollMaxUs) {
+      this.pollLimitUs = Math.min(this.pollMaxUs, Math.max(HALTPOLL_GROW_START_US, this.pollLimitUs * HALTPOLL_GROW));
+    } else if (idleUs > this.pollMaxUs) {
+      const shrunk = this.pollLimitUs / HALTPOLL_SHRINK;
+      this.pollLimitUs = shrunk < HALTPOLL_GROW_START_US ? 0 : shrunk;
+    }
+  }
+
+  /** Kick this vCPU from outside, e.g. to make it notice a stop request (vcpu_kick). */
   kick(): void {
-    Atomics.store(this.ctl, this.wake, 1);
-    Atomics.notify(this.ctl, this.wake);
+    if (Atomics.exchange(this.ctl, this.wake, WAKE_KICKED) === WAKE_SLEEPING) Atomics.notify(this.ctl, this.wake);
   }
 }

@@ -11,6 +11,7 @@
 
 import { offsetOf } from '../abi/layout.js';
 import {
+  XENSTORE_PAYLOAD_MAX,
   XENSTORE_ERROR_NONE,
   XENSTORE_ERROR_PROTO,
   XENSTORE_ERROR_RINGIDX,
@@ -24,7 +25,7 @@ import {
 import { XenError } from '../errors.js';
 import type { Page } from '../hypervisor/page.js';
 import { logger, type Log } from '../log.js';
-import { XsDecoder, encodeMessage, type XsMessage } from './wire.js';
+import { XS_HDR_SIZE, XsDecoder, encodeInto, type XsMessage } from './wire.js';
 import { TraceKind, traceDevice, traceXs, tracing } from '../trace/trace.js';
 
 export type XsRingSide = 'front' | 'back';
@@ -88,6 +89,9 @@ export class XsRing {
   private readonly log: Log;
   private readonly decoder = new XsDecoder();
   private readonly scratch = new Uint8Array(XENSTORE_RING_SIZE);
+  /** Where send() encodes a message; only what does not fit on the ring is copied out to the queue. */
+  private readonly outScratch = new Uint8Array(XS_HDR_SIZE + XENSTORE_PAYLOAD_MAX);
+  private readonly outView = new DataView(this.outScratch.buffer);
   private readonly highWater: number;
   private readonly highWaterMessages: number;
   private readonly maxQueued: number;
@@ -138,15 +142,21 @@ export class XsRing {
   send(msg: XsMessage): boolean {
     if (this.error !== undefined) return false;
     if (tracing) traceXs(TraceKind.xsOut, this.traceDev, this.side === 'front', msg.type, msg.req_id, msg.tx_id, msg.payload);
-    const bytes = encodeMessage(msg);
-    if (this.queuedBytes + bytes.length > this.maxQueued) {
+    const length = encodeInto(msg, this.outScratch, this.outView);
+    if (this.queuedBytes + length > this.maxQueued) {
       throw new XenError('ENOSPC', `xenstore ring output queue over ${this.maxQueued} bytes`);
     }
-    this.queue.push(bytes);
-    this.queuedBytes += bytes.length;
-    // Inside intr() the pump flushes after each delivery. Outside it, only
-    // flush: reading input here would run the peer's requests re-entrantly
-    // inside whatever made us send (xenstored firing a watch, say).
+    // Behind queued output the message waits its turn; otherwise what fits goes on the ring now.
+    const put = this.queueHead === this.queue.length ? this.put(this.outScratch.subarray(0, length)) : 0;
+    if (this.error !== undefined) return false;
+    if (put < length) {
+      this.queue.push(this.outScratch.slice(put, length));
+      this.queuedBytes += length - put;
+    }
+    // Inside intr() the pump flushes after each delivery and signals once at
+    // the end. Outside it, only flush: reading input here would run the
+    // peer's requests re-entrantly inside whatever made us send (xenstored
+    // firing a watch, say).
     if (!this.busy) {
       this.flush();
       this.kick();
@@ -188,13 +198,14 @@ export class XsRing {
     while (this.error === undefined && !this.overHighWater()) {
       const n = this.get(this.decoder.wanted());
       if (n === 0) break;
-      const msgs = this.decoder.feed(this.scratch.subarray(0, n));
+      const msgs = this.decoder.feed(this.scratch, n);
       if (this.decoder.error !== undefined) {
         this.fail(this.decoder.error, XENSTORE_ERROR_PROTO);
         return;
       }
       for (const msg of msgs) this.deliverOne(msg);
       this.flush();
+      if (msgs.length > 0) this.kick();
     }
   }
 
@@ -221,7 +232,7 @@ export class XsRing {
       this.queuedBytes -= n;
       if (n < head.length) break;
     }
-    if (this.queueHead === this.queue.length) {
+    if (this.queueHead !== 0 && this.queueHead === this.queue.length) {
       this.queue.length = 0;
       this.queueHead = 0;
     }

@@ -52,11 +52,12 @@ export class XsDecoder {
     return this.payload.length - this.payloadUsed;
   }
 
-  feed(chunk: Uint8Array): XsMessage[] {
+  /** Messages completed by `chunk` up to `end` (its length by default). */
+  feed(chunk: Uint8Array, end = chunk.length): XsMessage[] {
     const out: XsMessage[] = [];
     let at = 0;
-    while (at < chunk.length && this.error === undefined) {
-      at = this.payload === undefined ? this.takeHeader(chunk, at, out) : this.takePayload(chunk, at, out);
+    while (at < end && this.error === undefined) {
+      at = this.payload === undefined ? this.takeHeader(chunk, at, end, out) : this.takePayload(chunk, at, end, out);
     }
     return out;
   }
@@ -68,15 +69,15 @@ export class XsDecoder {
     this.payloadUsed = 0;
   }
 
-  private takeHeader(chunk: Uint8Array, at: number, out: XsMessage[]): number {
-    const n = Math.min(XS_HDR_SIZE - this.hdrUsed, chunk.length - at);
-    this.hdr.set(chunk.subarray(at, at + n), this.hdrUsed);
+  private takeHeader(chunk: Uint8Array, at: number, end: number, out: XsMessage[]): number {
+    const n = Math.min(XS_HDR_SIZE - this.hdrUsed, end - at);
+    for (let i = 0; i < n; i++) this.hdr[this.hdrUsed + i] = chunk[at + i]!;
     this.hdrUsed += n;
     if (this.hdrUsed < XS_HDR_SIZE) return at + n;
     const len = this.hdrView.getUint32(LEN_OFF, true);
     if (len > this.maxPayload) {
       this.error = new XenError('E2BIG', `message announces ${len} payload bytes, at most ${this.maxPayload} allowed`);
-      return chunk.length;
+      return end;
     }
     this.payload = new Uint8Array(len);
     this.payloadUsed = 0;
@@ -84,10 +85,10 @@ export class XsDecoder {
     return at + n;
   }
 
-  private takePayload(chunk: Uint8Array, at: number, out: XsMessage[]): number {
+  private takePayload(chunk: Uint8Array, at: number, end: number, out: XsMessage[]): number {
     const payload = this.payload;
     if (payload === undefined) return at;
-    const n = Math.min(payload.length - this.payloadUsed, chunk.length - at);
+    const n = Math.min(payload.length - this.payloadUsed, end - at);
     payload.set(chunk.subarray(at, at + n), this.payloadUsed);
     this.payloadUsed += n;
     if (this.payloadUsed === payload.length) this.finish(out);
@@ -110,17 +111,26 @@ export class XsDecoder {
 
 /** Header and payload as one byte string; the sender's own bug if the payload is too big. */
 export function encodeMessage(msg: XsMessage): Uint8Array {
+  const bytes = new Uint8Array(XS_HDR_SIZE + msg.payload.length);
+  encodeInto(msg, bytes, new DataView(bytes.buffer));
+  return bytes;
+}
+
+/**
+ * Header and payload into `into` (at least XS_HDR_SIZE + XENSTORE_PAYLOAD_MAX
+ * bytes, `view` over the same bytes); returns the length. For a sender that
+ * reuses one buffer instead of allocating per message.
+ */
+export function encodeInto(msg: XsMessage, into: Uint8Array, view: DataView): number {
   if (msg.payload.length > XENSTORE_PAYLOAD_MAX) {
     throw new XenError('E2BIG', `payload of ${msg.payload.length} bytes exceeds ${XENSTORE_PAYLOAD_MAX}`);
   }
-  const bytes = new Uint8Array(XS_HDR_SIZE + msg.payload.length);
-  const v = new DataView(bytes.buffer);
-  v.setUint32(TYPE_OFF, msg.type, true);
-  v.setUint32(REQ_ID_OFF, msg.req_id, true);
-  v.setUint32(TX_ID_OFF, msg.tx_id, true);
-  v.setUint32(LEN_OFF, msg.payload.length, true);
-  bytes.set(msg.payload, XS_HDR_SIZE);
-  return bytes;
+  view.setUint32(TYPE_OFF, msg.type, true);
+  view.setUint32(REQ_ID_OFF, msg.req_id, true);
+  view.setUint32(TX_ID_OFF, msg.tx_id, true);
+  view.setUint32(LEN_OFF, msg.payload.length, true);
+  into.set(msg.payload, XS_HDR_SIZE);
+  return XS_HDR_SIZE + msg.payload.length;
 }
 
 // Payloads: NUL-separated strings. Paths and tokens are ASCII; values are
@@ -129,17 +139,65 @@ export function encodeMessage(msg: XsMessage): Uint8Array {
 const utf8 = new TextEncoder();
 const utf8Decoder = new TextDecoder();
 
+/** Strings up to this long are encoded in JavaScript when they are ASCII: TextEncoder costs more for short ones. */
+const ASCII_FAST_MAX = 256;
+
+/** UTF-8 of `parts`, each followed by `sep` when given (a NUL), without building the joined string. */
+function encodeParts(parts: readonly string[], sep: number | undefined): Uint8Array {
+  let n = 0;
+  for (const p of parts) n += p.length + (sep === undefined ? 0 : 1);
+  if (n > ASCII_FAST_MAX) return slowEncode(parts, sep);
+  const out = new Uint8Array(n);
+  let at = 0;
+  for (const p of parts) {
+    for (let i = 0; i < p.length; i++) {
+      const c = p.charCodeAt(i);
+      if (c >= 0x80) return slowEncode(parts, sep);
+      out[at++] = c;
+    }
+    if (sep !== undefined) out[at++] = sep;
+  }
+  return out;
+}
+
+function slowEncode(parts: readonly string[], sep: number | undefined): Uint8Array {
+  const s = sep === undefined ? '' : String.fromCharCode(sep);
+  return utf8.encode(parts.map((p) => p + s).join(''));
+}
+
 export function toBytes(value: string | Uint8Array): Uint8Array {
-  return typeof value === 'string' ? utf8.encode(value) : value;
+  return typeof value === 'string' ? encodeParts([value], undefined) : value;
 }
 
 export function fromBytes(bytes: Uint8Array): string {
   return utf8Decoder.decode(bytes);
 }
 
+/** The text of bytes [start, end): short ASCII without a view or a call into TextDecoder. */
+function decodeRange(bytes: Uint8Array, start: number, end: number): string {
+  if (end - start > ASCII_FAST_MAX) return utf8Decoder.decode(bytes.subarray(start, end));
+  let s = '';
+  for (let i = start; i < end; i++) {
+    const c = bytes[i]!;
+    if (c >= 0x80) return utf8Decoder.decode(bytes.subarray(start, end));
+    s += String.fromCharCode(c);
+  }
+  return s;
+}
+
+/**
+ * The one string of a payload that is exactly one NUL-terminated string (C
+ * xenstored's onearg), or undefined when it is anything else.
+ */
+export function oneString(payload: Uint8Array): string | undefined {
+  const last = payload.length - 1;
+  if (last < 0 || payload[last] !== 0 || payload.indexOf(0) !== last) return undefined;
+  return decodeRange(payload, 0, last);
+}
+
 /** Each string followed by a NUL: "a\0b\0". */
 export function joinStrings(parts: readonly string[]): Uint8Array {
-  return utf8.encode(parts.map((p) => `${p}\0`).join(''));
+  return encodeParts(parts, 0);
 }
 
 /**
@@ -171,7 +229,7 @@ export function splitFirst(payload: Uint8Array): [string, Uint8Array] | undefine
 
 /** "path\0" + value bytes, no trailing NUL: the XS_WRITE payload. */
 export function joinWrite(path: string, value: string | Uint8Array): Uint8Array {
-  const head = utf8.encode(`${path}\0`);
+  const head = encodeParts([path], 0);
   const body = toBytes(value);
   const out = new Uint8Array(head.length + body.length);
   out.set(head, 0);

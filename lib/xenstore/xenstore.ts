@@ -70,7 +70,30 @@ export type XsWatch = {
 /** What awaitState waits for: xenbus states, or any test of the value (undefined when absent). */
 export type XsStateWant = number | readonly number[] | ((value: string | undefined) => boolean);
 
-type Pending = { type: number; resolve: (msg: XsMessage) => void; reject: (err: XenError) => void };
+/**
+ * One call of cmd(): queued until a slot is free, then on the ring under
+ * req_id until its answer, an abort or its deadline. One object and one
+ * promise per call; no timer or AbortController of its own.
+ */
+type Request = {
+  type: number;
+  txId: number;
+  payload: Uint8Array;
+  /** 0 while it waits for a slot. */
+  reqId: number;
+  /** performance.now() past which the call fails with ETIMEDOUT. */
+  deadline: number;
+  timeoutMs: number;
+  signal: AbortSignal | undefined;
+  onAbort: (() => void) | undefined;
+  done: boolean;
+  /** What the caller gets from the answer's payload. */
+  decode: (payload: Uint8Array) => unknown;
+  resolve: (value: unknown) => void;
+  reject: (err: unknown) => void;
+};
+
+const asIs = (payload: Uint8Array): Uint8Array => payload;
 type WatchEntry = { path: string; token: string; handler: XsWatchHandler };
 
 const DEFAULT_MAX_OUTSTANDING = 16;
@@ -96,6 +119,12 @@ function deadline(wait: XsWait | undefined, defaultMs: number, what: string): De
       outer?.removeEventListener('abort', onAbort);
     },
   };
+}
+
+/** The error of a call whose caller's signal aborted. */
+function cancelled(type: number, signal: AbortSignal): XenError {
+  const r: unknown = signal.reason;
+  return r instanceof XenError ? r : new XenError('ECANCELED', `xenstore request type ${type}: aborted`, { cause: r });
 }
 
 function abortReason(signal: AbortSignal): XenError {
@@ -135,10 +164,15 @@ export class XenStore {
   private readonly maxOutstanding: number;
   readonly timeoutMs: number;
   readonly txRetries: number;
-  private readonly pending = new Map<number, Pending>();
-  private readonly slotWaiters: Array<{ grant: () => void }> = [];
+  /** Requests on the ring, by req_id. */
+  private readonly pending = new Map<number, Request>();
+  /** Requests waiting for a slot, oldest first from waitingHead. */
+  private readonly waiting: Request[] = [];
+  private waitingHead = 0;
   private readonly watches = new Map<string, WatchEntry>();
-  private inFlight = 0;
+  /** One timer for every request's deadline, armed for the earliest; unref'd while nothing is outstanding. */
+  private timer: ReturnType<typeof setTimeout> | undefined;
+  private timerAt = Infinity;
   private nextReqId = 1;
   private nextToken = 1;
   private error: XenError | undefined;
@@ -178,58 +212,39 @@ export class XenStore {
 
   /**
    * Send one request and wait for its response payload (OpenBSD xs_cmd).
-   * XS_ERROR becomes a XenError whose code is the errno name.
+   * XS_ERROR becomes a XenError whose code is the errno name. At most
+   * maxOutstanding requests are on the ring; later calls wait their turn.
    */
-  async cmd(type: number, txId: number, payload: Uint8Array, wait?: XsWait): Promise<Uint8Array> {
+  cmd(type: number, txId: number, payload: Uint8Array, wait?: XsWait): Promise<Uint8Array> {
+    return this.request(type, txId, payload, wait, asIs);
+  }
+
+  /**
+   * cmd() with the payload turned into the caller's value as the answer is
+   * settled: one promise per call, however many layers the API has.
+   * @internal for the operations below
+   */
+  request<T>(type: number, txId: number, payload: Uint8Array, wait: XsWait | undefined, decode: (payload: Uint8Array) => T): Promise<T> {
     if (payload.length > XENSTORE_PAYLOAD_MAX) {
-      throw new XenError('E2BIG', `request of ${payload.length} bytes exceeds ${XENSTORE_PAYLOAD_MAX}`);
+      return Promise.reject(new XenError('E2BIG', `request of ${payload.length} bytes exceeds ${XENSTORE_PAYLOAD_MAX}`));
     }
-    const what = `xenstore request type ${type}`;
-    const dl = deadline(wait, this.timeoutMs, what);
-    try {
-      await this.slotGet(dl.signal);
-      try {
-        const msg = await this.exchange(type, txId, payload, dl.signal);
-        if (msg.type === XS_ERROR) throw errorFrom(msg, what);
-        if (msg.type !== type) throw new XenError('EIO', `${what}: answered with type ${msg.type}`);
-        return msg.payload;
-      } finally {
-        this.slotPut();
-      }
-    } finally {
-      dl.dispose();
-    }
-  }
-
-  private slotGet(signal: AbortSignal): Promise<void> {
     if (this.error !== undefined) return Promise.reject(this.error);
-    if (this.inFlight < this.maxOutstanding) {
-      this.inFlight++;
-      return Promise.resolve();
-    }
-    return new Promise((resolve, reject) => {
-      const waiter = {
-        grant: (): void => {
-          signal.removeEventListener('abort', onAbort);
-          resolve();
-        },
+    const signal = wait?.signal;
+    if (signal?.aborted === true) return Promise.reject(cancelled(type, signal));
+    const timeoutMs = wait?.timeoutMs ?? this.timeoutMs;
+    return new Promise<T>((resolve, reject) => {
+      const r: Request = {
+        type, txId, payload, reqId: 0, deadline: performance.now() + timeoutMs, timeoutMs,
+        signal, onAbort: undefined, done: false, decode, resolve: resolve as (value: unknown) => void, reject,
       };
-      const onAbort = (): void => {
-        const i = this.slotWaiters.indexOf(waiter);
-        if (i >= 0) this.slotWaiters.splice(i, 1);
-        reject(abortReason(signal));
-      };
-      if (signal.aborted) return onAbort();
-      signal.addEventListener('abort', onAbort, { once: true });
-      this.slotWaiters.push(waiter);
+      if (signal !== undefined) {
+        r.onAbort = () => this.finish(r, cancelled(type, signal));
+        signal.addEventListener('abort', r.onAbort, { once: true });
+      }
+      this.armTimer(r.deadline);
+      if (this.pending.size < this.maxOutstanding) this.transmit(r);
+      else this.waiting.push(r);
     });
-  }
-
-  /** Hand the slot to the first waiter, or free it. */
-  private slotPut(): void {
-    const next = this.slotWaiters.shift();
-    if (next !== undefined) next.grant();
-    else this.inFlight--;
   }
 
   private allocReqId(): number {
@@ -239,24 +254,75 @@ export class XenStore {
     return id;
   }
 
-  private exchange(type: number, txId: number, payload: Uint8Array, signal: AbortSignal): Promise<XsMessage> {
-    if (this.error !== undefined) return Promise.reject(this.error);
-    if (signal.aborted) return Promise.reject(abortReason(signal));
-    const req_id = this.allocReqId();
-    return new Promise((resolve, reject) => {
-      const onAbort = (): void => {
-        // A late answer finds no entry and is dropped in deliver().
-        this.pending.delete(req_id);
-        reject(abortReason(signal));
-      };
-      const settle = <A>(f: (a: A) => void) => (a: A): void => {
-        signal.removeEventListener('abort', onAbort);
-        f(a);
-      };
-      this.pending.set(req_id, { type, resolve: settle(resolve), reject: settle(reject) });
-      signal.addEventListener('abort', onAbort, { once: true });
-      this.ring.send({ type, req_id, tx_id: txId, payload });
-    });
+  private transmit(r: Request): void {
+    r.reqId = this.allocReqId();
+    this.pending.set(r.reqId, r);
+    this.ring.send({ type: r.type, req_id: r.reqId, tx_id: r.txId, payload: r.payload });
+  }
+
+  /**
+   * Settle a request once: its answer, or an error. Its slot goes to the
+   * next waiter; a late answer to an abandoned request finds no entry and is
+   * dropped in deliver().
+   */
+  private finish(r: Request, result: XsMessage | XenError): void {
+    if (r.done) return;
+    r.done = true;
+    if (r.onAbort !== undefined) r.signal?.removeEventListener('abort', r.onAbort);
+    if (r.reqId !== 0 && this.pending.get(r.reqId) === r) this.pending.delete(r.reqId);
+    if (result instanceof XenError) r.reject(result);
+    else this.answer(r, result);
+    this.startWaiting();
+  }
+
+  /** XS_ERROR becomes a XenError whose code is the errno name; a decode that throws rejects. */
+  private answer(r: Request, msg: XsMessage): void {
+    if (msg.type === XS_ERROR) return r.reject(errorFrom(msg, `xenstore request type ${r.type}`));
+    if (msg.type !== r.type) return r.reject(new XenError('EIO', `xenstore request type ${r.type}: answered with type ${msg.type}`));
+    let value: unknown;
+    try {
+      value = r.decode(msg.payload);
+    } catch (err) {
+      return r.reject(err);
+    }
+    r.resolve(value);
+  }
+
+  /** Put waiting requests on the ring while slots are free (skipping those already settled). */
+  private startWaiting(): void {
+    while (this.pending.size < this.maxOutstanding && this.waitingHead < this.waiting.length && this.error === undefined) {
+      const r = this.waiting[this.waitingHead++]!;
+      if (!r.done) this.transmit(r);
+    }
+    if (this.waitingHead !== 0 && this.waitingHead === this.waiting.length) {
+      this.waiting.length = 0;
+      this.waitingHead = 0;
+    }
+    if (this.pending.size === 0 && this.waiting.length === 0) this.timer?.unref();
+  }
+
+  private armTimer(deadline: number): void {
+    if (this.timer !== undefined && deadline >= this.timerAt) {
+      this.timer.ref();
+      return;
+    }
+    if (this.timer !== undefined) clearTimeout(this.timer);
+    this.timerAt = deadline;
+    this.timer = setTimeout(() => this.expire(), Math.max(0, deadline - performance.now()));
+  }
+
+  /** The timer fired: fail what is past its deadline, re-arm for the earliest of the rest. */
+  private expire(): void {
+    this.timer = undefined;
+    this.timerAt = Infinity;
+    const now = performance.now();
+    let next = Infinity;
+    for (const r of [...this.pending.values(), ...this.waiting.slice(this.waitingHead)]) {
+      if (r.done) continue;
+      if (r.deadline <= now) this.finish(r, new XenError('ETIMEDOUT', `xenstore request type ${r.type}: no answer in ${r.timeoutMs} ms`));
+      else next = Math.min(next, r.deadline);
+    }
+    if (next !== Infinity) this.armTimer(next);
   }
 
   private deliver(msg: XsMessage): void {
@@ -264,13 +330,12 @@ export class XenStore {
       this.event(msg);
       return;
     }
-    const p = this.pending.get(msg.req_id);
-    if (p === undefined) {
+    const r = this.pending.get(msg.req_id);
+    if (r === undefined) {
       this.log('dropping response type %d for unknown req_id %d', msg.type, msg.req_id);
       return;
     }
-    this.pending.delete(msg.req_id);
-    p.resolve(msg);
+    this.finish(r, msg);
   }
 
   /** Run a watch's handler (OpenBSD xs_event). */
@@ -293,9 +358,14 @@ export class XenStore {
       this.error = err;
       this.log('xenstore down: %s', err.message);
     }
-    for (const p of this.pending.values()) p.reject(err);
+    for (const r of [...this.pending.values(), ...this.waiting.slice(this.waitingHead)]) this.finish(r, err);
     this.pending.clear();
+    this.waiting.length = 0;
+    this.waitingHead = 0;
     this.watches.clear();
+    if (this.timer !== undefined) clearTimeout(this.timer);
+    this.timer = undefined;
+    this.timerAt = Infinity;
   }
 
   // --- the API ----------------------------------------------------------
@@ -518,20 +588,22 @@ export class XsTransaction {
 
 // The operations, shared by XenStore and XsTransaction.
 
-async function xsRead(xs: XenStore, tx: number, path: string, wait?: XsWait): Promise<string> {
-  return fromBytes(await xs.cmd(XS_READ, tx, joinStrings([path]), wait));
+const ignore = (): void => undefined;
+
+function xsRead(xs: XenStore, tx: number, path: string, wait?: XsWait): Promise<string> {
+  return xs.request(XS_READ, tx, joinStrings([path]), wait, fromBytes);
 }
 
-async function xsWrite(xs: XenStore, tx: number, path: string, value: string | Uint8Array, wait?: XsWait): Promise<void> {
-  await xs.cmd(XS_WRITE, tx, joinWrite(path, value), wait);
+function xsWrite(xs: XenStore, tx: number, path: string, value: string | Uint8Array, wait?: XsWait): Promise<void> {
+  return xs.request(XS_WRITE, tx, joinWrite(path, value), wait, ignore);
 }
 
-async function xsList(xs: XenStore, tx: number, path: string, wait?: XsWait): Promise<string[]> {
-  return splitStrings(await xs.cmd(XS_DIRECTORY, tx, joinStrings([path]), wait));
+function xsList(xs: XenStore, tx: number, path: string, wait?: XsWait): Promise<string[]> {
+  return xs.request(XS_DIRECTORY, tx, joinStrings([path]), wait, splitStrings);
 }
 
-async function xsAck(xs: XenStore, tx: number, type: number, path: string, wait?: XsWait): Promise<void> {
-  await xs.cmd(type, tx, joinStrings([path]), wait);
+function xsAck(xs: XenStore, tx: number, type: number, path: string, wait?: XsWait): Promise<void> {
+  return xs.request(type, tx, joinStrings([path]), wait, ignore);
 }
 
 async function xsGetPerms(xs: XenStore, tx: number, path: string, wait?: XsWait): Promise<XsPerm[]> {
