@@ -154,6 +154,8 @@ t.test('xenpv run --trace under worker threads; xenpv trace decodes every thread
   t.same(takes.map((e) => e.fields), puts.map((e) => e.fields), 'and read what the guest wrote');
   const order = new Map(events.map((e, i) => [e.seq, i]));
   t.ok(puts.every((p, i) => order.get(p.seq)! < order.get(takes[i]!.seq)!), 'each slot was put before it was taken');
+  const pushes = events.filter((e): e is Extract<TraceEvent, { type: 'ring-push' }> => e.type === 'ring-push' && e.half === 'request' && /^xbf/.test(e.device ?? ''));
+  t.ok(takes.every((tk) => pushes.some((p) => p.prod > tk.index && order.get(p.seq)! < order.get(tk.seq)!)), 'each slot was taken after the push that published it');
   const rspPuts = slots(events, 'response', 'put', /^blkback/);
   const rspTakes = slots(events, 'response', 'take', /^xbf/);
   t.same(rspTakes.map((e) => e.fields), rspPuts.map((e) => e.fields), 'the guest took every response blkback put');

@@ -250,9 +250,18 @@ export function traceSlot(kind: number, dev: number, index: number, slot: Uint8A
   buf.set(slot, record(kind, domid, dev, index, 0, slot.length));
 }
 
-/** A producer index published, and whether the push asked for a notify. */
-export function tracePush(kind: number, dev: number, prod: number, notify: boolean): void {
-  record(kind, domid, dev, prod, notify ? 1 : 0, 0);
+/**
+ * A producer index about to be published: recorded before the peer can see
+ * it, so no record of the peer's can come first; returns the record for
+ * tracePushed, which adds whether the push asked for a notify.
+ */
+export function tracePush(kind: number, dev: number, prod: number): number {
+  return record(kind, domid, dev, prod, 0, 0);
+}
+
+/** The push recorded at `at` (tracePush, with no record made since) asked to notify the peer. */
+export function tracePushed(at: number, notify: boolean): void {
+  view.setUint32(at - RECORD_HEADER_BYTES + 28, notify ? 1 : 0, true);
 }
 
 /** A record whose payload is text (a ring that broke, and why). */

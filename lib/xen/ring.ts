@@ -23,7 +23,7 @@ import { PAGE_SIZE } from '../hypervisor/page.js';
 import type { Page } from '../hypervisor/page.js';
 import { logger } from '../log.js';
 import type { Log } from '../log.js';
-import { TraceKind, traceDevice, tracePush, traceRingAttach, traceSlot, traceText, tracing, type RingType } from '../trace/trace.js';
+import { TraceKind, traceDevice, tracePush, tracePushed, traceRingAttach, traceSlot, traceText, tracing, type RingType } from '../trace/trace.js';
 
 const REQ_PROD = offsetOf(sring_header, 'req_prod');
 const REQ_EVENT = offsetOf(sring_header, 'req_event');
@@ -244,8 +244,9 @@ export class FrontRing extends SharedRing {
     if (this.error !== undefined) return false;
     const old = this.reqProdPushed;
     this.reqProdPushed = this.reqProdPvt;
+    const rec = tracing ? tracePush(TraceKind.ringRequestPush, this.traceDev, this.reqProdPvt) : 0;
     const notify = pushAndCheck(this.pages[0]!, REQ_PROD, REQ_EVENT, old, this.reqProdPvt);
-    if (tracing) tracePush(TraceKind.ringRequestPush, this.traceDev, this.reqProdPvt, notify);
+    if (rec !== 0) tracePushed(rec, notify);
     return notify;
   }
 
@@ -372,8 +373,9 @@ export class BackRing extends SharedRing {
     if (this.error !== undefined) return false;
     const old = this.rspProdPushed;
     this.rspProdPushed = this.rspProdPvt;
+    const rec = tracing ? tracePush(TraceKind.ringResponsePush, this.traceDev, this.rspProdPvt) : 0;
     const notify = pushAndCheck(this.pages[0]!, RSP_PROD, RSP_EVENT, old, this.rspProdPvt);
-    if (tracing) tracePush(TraceKind.ringResponsePush, this.traceDev, this.rspProdPvt, notify);
+    if (rec !== 0) tracePushed(rec, notify);
     return notify;
   }
 
