@@ -15,7 +15,24 @@ import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { loadDomainConfig } from '../lib/backends/xlcfg.js';
 import type { DomainSpec } from '../lib/backends/toolstack.js';
-import { decodeTrace, readTrace, type TraceEvent } from '../lib/trace/decode.js';
+import type { Layout } from '../lib/abi/layout.js';
+import {
+  netif_extra_info,
+  netif_rx_request,
+  netif_rx_response,
+  netif_tx_request,
+  netif_tx_response,
+  NETIF_RSP_DROPPED,
+  NETIF_RSP_ERROR,
+  NETTXF_csum_blank,
+  NETTXF_extra_info,
+  XEN_NETIF_EXTRA_TYPE_GSO,
+  XEN_NETIF_GSO_TYPE_TCPV4,
+} from '../lib/abi/netif.js';
+import { __CONST_RING_SIZE, netif_rx_sring, netif_rx_sring_entry, netif_tx_sring, netif_tx_sring_entry } from '../lib/abi/ring.js';
+import { FramePage, MemoryViews, PAGE_SIZE } from '../lib/hypervisor/page.js';
+import { BackRing, FrontRing } from '../lib/xen/ring.js';
+import { decodeTrace, formatEvent, readTrace, type TraceEvent } from '../lib/trace/decode.js';
 import { writeTracePcapng } from '../lib/trace/pcapng.js';
 import { BLOCK_HEADER_BYTES, FILE_HEADER_BYTES, TraceFile, TraceKind, traceBytes, traceDevice, tracing } from '../lib/trace/trace.js';
 import { runSim } from './sim-harness.js';
@@ -247,4 +264,86 @@ t.test('the frames of a trace as pcapng, read back by tshark', { skip: tshark.st
     ['vif2.0', '00:16:3e:00:00:02', '00:16:3e:00:00:01', '1514', '0x00000002'],
     ['vif1.0', '00:16:3e:00:00:01', '00:16:3e:00:00:02', '98', '0x00000001'],
   ]);
+});
+
+/** Little-endian writes of a struct member into a slot buffer. */
+function put(slot: Uint8Array, layout: Layout, name: string, value: number): void {
+  const f = layout.fields[name]!;
+  const v = new DataView(slot.buffer, slot.byteOffset);
+  if (f.size === 1) v.setUint8(f.offset, value);
+  else if (f.size === 2) v.setUint16(f.offset, value & 0xffff, true);
+  else v.setUint32(f.offset, value >>> 0, true);
+}
+
+t.test('netif slots decode as their structs: a tx request, the extra-info slot it announces, responses with signed status', async (t) => {
+  const file = join(dir, 'netif.trace');
+  const tf = new TraceFile(file);
+  tf.start(false);
+  const mem = new MemoryViews(new SharedArrayBuffer(4 * PAGE_SIZE));
+  const txEntries = __CONST_RING_SIZE(netif_tx_sring, PAGE_SIZE);
+  const rxEntries = __CONST_RING_SIZE(netif_rx_sring, PAGE_SIZE);
+  const txFront = new FrontRing([new FramePage(mem, 1, true)], netif_tx_sring_entry.size, txEntries, 'xnf0-tx', 'netif_tx');
+  const txBack = new BackRing([new FramePage(mem, 1, true)], netif_tx_sring_entry.size, txEntries, 'vif1.0-tx', 'netif_tx');
+  const rxFront = new FrontRing([new FramePage(mem, 2, true)], netif_rx_sring_entry.size, rxEntries, 'xnf0-rx', 'netif_rx');
+  const rxBack = new BackRing([new FramePage(mem, 2, true)], netif_rx_sring_entry.size, rxEntries, 'vif1.0-rx', 'netif_rx');
+  txFront.init();
+  txBack.init();
+  rxFront.init();
+  rxBack.init();
+  const tx = new Uint8Array(netif_tx_sring_entry.size);
+  put(tx, netif_tx_request, 'gref', 77);
+  put(tx, netif_tx_request, 'flags', NETTXF_extra_info | NETTXF_csum_blank);
+  put(tx, netif_tx_request, 'id', 5);
+  put(tx, netif_tx_request, 'size', 9000);
+  txFront.putRequest(tx);
+  const extra = new Uint8Array(netif_tx_sring_entry.size);
+  put(extra, netif_extra_info, 'type', XEN_NETIF_EXTRA_TYPE_GSO);
+  put(extra, netif_extra_info, 'u.gso.size', 1448);
+  put(extra, netif_extra_info, 'u.gso.type', XEN_NETIF_GSO_TYPE_TCPV4);
+  txFront.putRequest(extra);
+  tx.fill(0);
+  put(tx, netif_tx_request, 'gref', 78);
+  put(tx, netif_tx_request, 'id', 6);
+  put(tx, netif_tx_request, 'size', 60);
+  txFront.putRequest(tx);
+  txFront.pushRequests();
+  const slot = new Uint8Array(netif_tx_sring_entry.size);
+  txBack.unconsumedRequests();
+  const idAt = netif_tx_request.fields['id']!.offset;
+  while (txBack.takeRequest(slot)) {
+    const rsp = new Uint8Array(netif_tx_sring_entry.size);
+    put(rsp, netif_tx_response, 'id', slot[idAt]!);
+    put(rsp, netif_tx_response, 'status', slot[idAt] === 6 ? NETIF_RSP_DROPPED : 0);
+    txBack.putResponse(rsp);
+  }
+  txBack.pushResponses();
+  const rxReq = new Uint8Array(netif_rx_sring_entry.size);
+  put(rxReq, netif_rx_request, 'id', 3);
+  put(rxReq, netif_rx_request, 'gref', 99);
+  rxFront.putRequest(rxReq);
+  rxFront.pushRequests();
+  rxBack.unconsumedRequests();
+  rxBack.takeRequest(new Uint8Array(netif_rx_sring_entry.size));
+  const rxRsp = new Uint8Array(netif_rx_sring_entry.size);
+  put(rxRsp, netif_rx_response, 'id', 3);
+  put(rxRsp, netif_rx_response, 'status', NETIF_RSP_ERROR);
+  rxBack.putResponse(rxRsp);
+  rxBack.pushResponses();
+  rxFront.unconsumedResponses();
+  rxFront.takeResponse(new Uint8Array(netif_rx_sring_entry.size));
+  tf.close();
+
+  const events = readTrace(file).events.filter((e): e is Slot => e.type === 'ring-slot');
+  const back = events.filter((e) => e.device === 'vif1.0-tx' && e.half === 'request');
+  t.same(back.map((e) => e.struct), ['netif_tx_request', 'netif_extra_info', 'netif_tx_request'], 'the slot after NETTXF_extra_info is an extra-info slot');
+  t.same(back[0]!.fields, { gref: 77, offset: 0, flags: NETTXF_extra_info | NETTXF_csum_blank, id: 5, size: 9000 });
+  t.same(back[1]!.fields, { type: XEN_NETIF_EXTRA_TYPE_GSO, flags: 0, 'u.gso.size': 1448, 'u.gso.type': XEN_NETIF_GSO_TYPE_TCPV4, 'u.gso.pad': 0, 'u.gso.features': 0 });
+  const rsps = events.filter((e) => e.device === 'vif1.0-tx' && e.half === 'response');
+  t.same(rsps.map((e) => e.fields['status']), [0, 0, NETIF_RSP_DROPPED], 'int16_t status');
+  const rx = events.filter((e) => e.device === 'xnf0-rx' && e.half === 'response');
+  t.same(rx.map((e) => [e.struct, e.fields['status']]), [['netif_rx_response', NETIF_RSP_ERROR]]);
+  const text = events.map((e) => formatEvent(e)).join('\n');
+  t.match(text, /xnf0-tx +request put \[0\] netif_tx_request \{ gref: 77, offset: 0, flags: NETTXF_csum_blank\|NETTXF_extra_info, id: 5, size: 9000 \}/);
+  t.match(text, /netif_extra_info \{ type: XEN_NETIF_EXTRA_TYPE_GSO, flags: 0, u\.gso\.size: 1448, u\.gso\.type: 1/);
+  t.match(text, /netif_tx_response \{ id: 6, status: NETIF_RSP_DROPPED \}/);
 });
