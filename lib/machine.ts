@@ -152,7 +152,10 @@ export class Machine {
   /** Build and start a guest; resolves with its domid once it runs. */
   async create(spec: DomainSpec): Promise<number> {
     if (this.dom0Dead !== null) throw new XenError('ESHUTDOWN', 'dom0 is not running');
+    const before = new Map(this.exits);
     const domid = (await this.rpc.call('create', spec)) as number;
+    // A domid used again: the exit of its last domain is not this one's.
+    if (this.exits.get(domid) === before.get(domid)) this.exits.delete(domid);
     if (spec.disks !== undefined && spec.disks.length > 0) this.vbds.set(domid, spec.disks.map((d) => d.devid));
     return domid;
   }

@@ -31,6 +31,7 @@ t.test('50,000 seeded steps against blkback break no invariant and reach every a
   t.ok(Object.keys(r.actions).some((a) => / persistent$/.test(a)), 'connected with persistent grants');
   for (const status of ['OKAY', 'BLKIF_RSP_ERROR', 'BLKIF_RSP_EOPNOTSUPP']) t.ok((r.refusals[status] ?? 0) > 0, `answered ${status}`);
   t.equal(r.ringBreaks, r.actions['ring broken'], 'every req_prod jump stopped that ring');
+  t.ok((r.refusals['port throttled'] ?? 0) > 0, 'event storms got the port held masked for a while');
 });
 
 t.test('a seed replays exactly; another seed is another run', async (t) => {

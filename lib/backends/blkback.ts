@@ -474,19 +474,24 @@ export class Blkback {
   // --- datapath ----------------------------------------------------------------
 
   // do_block_io_op: copy each request once, dispatch, answer; then notify.
-  private serve(r: BlkifRing): void {
+  // False when the event brought nothing to do (the interrupt layer throttles
+  // a frontend that keeps signalling for nothing, or on a ring it broke).
+  private serve(r: BlkifRing): boolean {
     const ring = r.ring;
-    if (ring === null || r.ih === null) return;
+    if (ring === null || r.ih === null) return false;
     let notify = false;
+    let took = false;
     do {
       ring.unconsumedRequests();
       while (ring.takeRequest(r.req)) {
+        took = true;
         this.answer(r, this.dispatch(r));
         if (ring.pushResponses()) notify = true;
       }
     } while (ring.finalCheckForRequests());
     if (ring.error !== undefined) this.log('queue %d: ring broken: %s', r.index, ring.error.message);
     if (notify) this.intr.intrSignal(r.ih);
+    return took;
   }
 
   /** make_response: id and operation echoed (an indirect request's indirect_op), and `status`. */

@@ -614,8 +614,9 @@ export class XenstoredRing {
     });
   }
 
-  intr(): void {
-    this.ring.intr();
+  /** The guest's event; false when it brought nothing (a spurious event). */
+  intr(): boolean {
+    return this.ring.intr();
   }
 
   /** Set once the guest broke the protocol or the connection was closed. */

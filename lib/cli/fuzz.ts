@@ -5,12 +5,14 @@
 //
 //   fuzz xenstore                   a guest that abuses xenstored
 //   fuzz frontend --device blkback  a frontend that abuses a real blkback
+//   fuzz backend --device xbf       a backend that abuses a real xbf
 
 import { randomInt } from 'node:crypto';
 import { parseArgs } from 'node:util';
 import { XenError } from '../errors.js';
 import { fuzzBlkback } from '../fuzz/blkback.js';
 import type { FuzzReport } from '../fuzz/report.js';
+import { fuzzXbf } from '../fuzz/xbf.js';
 import { fuzzXenstore } from '../fuzz/xenstore.js';
 
 type Harness = (seed: number, steps: number, progress: (n: number) => void) => FuzzReport | Promise<FuzzReport>;
@@ -19,6 +21,7 @@ type Harness = (seed: number, steps: number, progress: (n: number) => void) => F
 const HARNESSES: Record<string, Harness> = {
   xenstore: (seed, steps, onProgress) => fuzzXenstore({ seed, steps, onProgress }),
   'frontend blkback': (seed, steps, onProgress) => fuzzBlkback({ seed, steps, onProgress }),
+  'backend xbf': (seed, steps, onProgress) => fuzzXbf({ seed, steps, onProgress }),
 };
 
 function integer(name: string, value: string | undefined, fallback: number, max: number): number {

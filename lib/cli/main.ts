@@ -62,6 +62,13 @@ commands:
       disconnects mid-request) mixed with I/O checked against a model of
       the disk; canary pages around every buffer; a bystander's disk must
       keep working. The whole host runs in one thread, so a seed replays.
+  fuzz backend --device xbf [--seed N] [--steps M] [--json]
+      a block backend that answers a real xbf honestly, late, out of order,
+      with errors, and maliciously (unknown, duplicate or never-issued ids,
+      wrong operations, junk statuses, rsp_prod ahead or behind, event
+      storms, restarts, grants kept mapped): the disk must break with EIO
+      and a reason, no acknowledged data may be wrong, the guest's other
+      disk must keep working, and a page still mapped is never reused.
   help
       this text.
 

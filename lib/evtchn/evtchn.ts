@@ -26,7 +26,33 @@ import { traceDevice, traceEvtchnBind, traceEvtchnDeliver, tracing } from '../tr
 /** 2-level ABI on a 64-bit guest: 64 rows of 64 ports. */
 const NR_ROWS = 64;
 
-export type IntrHandler = () => void | Promise<void>;
+/**
+ * A port's handler. It returns false when the event found nothing to do (a
+ * spurious event, Linux's XEN_EOI_FLAG_SPURIOUS); anything else counts as work.
+ */
+export type IntrHandler = () => void | boolean | Promise<void | boolean>;
+
+/** Time for throttling: the real clock, or a one-thread host's virtual one. */
+export type IntrClock = { now(): number; after(ms: number, fn: () => void): void };
+
+export const realClock: IntrClock = {
+  now: () => performance.now(),
+  after: (ms, fn) => void setTimeout(fn, ms).unref(),
+};
+
+// Spurious-event throttling (XSA-332, XSA-391), after Linux's lateeoi: the
+// port is unmasked when its handler returns (the EOI), but a port that fired
+// SPURIOUS_LIMIT times in a row with nothing to do, each within
+// SPURIOUS_WINDOW_MS of the last, stays masked for THROTTLE_MIN_MS first,
+// twice as long at each further event for nothing, up to THROTTLE_MAX_MS.
+// One event with work resets it. A peer that sends events as fast as it can
+// costs the target a bounded share of its time, and its other ports go on.
+const SPURIOUS_LIMIT = 8;
+const SPURIOUS_WINDOW_MS = 100;
+const THROTTLE_MIN_MS = 1;
+const THROTTLE_MAX_MS = 1000;
+/** Passes of the upcall over the pending bitmaps before it yields to the rest of the kernel. */
+const UPCALL_MAX_ROUNDS = 64;
 
 /** One established port (OpenBSD's struct xen_intsrc). */
 export class IntrHandle {
@@ -35,6 +61,12 @@ export class IntrHandle {
   closed = false;
   /** The handler's device in this thread's trace (0 when not tracing). */
   readonly traceDev: number;
+  /** Events in a row that found nothing to do, and when the last of them came. */
+  spuriousRun = 0;
+  lastSpurious = 0;
+  /** Events that found nothing to do, and times the port was held masked for it. */
+  spuriousEvents = 0;
+  throttles = 0;
 
   constructor(
     readonly port: number,
@@ -57,6 +89,8 @@ export class Interrupts {
   spurious = 0;
   /** Handlers that threw (a driver bug: logged, the port goes on). */
   handlerErrors = 0;
+  /** Times a port was held masked for firing with nothing to do. */
+  throttles = 0;
 
   constructor(
     private readonly hypercall: Hypercall,
@@ -64,6 +98,7 @@ export class Interrupts {
     private readonly sharedInfoGfn: number,
     private readonly vcpu: KernelVcpu,
     name: string,
+    private readonly clock: IntrClock = realClock,
   ) {
     this.log = logger('evtchn', name);
     this.pending = sharedInfoGfn * PAGE_SIZE + EVTCHN_PENDING;
@@ -154,7 +189,13 @@ export class Interrupts {
     const u8 = this.mem.u8;
     const u32 = this.mem.u32;
     const vi = this.sharedInfoGfn * PAGE_SIZE + this.vcpu.id * vcpu_info.size;
-    while (Atomics.exchange(u8, vi + UPCALL_PENDING, 0) !== 0) {
+    for (let round = 0; Atomics.exchange(u8, vi + UPCALL_PENDING, 0) !== 0; round++) {
+      if (round === UPCALL_MAX_ROUNDS) {
+        // Events keep coming: the rest waits for the next upcall, and the kernel's other work runs first.
+        Atomics.store(u8, vi + UPCALL_PENDING, 1);
+        this.vcpu.kick();
+        return;
+      }
       for (let half = 0; half < 2; half++) {
         let sel = Atomics.exchange(u32, (vi + PENDING_SEL + half * 4) >> 2, 0);
         for (; sel !== 0; sel &= sel - 1) {
@@ -187,25 +228,26 @@ export class Interrupts {
     h.count++;
     if (tracing) traceEvtchnDeliver(h.traceDev, port);
     this.setMask(port);
-    let result: void | Promise<void> = undefined;
+    let result: void | boolean | Promise<void | boolean> = undefined;
     try {
       result = h.handler();
     } catch (err) {
       this.handlerFailed(h, err);
     }
     if (result instanceof Promise) h.running = this.settle(h, result);
-    else this.unmaskAfter(h);
+    else this.eoi(h, result === false);
   }
 
   /** The rest of an asynchronous handler, its port masked until it settles. */
-  private async settle(h: IntrHandle, result: Promise<void>): Promise<void> {
+  private async settle(h: IntrHandle, result: Promise<void | boolean>): Promise<void> {
+    let work: void | boolean = undefined;
     try {
-      await result;
+      work = await result;
     } catch (err) {
       this.handlerFailed(h, err);
     } finally {
       h.running = null;
-      this.unmaskAfter(h);
+      this.eoi(h, work === false);
     }
   }
 
@@ -213,6 +255,37 @@ export class Interrupts {
   private handlerFailed(h: IntrHandle, err: unknown): void {
     this.handlerErrors++;
     this.log('handler %s on port %d threw: %s', h.name, h.port, (err as Error).message);
+  }
+
+  // xen_irq_lateeoi: the handler is done; unmask the port now, or a while
+  // later if it keeps firing with nothing to do.
+  private eoi(h: IntrHandle, spurious: boolean): void {
+    if (h.closed || this.handles.get(h.port) !== h) return;
+    const delayMs = this.spuriousDelay(h, spurious);
+    if (delayMs === 0) return this.unmaskAfter(h);
+    h.throttles++;
+    this.throttles++;
+    this.log('port %d (%s): %d events in a row with nothing to do: masked for %d ms', h.port, h.name, h.spuriousRun, delayMs);
+    this.clock.after(delayMs, () => {
+      if (h.running === null) this.unmaskAfter(h);
+    });
+  }
+
+  private spuriousDelay(h: IntrHandle, spurious: boolean): number {
+    if (!spurious) {
+      h.spuriousRun = 0;
+      return 0;
+    }
+    const now = this.clock.now();
+    h.spuriousEvents++;
+    if (now - h.lastSpurious > SPURIOUS_WINDOW_MS) h.spuriousRun = 0;
+    h.lastSpurious = now;
+    h.spuriousRun++;
+    if (h.spuriousRun < SPURIOUS_LIMIT) return 0;
+    const delayMs = Math.min(THROTTLE_MAX_MS, THROTTLE_MIN_MS * 2 ** Math.min(10, h.spuriousRun - SPURIOUS_LIMIT));
+    // The window runs from the unmask: a storm that resumes at once doubles the wait.
+    h.lastSpurious = now + delayMs;
+    return delayMs;
   }
 
   /**

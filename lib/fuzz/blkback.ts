@@ -29,13 +29,9 @@ import { join } from 'node:path';
 import {
   BLKIF_DISCARD_SECURE, BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT,
   BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY,
-  blkif_request, blkif_request_discard, blkif_request_discard_x86_32, blkif_request_indirect, blkif_request_indirect_x86_32,
-  blkif_request_x86_32, blkif_response, blkif_response_x86_32,
 } from '../abi/blkif.js';
 import { GTF_permit_access, GTF_readonly, GTF_type_mask } from '../abi/grant_table.js';
-import { offsetOf, type Layout } from '../abi/layout.js';
 import { XEN_IO_PROTO_ABI_X86_32, XEN_IO_PROTO_ABI_X86_64 } from '../abi/protocols.js';
-import { __CONST_RING_SIZE, blkif_sring, blkif_sring_x86_32 } from '../abi/ring.js';
 import { XenbusStateClosed, XenbusStateClosing, XenbusStateConnected, XenbusStateInitialised, XenbusStateInitWait } from '../abi/xenbus.js';
 import { MAX_INDIRECT_SEGMENTS, type Blkback, type BlkbackFactory } from '../backends/blkback.js';
 import { BUS_DMA_READ, BUS_DMA_WRITE, busDmaDomid, type XenDmaMap } from '../busdma/busdma.js';
@@ -46,6 +42,7 @@ import { D, type Domain } from '../hypervisor/domain.js';
 import { FramePage, PAGE_SIZE } from '../hypervisor/page.js';
 import { FrontRing, SRING_RING_OFFSET } from '../xen/ring.js';
 import type { XenSoftc } from '../xen/xen.js';
+import { BLK_WIRES, putU64, type BlkWire } from './blkwire.js';
 import { MAX_VIOLATIONS, count, emptyReport, type FuzzReport } from './report.js';
 import { Rng } from './rng.js';
 import { World } from './world.js';
@@ -64,42 +61,6 @@ const PROBE_EVERY = 64;
 const MEMORY_CHECK_EVERY = 64;
 const DISK_CHECK_EVERY = 4096;
 const STATUS_NAMES: Record<number, string> = { [BLKIF_RSP_OKAY]: 'OKAY', [BLKIF_RSP_ERROR]: 'BLKIF_RSP_ERROR', [BLKIF_RSP_EOPNOTSUPP]: 'BLKIF_RSP_EOPNOTSUPP' };
-
-// --- the wire as the attacker lays it out ----------------------------------------------
-
-type Wire = {
-  protocol: string;
-  entryBytes: number;
-  ringSize: (order: number) => number;
-  nrSegments: number; handle: number; id: number; sector: number; seg: number;
-  discardFlag: number; discardId: number; discardSector: number; discardNrSectors: number;
-  indOp: number; indNrSegments: number; indId: number; indSector: number; indHandle: number; indGrefs: number;
-  rspId: number; rspOperation: number; rspStatus: number;
-};
-
-function wireOf(protocol: string, req: Layout, discard: Layout, ind: Layout, rsp: Layout, sring: Layout): Wire {
-  return {
-    protocol, entryBytes: req.size, ringSize: (order) => __CONST_RING_SIZE(sring, PAGE_SIZE << order),
-    nrSegments: offsetOf(req, 'nr_segments'), handle: offsetOf(req, 'handle'), id: offsetOf(req, 'id'),
-    sector: offsetOf(req, 'sector_number'), seg: offsetOf(req, 'seg'),
-    discardFlag: offsetOf(discard, 'flag'), discardId: offsetOf(discard, 'id'), discardSector: offsetOf(discard, 'sector_number'),
-    discardNrSectors: offsetOf(discard, 'nr_sectors'),
-    indOp: offsetOf(ind, 'indirect_op'), indNrSegments: offsetOf(ind, 'nr_segments'), indId: offsetOf(ind, 'id'),
-    indSector: offsetOf(ind, 'sector_number'), indHandle: offsetOf(ind, 'handle'), indGrefs: offsetOf(ind, 'indirect_grefs'),
-    rspId: offsetOf(rsp, 'id'), rspOperation: offsetOf(rsp, 'operation'), rspStatus: offsetOf(rsp, 'status'),
-  };
-}
-
-const WIRES = [
-  wireOf(XEN_IO_PROTO_ABI_X86_64, blkif_request, blkif_request_discard, blkif_request_indirect, blkif_response, blkif_sring),
-  wireOf(XEN_IO_PROTO_ABI_X86_32, blkif_request_x86_32, blkif_request_discard_x86_32, blkif_request_indirect_x86_32,
-    blkif_response_x86_32, blkif_sring_x86_32),
-];
-
-function putU64(v: DataView, at: number, x: bigint): void {
-  v.setUint32(at, Number(x & 0xffffffffn), true);
-  v.setUint32(at + 4, Number((x >> 32n) & 0xffffffffn), true);
-}
 
 // --- requests and what they must get --------------------------------------------------
 
@@ -145,7 +106,7 @@ type Queue = {
 
 type Kind = 'W' | 'R' | 'X' | 'I';
 
-type Connection = { wire: Wire; order: number; persistent: boolean; queues: Queue[] };
+type Connection = { wire: BlkWire; order: number; persistent: boolean; queues: Queue[] };
 
 export type BlkbackFuzzOptions = {
   seed: number;
@@ -230,6 +191,7 @@ export class BlkbackFuzz {
       this.checkAllMemory();
       this.checkDisk();
       this.hash.update(this.disk);
+      this.report.refusals['port throttled'] = this.world.dom0.intr.throttles;
     } finally {
       if (this.dir !== '') rmSync(this.dir, { recursive: true, force: true });
     }
@@ -295,7 +257,7 @@ export class BlkbackFuzz {
     const { xs } = this.sc;
     const be = await xs.read(`${this.fe}/backend`);
     await xs.awaitState(`${be}/state`, XenbusStateInitWait, { timeoutMs: 30_000 });
-    const wire = WIRES[this.rng.chance(0.25) ? 1 : 0]!;
+    const wire = BLK_WIRES.get(this.rng.chance(0.25) ? XEN_IO_PROTO_ABI_X86_32 : XEN_IO_PROTO_ABI_X86_64)!;
     const order = this.rng.pick([0, 0, 0, 1, 2]);
     const nq = this.rng.pick([1, 1, 2, 3]);
     const persistent = this.rng.chance(0.5);
@@ -325,7 +287,7 @@ export class BlkbackFuzz {
   }
 
   /** One queue: zeroed ring pages granted to dom0, canary after the entries, an unbound port. */
-  private makeQueue(index: number, wire: Wire, order: number): Queue {
+  private makeQueue(index: number, wire: BlkWire, order: number): Queue {
     const { physmem, dmat, mem, intr } = this.sc;
     const npages = 1 << order;
     const gfn = physmem.alloc(npages);
@@ -454,6 +416,8 @@ export class BlkbackFuzz {
     this.push(q);
     if (how !== 'unserved') await this.world.settle();
     if (how === 'half') {
+      // Judge what was served before new requests rewrite the descriptor pages it read.
+      this.collect(q);
       for (let n = this.rng.range(1, 4); n > 0 && this.free(q) > 0; n--) this.send(q, this.validPlan());
       this.push(q);
     }
@@ -760,7 +724,8 @@ export class BlkbackFuzz {
 
   /** Let blkback run; every request of an unbroken ring must then be answered, and as the model says. */
   private async exchange(): Promise<void> {
-    await this.world.settle();
+    // Settle, and wait out (in virtual time) a throttle a storm may have set off.
+    await this.world.drain();
     for (const q of this.conn!.queues) {
       this.collect(q);
       if (!q.broken && q.outstanding.size > 0) {
@@ -859,7 +824,7 @@ export class BlkbackFuzz {
     let i = from;
     while (i < to && this.region[i] === this.shadow[i]) i++;
     const page = Math.floor(i / PAGE_SIZE);
-    const what = page % 2 === 0 ? `canary page ${page} (from ${from} to ${to})` : `buffer ${(page - 1) / 2} (${this.kinds[(page - 1) / 2]})`;
+    const what = page % 2 === 0 ? `the canary page before buffer ${page / 2}` : `buffer ${(page - 1) / 2} (${this.kinds[(page - 1) / 2]})`;
     this.violation(`memory of ${what} changed at byte ${i % PAGE_SIZE}: ${this.region[i]} where the model has ${this.shadow[i]}`);
     // Resynchronise so that one stray write is reported once.
     this.shadow.set(this.region.subarray(from, to), from);

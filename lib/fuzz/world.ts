@@ -3,8 +3,9 @@
 // console backend) and guests booted in-process through the real xen(4)
 // attach. No vCPU runs by itself: pump() runs each domain's upcall in domid
 // order, and run(p) pumps until `p` settles, so the same calls in the same
-// order make the same run. Only timers (xenstore deadlines, a transaction's
-// EAGAIN back-off) could reorder anything, and they fire only on a hang.
+// order make the same run. The interrupt layers' throttles run on a virtual
+// clock that moves only when the world moves it; real timers (xenstore
+// deadlines, a transaction's EAGAIN back-off) fire only on a hang.
 
 import { setImmediate as immediate } from 'node:timers/promises';
 import { vcpu_info, VIRQ_DOM_EXC } from '../abi/xen.js';
@@ -16,7 +17,7 @@ import { localClient, StoreRings } from '../backends/dom0.js';
 import { Toolstack, type DiskSpec, type DomainExit, type DomainSpec } from '../backends/toolstack.js';
 import { Xenstored } from '../backends/xenstored.js';
 import { XenError } from '../errors.js';
-import { Interrupts } from '../evtchn/evtchn.js';
+import { Interrupts, type IntrClock } from '../evtchn/evtchn.js';
 import { D, DomainState } from '../hypervisor/domain.js';
 import { UPCALL_PENDING } from '../hypervisor/evtchn.js';
 import { Host } from '../hypervisor/host.js';
@@ -31,6 +32,42 @@ import type { XenStore } from '../xenstore/xenstore.js';
 
 /** A run that does not settle within this much wall time is hung. */
 const RUN_TIMEOUT_MS = 60_000;
+
+/**
+ * The world's time for the interrupt layers' throttles: it stands still
+ * until the world moves it on, so a run does not depend on how fast it runs.
+ */
+export class VirtualClock implements IntrClock {
+  private ms = 0;
+  private seq = 0;
+  private timers: { at: number; seq: number; fn: () => void }[] = [];
+
+  now(): number {
+    return this.ms;
+  }
+
+  after(ms: number, fn: () => void): void {
+    this.timers.push({ at: this.ms + Math.max(0, ms), seq: this.seq++, fn });
+    this.timers.sort((a, b) => a.at - b.at || a.seq - b.seq);
+  }
+
+  /** Milliseconds to the next timer, or null when none is set. */
+  untilNext(): number | null {
+    const t = this.timers[0];
+    return t === undefined ? null : t.at - this.ms;
+  }
+
+  /** Move on by `ms`, running each timer that falls due, in order. */
+  advance(ms: number): void {
+    const end = this.ms + ms;
+    for (let t = this.timers[0]; t !== undefined && t.at <= end; t = this.timers[0]) {
+      this.timers.shift();
+      this.ms = t.at;
+      t.fn();
+    }
+    this.ms = end;
+  }
+}
 
 /** dom0 as the world builds it: the pieces dom0's kernel (lib/backends/dom0.ts) puts together. */
 export type WorldDom0 = {
@@ -80,6 +117,7 @@ type Cpu = { domid: number; intr: Interrupts; upcallPending: number; u8: Uint8Ar
 
 export class World {
   readonly host = new Host();
+  readonly clock = new VirtualClock();
   readonly dom0: WorldDom0;
   readonly guests = new Map<number, XenSoftc>();
   readonly exits: DomainExit[] = [];
@@ -94,7 +132,7 @@ export class World {
     const hypercall = host.hv.entry(0);
     const physmem = new PhysMem(self.mem, ramPages(hypercall));
     const gfn = initSharedInfo(hypercall, physmem);
-    const intr = new Interrupts(hypercall, self.mem, gfn, new Vcpu(self, 0), 'dom0');
+    const intr = new Interrupts(hypercall, self.mem, gfn, new Vcpu(self, 0), 'dom0', this.clock);
     this.addCpu(0, intr, gfn, self.mem);
     const rings = new StoreRings(hypercall, intr);
     const xsd: Xenstored = new Xenstored({
@@ -134,7 +172,10 @@ export class World {
   private async boot(domid: number, args: { name: string; extra: string }): Promise<void> {
     const d = this.host.domain(domid);
     Atomics.store(d.ctl, D.state, DomainState.running);
-    const { sc } = xenAttach(inProcessContext(this.host, domid, args), args.name, args.extra, { idle: false });
+    // A peer in this thread lets go of a grant before the granter revokes it, or never:
+    // revocation does not wait (no timer may decide a run), a ref still mapped goes to quarantine at once.
+    const gnttab = { removeRetries: 0 };
+    const { sc } = xenAttach(inProcessContext(this.host, domid, args), args.name, args.extra, { idle: false, gnttab, clock: this.clock });
     this.guests.set(domid, sc);
     this.addCpu(domid, sc.intr, d.sharedInfoGfn, d.mem);
     if (this.probe.get(args.name) !== false) await probeDevices(sc);
@@ -171,6 +212,22 @@ export class World {
     }
   }
 
+  /**
+   * Settle, then let virtual time run on from timer to timer (ports held
+   * masked by a throttle come back) while any is set, up to `maxMs`;
+   * returns the virtual milliseconds that passed.
+   */
+  async drain(maxMs = 10_000): Promise<number> {
+    await this.settle();
+    let waited = 0;
+    for (let next = this.clock.untilNext(); next !== null && waited + next <= maxMs; next = this.clock.untilNext()) {
+      this.clock.advance(next);
+      waited += next;
+      await this.settle();
+    }
+    return waited;
+  }
+
   private pending(): boolean {
     for (const c of this.cpus) if (Atomics.load(c.u8, c.upcallPending) !== 0) return true;
     return false;
@@ -183,8 +240,11 @@ export class World {
     watched.catch(() => undefined);
     const deadline = performance.now() + RUN_TIMEOUT_MS;
     while (!done) {
-      this.pump();
+      const ran = this.pump();
       await immediate();
+      // Nothing moves but a timer can: virtual time goes on to it.
+      const next = this.clock.untilNext();
+      if (!done && !ran && !this.pending() && next !== null) this.clock.advance(next);
       if (performance.now() > deadline) throw new XenError('ETIMEDOUT', `${what} did not finish in ${RUN_TIMEOUT_MS} ms`);
     }
     return watched;

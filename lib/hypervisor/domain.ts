@@ -82,6 +82,8 @@ export class Domain {
     readonly domid: number,
     readonly control: SharedArrayBuffer,
     readonly memory: SharedArrayBuffer,
+    /** Which domain of this domid it is: a domid is used again once its last domain is gone. */
+    readonly generation = 0,
   ) {
     this.ctl = new Int32Array(control);
     this.mem = new MemoryViews(memory);

@@ -324,6 +324,19 @@ export function bindVcpu(caller: Domain, op: evtchn_bind_vcpu): number {
   }
 }
 
+/** One port a domain has open: its state (EVTCHNSTAT_*), and the remote domid (or virq) and port. */
+export type PortInfo = { port: number; state: number; remote: number; remotePort: number };
+
+export function portsOf(d: Domain): PortInfo[] {
+  const out: PortInfo[] = [];
+  for (let port = 1; port < MAX_EVTCHNS; port++) {
+    const e = entry(port);
+    const state = Atomics.load(d.ctl, e + STATE);
+    if (state !== EVTCHNSTAT_closed) out.push({ port, state, remote: d.ctl[e + REMOTE] ?? 0, remotePort: d.ctl[e + REMOTE_PORT] ?? 0 });
+  }
+  return out;
+}
+
 /** Close every port of a dying domain, so peers see their ends go unbound. */
 export function closeAll(d: Domain, lookup: DomainLookup): void {
   for (let port = 1; port < MAX_EVTCHNS; port++) {

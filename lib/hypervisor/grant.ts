@@ -203,6 +203,19 @@ function unmapOne(caller: Domain, op: gnttab_unmap_grant_ref, lookup: DomainLook
   op.status = GNTST_okay;
 }
 
+/** One grant mapping a domain holds (its maptrack entry), for the toolstack's and the tests' view of the tables. */
+export type GrantMapping = { handle: number; domid: number; ref: number; readonly: boolean };
+
+export function mappingsOf(d: Domain): GrantMapping[] {
+  const out: GrantMapping[] = [];
+  for (let h = 0; h < MAX_MAPTRACK; h++) {
+    const flags = Atomics.load(d.ctl, D.maptrack + h * 4 + MT_FLAGS);
+    if ((flags & ~MT_INUSE) === 0) continue;
+    out.push({ handle: h, domid: d.ctl[D.maptrack + h * 4 + MT_DOM] ?? -1, ref: d.ctl[D.maptrack + h * 4 + MT_REF] ?? -1, readonly: (flags & GNTMAP_readonly) !== 0 });
+  }
+  return out;
+}
+
 /** Unmap everything a dying domain still maps, so the granters can revoke. */
 export function unmapAll(d: Domain, lookup: DomainLookup): void {
   for (let h = 0; h < MAX_MAPTRACK; h++) {

@@ -8,8 +8,10 @@ import { XenError } from '../errors.js';
 import { logger } from '../log.js';
 import { SHUTDOWN_crash } from '../abi/sched.js';
 import { D, Domain, DomainState, MAX_GRANT_FRAMES, MAX_VCPUS, SPECIAL_PAGES, SpecialPage, VCPU_ONLINE, newControlBlock } from './domain.js';
-import { DOMID_FIRST_RESERVED, HOST, HOST_WORDS, Hypervisor, type DomainHandle } from './hypervisor.js';
-import { EVTCHN_MASK, EVTCHN_MASK_BYTES } from './evtchn.js';
+import { DOMID_FIRST_RESERVED, HOST, HOST_WORDS, Hypervisor, domidWord, type DomainHandle } from './hypervisor.js';
+import { EVTCHN_MASK, EVTCHN_MASK_BYTES, portsOf } from './evtchn.js';
+import { mappingsOf } from './grant.js';
+import { EVTCHNSTAT_interdomain, EVTCHNSTAT_unbound } from '../abi/event_channel.js';
 import { PAGE_SIZE } from './page.js';
 import type { Runner } from './runner.js';
 import { ThreadRunner } from './threads.js';
@@ -37,6 +39,8 @@ export class Host {
   readonly hostBlock = new SharedArrayBuffer(HOST_WORDS * 4);
   readonly hv: Hypervisor;
   private readonly handles = new Map<number, DomainHandle>();
+  /** The last generation of each domid used. */
+  private readonly generations = new Map<number, number>();
   readonly names = new Map<number, string>();
 
   constructor(
@@ -62,9 +66,11 @@ export class Host {
     }
     const vcpus = cfg.vcpus ?? 1;
     if (!Number.isInteger(vcpus) || vcpus < 1 || vcpus > MAX_VCPUS) throw new XenError('EINVAL', `vcpus must be 1..${MAX_VCPUS}`);
+    if (domid !== undefined && !this.reusable(domid)) throw new XenError('EEXIST', `domid ${domid} is in use`);
     const id = domid ?? this.allocDomid();
-    const h: DomainHandle = { domid: id, control: newControlBlock(), memory: new SharedArrayBuffer(nrPages * PAGE_SIZE) };
-    const d = new Domain(id, h.control, h.memory);
+    const generation = (this.generations.get(id) ?? -1) + 1;
+    const h: DomainHandle = { domid: id, control: newControlBlock(), memory: new SharedArrayBuffer(nrPages * PAGE_SIZE), generation };
+    const d = new Domain(id, h.control, h.memory, generation);
     const ctl = d.ctl;
     ctl[D.domid] = id;
     ctl[D.nrPages] = nrPages;
@@ -82,18 +88,42 @@ export class Host {
     this.handles.set(id, h);
     this.names.set(id, cfg.name);
     this.hv.add(h);
-    Atomics.store(this.hv.host, HOST.domains + id, 1);
+    this.generations.set(id, generation);
+    Atomics.store(this.hv.host, HOST.domains + id, domidWord(generation, true));
     this.runner.added(h);
     log('created domain %d (%s): %d pages, %d vcpus', id, cfg.name, nrPages, vcpus);
     return h;
   }
 
+  // domain_create's rover: the next domid after the last one handed out,
+  // wrapping around below DOMID_FIRST_RESERVED, skipping any in use.
   private allocDomid(): number {
-    for (;;) {
-      const id = Atomics.add(this.hv.host, HOST.nextDomid, 1) + 1;
-      if (id >= DOMID_FIRST_RESERVED) throw new XenError('ENOSPC', 'no domain ids left');
-      if (Atomics.load(this.hv.host, HOST.domains + id) === 0) return id;
+    for (let tries = 0; tries < DOMID_FIRST_RESERVED; tries++) {
+      const id = ((Atomics.add(this.hv.host, HOST.nextDomid, 1) % (DOMID_FIRST_RESERVED - 1)) + 1);
+      if (this.reusable(id)) return id;
     }
+    throw new XenError('ENOSPC', 'no domain ids left');
+  }
+
+  /**
+   * A domid may name a new domain once its last one is destroyed and nothing
+   * of it is left in a live domain: no grant mapping of its pages, no port
+   * naming it as the remote end. A new domain must inherit nothing (XSA-322's
+   * rule, here for the hypervisor's tables: the toolstack and xenstored clean
+   * theirs).
+   */
+  private reusable(id: number): boolean {
+    if (!Number.isInteger(id) || id < 0 || id >= DOMID_FIRST_RESERVED) return false;
+    const word = Atomics.load(this.hv.host, HOST.domains + id);
+    if (word === 0) return true;
+    if ((word & 1) !== 0) return false;
+    for (const h of this.handles.values()) {
+      const d = this.hv.domain(h.domid);
+      if (d === undefined) continue;
+      if (mappingsOf(d).some((m) => m.domid === id)) return false;
+      if (portsOf(d).some((p) => (p.state === EVTCHNSTAT_interdomain || p.state === EVTCHNSTAT_unbound) && p.remote === id)) return false;
+    }
+    return true;
   }
 
   domain(domid: number): Domain {
@@ -126,7 +156,7 @@ export class Host {
     await this.runner.destroy(domid);
     this.hv.teardown(d);
     Atomics.store(d.ctl, D.state, DomainState.dead);
-    Atomics.store(this.hv.host, HOST.domains + domid, 2);
+    Atomics.store(this.hv.host, HOST.domains + domid, domidWord(d.generation, false));
     this.handles.delete(domid);
     this.names.delete(domid);
     this.runner.removed(domid);

@@ -74,9 +74,14 @@ import { XenError } from '../errors.js';
 export const HOST = {
   lock: 0,
   nextDomid: 1,
-  /** per domid: 0 never existed, 1 exists, 2 destroyed */
+  /** per domid: 0 never existed, 2g+1 domain of generation g exists, 2g+2 it was destroyed */
   domains: 16,
 } as const;
+
+/** The host block's word for a domid whose domain of `generation` exists (or was destroyed). */
+export function domidWord(generation: number, alive: boolean): number {
+  return generation * 2 + (alive ? 1 : 2);
+}
 export const DOMID_FIRST_RESERVED = 0x7ff0;
 export const HOST_WORDS = HOST.domains + DOMID_FIRST_RESERVED;
 
@@ -87,7 +92,7 @@ const E820_RAM = 1;
 const E820_RESERVED = 2;
 
 /** A domain's shared buffers as they travel between threads. */
-export type DomainHandle = { domid: number; control: SharedArrayBuffer; memory: SharedArrayBuffer };
+export type DomainHandle = { domid: number; control: SharedArrayBuffer; memory: SharedArrayBuffer; generation: number };
 export type RegistryMessage = { add: DomainHandle } | { remove: number };
 
 export class Hypervisor {
@@ -112,18 +117,26 @@ export class Hypervisor {
   }
 
   add(h: DomainHandle): Domain {
-    const d = new Domain(h.domid, h.control, h.memory);
+    const d = new Domain(h.domid, h.control, h.memory, h.generation);
     this.domains.set(h.domid, d);
     return d;
   }
 
-  /** The domain with this id, if it exists (a dying one included: its memory is still there). */
+  /**
+   * The domain with this id, if it exists (a dying one included: its memory
+   * is still there). A domid used again names a new domain: a thread that
+   * still holds the old one's views learns of the new one from the registry.
+   */
   domain(domid: number): Domain | undefined {
     if (!Number.isInteger(domid) || domid < 0 || domid >= DOMID_FIRST_RESERVED) return undefined;
     const known = Atomics.load(this.host, HOST.domains + domid);
-    if (known === 0) return undefined;
+    if ((known & 1) === 0) {
+      if (known !== 0) this.domains.delete(domid);
+      return undefined;
+    }
+    const generation = known >>> 1;
     let d = this.domains.get(domid);
-    if (d === undefined && this.registry !== null) {
+    if ((d === undefined || d.generation !== generation) && this.registry !== null) {
       for (let m = receiveMessageOnPort(this.registry); m !== undefined; m = receiveMessageOnPort(this.registry)) {
         const msg = m.message as RegistryMessage;
         if ('add' in msg) this.add(msg.add);
@@ -131,11 +144,7 @@ export class Hypervisor {
       }
       d = this.domains.get(domid);
     }
-    if (known === 2 && d !== undefined) {
-      this.domains.delete(domid);
-      return undefined;
-    }
-    return d;
+    return d?.generation === generation ? d : undefined;
   }
 
   /** The hypercall page of domain `domid`: its one entry point. */

@@ -42,6 +42,11 @@ export class PhysMem {
     throw new XenError('ENOMEM', `no run of ${count} free pages`);
   }
 
+  /** Whether page `gfn` is handed out (for checks that a page the peer maps is never freed). */
+  isAllocated(gfn: number): boolean {
+    return this.used[gfn] === 1;
+  }
+
   free(gfn: number, count = 1): void {
     if (!Number.isInteger(gfn) || gfn < 1 || gfn + count > this.ramPages) throw new XenError('EINVAL', `bad gfn ${gfn}`);
     for (let i = gfn; i < gfn + count; i++) {

@@ -22,7 +22,7 @@ import { SCHEDOP_shutdown, SHUTDOWN_crash, SHUTDOWN_poweroff, SHUTDOWN_reboot, S
 import { XENVER_extraversion, XENVER_version } from '../abi/version.js';
 import { XenError } from '../errors.js';
 import { errnoName } from '../hypervisor/errno.js';
-import { Interrupts, type IntrHandle } from '../evtchn/evtchn.js';
+import { Interrupts, type IntrClock, type IntrHandle } from '../evtchn/evtchn.js';
 import { FramePage, MemoryViews, PAGE_SIZE } from '../hypervisor/page.js';
 import type { Hypercall } from '../hypervisor/hypercall.js';
 import type { KernelContext } from '../hypervisor/runner.js';
@@ -31,7 +31,7 @@ import { XenbusStateClosed, XenbusStateClosing, XenbusStateInitialising } from '
 import { logger, type Log } from '../log.js';
 import { PhysMem } from './physmem.js';
 import { XenCons } from './xencons.js';
-import { GrantTable } from '../gnttab/gnttab.js';
+import { GrantTable, type GrantTableOptions } from '../gnttab/gnttab.js';
 import { XenDmaTag } from '../busdma/busdma.js';
 import { xbfDriver } from '../drivers/xbf/xbf.js';
 
@@ -219,7 +219,9 @@ export type Boot = {
  * image. With `idle: false` the vCPU's idle loop is not started: whoever
  * runs the domain in its own thread (lib/fuzz/world.ts) calls the upcall.
  */
-export function xenAttach(ctx: KernelContext, name: string, cmdline = '', opts: { idle?: boolean } = {}): Boot {
+export function xenAttach(
+  ctx: KernelContext, name: string, cmdline = '', opts: { idle?: boolean; gnttab?: GrantTableOptions; clock?: IntrClock } = {},
+): Boot {
   const log = logger('xen', name);
   pvbusDetect(ctx);
   const hypercall = ctx.hv.entry(ctx.domid);
@@ -231,8 +233,8 @@ export function xenAttach(ctx: KernelContext, name: string, cmdline = '', opts: 
   if (self === undefined) throw new XenError('ESRCH', 'own domain unknown');
   const physmem = new PhysMem(self.mem, ramPages(hypercall));
   const sharedInfoGfn = initSharedInfo(hypercall, physmem);
-  const intr = new Interrupts(hypercall, self.mem, sharedInfoGfn, ctx.vcpu(0), name);
-  const gnttab = new GrantTable(hypercall, self.mem, physmem, name);
+  const intr = new Interrupts(hypercall, self.mem, sharedInfoGfn, ctx.vcpu(0), name, opts.clock);
+  const gnttab = new GrantTable(hypercall, self.mem, physmem, name, opts.gnttab);
   gnttab.init();
   const dmat = new XenDmaTag(gnttab, physmem, name);
 

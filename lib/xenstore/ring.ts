@@ -164,15 +164,16 @@ export class XsRing {
     return !this.overHighWater();
   }
 
-  /** The owner calls this when the event channel fires (and may call it any time). */
-  intr(): void {
-    if (this.error !== undefined) return;
+  /** The owner calls this when the event channel fires (and may call it any time); false when there was nothing to do. */
+  intr(): boolean {
+    if (this.error !== undefined) return false;
     if (this.side === 'front') this.checkServerError();
     else if (this.opts.reconnect !== undefined && this.page.load32(CONNECTION) === XENSTORE_RECONNECT) this.resetRing();
     if (this.busy) {
       this.again = true;
-      return;
+      return true;
     }
+    const before = this.outProd + this.inCons;
     this.busy = true;
     try {
       do {
@@ -183,6 +184,8 @@ export class XsRing {
       this.busy = false;
     }
     this.kick();
+    // Nothing taken or put: the event was spurious (a reconnect resets both indices, which counts).
+    return this.outProd + this.inCons !== before || this.error !== undefined;
   }
 
   /** Stop using the page; later events and sends are ignored. */

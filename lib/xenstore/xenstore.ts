@@ -193,9 +193,9 @@ export class XenStore {
     });
   }
 
-  /** The event channel fired: take responses and watch events, push queued requests (OpenBSD xs_intr). */
-  intr(): void {
-    this.ring.intr();
+  /** The event channel fired: take responses and watch events, push queued requests (OpenBSD xs_intr); false when there was nothing to do. */
+  intr(): boolean {
+    return this.ring.intr();
   }
 
   /** Fail everything in flight and stop; watches are forgotten. */

@@ -585,8 +585,13 @@ export class XbfSoftc {
   }
 
   // xbf_intr: take the answers, then start what waits for the ccbs they freed.
-  intr(q: XbfQueue): void {
+  // False when the event brought none (the interrupt layer throttles a
+  // backend that keeps signalling for nothing).
+  intr(q: XbfQueue): boolean {
+    if (this.error !== null) return false;
+    const before = q.ring.rspConsumed;
     if (this.drain(q)) this.dispatch();
+    return q.ring.rspConsumed !== before || this.error !== null;
   }
 
   /** Copy each response on q's ring once, check it, complete its ccb; false when the disk broke. */
