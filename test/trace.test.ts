@@ -248,8 +248,8 @@ t.test('the frames of a trace as pcapng, read back by tshark', { skip: tshark.st
   const file = join(dir, 'frames.trace');
   const tf = new TraceFile(file);
   tf.start(false);
-  const vif1 = traceDevice('vif1.0');
-  const vif2 = traceDevice('vif2.0');
+  const vif1 = traceDevice('xnf0');
+  const vif2 = traceDevice('xnf1');
   const sent = [frame(1, 2, 60), frame(2, 1, 1514), frame(1, 2, 98)];
   traceBytes(TraceKind.frame, vif1, 0, sent[0]!.length, sent[0]!, 0, sent[0]!.length);
   traceBytes(TraceKind.frame, vif2, 1, sent[1]!.length, sent[1]!, 0, sent[1]!.length);
@@ -260,9 +260,9 @@ t.test('the frames of a trace as pcapng, read back by tshark', { skip: tshark.st
   const r = spawnSync('tshark', ['-r', out, '-T', 'fields', '-e', 'frame.interface_name', '-e', 'eth.src', '-e', 'eth.dst', '-e', 'frame.len', '-e', 'frame.packet_flags_direction'], { encoding: 'utf8' });
   t.equal(r.status, 0, r.stderr);
   t.same(r.stdout.trim().split('\n').map((l) => l.split('\t')), [
-    ['vif1.0', '00:16:3e:00:00:01', '00:16:3e:00:00:02', '60', '0x00000001'],
-    ['vif2.0', '00:16:3e:00:00:02', '00:16:3e:00:00:01', '1514', '0x00000002'],
-    ['vif1.0', '00:16:3e:00:00:01', '00:16:3e:00:00:02', '98', '0x00000001'],
+    ['xnf0', '00:16:3e:00:00:01', '00:16:3e:00:00:02', '60', '0x00000002'],
+    ['xnf1', '00:16:3e:00:00:02', '00:16:3e:00:00:01', '1514', '0x00000001'],
+    ['xnf0', '00:16:3e:00:00:01', '00:16:3e:00:00:02', '98', '0x00000002'],
   ]);
 });
 

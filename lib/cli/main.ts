@@ -26,11 +26,11 @@ commands:
       of the run: the same seed replays the same run. --faults injects
       spurious,delay,deschedule,vbd-restart (a comma list, or all).
       --trace records every ring slot, event, grant operation, xenstore
-      message, console chunk and vif frame of the run into FILE.
+      message, console chunk and network frame of the run into FILE.
   trace FILE [--json] [--pcapng OUT]
       decode a trace: one line per record (time, domain, device, what, with
       the io/*.h field names), or one JSON object per line; --pcapng writes
-      the frames the vifs carried to OUT for tshark or wireshark.
+      the frames guests sent and received to OUT for tshark or wireshark.
   host start [--rundir DIR] [--config host.json]
       run a host (dom0, xenstored, backends) in the background; print the
       xenstored socket path (DIR/xenstored/socket). DIR defaults to

@@ -1,9 +1,9 @@
 // The frames of a trace as pcapng (the capture format tshark and wireshark
 // read; IETF draft-ietf-opsawg-pcapng): a section header, one interface
-// description per vif the frames went through (named after the device, in
-// nanosecond resolution), and an enhanced packet block per frame whose
-// epb_flags say its direction as dom0's vif sees it: inbound from the
-// guest, outbound to it.
+// description per guest network interface the frames went through (named
+// after the device, described by its domain, nanosecond resolution), and an
+// enhanced packet block per frame whose epb_flags give its direction as the
+// guest sees it: outbound what it sent, inbound what it received.
 
 import { writeFileSync } from 'node:fs';
 import { XenError } from '../errors.js';
@@ -74,7 +74,7 @@ export function tracePcapng(trace: Trace): { bytes: Buffer; frames: number; inte
   let frames = 0;
   for (const e of trace.events) {
     if (e.type !== 'frame') continue;
-    const name = `${e.device ?? 'vif'}`;
+    const name = e.device ?? 'net';
     const key = `${e.domid}:${name}`;
     let id = ifaces.get(key);
     if (id === undefined) {
@@ -106,7 +106,7 @@ function packetBlock(id: number, ns: bigint, e: Extract<TraceEvent, { type: 'fra
   body.writeUInt32LE(e.bytes.length, 12);
   body.writeUInt32LE(Math.max(e.length, e.bytes.length), 16);
   body.set(e.bytes, 20);
-  return block(EPB, body, [{ code: EPB_FLAGS, value: u32(e.dir === 'from-guest' ? EPB_INBOUND : EPB_OUTBOUND) }]);
+  return block(EPB, body, [{ code: EPB_FLAGS, value: u32(e.dir === 'from-guest' ? EPB_OUTBOUND : EPB_INBOUND) }]);
 }
 
 /** Write the frames of `trace` to `path` as pcapng. */

@@ -1,7 +1,8 @@
 // Traces: `xenpv run --trace FILE` records every ring slot written and read,
 // every producer push, every event sent and delivered, every grant entered,
 // removed, mapped, unmapped and copied, every xenstore message, every console
-// chunk and every frame a vif carried, with domain, device and time;
+// chunk and every frame a guest's network interface sent or received, with
+// domain, device and time;
 // `xenpv trace FILE` decodes it (lib/trace/decode.ts).
 //
 // Recording. Each thread appends fixed-layout binary records to its own
@@ -102,7 +103,7 @@ export const TraceKind = {
   /** Console bytes a ring end wrote (Out) or read (In). arg: the producer or consumer index before; payload: the bytes. */
   consoleOut: 56,
   consoleIn: 57,
-  /** An Ethernet frame through a vif. arg: 0 from the guest, 1 to the guest; arg2: its length on the wire; payload: the frame, cut to FRAME_SNAP_BYTES. */
+  /** An Ethernet frame a guest's netfront sent (arg 0) or received (arg 1). arg2: its length; payload: the frame, cut to FRAME_SNAP_BYTES. */
   frame: 64,
 } as const;
 
