@@ -311,7 +311,7 @@ t.test('protocol diagrams: each side writes and reads exactly the keys its code 
   const md = readFileSync(join(docs, 'protocols.md'), 'utf8');
   const all = diagrams(md);
   t.same(all.map((d) => d.title), [
-    'Domain build and xenstore introduction', 'The vbd: xenbus states and keys', 'control/shutdown', 'Console',
+    'Domain build and xenstore introduction', 'The vbd: xenbus states and keys', 'The vif: xenbus states and keys', 'control/shutdown', 'Console',
   ], 'the handshakes drawn');
   for (const d of all) {
     t.same(protocolProblems(d), [], `${d.title}: the diagram matches the code`);

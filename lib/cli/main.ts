@@ -9,6 +9,9 @@ import { loadHostConfig } from '../backends/hostcfg.js';
 import { cliPath, defaultRundir, hostDaemon, hostStart, hostStop } from './host.js';
 import { closeSync, ftruncateSync, openSync } from 'node:fs';
 import { parseSize } from '../backends/xlcfg.js';
+import { parseUplink } from '../backends/bridge.js';
+import { parseDhcpdConfig } from '../backends/dhcpd.js';
+import type { BridgeSetup } from '../backends/dom0.js';
 import { hostStatus, manageCommands } from './manage.js';
 import { fuzz } from './fuzz.js';
 import { parseFaults } from '../sim/sim.js';
@@ -18,6 +21,7 @@ const USAGE = `usage: xenpv <command> [options]
 
 commands:
   run <cfg>... [--json] [--duration S] [--seed N [--faults LIST]] [--trace FILE]
+      [--uplink BRIDGE=udp:LPORT:HOST:RPORT]... [--pcap BRIDGE=FILE]... [--dhcp BRIDGE=FIRST-LAST]...
       boot a host with dom0, create the domains of the xl-style configs, wait
       until they shut down (or S seconds pass), print each guest's console
       output prefixed with its name; exit 0 when every guest powered off.
@@ -27,6 +31,9 @@ commands:
       spurious,delay,deschedule,vbd-restart (a comma list, or all).
       --trace records every ring slot, event, grant operation, xenstore
       message, console chunk and network frame of the run into FILE.
+      --uplink joins a bridge to a UDP peer, one Ethernet frame per datagram
+      (QEMU -netdev dgram, socat); --pcap captures a bridge to FILE;
+      --dhcp BRIDGE=FIRST-LAST serves DHCP on a bridge (as the subnet's .1).
   trace FILE [--json] [--pcapng OUT]
       decode a trace: one line per record (time, domain, device, what, with
       the io/*.h field names), or one JSON object per line; --pcapng writes
@@ -86,6 +93,10 @@ commands that manage a running host (each takes --rundir DIR):
   block-attach NAME SPEC      hotplug a disk (SPEC as a disk = entry)
   block-detach NAME DEVID     unplug a disk (DEVID: its number or xvdX)
   block-list [NAME] [--json]  the domain's disks and their xenbus states
+  network-attach NAME SPEC    hotplug a network interface (SPEC as a vif = entry)
+  network-detach NAME DEVID   unplug a network interface
+  network-list [NAME] [--json]
+                              the domain's interfaces and their xenbus states
   save NAME FILE              suspend the guest, write its memory and config to FILE
   restore FILE                a new domain from FILE; its guest carries on
 `;
@@ -110,7 +121,14 @@ async function main(argv: string[]): Promise<number> {
         args: rest,
         allowPositionals: true,
         options: {
-          json: { type: 'boolean', default: false }, duration: { type: 'string' }, seed: { type: 'string' }, faults: { type: 'string' }, trace: { type: 'string' },
+          json: { type: 'boolean', default: false },
+          duration: { type: 'string' },
+          seed: { type: 'string' },
+          faults: { type: 'string' },
+          uplink: { type: 'string', multiple: true },
+          pcap: { type: 'string', multiple: true },
+          dhcp: { type: 'string', multiple: true },
+          trace: { type: 'string' },
         },
       });
       if (positionals.length === 0) throw new XenError('EINVAL', 'run needs at least one config file');
@@ -119,7 +137,16 @@ async function main(argv: string[]): Promise<number> {
       const seed = values.seed === undefined ? undefined : parseSeed(values.seed);
       if (values.faults !== undefined && seed === undefined) throw new XenError('EINVAL', '--faults needs --seed');
       const faults = values.faults === undefined ? undefined : parseFaults(values.faults);
-      return run(positionals, { json: values.json === true, durationS: duration, seed, faults, trace: values.trace });
+      const uplinks = bridgeArgs('--uplink', values.uplink ?? []);
+      for (const spec of Object.values(uplinks)) parseUplink(spec);
+      const pcaps = bridgeArgs('--pcap', values.pcap ?? []);
+      const bridges: Record<string, BridgeSetup> = {};
+      for (const [name, file] of Object.entries(pcaps)) bridges[name] = { pcap: resolve(file) };
+      for (const [name, range] of Object.entries(bridgeArgs('--dhcp', values.dhcp ?? []))) {
+        bridges[name] = { ...bridges[name], dhcp: { range } };
+        parseDhcpdConfig({ range });
+      }
+      return run(positionals, { json: values.json === true, durationS: duration, seed, faults, uplinks, bridges, trace: values.trace });
     }
     case 'trace':
       return trace(rest);
@@ -143,6 +170,18 @@ async function main(argv: string[]): Promise<number> {
       return manage(rest);
     }
   }
+}
+
+/** `BRIDGE=VALUE` arguments by bridge name; EINVAL for a malformed or repeated one. */
+function bridgeArgs(flag: string, args: string[]): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const a of args) {
+    const m = /^([A-Za-z0-9._-]{1,15})=(.+)$/.exec(a);
+    if (m === null) throw new XenError('EINVAL', `${flag} ${a}: want BRIDGE=VALUE`);
+    if (m[1]! in out) throw new XenError('EINVAL', `${flag}: bridge ${m[1]} given twice`);
+    out[m[1]!] = m[2]!;
+  }
+  return out;
 }
 
 async function host(argv: string[]): Promise<number> {

@@ -152,6 +152,11 @@ class SharedRing {
     traceSlot(kind, this.traceDev, idx, slot);
   }
 
+  /** The four shared indices as the page holds them now (for debug dumps, like Linux's io_ring_q). */
+  sharedIndices(): { req_prod: number; req_event: number; rsp_prod: number; rsp_event: number } {
+    return { req_prod: this.load(REQ_PROD), req_event: this.load(REQ_EVENT), rsp_prod: this.load(RSP_PROD), rsp_event: this.load(RSP_EVENT) };
+  }
+
   protected load(offset: number): number {
     return this.pages[0]!.load32(offset);
   }
@@ -377,6 +382,23 @@ export class BackRing extends SharedRing {
     const notify = pushAndCheck(this.pages[0]!, RSP_PROD, RSP_EVENT, old, this.rspProdPvt);
     if (rec !== 0) tracePushed(rec, notify);
     return notify;
+  }
+
+  /**
+   * Whether `needed` requests are there to take; if not, ask to be woken by
+   * the next one the front publishes (req_event = req_prod + 1) and look
+   * again, so one that raced in is not missed. A backend that needs several
+   * slots for one packet (netback's xenvif_rx_ring_slots_available) sleeps
+   * on this instead of RING_FINAL_CHECK_FOR_REQUESTS, which only asks for one.
+   */
+  requestsAvailable(needed: number): boolean {
+    for (;;) {
+      if (this.unconsumedRequests() >= needed) return true;
+      if (this.error !== undefined) return false;
+      const prod = this.reqProdSeen;
+      this.store(REQ_EVENT, prod + 1);
+      if (this.load(REQ_PROD) === prod) return false;
+    }
   }
 
   /** RING_FINAL_CHECK_FOR_REQUESTS */
