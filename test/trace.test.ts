@@ -347,3 +347,46 @@ t.test('netif slots decode as their structs: a tx request, the extra-info slot i
   t.match(text, /netif_extra_info \{ type: XEN_NETIF_EXTRA_TYPE_GSO, flags: 0, u\.gso\.size: 1448, u\.gso\.type: 1/);
   t.match(text, /netif_tx_response \{ id: 6, status: NETIF_RSP_DROPPED \}/);
 });
+
+t.test('a trace of examples/ping: netif slots on both ends, every frame a guest sent reached the other, and the pings and echoes are in it', async (t) => {
+  const file = join(dir, 'ping.trace');
+  const cfgs = ['ping-a.cfg', 'ping-b.cfg'].map((c) => join(root, 'examples', 'ping', c));
+  const run = spawnSync(process.execPath, [cli, 'run', ...cfgs, '--trace', file], { encoding: 'utf8', timeout: 60_000 });
+  t.equal(run.status, 0, run.stderr);
+  const json = spawnSync(process.execPath, [cli, 'trace', file, '--json'], { encoding: 'utf8', maxBuffer: 1 << 28 });
+  t.equal(json.status, 0, json.stderr);
+  const events = json.stdout.trim().split('\n').map((l) => JSON.parse(l) as TraceEvent);
+  for (const ring of ['netif_tx', 'netif_rx']) {
+    for (const side of ['front', 'back']) {
+      t.equal(events.filter((e) => e.type === 'ring-attach' && e.ring === ring && e.side === side).length, 2, `two ${ring} rings attached at the ${side}`);
+    }
+  }
+  // What xnf put on its TX ring is what netback took, slot for slot.
+  for (const domid of [1, 2]) {
+    const puts = slots(events, 'request', 'put', /^xnf0-q0-tx$/).filter((e) => e.domid === domid);
+    const takes = slots(events, 'request', 'take', new RegExp(`^vif${domid}\\.0-q0-tx$`));
+    t.ok(puts.length > 10, `dom${domid} put ${puts.length} tx requests`);
+    t.same(takes.map((e) => e.fields), puts.map((e) => e.fields), `netback took dom${domid}'s tx requests as written`);
+  }
+  type Frame = Extract<TraceEvent, { type: 'frame' }>;
+  const frames = events.filter((e): e is Frame => e.type === 'frame');
+  const hex = (f: Frame) => f.bytes as unknown as string; // --json gives a frame's bytes in hex
+  for (const [from, to] of [[1, 2], [2, 1]]) {
+    const sent = frames.filter((f) => f.domid === from && f.dir === 'from-guest').map(hex);
+    const got = frames.filter((f) => f.domid === to && f.dir === 'to-guest').map(hex);
+    // Frames sent before the peer's vif is connected, or after it has powered
+    // off, reach no one; every other frame arrives, in order, byte for byte.
+    let at = 0;
+    const lost = sent.filter((f) => (got[at] === f ? (at++, false) : true));
+    t.equal(at, got.length, `every frame dom${to} received is one dom${from} sent, in order, byte for byte`);
+    t.ok(lost.length <= 4, `dom${to} received ${got.length} of ${sent.length}`);
+  }
+  // Three pings each way, each with its reply (ICMP type at byte 34 of an untagged IPv4 frame).
+  const icmp = (f: Frame, type: number) => hex(f).slice(24, 28) === '0800' && hex(f).slice(46, 48) === '01' && hex(f).slice(68, 70) === type.toString(16).padStart(2, '0');
+  for (const domid of [1, 2]) {
+    t.ok(frames.filter((f) => f.domid === domid && f.dir === 'from-guest' && icmp(f, 8)).length >= 3, `dom${domid} sent echo requests`);
+    t.ok(frames.filter((f) => f.domid === domid && f.dir === 'to-guest' && icmp(f, 0)).length >= 3, `dom${domid} got echo replies`);
+  }
+  // The run is a handful of exchanges: a few dozen frames, not a loop of replies.
+  t.ok(frames.length < 200, `${frames.length} frames`);
+});
