@@ -1,18 +1,121 @@
 // Network figures: guest to guest through netback and the bridge
 // (net.g2g.*: 64-byte frames, 1500-byte frames, 64 KiB with SG/GSO) and a
-// guest to a dom0 sink (net.g2d.1500.gbps). They need the netfront (xnf) and
-// netback; until those exist netBench() returns null and `xenpv bench`
-// lists the metrics as pending. The harness (lib/cli/bench.ts) already
-// knows their names, units and targets: fill in netBench only.
+// guest to a dom0 sink (net.g2d.1500.gbps). A sender guest sends as fast as
+// its ring takes frames; the figure is what dom0's counters say reached the
+// receiver over each window: the frames netback copied into the receiving
+// guest's RX ring, or those the sink port took. One host serves every run;
+// each metric gets a fresh pair of guests.
+
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { DomainSpec } from '../lib/backends/toolstack.js';
+import { Machine, type NetStats } from '../lib/machine.js';
 
 export const NET_METRICS = ['net.g2g.64.mpps', 'net.g2g.1500.gbps', 'net.g2g.65536.gbps', 'net.g2d.1500.gbps'] as const;
 
 export type NetMetric = (typeof NET_METRICS)[number];
 
-/** Each metric's `runs` values, measured for `ms` each; null while the network drivers are missing. */
-export async function netBench(_runs: number, _ms: number): Promise<Record<NetMetric, number[]> | null> {
-  return null;
+/** Why netBench gives nothing (kept for the harness; the network is here now). */
+export const NET_PENDING = 'pending: needs the netfront (xnf) and netback';
+
+const SENDER_MAC = '00:16:3e:00:be:01';
+const RECEIVER_MAC = '00:16:3e:00:be:02';
+const SINK_MAC = '02:00:00:00:be:03';
+const WARMUP_MS = 300;
+const START_TIMEOUT_MS = 30_000;
+
+// Sends frames of `size` to `to` until destroyed; a 64 KiB frame goes as TCPv4 GSO.
+const SENDER = `
+export async function main(guest) {
+  const [n] = guest.nets();
+  const to = /to=(\\S+)/.exec(guest.extra)[1].split(':').map((h) => parseInt(h, 16));
+  const size = Number(/size=(\\d+)/.exec(guest.extra)[1]);
+  const f = new Uint8Array(size);
+  f.set(to, 0); f.set(n.mac, 6); f[12] = 0x88; f[13] = 0xb5;
+  const opts = size > 1514 ? { gso: { type: 'tcpv4', mss: 1448 } } : undefined;
+  for (;;) await n.send(f, opts);
+}
+`;
+// Takes frames (xnf hands them up and counts them) until destroyed.
+const RECEIVER = `
+export async function main(guest) {
+  guest.nets()[0].onFrame(() => {});
+  await new Promise(() => {});
+}
+`;
+
+type Counter = (s: NetStats) => { packets: number; bytes: number };
+
+const receiverVif = (domid: number): Counter => (s) => {
+  const v = s.vifs.find((x) => x.name === `vif${domid}.0`);
+  return { packets: v?.txPackets ?? 0, bytes: v?.txBytes ?? 0 };
+};
+
+const sinkPort: Counter = (s) => {
+  const p = s.bridges.find((b) => b.name === 'xenbr0')?.ports.find((x) => x.name === 'sink');
+  return { packets: p?.txPackets ?? 0, bytes: p?.txBytes ?? 0 };
+};
+
+function spec(dir: string, name: string, image: string, mac: string, extra: string): DomainSpec {
+  const kernel = join(dir, `${image}.mjs`);
+  return {
+    name, memoryMiB: 64, vcpus: 1, kernel, extra, onPoweroff: 'destroy', onReboot: 'destroy', onCrash: 'destroy',
+    vifs: [{ devid: 0, mac, bridge: 'xenbr0', mtu: 65521, rate: null, trusted: true, pcap: null, backend: null }],
+  };
 }
 
-/** Why netBench gives nothing yet. */
-export const NET_PENDING = 'pending: needs the netfront (xnf) and netback';
+/** Runs of (packets, bytes) per second over `ms` each, once traffic flows and has warmed up. */
+async function sample(m: Machine, count: Counter, runs: number, ms: number): Promise<{ pps: number; bps: number }[]> {
+  const deadline = Date.now() + START_TIMEOUT_MS;
+  while (count(await m.netStats()).packets === 0) {
+    if (Date.now() > deadline) throw new Error('no frame reached the receiver');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  await new Promise((r) => setTimeout(r, WARMUP_MS));
+  const out: { pps: number; bps: number }[] = [];
+  for (let i = 0; i < runs; i++) {
+    const a = count(await m.netStats());
+    const t0 = performance.now();
+    await new Promise((r) => setTimeout(r, ms));
+    const b = count(await m.netStats());
+    const s = (performance.now() - t0) / 1000;
+    out.push({ pps: (b.packets - a.packets) / s, bps: ((b.bytes - a.bytes) * 8) / s });
+  }
+  return out;
+}
+
+/** One sender (and a receiving guest, unless the sink receives) for the length of `runs` windows. */
+async function measure(m: Machine, dir: string, tag: string, size: number, toSink: boolean, runs: number, ms: number): Promise<{ pps: number; bps: number }[]> {
+  const domids: number[] = [];
+  try {
+    if (!toSink) domids.push(await m.create(spec(dir, `bench-rx-${tag}`, 'receiver', RECEIVER_MAC, '')));
+    domids.push(await m.create(spec(dir, `bench-tx-${tag}`, 'sender', SENDER_MAC, `to=${toSink ? SINK_MAC : RECEIVER_MAC} size=${size}`)));
+    return await sample(m, toSink ? sinkPort : receiverVif(domids[0]!), runs, ms);
+  } finally {
+    for (const d of domids.reverse()) await m.destroy(d).catch(() => undefined);
+  }
+}
+
+/** Each metric's `runs` values, measured for `ms` each. */
+export async function netBench(runs: number, ms: number): Promise<Record<NetMetric, number[]> | null> {
+  const dir = mkdtempSync(join(tmpdir(), 'xenpv-bench-net-'));
+  writeFileSync(join(dir, 'sender.mjs'), SENDER);
+  writeFileSync(join(dir, 'receiver.mjs'), RECEIVER);
+  const m = await Machine.boot({ bridges: { xenbr0: { sink: SINK_MAC } } });
+  try {
+    const g64 = await measure(m, dir, '64', 64, false, runs, ms);
+    const g1500 = await measure(m, dir, '1500', 1500, false, runs, ms);
+    const g64k = await measure(m, dir, '65535', 65535, false, runs, ms);
+    const d1500 = await measure(m, dir, 'd1500', 1500, true, runs, ms);
+    return {
+      'net.g2g.64.mpps': g64.map((r) => r.pps / 1e6),
+      'net.g2g.1500.gbps': g1500.map((r) => r.bps / 1e9),
+      'net.g2g.65536.gbps': g64k.map((r) => r.bps / 1e9),
+      'net.g2d.1500.gbps': d1500.map((r) => r.bps / 1e9),
+    };
+  } finally {
+    await m.stop();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}

@@ -6,13 +6,19 @@ import { XenError } from './errors.js';
 import { Host } from './hypervisor/host.js';
 import { Rpc } from './rpc.js';
 import { logger } from './log.js';
-import type { DeviceStats, DiskSpec, DomainExit, DomainInfo, DomainSpec } from './backends/toolstack.js';
+import type { DeviceStats, DiskSpec, DomainExit, DomainInfo, DomainSpec, NicSpec } from './backends/toolstack.js';
 import type { DeviceInfo } from './backends/devices.js';
 import { grantCounts } from './hypervisor/grant.js';
 import { openPorts } from './hypervisor/evtchn.js';
-import type { Dom0Args } from './backends/dom0.js';
+import type { BridgeSetup, Dom0Args } from './backends/dom0.js';
+import type { BridgeOptions, BridgeReport } from './backends/bridge.js';
+import type { NetbackOptions, VifStats } from './backends/netback.js';
+import { parseDhcpdConfig } from './backends/dhcpd.js';
+import { parseMac } from './ether.js';
 import type { XenstoredLimits } from './backends/xenstored.js';
 import { SimRunner, type SimOptions } from './sim/sim.js';
+import { ThreadRunner } from './hypervisor/threads.js';
+import { TraceFile } from './trace/trace.js';
 import { join } from 'node:path';
 import { rmSync } from 'node:fs';
 
@@ -43,13 +49,24 @@ export type MachineOptions = {
   rundir?: string;
   /** xenstored's quotas; see XenstoredLimits. */
   xenstored?: Partial<XenstoredLimits>;
+  /** netback's tunables (queues, guest-RX queue bounds, drain and stall timeouts). */
+  netback?: NetbackOptions | undefined;
+  /** Bridges by name, set up when dom0 starts: pcap, ageingMs, a DHCP server (`dhcp: { range: 'FIRST-LAST', ... }`). */
+  bridges?: Record<string, BridgeSetup> | undefined;
+  /** UDP uplinks by bridge name: `udp:<localport>:<remotehost>:<remoteport>`. */
+  uplinks?: Record<string, string> | undefined;
   /**
    * Run every domain under the deterministic runner (lib/sim/sim.ts) with
    * this seed and these faults, instead of a worker thread each. The machine
    * owns the process's clock until stop().
    */
   sim?: SimOptions;
+  /** Record a trace of the run into this file (lib/trace/trace.ts); `xenpv trace FILE` decodes it. */
+  trace?: string;
 };
+
+/** What `netStats()` reports: each vif, each bridge with its ports and learned addresses, the frame pool. */
+export type NetStats = { vifs: VifStats[]; bridges: BridgeReport[]; pool: Record<string, number> };
 
 export class Machine {
   readonly host: Host;
@@ -63,10 +80,13 @@ export class Machine {
   readonly sim: SimRunner | null;
   /** The vbds of each guest this machine created, for the vbd-restart fault. */
   private readonly vbds = new Map<number, number[]>();
+  /** The trace being recorded, if any. */
+  private readonly trace: TraceFile | null;
 
   private constructor(private readonly opts: MachineOptions) {
     this.socketPath = opts.rundir === undefined ? undefined : join(opts.rundir, 'xenstored', 'socket');
     this.sim = opts.sim === undefined ? null : new SimRunner(opts.sim);
+    this.trace = opts.trace === undefined ? null : new TraceFile(opts.trace);
     this.host = new Host({
       onMessage: (domid, m) => {
         if (domid === 0) this.rpc.receive(m);
@@ -76,7 +96,9 @@ export class Machine {
         this.dom0Dead = error ?? new XenError('ESHUTDOWN', 'dom0 stopped');
         this.rpc.close(new XenError('ESHUTDOWN', `dom0 stopped: ${this.dom0Dead.message}`));
       },
-    }, this.sim ?? undefined);
+    }, this.sim ?? new ThreadRunner(this.trace));
+    // After the runner is bound: a deterministic run's trace is in its virtual time.
+    this.trace?.start(this.sim !== null);
     this.sim?.action('vbd-restart', (rng) => {
       const all = [...this.vbds].flatMap(([domid, devids]) => devids.map((devid) => ({ domid, devid })));
       if (all.length === 0) return null;
@@ -87,19 +109,34 @@ export class Machine {
 
   /** Create and start dom0, and wait until its toolstack answers. */
   static async boot(opts: MachineOptions = {}): Promise<Machine> {
+    // A bad bridge setting is the caller's error, found before any thread starts.
+    for (const b of Object.values(opts.bridges ?? {})) {
+      if (b.dhcp !== undefined) parseDhcpdConfig(b.dhcp);
+      if (b.sink !== undefined) parseMac(b.sink);
+    }
     // A simulated host has no sockets: every byte that reaches it must come from the seed.
     if (opts.sim !== undefined && opts.rundir !== undefined) throw new XenError('EINVAL', 'a deterministic machine takes no rundir');
+    if (opts.sim !== undefined && Object.keys(opts.uplinks ?? {}).length > 0) throw new XenError('EINVAL', 'a deterministic machine takes no uplink');
     const m = new Machine(opts);
     const host = m.host;
     m.rpc = new Rpc((msg) => host.post(0, msg), m.platformHandlers(), (name, data) => m.event(name, data));
     host.createDomain({ name: 'Domain-0', memoryMiB: opts.dom0MemoryMiB ?? 16, privileged: true }, 0);
-    const args: Dom0Args = { socketPath: m.socketPath, limits: opts.xenstored, rundir: opts.rundir };
+    const args: Dom0Args = {
+      socketPath: m.socketPath, limits: opts.xenstored, rundir: opts.rundir, net: { netback: opts.netback, bridges: opts.bridges },
+    };
     host.start(0, new URL('./backends/dom0.js', import.meta.url).href, args);
     try {
       await m.rpc.call('ping', null, opts.bootTimeoutMs ?? 30_000);
     } catch (err) {
       // Nothing of a failed boot stays behind: no thread, and no simulation owning the clock.
       await host.shutdown();
+      m.trace?.close();
+      throw err;
+    }
+    try {
+      for (const [bridge, spec] of Object.entries(opts.uplinks ?? {})) await m.addUplink(bridge, spec);
+    } catch (err) {
+      await m.stop();
       throw err;
     }
     log('dom0 is up');
@@ -237,6 +274,36 @@ export class Machine {
     return (await this.rpc.call('restore', { file }, 120_000)) as { domid: number; name: string };
   }
 
+  /** `xl network-attach`: a new vif for a running guest. */
+  async networkAttach(domid: number, nic: NicSpec): Promise<void> {
+    await this.rpc.call('network-attach', { domid, nic });
+  }
+
+  /** `xl network-detach`: resolves once the vif is gone; `forced` when the guest did not answer. */
+  async networkDetach(domid: number, devid: number): Promise<{ forced: boolean }> {
+    return (await this.rpc.call('network-detach', { domid, devid }, 60_000)) as { forced: boolean };
+  }
+
+  /** `xl network-list`. */
+  async networkList(domid: number): Promise<DeviceInfo[]> {
+    return (await this.rpc.call('network-list', { domid })) as DeviceInfo[];
+  }
+
+  /** Join bridge `bridge` (made if needed) to a UDP peer: `udp:<localport>:<remotehost>:<remoteport>`. */
+  async addUplink(bridge: string, spec: string): Promise<void> {
+    await this.rpc.call('uplink', { bridge, spec });
+  }
+
+  /** Capture a bridge (pcap: a file, null to stop) or change its ageing. */
+  async configureBridge(bridge: string, opts: BridgeOptions): Promise<void> {
+    await this.rpc.call('bridge-config', { bridge, opts });
+  }
+
+  /** Counters of every vif and bridge in dom0. */
+  async netStats(): Promise<NetStats> {
+    return (await this.rpc.call('net-stats', null)) as NetStats;
+  }
+
   /**
    * Stop a vbd's backend and start a new one on the same storage while the
    * guest runs (a backend crash and restart); resolves once the guest's
@@ -251,6 +318,7 @@ export class Machine {
     // dom0 closes its listeners first; a dom0 that does not answer is terminated all the same.
     if (this.dom0Dead === null) await this.rpc.call('stop', null, 5_000).catch(() => undefined);
     await this.host.shutdown();
+    this.trace?.close();
     if (this.socketPath !== undefined) rmSync(this.socketPath, { force: true });
   }
 }

@@ -432,9 +432,7 @@ t.test('protocol diagrams: each side writes and reads exactly the keys its code 
   const md = readFileSync(join(docs, 'protocols.md'), 'utf8');
   const all = diagrams(md);
   const required = [
-    'Domain build and xenstore introduction', 'The vbd: xenbus states and keys', 'control/shutdown', 'Console',
-    // The vif's handshake is drawn once the network frontend exists.
-    ...(existsSync(join(root, 'lib/drivers/xnf/xnf.ts')) ? ['The vif: xenbus states and keys'] : []),
+    'Domain build and xenstore introduction', 'The vbd: xenbus states and keys', 'The vif: xenbus states and keys', 'control/shutdown', 'Console',
   ];
   const titles = all.map((d) => d.title);
   t.same(required.filter((r) => !titles.includes(r)), [], 'every handshake is drawn');

@@ -17,7 +17,7 @@ import { XenError, errorShape } from '../errors.js';
 import { logger } from '../log.js';
 import type { Machine, DomainRow } from '../machine.js';
 import { consolePaths } from './concentrator.js';
-import { checkDomainFiles, loadDomainConfig, parseDiskSpec, vdevToDevid } from './xlcfg.js';
+import { checkDomainFiles, loadDomainConfig, parseDiskSpec, parseNicSpec, vdevToDevid } from './xlcfg.js';
 import { removeStaleSocket } from './stale-socket.js';
 
 const log = logger('control');
@@ -131,6 +131,22 @@ export function controlOps(host: ControlHost): Record<string, Op> {
       const rows = args['domain'] === undefined ? (await m.list()).filter((r) => r.domid !== 0) : [await domain(host, args)];
       const out = [];
       for (const r of rows) out.push({ domid: r.domid, name: r.name, devices: await m.blockList(r.domid).catch(() => []) });
+      return out;
+    },
+    // xl network-attach: the next free devid, as libxl picks it.
+    'network-attach': async (args) => {
+      const d = await domain(host, args);
+      const used = (await m.networkList(d.domid)).map((x) => x.devid);
+      const devid = used.length === 0 ? 0 : Math.max(...used) + 1;
+      const nic = parseNicSpec(str(args, 'spec'), args['cwd'] === undefined ? host.rundir : absolute(args, 'cwd'), devid);
+      await m.networkAttach(d.domid, nic);
+      return { devid, mac: nic.mac };
+    },
+    'network-detach': async (args) => m.networkDetach((await domain(host, args)).domid, int(args, 'devid', 0, 65535)),
+    'network-list': async (args) => {
+      const rows = args['domain'] === undefined ? (await m.list()).filter((r) => r.domid !== 0) : [await domain(host, args)];
+      const out = [];
+      for (const r of rows) out.push({ domid: r.domid, name: r.name, devices: await m.networkList(r.domid).catch(() => []) });
       return out;
     },
   };

@@ -3,6 +3,7 @@
 // (as it serves any domain) and each introduced guest over the page the
 // builder granted it. The toolstack answers the machine's calls.
 
+import { randomBytes } from 'node:crypto';
 import { VIRQ_DOM_EXC } from '../abi/xen.js';
 import { GNTTAB_RESERVED_XENSTORE } from '../abi/grant_table.js';
 import { XS_INTRODUCE, XS_RELEASE } from '../abi/xs_wire.js';
@@ -19,6 +20,10 @@ import { joinStrings } from '../xenstore/wire.js';
 import { XenStore } from '../xenstore/xenstore.js';
 import { ConsoleBackend } from './console.js';
 import { BlkbackSet } from './blkback.js';
+import { Bridges, FramePool, parseUplink, type BridgeOptions } from './bridge.js';
+import { NetbackSet, type NetbackOptions } from './netback.js';
+import { Dhcpd, parseDhcpdConfig, type DhcpdSpec } from './dhcpd.js';
+import { parseMac } from '../ether.js';
 import { Toolstack, toolstackOps, type Platform, type StoreIntroduce } from './toolstack.js';
 import { Concentrator } from './concentrator.js';
 import { Xenstored, XenstoredRing, type XenstoredLimits } from './xenstored.js';
@@ -90,7 +95,30 @@ export type Dom0Args = {
   limits?: Partial<XenstoredLimits> | undefined;
   /** The host's rundir: guests' consoles are concentrated under <rundir>/console. */
   rundir?: string | undefined;
+  /** netback's tunables and bridges' options (pcap, ageing) by bridge name. */
+  net?: { netback?: NetbackOptions | undefined; bridges?: Record<string, BridgeSetup> | undefined } | undefined;
 };
+
+/**
+ * What a bridge is set up with: its own options, a DHCP server on a port of
+ * its own, and a sink: a dom0 port at that MAC that takes frames and drops
+ * them, counted (what `xenpv bench` measures a guest against).
+ */
+export type BridgeSetup = BridgeOptions & { dhcp?: DhcpdSpec | undefined; sink?: string | undefined };
+
+/** dom0's network: one frame pool, the bridges (a DHCP server on those that ask), a netback per vif. */
+function startNet(hypercall: Hypercall, intr: Interrupts, xs: XenStore, physmem: PhysMem, args: Dom0Args): NetbackSet {
+  const bridges = new Bridges(new FramePool(hypercall, physmem));
+  for (const [name, { dhcp, sink, ...opts }] of Object.entries(args.net?.bridges ?? {})) {
+    bridges.configure(name, opts);
+    if (sink !== undefined) bridges.attachLocal(name, { name: 'sink', mac: parseMac(sink), mtu: 65521 }).onFrame(() => undefined);
+    if (dhcp === undefined) continue;
+    // A locally administered address of its own, as a host on the bridge has.
+    const port = bridges.attachLocal(name, { name: 'dhcpd', mac: Uint8Array.from([0x02, 0, 0, ...randomBytes(3)]) });
+    new Dhcpd(port, parseDhcpdConfig(dhcp), { name });
+  }
+  return new NetbackSet(hypercall, intr, xs, bridges, args.net?.netback);
+}
 
 export async function main(ctx: KernelContext): Promise<void> {
   const args = (ctx.args ?? {}) as Dom0Args;
@@ -116,6 +144,7 @@ export async function main(ctx: KernelContext): Promise<void> {
     introduce: async (domid, gfn, evtchn) => void (await xs.cmd(XS_INTRODUCE, 0, joinStrings([String(domid), String(gfn), String(evtchn)]))),
     release: async (domid) => void (await xs.cmd(XS_RELEASE, 0, joinStrings([String(domid)]))),
   };
+  const net = startNet(hypercall, intr, xs, physmem, args);
   const concentrator = args.rundir === undefined ? null : new Concentrator(args.rundir);
   let names: Toolstack | null = null;
   const consoles = new ConsoleBackend(
@@ -127,6 +156,7 @@ export async function main(ctx: KernelContext): Promise<void> {
     (exit) => rpc.event('exit', exit),
     new URL('../xen/kernel.js', import.meta.url).href,
     vbds,
+    net,
   );
   names = toolstack;
   const domExc = intr.virqEstablish(VIRQ_DOM_EXC, () => toolstack.domainException(), 'dom-exc');
@@ -136,6 +166,7 @@ export async function main(ctx: KernelContext): Promise<void> {
     ...toolstackOps(toolstack),
     // Before the machine terminates this thread: the socket files go with the listeners.
     stop: async () => {
+      net.bridges.close();
       await socket?.close();
       await concentrator?.closeAll();
     },
@@ -143,6 +174,17 @@ export async function main(ctx: KernelContext): Promise<void> {
       const a = args as { domid: number; devid: number };
       return vbds.restart(a.domid, a.devid);
     },
+    'net-stats': () => ({
+      vifs: net.list(),
+      bridges: net.bridges.list().map((b) => b.report()),
+      pool: net.pool.stats,
+    }),
+    uplink: async (a: unknown) => {
+      const { bridge, spec } = a as { bridge: string; spec: string };
+      const u = await net.bridges.addUplink(bridge, parseUplink(spec));
+      return { localPort: u.spec.localPort };
+    },
+    'bridge-config': (a: unknown) => net.bridges.configure((a as { bridge: string }).bridge, (a as { opts: BridgeOptions }).opts),
   } satisfies RpcHandlers);
   // Listening last: the machine's first call (ping) finds everything in place.
   ctx.onMessage((m) => rpc.receive(m));

@@ -51,6 +51,8 @@ export type DomainSpec = {
   onCrash: LifecycleAction;
   /** The `disk` list: one vbd each. */
   disks?: DiskSpec[];
+  /** The `vif` list: one network interface each. */
+  vifs?: NicSpec[];
   /** `console_port`: the console is also served on this TCP port of 127.0.0.1. */
   consolePort?: number;
 };
@@ -76,6 +78,30 @@ export type VbdBackends = {
   stop(domid: number): Promise<void>;
   stopOne(domid: number, devid: number): Promise<void>;
   stats(domid: number): VbdStats[];
+};
+
+/** One entry of `vif` (libxl_device_nic, the part xenpv uses). */
+export type NicSpec = {
+  devid: number;
+  /** "00:16:3e:.." */
+  mac: string;
+  bridge: string;
+  mtu: number;
+  /** Credit scheduler: bytes per interval of usec; null for no limit. */
+  rate: { bytes: number; usec: number } | null;
+  /** 0 makes the frontend bounce every frame through whole zeroed pages (XSA-403). */
+  trusted: boolean;
+  /** Capture the vif's frames to this file. */
+  pcap: string | null;
+  /** A driver domain's name to serve the vif instead of dom0. */
+  backend: string | null;
+};
+
+/** dom0's network backends as the toolstack starts and stops them. */
+export type VifBackends = {
+  start(spec: { domid: number; devid: number; bridge: string; pcap: string | null }): Promise<void>;
+  stop(domid: number, devid?: number): Promise<void>;
+  stats(domid: number): { devid: number; counters: Record<string, number> }[];
 };
 
 /** What dom0 asks of the machine (domctls that need a thread created or ended). */
@@ -159,11 +185,40 @@ function vbdKind(vbds: VbdBackends): DeviceKind<DiskSpec> {
   };
 }
 
+/** The vif's nodes (libxl__device_nic_add) with netback as its backend. */
+function vifKind(vifs: VifBackends): DeviceKind<NicSpec> {
+  return {
+    type: 'vif',
+    devid: (n) => n.devid,
+    frontendNodes: (_domid, n) => nicFrontendNodes(n),
+    backendNodes: (_domid, n) => nicBackendNodes(n),
+    start: (domid, n) => vifs.start({ domid, devid: n.devid, bridge: n.bridge, pcap: n.pcap }),
+    stop: (domid, devid) => vifs.stop(domid, devid),
+    stopAll: (domid) => vifs.stop(domid),
+  };
+}
+
+function nicFrontendNodes(n: NicSpec): [string, string][] {
+  return [['state', '1'], ['handle', String(n.devid)], ['mac', n.mac], ['mtu', String(n.mtu)], ['trusted', n.trusted ? '1' : '0']];
+}
+
+function nicBackendNodes(n: NicSpec): [string, string][] {
+  const nodes: [string, string][] = [
+    ['online', '1'], ['state', '1'], ['script', 'vif-bridge'], ['mac', n.mac], ['bridge', n.bridge], ['handle', String(n.devid)],
+    ['type', 'vif'], ['mtu', String(n.mtu)],
+  ];
+  if (n.rate !== null) nodes.push(['rate', `${n.rate.bytes},${n.rate.usec}`]);
+  return nodes;
+}
+
 export class Toolstack {
   private readonly domains = new Map<number, Managed>();
   /** The device kinds this dom0 has backends for; each is torn down with its domain. */
   private readonly kinds: DeviceKind<never>[] = [];
   private readonly vbd: DeviceKind<DiskSpec> | null;
+  private readonly vif: DeviceKind<NicSpec> | null;
+  /** Driver domains serving a domain's vifs (backend=), by the domain's id. */
+  private readonly driverBackends = new Map<number, Set<number>>();
 
   constructor(
     private readonly hv: Hypervisor,
@@ -175,9 +230,12 @@ export class Toolstack {
     private readonly onExit: (exit: DomainExit) => void,
     private readonly guestKernel: string,
     private readonly vbds: VbdBackends | null = null,
+    private readonly vifs: VifBackends | null = null,
   ) {
     this.vbd = vbds === null ? null : vbdKind(vbds);
     if (this.vbd !== null) this.kinds.push(this.vbd as DeviceKind<never>);
+    this.vif = vifs === null ? null : vifKind(vifs);
+    if (this.vif !== null) this.kinds.push(this.vif as DeviceKind<never>);
   }
 
   /** Map frames of another domain, as privcmd does for the builder. */
@@ -245,6 +303,7 @@ export class Toolstack {
       this.setParam(domid, HVM_PARAM_CONSOLE_EVTCHN, consolePort);
       await this.writeNodes(domid, spec, { storeGfn, storePort, consoleGfn, consolePort });
       for (const disk of spec.disks ?? []) await this.addDisk(domid, disk);
+      for (const nic of spec.vifs ?? []) await this.addNic(domid, nic);
       await this.store.introduce(domid, storeGfn, storePort);
       await this.consoles.attach(domid, consolePort, { name: spec.name, tcpPort: spec.consolePort });
       const m: Managed = { domid, spec, storePort, consolePort, preserved: null, restarts, onSuspended: null };
@@ -308,6 +367,39 @@ export class Toolstack {
   private async addDisk(domid: number, disk: DiskSpec): Promise<void> {
     if (this.vbd === null) throw new XenError('ENODEV', 'no block backend in this dom0');
     await deviceAdd(this.xs, domid, this.vbd, disk);
+  }
+
+  // libxl__device_nic_add: the vif's nodes, then netback; or the nodes of a driver domain's vif.
+  private async addNic(domid: number, nic: NicSpec): Promise<void> {
+    if (nic.backend !== null) return this.addDriverDomainNic(domid, nic, nic.backend);
+    if (this.vif === null) throw new XenError('ENODEV', 'no network backend in this dom0');
+    await deviceAdd(this.xs, domid, this.vif, nic);
+  }
+
+  /**
+   * A vif that a driver domain serves (backend=<name>): the same nodes, the
+   * backend directory in that domain's tree and owned by it, and no netback
+   * in dom0; the driver domain runs the backend half itself.
+   */
+  private async addDriverDomainNic(domid: number, nic: NicSpec, backendName: string): Promise<void> {
+    const bd = [...this.domains.values()].find((m) => m.spec.name === backendName)?.domid;
+    if (bd === undefined) throw new XenError('ESRCH', `no domain named ${backendName} to serve as a backend`);
+    if (bd === domid) throw new XenError('EINVAL', `vif ${nic.devid}: a domain cannot be its own backend`);
+    const fe = `/local/domain/${domid}/device/vif/${nic.devid}`;
+    const be = `/local/domain/${bd}/backend/vif/${domid}/${nic.devid}`;
+    const fePerms: XsPerm[] = [{ domid, perm: 'n' }, { domid: bd, perm: 'r' }];
+    const bePerms: XsPerm[] = [{ domid: bd, perm: 'n' }, { domid, perm: 'r' }];
+    const tree = (nodes: [string, string][], perms: XsPerm[]): XsNodeSpec[] => [
+      ['', null, perms],
+      ...nodes.map(([k, v]): XsNodeSpec => [k, v, perms]),
+    ];
+    await this.xs.transaction(async (t) => {
+      await writeTree(t, fe, tree([['backend', be], ['backend-id', String(bd)], ...nicFrontendNodes(nic)], fePerms));
+      await writeTree(t, be, tree([['frontend', fe], ['frontend-id', String(domid)], ...nicBackendNodes(nic)], bePerms));
+    });
+    const set = this.driverBackends.get(domid) ?? new Set<number>();
+    set.add(bd);
+    this.driverBackends.set(domid, set);
   }
 
   /** VIRQ_DOM_EXC: find the managed domains that shut down and deal with each. */
@@ -383,6 +475,8 @@ export class Toolstack {
       await kind.stopAll(domid).catch((err: Error) => log('%s backends of %d: %s', kind.type, domid, err.message));
       await this.xs.rm(`/local/domain/0/backend/${kind.type}/${domid}`).catch(() => undefined);
     }
+    for (const bd of this.driverBackends.get(domid) ?? []) await this.xs.rm(`/local/domain/${bd}/backend/vif/${domid}`).catch(() => undefined);
+    this.driverBackends.delete(domid);
     await this.store.release(domid).catch(() => undefined);
     await this.xs.rm(`/local/domain/${domid}`).catch(() => undefined);
     await this.platform.destroy(domid).catch((err: Error) => log('destroy %d: %s', domid, err.message));
@@ -474,6 +568,28 @@ export class Toolstack {
     return deviceList(this.xs, domid, 'vbd');
   }
 
+  /** `xl network-attach`: a new vif while the guest runs; the guest's watch on device/ attaches it. */
+  async networkAttach(domid: number, nic: NicSpec): Promise<void> {
+    const m = this.running(domid);
+    await this.addNic(domid, nic);
+    m.spec = { ...m.spec, vifs: [...(m.spec.vifs ?? []), nic] };
+  }
+
+  /** `xl network-detach`: the removal handshake (netback's vifs); forced when the guest does not answer. */
+  async networkDetach(domid: number, devid: number, signal?: AbortSignal): Promise<{ forced: boolean }> {
+    const m = this.managed(domid);
+    if (this.vif === null) throw new XenError('ENODEV', 'no network backend in this dom0');
+    const r = await deviceRemove(this.xs, domid, this.vif, devid, signal);
+    m.spec = { ...m.spec, vifs: (m.spec.vifs ?? []).filter((n) => n.devid !== devid) };
+    return r;
+  }
+
+  /** `xl network-list`: the vifs of a domain as xenstore has them. */
+  async networkList(domid: number): Promise<DeviceInfo[]> {
+    this.managed(domid);
+    return deviceList(this.xs, domid, 'vif');
+  }
+
   /** Per-device counters of every managed domain, for `top`. */
   deviceStats(): { domid: number; devices: DeviceStats[] }[] {
     return [...this.domains.values()].map((m) => {
@@ -481,6 +597,7 @@ export class Toolstack {
       const c = this.consoles.stats(m.domid);
       if (c !== null) devices.push({ type: 'console', devid: 0, counters: c });
       for (const v of this.vbds?.stats(m.domid) ?? []) devices.push({ type: 'vbd', devid: v.devid, counters: v.counters });
+      for (const v of this.vifs?.stats(m.domid) ?? []) devices.push({ type: 'vif', devid: v.devid, counters: v.counters });
       return { domid: m.domid, devices };
     });
   }
@@ -537,6 +654,9 @@ export function toolstackOps(ts: Toolstack): Record<string, (args: unknown) => u
     'block-attach': (args) => ts.blockAttach((args as A).domid, (args as A & { disk: DiskSpec }).disk),
     'block-detach': (args) => ts.blockDetach((args as A).domid, (args as A & { devid: number }).devid),
     'block-list': (args) => ts.blockList((args as A).domid),
+    'network-attach': (args) => ts.networkAttach((args as A).domid, (args as A & { nic: NicSpec }).nic),
+    'network-detach': (args) => ts.networkDetach((args as A).domid, (args as A & { devid: number }).devid),
+    'network-list': (args) => ts.networkList((args as A).domid),
     'device-stats': () => ts.deviceStats(),
     save: (args) => ts.save((args as A).domid, (args as A & { file: string }).file),
     restore: (args) => ts.restore((args as { file: string }).file),

@@ -5,14 +5,16 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { XenError } from '../errors.js';
-import type { DiskSpec, DomainSpec } from './toolstack.js';
+import { randomBytes } from 'node:crypto';
+import { formatMac, parseMac } from '../ether.js';
+import type { DiskSpec, DomainSpec, NicSpec } from './toolstack.js';
 
 export type XlValue = string | number | XlValue[];
 export type XlEntry = { key: string; value: XlValue; line: number };
 
 const MAX_CONFIG_BYTES = 1 << 20;
-const IGNORED = new Set(['type', 'builder', 'uuid', 'maxmem', 'cpus', 'boot', 'serial', 'vnc', 'sdl', 'device_model_version', 'vif']);
-const KNOWN = new Set(['name', 'memory', 'vcpus', 'maxvcpus', 'kernel', 'extra', 'on_poweroff', 'on_reboot', 'on_crash', 'disk', 'console_port']);
+const IGNORED = new Set(['type', 'builder', 'uuid', 'maxmem', 'cpus', 'boot', 'serial', 'vnc', 'sdl', 'device_model_version']);
+const KNOWN = new Set(['name', 'memory', 'vcpus', 'maxvcpus', 'kernel', 'extra', 'on_poweroff', 'on_reboot', 'on_crash', 'disk', 'vif', 'console_port']);
 const ACTIONS = ['destroy', 'restart', 'preserve'] as const;
 
 class Parser {
@@ -174,6 +176,7 @@ function setKey(spec: Partial<DomainSpec>, e: XlEntry, file: string): void {
       break;
     }
     case 'disk': spec.disks = disks(e, file); break;
+    case 'vif': spec.vifs = vifs(e, file); break;
     case 'on_poweroff': spec.onPoweroff = want(e, file, ACTIONS); break;
     case 'on_reboot': spec.onReboot = want(e, file, ACTIONS); break;
     case 'on_crash': spec.onCrash = want(e, file, ACTIONS); break;
@@ -285,6 +288,94 @@ function disks(e: XlEntry, file: string): DiskSpec[] {
   for (const d of out) {
     if (seen.has(d.devid)) fail(`vdev ${d.vdev} given twice`);
     seen.add(d.devid);
+  }
+  return out;
+}
+
+const VIF_KEYS = ['mac', 'bridge', 'rate', 'trusted', 'pcap', 'mtu', 'backend'] as const;
+/** libxl keys that mean nothing here (no hotplug scripts, no emulated NIC). */
+const VIF_IGNORED = new Set(['script', 'type', 'model', 'vifname', 'ip', 'gatewaydev']);
+const RATE_UNITS: Record<string, number> = { '': 1, K: 1e3, M: 1e6, G: 1e9 };
+const DEFAULT_RATE_INTERVAL_US = 50_000;
+
+/**
+ * libxlu's vif rate: `<n>[KMG](b|B)/s[@<n>(s|ms|us)]`, bits or bytes per
+ * second over an interval (50 ms by default); what netback reads as
+ * "bytes,usec" (bytes per interval).
+ */
+export function parseRate(text: string): { bytes: number; usec: number } {
+  const m = /^(\d+)([kKmMgG]?)([bB])\/s(?:@(\d+)(s|ms|us))?$/.exec(text.trim());
+  if (m === null) throw new XenError('EINVAL', `rate ${JSON.stringify(text)}: want <n>[K|M|G]b/s or B/s, optionally @<n>s|ms|us`);
+  const perSec = (Number(m[1]) * RATE_UNITS[m[2]!.toUpperCase()]!) / (m[3] === 'b' ? 8 : 1);
+  const usec = m[4] === undefined ? DEFAULT_RATE_INTERVAL_US : Number(m[4]) * (m[5] === 's' ? 1e6 : m[5] === 'ms' ? 1e3 : 1);
+  const bytes = Math.floor((perSec * usec) / 1e6);
+  if (!Number.isSafeInteger(bytes) || bytes < 1 || usec < 1 || usec > 60e6) {
+    throw new XenError('EINVAL', `rate ${JSON.stringify(text)}: gives ${bytes} bytes per ${usec} us`);
+  }
+  return { bytes, usec };
+}
+
+/** A MAC of the Xen OUI 00:16:3e, random below it, as libxl makes one. */
+export function randomMac(): string {
+  return formatMac(Uint8Array.from([0x00, 0x16, 0x3e, ...randomBytes(3)].map((b, i) => (i === 3 ? b & 0x7f : b))));
+}
+
+// xl-network-configuration: comma-separated key=value items.
+function vif(item: string, fail: (message: string) => never, dir: string, devid: number): NicSpec {
+  const v: Partial<Record<(typeof VIF_KEYS)[number], string>> = {};
+  for (const raw of item.split(',')) {
+    const part = raw.trim();
+    if (part === '') continue;
+    const eq = part.indexOf('=');
+    if (eq < 0) fail(`${JSON.stringify(part)}: want key=value`);
+    const key = part.slice(0, eq).trim();
+    const value = part.slice(eq + 1).trim();
+    if (VIF_IGNORED.has(key)) continue;
+    if (!(VIF_KEYS as readonly string[]).includes(key)) fail(`unknown vif parameter ${key}`);
+    if (v[key as (typeof VIF_KEYS)[number]] !== undefined) fail(`${key} given twice`);
+    v[key as (typeof VIF_KEYS)[number]] = value;
+  }
+  const attempt = <T>(f: () => T): T => {
+    try {
+      return f();
+    } catch (err) {
+      return fail((err as Error).message.replace(/^EINVAL: /, ''));
+    }
+  };
+  const mac = v.mac === undefined ? randomMac() : formatMac(attempt(() => parseMac(v.mac!)));
+  if (v.mac !== undefined && (parseMac(mac)[0]! & 1) !== 0) fail(`mac ${v.mac} is a multicast address`);
+  const bridge = v.bridge ?? 'xenbr0';
+  if (!/^[A-Za-z0-9._-]{1,15}$/.test(bridge)) fail(`bridge ${JSON.stringify(bridge)}: 1-15 of A-Za-z0-9._-`);
+  const mtu = v.mtu === undefined ? 1500 : Number(v.mtu);
+  if (!Number.isInteger(mtu) || mtu < 68 || mtu > 65521) fail(`mtu ${v.mtu}: want 68..65521`);
+  if (v.trusted !== undefined && !['0', '1'].includes(v.trusted)) fail(`trusted ${v.trusted}: want 0 or 1`);
+  if (v.pcap === '' || v.backend === '') fail(`${v.pcap === '' ? 'pcap' : 'backend'} needs a value`);
+  return {
+    devid, mac, bridge, mtu,
+    rate: v.rate === undefined ? null : attempt(() => parseRate(v.rate!)),
+    trusted: v.trusted !== '0',
+    pcap: v.pcap === undefined ? null : isAbsolute(v.pcap) ? v.pcap : resolve(dir, v.pcap),
+    backend: v.backend ?? null,
+  };
+}
+
+/** One vif spec as `network-attach` takes it, for interface `devid`; a relative pcap is taken from `dir`. EINVAL names what is wrong. */
+export function parseNicSpec(item: string, dir: string, devid: number): NicSpec {
+  return vif(item, (message) => {
+    throw new XenError('EINVAL', `vif spec ${JSON.stringify(item)}: ${message}`);
+  }, dir, devid);
+}
+
+function vifs(e: XlEntry, file: string): NicSpec[] {
+  const fail = (message: string): never => {
+    throw new XenError('ECONFIG', `${file}:${e.line}: vif: ${message}`);
+  };
+  if (!Array.isArray(e.value) || e.value.some((x) => typeof x !== 'string')) fail('must be a list of strings');
+  const out = (e.value as string[]).map((item, devid) => vif(item, fail, dirname(file), devid));
+  const seen = new Set<string>();
+  for (const n of out) {
+    if (seen.has(n.mac)) fail(`mac ${n.mac} given twice`);
+    seen.add(n.mac);
   }
   return out;
 }

@@ -9,14 +9,19 @@ import { loadHostConfig } from '../backends/hostcfg.js';
 import { cliPath, defaultRundir, hostDaemon, hostStart, hostStop } from './host.js';
 import { closeSync, ftruncateSync, openSync } from 'node:fs';
 import { parseSize } from '../backends/xlcfg.js';
+import { parseUplink } from '../backends/bridge.js';
+import { parseDhcpdConfig } from '../backends/dhcpd.js';
+import type { BridgeSetup } from '../backends/dom0.js';
 import { hostStatus, manageCommands } from './manage.js';
 import { fuzz } from './fuzz.js';
 import { parseFaults } from '../sim/sim.js';
+import { trace } from './trace.js';
 
 const USAGE = `usage: xenpv <command> [options]
 
 commands:
-  run <cfg>... [--json] [--duration S] [--seed N [--faults LIST]]
+  run <cfg>... [--json] [--duration S] [--seed N [--faults LIST]] [--trace FILE]
+      [--uplink BRIDGE=udp:LPORT:HOST:RPORT]... [--pcap BRIDGE=FILE]... [--dhcp BRIDGE=FIRST-LAST]...
       boot a host with dom0, create the domains of the xl-style configs, wait
       until they shut down (or S seconds pass), print each guest's console
       output prefixed with its name; exit 0 when every guest powered off.
@@ -24,6 +29,15 @@ commands:
       seed (0..4294967295), in virtual time, and prints the seed and a digest
       of the run: the same seed replays the same run. --faults injects
       spurious,delay,deschedule,vbd-restart (a comma list, or all).
+      --trace records every ring slot, event, grant operation, xenstore
+      message, console chunk and network frame of the run into FILE.
+      --uplink joins a bridge to a UDP peer, one Ethernet frame per datagram
+      (QEMU -netdev dgram, socat); --pcap captures a bridge to FILE;
+      --dhcp BRIDGE=FIRST-LAST serves DHCP on a bridge (as the subnet's .1).
+  trace FILE [--json] [--pcapng OUT]
+      decode a trace: one line per record (time, domain, device, what, with
+      the io/*.h field names), or one JSON object per line; --pcapng writes
+      the frames guests sent and received to OUT for tshark or wireshark.
   host start [--rundir DIR] [--config host.json]
       run a host (dom0, xenstored, backends) in the background; print the
       xenstored socket path (DIR/xenstored/socket). DIR defaults to
@@ -79,6 +93,10 @@ commands that manage a running host (each takes --rundir DIR):
   block-attach NAME SPEC      hotplug a disk (SPEC as a disk = entry)
   block-detach NAME DEVID     unplug a disk (DEVID: its number or xvdX)
   block-list [NAME] [--json]  the domain's disks and their xenbus states
+  network-attach NAME SPEC    hotplug a network interface (SPEC as a vif = entry)
+  network-detach NAME DEVID   unplug a network interface
+  network-list [NAME] [--json]
+                              the domain's interfaces and their xenbus states
   save NAME FILE              suspend the guest, write its memory and config to FILE
   restore FILE                a new domain from FILE; its guest carries on
 `;
@@ -102,7 +120,16 @@ async function main(argv: string[]): Promise<number> {
       const { values, positionals } = parseArgs({
         args: rest,
         allowPositionals: true,
-        options: { json: { type: 'boolean', default: false }, duration: { type: 'string' }, seed: { type: 'string' }, faults: { type: 'string' } },
+        options: {
+          json: { type: 'boolean', default: false },
+          duration: { type: 'string' },
+          seed: { type: 'string' },
+          faults: { type: 'string' },
+          uplink: { type: 'string', multiple: true },
+          pcap: { type: 'string', multiple: true },
+          dhcp: { type: 'string', multiple: true },
+          trace: { type: 'string' },
+        },
       });
       if (positionals.length === 0) throw new XenError('EINVAL', 'run needs at least one config file');
       const duration = values.duration === undefined ? undefined : Number(values.duration);
@@ -110,8 +137,19 @@ async function main(argv: string[]): Promise<number> {
       const seed = values.seed === undefined ? undefined : parseSeed(values.seed);
       if (values.faults !== undefined && seed === undefined) throw new XenError('EINVAL', '--faults needs --seed');
       const faults = values.faults === undefined ? undefined : parseFaults(values.faults);
-      return run(positionals, { json: values.json === true, durationS: duration, seed, faults });
+      const uplinks = bridgeArgs('--uplink', values.uplink ?? []);
+      for (const spec of Object.values(uplinks)) parseUplink(spec);
+      const pcaps = bridgeArgs('--pcap', values.pcap ?? []);
+      const bridges: Record<string, BridgeSetup> = {};
+      for (const [name, file] of Object.entries(pcaps)) bridges[name] = { pcap: resolve(file) };
+      for (const [name, range] of Object.entries(bridgeArgs('--dhcp', values.dhcp ?? []))) {
+        bridges[name] = { ...bridges[name], dhcp: { range } };
+        parseDhcpdConfig({ range });
+      }
+      return run(positionals, { json: values.json === true, durationS: duration, seed, faults, uplinks, bridges, trace: values.trace });
     }
+    case 'trace':
+      return trace(rest);
     case 'host':
       return host(rest);
     case 'disk':
@@ -132,6 +170,18 @@ async function main(argv: string[]): Promise<number> {
       return manage(rest);
     }
   }
+}
+
+/** `BRIDGE=VALUE` arguments by bridge name; EINVAL for a malformed or repeated one. */
+function bridgeArgs(flag: string, args: string[]): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const a of args) {
+    const m = /^([A-Za-z0-9._-]{1,15})=(.+)$/.exec(a);
+    if (m === null) throw new XenError('EINVAL', `${flag} ${a}: want BRIDGE=VALUE`);
+    if (m[1]! in out) throw new XenError('EINVAL', `${flag}: bridge ${m[1]} given twice`);
+    out[m[1]!] = m[2]!;
+  }
+  return out;
 }
 
 async function host(argv: string[]): Promise<number> {

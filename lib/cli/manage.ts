@@ -1,7 +1,8 @@
 // The xl-like commands that manage a running host over its control socket:
 // create, list, destroy, shutdown, reboot, pause, unpause, vcpu-set,
-// block-attach, block-detach, block-list (console and top have their own
-// files). Each takes --rundir; without it the default rundir of `host start`.
+// block-attach, block-detach, block-list, network-attach, network-detach,
+// network-list (console and top have their own files). Each takes --rundir;
+// without it the default rundir of `host start`.
 // Exit status: 0 done, 1 the host refused (its error code is printed), 2 a
 // bad argument or config.
 
@@ -61,6 +62,19 @@ function formatBlockList(rows: { name: string; devices: DeviceInfo[] }[]): strin
     for (const d of r.devices) {
       lines.push(`${r.name.padEnd(16)} ${String(d.devid).padEnd(5)} ${(d.backend['dev'] ?? '-').padEnd(5)} ${String(d.backendId).padEnd(3)} `
         + `${dash(d.frontendState).padEnd(5)} ${dash(d.backendState).padEnd(8)} ${dash(d.eventChannel).padEnd(6)} ${dash(d.ringRef).padEnd(8)} ${d.backendPath}`);
+    }
+  }
+  return lines.join('\n') + '\n';
+}
+
+/** xl network-list's columns, and each interface's MAC and bridge. */
+function formatNetworkList(rows: { name: string; devices: DeviceInfo[] }[]): string {
+  const lines = ['Name             Idx BE  MAC               bridge   state be-state BE-path'];
+  const dash = (v: number | null): string => (v === null ? '-' : String(v));
+  for (const r of rows) {
+    for (const d of r.devices) {
+      lines.push(`${r.name.padEnd(16)} ${String(d.devid).padEnd(3)} ${String(d.backendId).padEnd(3)} ${(d.backend['mac'] ?? '-').padEnd(17)} `
+        + `${(d.backend['bridge'] ?? '-').padEnd(8)} ${dash(d.frontendState).padEnd(5)} ${dash(d.backendState).padEnd(8)} ${d.backendPath}`);
     }
   }
   return lines.join('\n') + '\n';
@@ -134,6 +148,30 @@ export const manageCommands: Record<string, Command> = {
     return withHost(p.rundir, async (c) => {
       const rows = (await c.call('block-list', name === undefined ? {} : { domain: name })) as { name: string; devices: DeviceInfo[] }[];
       process.stdout.write(p.values['json'] === true ? JSON.stringify(rows, null, 2) + '\n' : formatBlockList(rows));
+    });
+  },
+  'network-attach': (argv) => {
+    const p = parse('network-attach', argv, ['NAME', 'SPEC']);
+    return withHost(p.rundir, async (c) => {
+      const r = (await c.call('network-attach', { domain: p.positionals[0], spec: p.positionals[1], cwd: process.cwd() })) as { devid: number; mac: string };
+      process.stdout.write(`${p.positionals[0]}: vif ${r.devid} ${r.mac}\n`);
+    });
+  },
+  'network-detach': (argv) => {
+    const p = parse('network-detach', argv, ['NAME', 'DEVID']);
+    const devid = Number(p.positionals[1]);
+    if (!/^\d+$/.test(p.positionals[1]!) || devid > 65535) throw new XenError('EINVAL', `network-detach: DEVID must be a whole number, not ${p.positionals[1]}`);
+    return withHost(p.rundir, async (c) => {
+      const r = (await c.call('network-detach', { domain: p.positionals[0], devid })) as { forced: boolean };
+      if (r.forced) process.stderr.write(`xenpv: the guest did not answer in time; vif ${devid} was removed by force\n`);
+    });
+  },
+  'network-list': (argv) => {
+    const p = parse('network-list', argv, ['NAME'], { json: { type: 'boolean' } }, 1);
+    const name = p.positionals[0];
+    return withHost(p.rundir, async (c) => {
+      const rows = (await c.call('network-list', name === undefined ? {} : { domain: name })) as { name: string; devices: DeviceInfo[] }[];
+      process.stdout.write(p.values['json'] === true ? JSON.stringify(rows, null, 2) + '\n' : formatNetworkList(rows));
     });
   },
   save: (argv) => {

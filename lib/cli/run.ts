@@ -8,14 +8,21 @@ import { loadDomainConfig } from '../backends/xlcfg.js';
 import type { DomainExit, DomainSpec } from '../backends/toolstack.js';
 import { XenError } from '../errors.js';
 import { Machine } from '../machine.js';
+import type { BridgeSetup } from '../backends/dom0.js';
 import type { FaultKind, FaultRecord, SimRunner } from '../sim/sim.js';
 
 export type RunOptions = {
   json: boolean;
   durationS: number | undefined;
+  /** UDP uplinks by bridge name. */
+  uplinks?: Record<string, string>;
+  /** Bridge setups (a pcap file, a DHCP server) by bridge name. */
+  bridges?: Record<string, BridgeSetup>;
   /** Run under the deterministic runner with this seed (u32). */
   seed?: number | undefined;
   faults?: FaultKind[] | undefined;
+  /** Record a trace of the run into this file. */
+  trace?: string | undefined;
 };
 
 type Result = { name: string; domid: number | null; exit: { reason: string }; console: string };
@@ -50,9 +57,12 @@ export async function run(files: string[], opts: RunOptions): Promise<number> {
   const faults = opts.faults ?? [];
   if (opts.seed !== undefined && !opts.json) process.stdout.write(`xenpv: deterministic run, seed ${opts.seed}, faults ${faults.join(',') || 'none'}\n`);
   const machine = await Machine.boot({
+    ...(opts.trace === undefined ? {} : { trace: opts.trace }),
     onConsole: (domid, name, text) => {
       if (!opts.json) printer.write(domid, name, text);
     },
+    uplinks: opts.uplinks,
+    bridges: opts.bridges,
     ...(opts.seed === undefined ? {} : {
       sim: {
         seed: opts.seed,

@@ -9,6 +9,7 @@ import type { XenStore } from '../xenstore/xenstore.js';
 import { shutdown, type XenDevice, type XenSoftc } from '../xen/xen.js';
 import { xbfDisks, type XbfFeatures, type XbfSoftc } from '../drivers/xbf/xbf.js';
 import { readPartitionTable, type PartitionTable } from './partition.js';
+import { netInterfaces, type NetInterface } from './net.js';
 import { vcpusOnline } from '../xen/cpu.js';
 
 /**
@@ -144,6 +145,11 @@ export class Guest {
   /** The attached disks (xbf), in devid order: xvda first. */
   disks(): Disk[] {
     return xbfDisks(this.sc).map((x) => new Disk(x));
+  }
+
+  /** The attached network interfaces (xnf), in devid order: { name, mac, mtu, send, onFrame, frames, onLink, counters }. */
+  nets(): NetInterface[] {
+    return netInterfaces(this.sc);
   }
 
   /** Write to the PV console. */

@@ -34,6 +34,7 @@ import { XenCons } from './xencons.js';
 import { GrantTable, type GrantTableOptions } from '../gnttab/gnttab.js';
 import { XenDmaTag } from '../busdma/busdma.js';
 import { xbfDriver } from '../drivers/xbf/xbf.js';
+import { xnfDriver } from '../drivers/xnf/xnf.js';
 
 /** The vector OpenBSD's xen(4) asks for; any value works, Xen only records it. */
 const XEN_CALLBACK_VECTOR = 0x70n;
@@ -78,6 +79,8 @@ export type XenSoftc = {
   console: Console;
   devices: Map<string, XenDevice>;
   log: Log;
+  /** vCPUs of the domain (Linux sizes per-CPU things, such as netfront's queues, by it). */
+  vcpus: number;
   /** The kernel command line (the config's `extra`); drivers take `<driver>.<name>=<value>` words from it. */
   cmdline: string;
   /** The runner stops this domain's vCPUs for good (after SCHEDOP_shutdown). */
@@ -251,7 +254,10 @@ export function xenAttach(
   const storeIntr = intr.intrEstablish(getParam(hypercall, HVM_PARAM_STORE_EVTCHN), 0, () => xs?.intr(), 'xenstore');
   xs = new XenStore({ page: storePage, notify: () => intr.intrSignal(storeIntr), name });
 
-  const sc: XenSoftc = { domid: ctx.domid, name, hypercall, mem: self.mem, physmem, intr, dmat, xs, console, devices: new Map(), log, cmdline, exit: ctx.exit };
+  const sc: XenSoftc = {
+    domid: ctx.domid, name, hypercall, mem: self.mem, physmem, intr, dmat, xs, console, devices: new Map(), log,
+    vcpus: self.maxVcpus, cmdline, exit: ctx.exit,
+  };
   intr.intrUnmask(consoleIntr);
   intr.intrUnmask(storeIntr);
   if (opts.idle !== false) void intr.run();
@@ -259,7 +265,7 @@ export function xenAttach(
 }
 
 /** The static driver table; drivers of later issues register here. */
-export const xenDrivers = new Map<string, XenDriver>([['vbd', xbfDriver]]);
+export const xenDrivers = new Map<string, XenDriver>([['vbd', xbfDriver], ['vif', xnfDriver]]);
 
 /** xen_probe_devices: each device/<type>/<unit> with its backend, matched against the table. */
 export async function probeDevices(sc: XenSoftc): Promise<void> {

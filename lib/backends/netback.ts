@@ -1,0 +1,1107 @@
+// dom0's network backend for one vif, after Linux drivers/net/xen-netback
+// (xenbus.c for the handshake, netback.c for guest TX, rx.c for guest RX,
+// interface.c for the queues). Grant copy both ways, no page flipping
+// (feature-rx-flip 0): a frame from one guest to another is copied once,
+// from the sender's granted page into the receiver's.
+//
+// Guest TX: each request is copied once off the ring and checked; the
+// packet keeps pointing at the sender's grants, and its requests are
+// answered only when every port that took it has copied it out. So a slow
+// receiver holds the sender's ring slots: the sender's ring is the queue.
+// A frontend that breaks the protocol (more slots than XEN_NETIF_NR_SLOTS_MIN,
+// a slot crossing its page, a bad extra, req_prod jumping a ring ahead, a
+// grant dom0 may not use) gets its vif disabled with a logged reason, as
+// xenvif_fatal_tx_err does; every other vif carries on.
+//
+// Guest RX: a bounded queue per ring (XSA-392: beyond it frames are
+// dropped), drained into the frontend's posted buffers; a frame that waits
+// longer than drainTimeoutMs is dropped, and a frontend that posts no buffer
+// for stallTimeoutMs is stalled (carrier off) until it does. A frame that
+// waits longer than holdMs lets go of its sender: it is copied into dom0's
+// pool and the sender's requests are answered, so a receiver that stops
+// taking frames cannot keep another guest's ring full.
+
+import {
+  NETIF_RSP_ERROR, NETIF_RSP_NULL, NETIF_RSP_OKAY, NETRXF_csum_blank, NETRXF_data_validated, NETRXF_extra_info,
+  NETRXF_more_data, NETTXF_csum_blank, NETTXF_data_validated, NETTXF_extra_info, NETTXF_more_data,
+  XEN_NETIF_EXTRA_FLAG_MORE, XEN_NETIF_EXTRA_TYPE_GSO, XEN_NETIF_EXTRA_TYPE_MAX, XEN_NETIF_EXTRA_TYPE_MCAST_ADD,
+  XEN_NETIF_EXTRA_TYPE_MCAST_DEL, XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6, XEN_NETIF_NR_SLOTS_MIN,
+  netif_extra_info, netif_rx_request, netif_rx_response, netif_tx_request, netif_tx_response,
+} from '../abi/netif.js';
+import { __CONST_RING_SIZE, netif_rx_sring, netif_rx_sring_entry, netif_tx_sring, netif_tx_sring_entry } from '../abi/ring.js';
+import { offsetOf } from '../abi/layout.js';
+import { GNTST_okay } from '../abi/grant_table.js';
+import { XenbusStateClosed, XenbusStateClosing, XenbusStateConnected, XenbusStateInitWait } from '../abi/xenbus.js';
+import { XenError } from '../errors.js';
+import { ETHER_ADDR_LEN, ETHER_HDR_LEN, ETHERTYPE_IPV6, formatMac, isBroadcast, isMulticast, macKey, parseMac } from '../ether.js';
+import type { Interrupts, IntrHandle } from '../evtchn/evtchn.js';
+import type { Hypercall } from '../hypervisor/hypercall.js';
+import { PAGE_SIZE } from '../hypervisor/page.js';
+import { logger, type Log } from '../log.js';
+import { PcapWriter } from '../pcap.js';
+import { BackRing } from '../xen/ring.js';
+import type { XenStore, XsWatch } from '../xenstore/xenstore.js';
+import { HEADER_BYTES, MAX_FRAGS, newPortStats, type Bridge, type Bridges, type BridgePort, type Frag, type FramePool, type Packet, type PacketOrigin } from './bridge.js';
+import { bindInterdomain, mapGrant, unmapGrant } from './xenbus.js';
+
+const TX_RING_SIZE = __CONST_RING_SIZE(netif_tx_sring, PAGE_SIZE);
+const RX_RING_SIZE = __CONST_RING_SIZE(netif_rx_sring, PAGE_SIZE);
+const TX_BYTES = netif_tx_sring_entry.size;
+const RX_BYTES = netif_rx_sring_entry.size;
+const CONNECT_TIMEOUT_MS = 5 * 60_000;
+/** XEN_NETBK_MCAST_MAX */
+const MCAST_MAX = 64;
+const MAX_BURST_BYTES = 131072;
+
+const TXQ_GREF = offsetOf(netif_tx_request, 'gref');
+const TXQ_OFFSET = offsetOf(netif_tx_request, 'offset');
+const TXQ_FLAGS = offsetOf(netif_tx_request, 'flags');
+const TXQ_ID = offsetOf(netif_tx_request, 'id');
+const TXQ_SIZE = offsetOf(netif_tx_request, 'size');
+const TXP_ID = offsetOf(netif_tx_response, 'id');
+const TXP_STATUS = offsetOf(netif_tx_response, 'status');
+const RXQ_ID = offsetOf(netif_rx_request, 'id');
+const RXQ_GREF = offsetOf(netif_rx_request, 'gref');
+const RXP_ID = offsetOf(netif_rx_response, 'id');
+const RXP_OFFSET = offsetOf(netif_rx_response, 'offset');
+const RXP_FLAGS = offsetOf(netif_rx_response, 'flags');
+const RXP_STATUS = offsetOf(netif_rx_response, 'status');
+const EXT_TYPE = offsetOf(netif_extra_info, 'type');
+const EXT_FLAGS = offsetOf(netif_extra_info, 'flags');
+const EXT_GSO_SIZE = offsetOf(netif_extra_info, 'u.gso.size');
+const EXT_GSO_TYPE = offsetOf(netif_extra_info, 'u.gso.type');
+const EXT_MCAST_ADDR = offsetOf(netif_extra_info, 'u.mcast.addr');
+
+export type NetbackOptions = {
+  /** multi-queue-max-queues (Linux: one per dom0 CPU). */
+  maxQueues?: number;
+  /** Frames and bytes a guest-RX queue holds before it drops (XSA-392). */
+  rxQueueMaxPackets?: number;
+  rxQueueMaxBytes?: number;
+  /** A queued frame older than this is dropped (Linux rx_drain_timeout_msecs, 10 s). */
+  drainTimeoutMs?: number;
+  /** A frontend that posts no RX buffer for this long is stalled (Linux rx_stall_timeout_msecs, 60 s). */
+  stallTimeoutMs?: number;
+  /** A queued frame holds its sender's grants (and ring slots) at most this long, then is copied into dom0 (500 ms). */
+  holdMs?: number;
+};
+
+/** One vif as the toolstack hands it to dom0; mac, rate and mtu are read from the backend's nodes. */
+export type VifSpec = {
+  domid: number;
+  devid: number;
+  /** The bridge the vif joins (xenbr0 by default). */
+  bridge: string;
+  /** Capture the vif's frames both ways. */
+  pcap?: string | null | undefined;
+};
+
+export type VifStats = {
+  name: string;
+  state: 'waiting' | 'connected' | 'disabled' | 'closed';
+  reason: string | null;
+  queues: number;
+  /** Frames from the guest into the bridge / from the bridge to the guest. */
+  rxPackets: number; rxBytes: number; txPackets: number; txBytes: number;
+  /** Frames for the guest dropped (queue full, stalled, expired, cannot be taken). */
+  txDropped: number;
+  /** Malformed but survivable guest requests, answered NETIF_RSP_ERROR. */
+  txErrors: number;
+  expired: number;
+  /** Frames copied into dom0 so as to let their sender go (they waited longer than holdMs). */
+  released: number;
+  stalls: number;
+  /** Per queue, the rings as xenvif_read_io_ring shows them. */
+  rings: QueueDump[];
+};
+
+export type QueueDump = {
+  tx: { req_prod: number; req_event: number; rsp_prod: number; rsp_event: number; reqCons: number; rspProdPvt: number } | null;
+  rx: { req_prod: number; req_event: number; rsp_prod: number; rsp_event: number; reqCons: number; rspProdPvt: number } | null;
+  rxQueued: number;
+  rxQueuedBytes: number;
+  held: boolean;
+  stalled: boolean;
+};
+
+function ringDump(r: BackRing | null): QueueDump['tx'] {
+  return r === null ? null : { ...r.sharedIndices(), reqCons: r.reqConsumed, rspProdPvt: r.rspProd };
+}
+
+type Resolved = Required<NetbackOptions>;
+
+/** xenbus_read_unsigned's default: a node the frontend may not have written is `absent` (as is one that is not a number). */
+async function optional(read: Promise<number>, absent: number): Promise<number> {
+  try {
+    return await read;
+  } catch (err) {
+    if (err instanceof XenError && (err.code === 'ENOENT' || err.code === 'EINVAL')) return absent;
+    throw err;
+  }
+}
+
+/** struct xenvif_queue */
+class NetbackQueue implements PacketOrigin {
+  readonly name: string;
+  txRing: BackRing | null = null;
+  rxRing: BackRing | null = null;
+  txHandle = -1;
+  rxHandle = -1;
+  txIh: IntrHandle | null = null;
+  rxIh: IntrHandle | null = null;
+  // Guest RX queue: a ring of packets.
+  readonly rxq: (Packet | null)[];
+  rxqHead = 0;
+  rxqCount = 0;
+  rxqBytes = 0;
+  lastRxMs = performance.now();
+  stalled = false;
+  // Credit scheduler (tx_credit_exceeded).
+  creditBytes = Infinity;
+  creditUsec = 0;
+  remainingCredit = Infinity;
+  nextCreditMs = 0;
+  creditTimer: NodeJS.Timeout | null = null;
+  /** A packet taken off the ring that waits for credit. */
+  held: Packet | null = null;
+  waitingForPackets = false;
+  /** The MCAST_ADD/DEL extra of the request being built, and the answer it gets. */
+  mcastType = 0;
+  mcastStatus = 0;
+  txDirty = false;
+  rxDirty = false;
+  readonly txReq = new Uint8Array(TX_BYTES);
+  readonly txReqView = new DataView(this.txReq.buffer);
+  readonly txRsp = new Uint8Array(TX_BYTES);
+  readonly txRspView = new DataView(this.txRsp.buffer);
+  readonly rxReq = new Uint8Array(RX_BYTES);
+  readonly rxReqView = new DataView(this.rxReq.buffer);
+  readonly rxRsp = new Uint8Array(RX_BYTES);
+  readonly rxRspView = new DataView(this.rxRsp.buffer);
+  readonly resume = (): void => this.vif.txAction(this);
+
+  constructor(
+    readonly vif: Netback,
+    readonly id: number,
+    rxqMax: number,
+  ) {
+    this.name = `${vif.name}-q${id}`;
+    this.rxq = new Array<Packet | null>(rxqMax).fill(null);
+  }
+
+  packetDone(pkt: Packet): void {
+    this.vif.txDone(this, pkt);
+  }
+
+  packetFault(_pkt: Packet, reason: string): void {
+    this.vif.disable(reason);
+  }
+}
+
+/** One vif's backend (struct xenvif + backend_info), and its port on the bridge. */
+export class Netback implements BridgePort {
+  readonly name: string;
+  readonly backendPath: string;
+  readonly frontendPath: string;
+  readonly stats = newPortStats();
+  readonly log: Log;
+  readonly queues: NetbackQueue[] = [];
+  readonly mac = new Uint8Array(ETHER_ADDR_LEN);
+  mtu = 1500;
+  // What the frontend can take (read_xenbus_vif_flags).
+  canSg = false;
+  gso4 = false;
+  gso6 = false;
+  ipCsum = true;
+  ipv6Csum = false;
+  multicastControl = false;
+  readonly mcast = new Set<number>();
+  state: VifStats['state'] = 'waiting';
+  reason: string | null = null;
+  txErrors = 0;
+  expired = 0;
+  /** Frames copied into dom0 after holding their sender for holdMs. */
+  released = 0;
+  stalls = 0;
+  bridge: Bridge | null = null;
+  pcap: PcapWriter | null = null;
+  private readonly abort = new AbortController();
+  private feWatch: XsWatch | null = null;
+  private readonly rxFrags: Frag[] = Array.from({ length: MAX_FRAGS }, () => ({ domid: 0, ref: 0, byRef: false, offset: 0, len: 0 }));
+
+  constructor(
+    readonly set: NetbackSet,
+    readonly spec: VifSpec,
+  ) {
+    this.name = `vif${spec.domid}.${spec.devid}`;
+    this.log = logger('netback', this.name);
+    this.backendPath = `/local/domain/0/backend/vif/${spec.domid}/${spec.devid}`;
+    this.frontendPath = `/local/domain/${spec.domid}/device/vif/${spec.devid}`;
+  }
+
+  private get xs(): XenStore {
+    return this.set.xs;
+  }
+
+  // --- xenbus: probe, connect, disconnect ---------------------------------------
+
+  // netback_probe: advertise what we do, InitWait, then follow the frontend.
+  async start(): Promise<void> {
+    const b = this.backendPath;
+    await this.xs.transaction(async (t) => {
+      await t.write(`${b}/feature-sg`, '1');
+      await t.write(`${b}/feature-gso-tcpv4`, '1');
+      await t.write(`${b}/feature-gso-tcpv6`, '1');
+      await t.write(`${b}/feature-ipv6-csum-offload`, '1');
+      await t.write(`${b}/feature-rx-copy`, '1');
+      await t.write(`${b}/feature-rx-flip`, '0');
+      await t.write(`${b}/feature-multicast-control`, '1');
+      await t.write(`${b}/feature-split-event-channels`, '1');
+      await t.write(`${b}/multi-queue-max-queues`, String(this.set.opts.maxQueues));
+    });
+    await this.xs.write(`${b}/state`, String(XenbusStateInitWait));
+    this.log('InitWait');
+    void this.run().catch((err: Error) => {
+      if (!this.abort.signal.aborted) void this.fatal(`connect: ${err.message}`);
+    });
+  }
+
+  // frontend_changed: Connected -> connect; Closing, Closed or gone -> disconnect.
+  private async run(): Promise<void> {
+    const signal = this.abort.signal;
+    const f = this.frontendPath;
+    await this.xs.awaitState(`${f}/state`, XenbusStateConnected, { signal, timeoutMs: CONNECT_TIMEOUT_MS });
+    if (signal.aborted) return;
+    await this.connect(signal);
+    if (signal.aborted) return;
+    this.feWatch = await this.xs.watch(`${f}/state`, () => {
+      void this.xs.read(`${f}/state`).then((v) => Number(v) >= XenbusStateClosing, () => true).then((closing) => {
+        if (closing && this.state === 'connected') void this.disconnect('frontend closed');
+      });
+    });
+  }
+
+  // connect(): queues, address, rate, the frontend's flags, rings; Connected.
+  private async connect(signal: AbortSignal): Promise<void> {
+    const f = this.frontendPath;
+    const b = this.backendPath;
+    const n = await optional(this.xs.getNumber(`${f}/multi-queue-num-queues`, { signal }), 1);
+    if (!Number.isInteger(n) || n < 1 || n > this.set.opts.maxQueues) {
+      return this.fatal(`guest requested ${n} queues, but valid range is 1 - ${this.set.opts.maxQueues}`);
+    }
+    this.mac.set(parseMac(await this.xs.read(`${b}/mac`, { signal })));
+    this.mtu = await optional(this.xs.getNumber(`${b}/mtu`, { signal }), 1500);
+    const rate = await this.readRate(signal);
+    const why = await this.readFlags(signal);
+    if (why !== null) return this.fatal(why);
+    for (let i = 0; i < n; i++) {
+      const q = new NetbackQueue(this, i, this.set.opts.rxQueueMaxPackets);
+      q.creditBytes = q.remainingCredit = rate.bytes;
+      q.creditUsec = rate.usec;
+      this.queues.push(q);
+      await this.connectQueue(q, n === 1 ? f : `${f}/queue-${i}`, signal);
+    }
+    if (signal.aborted) return;
+    if (this.spec.pcap != null) this.pcap = new PcapWriter(this.spec.pcap);
+    this.bridge = this.set.bridges.get(this.spec.bridge);
+    this.bridge.addPort(this);
+    this.state = 'connected';
+    for (const q of this.queues) {
+      this.set.intr.intrUnmask(q.txIh!);
+      if (q.rxIh !== q.txIh) this.set.intr.intrUnmask(q.rxIh!);
+    }
+    await this.xs.write(`${b}/state`, String(XenbusStateConnected));
+    this.log('Connected: %s, %d queue(s), bridge %s%s', formatMac(this.mac), n, this.spec.bridge,
+      Number.isFinite(rate.bytes) ? `, rate ${rate.bytes} bytes per ${rate.usec} us` : '');
+    for (const q of this.queues) this.txAction(q);
+  }
+
+  /** xen_net_read_rate: "bytes,usec"; unlimited when absent or malformed. */
+  private async readRate(signal: AbortSignal): Promise<{ bytes: number; usec: number }> {
+    const text = await this.xs.read(`${this.backendPath}/rate`, { signal }).catch(() => '');
+    const m = /^(\d+),(\d+)$/.exec(text);
+    if (m === null) {
+      if (text !== '') this.log('bad rate %s: unlimited', JSON.stringify(text));
+      return { bytes: Infinity, usec: 0 };
+    }
+    return { bytes: Number(m[1]), usec: Number(m[2]) };
+  }
+
+  // read_xenbus_vif_flags
+  private async readFlags(signal: AbortSignal): Promise<string | null> {
+    const f = this.frontendPath;
+    const is1 = (read: Promise<number>): Promise<boolean> => optional(read, 0).then((v) => v === 1, () => false);
+    if (!(await is1(this.xs.getNumber(`${f}/request-rx-copy`, { signal })))) return 'the frontend does not request rx-copy';
+    if (!(await is1(this.xs.getNumber(`${f}/feature-rx-notify`, { signal })))) return 'feature-rx-notify is mandatory';
+    this.canSg = await is1(this.xs.getNumber(`${f}/feature-sg`, { signal }));
+    this.gso4 = await is1(this.xs.getNumber(`${f}/feature-gso-tcpv4`, { signal }));
+    this.gso6 = await is1(this.xs.getNumber(`${f}/feature-gso-tcpv6`, { signal }));
+    this.ipCsum = !(await is1(this.xs.getNumber(`${f}/feature-no-csum-offload`, { signal })));
+    this.ipv6Csum = await is1(this.xs.getNumber(`${f}/feature-ipv6-csum-offload`, { signal }));
+    this.multicastControl = await is1(this.xs.getNumber(`${f}/request-multicast-control`, { signal }));
+    return null;
+  }
+
+  // connect_data_rings + xenvif_connect_data: map both rings, bind the channel(s).
+  private async connectQueue(q: NetbackQueue, dir: string, signal: AbortSignal): Promise<void> {
+    const txRef = await this.xs.getNumber(`${dir}/tx-ring-ref`, { signal });
+    const rxRef = await this.xs.getNumber(`${dir}/rx-ring-ref`, { signal });
+    let txPort = await optional(this.xs.getNumber(`${dir}/event-channel-tx`, { signal }), -1);
+    let rxPort = await optional(this.xs.getNumber(`${dir}/event-channel-rx`, { signal }), -1);
+    if (txPort < 0 || rxPort < 0) txPort = rxPort = await this.xs.getNumber(`${dir}/event-channel`, { signal });
+    const { hypercall, intr } = this.set;
+    const domid = this.spec.domid;
+    const tx = mapGrant(hypercall, domid, txRef);
+    q.txHandle = tx.handle;
+    q.txRing = new BackRing([tx.page], TX_BYTES, TX_RING_SIZE, `${q.name}-tx`, 'netif_tx');
+    q.txRing.init();
+    const rx = mapGrant(hypercall, domid, rxRef);
+    q.rxHandle = rx.handle;
+    q.rxRing = new BackRing([rx.page], RX_BYTES, RX_RING_SIZE, `${q.name}-rx`, 'netif_rx');
+    q.rxRing.init();
+    if (txPort === rxPort) {
+      q.txIh = q.rxIh = bindInterdomain(hypercall, intr, domid, txPort, () => this.interrupt(q), q.name);
+    } else {
+      q.txIh = bindInterdomain(hypercall, intr, domid, txPort, () => this.txInterrupt(q), `${q.name}-tx`);
+      q.rxIh = bindInterdomain(hypercall, intr, domid, rxPort, () => this.rxInterrupt(q), `${q.name}-rx`);
+    }
+  }
+
+  /**
+   * xenbus_dev_fatal: the reason under dom0's error/ tree, the vif Closing.
+   * Also xenvif_fatal_tx_err's effect: the rings are no longer served.
+   */
+  disable(reason: string): void {
+    if (this.state === 'disabled' || this.state === 'closed') return;
+    this.state = 'disabled';
+    this.reason = reason;
+    this.log('fatal error; disabling device: %s', reason);
+    this.dropQueued();
+    void this.fatal(reason);
+  }
+
+  private async fatal(reason: string): Promise<void> {
+    if (this.state !== 'disabled' && this.state !== 'closed') {
+      this.state = 'disabled';
+      this.reason = reason;
+      this.log('fatal error: %s', reason);
+    }
+    await this.xs.write(`/local/domain/0/error/backend/vif/${this.spec.domid}/${this.spec.devid}/error`, reason).catch(() => undefined);
+    await this.xs.write(`${this.backendPath}/state`, String(XenbusStateClosing)).catch(() => undefined);
+  }
+
+  /** backend_disconnect: off the bridge, channels closed, rings unmapped, queued frames dropped. */
+  private async disconnect(why: string): Promise<void> {
+    if (this.state === 'closed') return;
+    const wasConnected = this.state === 'connected';
+    this.state = 'closed';
+    this.log('disconnect: %s', why);
+    if (this.bridge !== null) {
+      this.bridge.removePort(this);
+      for (const q of this.queues) this.bridge.purge(q);
+    }
+    this.dropQueued();
+    const { hypercall, intr } = this.set;
+    for (const q of this.queues.splice(0)) {
+      if (q.creditTimer !== null) clearTimeout(q.creditTimer);
+      if (q.held !== null) this.set.pool.release(q.held);
+      q.held = null;
+      const rxIh = q.rxIh;
+      if (q.txIh !== null) await intr.intrDisestablish(q.txIh).catch(() => undefined);
+      if (rxIh !== null && rxIh !== q.txIh) await intr.intrDisestablish(rxIh).catch(() => undefined);
+      q.txIh = q.rxIh = null;
+      if (q.txHandle >= 0) unmapGrant(hypercall, q.txHandle);
+      if (q.rxHandle >= 0) unmapGrant(hypercall, q.rxHandle);
+      q.txHandle = q.rxHandle = -1;
+      q.txRing = q.rxRing = null;
+    }
+    this.pcap?.close();
+    this.pcap = null;
+    if (wasConnected) await this.xs.write(`${this.backendPath}/state`, String(XenbusStateClosing)).catch(() => undefined);
+  }
+
+  // netback_remove: Closing, everything let go, Closed.
+  async stop(): Promise<void> {
+    this.abort.abort();
+    const w = this.feWatch;
+    this.feWatch = null;
+    await w?.unwatch().catch(() => undefined);
+    await this.xs.write(`${this.backendPath}/state`, String(XenbusStateClosing)).catch(() => undefined);
+    await this.disconnect('removed');
+    await this.xs.write(`${this.backendPath}/state`, String(XenbusStateClosed)).catch(() => undefined);
+    this.log('Closed');
+  }
+
+  vifStats(): VifStats {
+    return {
+      name: this.name, state: this.state, reason: this.reason, queues: this.queues.length,
+      rxPackets: this.stats.rxPackets, rxBytes: this.stats.rxBytes, txPackets: this.stats.txPackets, txBytes: this.stats.txBytes,
+      txDropped: this.stats.txDropped, txErrors: this.txErrors, expired: this.expired, released: this.released, stalls: this.stalls,
+      rings: this.queues.map((q) => ({
+        tx: ringDump(q.txRing), rx: ringDump(q.rxRing), rxQueued: q.rxqCount, rxQueuedBytes: q.rxqBytes, held: q.held !== null, stalled: q.stalled,
+      })),
+    };
+  }
+
+  // --- interrupts -----------------------------------------------------------------
+
+  private serving(): boolean {
+    return this.state === 'connected';
+  }
+
+  // xenvif_interrupt: one channel for both rings.
+  private interrupt(q: NetbackQueue): void {
+    this.txInterrupt(q);
+    this.rxInterrupt(q);
+  }
+
+  private txInterrupt(q: NetbackQueue): void {
+    if (this.serving()) this.txAction(q);
+  }
+
+  // The frontend posted RX buffers.
+  private rxInterrupt(q: NetbackQueue): void {
+    if (this.serving()) this.rxAction(q);
+  }
+
+  // --- guest TX -------------------------------------------------------------------
+
+  /** xenvif_tx_action: build packets off the ring and forward them, until the ring is empty or we must wait. */
+  txAction(q: NetbackQueue): void {
+    const ring = q.txRing;
+    if (ring === null || !this.serving()) return;
+    const pool = this.set.pool;
+    for (;;) {
+      if (!this.serving()) return;
+      if (q.held !== null && !this.forwardHeld(q)) return;
+      if (ring.unconsumedRequests() === 0 && !ring.finalCheckForRequests()) break;
+      if (ring.error !== undefined) return this.disable(ring.error.message);
+      const pkt = pool.get(q);
+      if (pkt === null) {
+        q.waitingForPackets = true;
+        pool.whenFree(q.resume);
+        return;
+      }
+      const why = this.txBuild(q, pkt);
+      if (why !== null || pkt.nrIds === 0) {
+        pkt.origin = null;
+        pool.release(pkt); // answered already (multicast control, a runt), or fatal
+        if (why !== null) return this.disable(why);
+        continue;
+      }
+      q.held = pkt;
+    }
+    if (ring.error !== undefined) this.disable(ring.error.message);
+  }
+
+  /** Forward the packet waiting in q.held if the credit allows; false when it must wait for the timer. */
+  private forwardHeld(q: NetbackQueue): boolean {
+    const pkt = q.held!;
+    if (this.creditExceeded(q, pkt.len)) return false;
+    q.held = null;
+    this.forward(pkt);
+    return true;
+  }
+
+  /** Into the bridge, then drop the maker's reference. */
+  private forward(pkt: Packet): void {
+    if (this.pcap !== null) this.capture(pkt);
+    if (this.bridge !== null) this.bridge.input(this, pkt);
+    this.set.pool.release(pkt);
+  }
+
+  private capture(pkt: Packet): void {
+    const bytes = this.set.pool.materialize(pkt);
+    if (bytes !== null) this.pcap!.write(bytes);
+    else if (this.set.pool.failedFrag >= 0) pkt.origin?.packetFault(pkt, 'a TX grant could not be copied');
+  }
+
+  /** tx_credit_exceeded: refill the credit each interval; a packet larger than what is left waits for the timer. */
+  private creditExceeded(q: NetbackQueue, size: number): boolean {
+    if (!Number.isFinite(q.creditBytes)) return false;
+    const now = performance.now();
+    if (now >= q.nextCreditMs) {
+      const burst = Math.max(q.creditBytes, MAX_BURST_BYTES);
+      q.remainingCredit = Math.min(q.remainingCredit + q.creditBytes, burst);
+      q.nextCreditMs = now + q.creditUsec / 1000;
+    }
+    if (size <= q.remainingCredit) {
+      q.remainingCredit -= size;
+      return false;
+    }
+    if (q.creditTimer === null) {
+      q.creditTimer = setTimeout(() => {
+        q.creditTimer = null;
+        this.txAction(q);
+        this.set.scheduleFlush();
+      }, Math.max(1, q.nextCreditMs - now));
+      q.creditTimer.unref();
+    }
+    return true;
+  }
+
+  /**
+   * xenvif_tx_build_gops for one packet: the first request, its extras, the
+   * rest of its slots, each copied once and checked. Returns a reason to
+   * disable the vif, or null (pkt.nrIds is 0 when nothing is to be forwarded).
+   */
+  private txBuild(q: NetbackQueue, pkt: Packet): string | null {
+    const ring = q.txRing!;
+    const v = q.txReqView;
+    if (!this.take(ring, q.txReq)) return 'request vanished';
+    const size = v.getUint16(TXQ_SIZE, true);
+    const flags = v.getUint16(TXQ_FLAGS, true);
+    this.setFrag(pkt.frags[0]!, v);
+    pkt.ids[0] = v.getUint16(TXQ_ID, true);
+    pkt.nrIds = 1;
+    pkt.nrFrags = 1;
+    pkt.originQueue = q.id;
+    if ((flags & NETTXF_extra_info) !== 0) {
+      const why = this.txExtras(q, pkt);
+      if (why !== null) return why;
+      if (q.mcastType !== 0) {
+        this.answer(q, pkt.ids[0], q.mcastStatus, pkt.nrExtras);
+        pkt.nrIds = 0;
+        return null;
+      }
+    }
+    let remaining = size;
+    for (let more = (flags & NETTXF_more_data) !== 0; more; ) {
+      if (!this.take(ring, q.txReq)) return `packet runs past req_prod after ${pkt.nrFrags} slots`;
+      if (pkt.nrFrags >= XEN_NETIF_NR_SLOTS_MIN) return `asked for more than ${XEN_NETIF_NR_SLOTS_MIN} slots`;
+      const f = pkt.frags[pkt.nrFrags++]!;
+      this.setFrag(f, v);
+      pkt.ids[pkt.nrIds++] = v.getUint16(TXQ_ID, true);
+      if (f.len > remaining) return `frag of ${f.len} bytes is bigger than the frame (${remaining} left)`;
+      if (f.offset + f.len > PAGE_SIZE) return `slot crosses its page: offset ${f.offset}, size ${f.len}`;
+      remaining -= f.len;
+      more = (v.getUint16(TXQ_FLAGS, true) & NETTXF_more_data) !== 0;
+    }
+    const f0 = pkt.frags[0]!;
+    f0.len = remaining;
+    if (f0.offset + f0.len > PAGE_SIZE) return `first slot crosses its page: offset ${f0.offset}, size ${f0.len}`;
+    pkt.len = size;
+    if (pkt.len < ETHER_HDR_LEN) {
+      this.txErrors++;
+      this.txError(q, pkt);
+      pkt.nrIds = 0;
+      return null;
+    }
+    pkt.csumBlank = (flags & NETTXF_csum_blank) !== 0;
+    pkt.dataValidated = (flags & NETTXF_data_validated) !== 0;
+    if (this.set.pool.copyHeader(pkt) !== GNTST_okay) return `TX grant ${f0.ref} cannot be copied`;
+    return null;
+  }
+
+  /** Take one request into buf; once more with a fresh look at req_prod if the last look is used up. */
+  private take(ring: BackRing, buf: Uint8Array): boolean {
+    if (ring.takeRequest(buf)) return true;
+    ring.unconsumedRequests();
+    return ring.takeRequest(buf);
+  }
+
+  private setFrag(f: Frag, v: DataView): void {
+    f.domid = this.spec.domid;
+    f.byRef = true;
+    f.ref = v.getUint32(TXQ_GREF, true);
+    f.offset = v.getUint16(TXQ_OFFSET, true);
+    f.len = v.getUint16(TXQ_SIZE, true);
+  }
+
+  /** xenvif_get_extras (+ xenvif_set_skb_gso, xenvif_mcast_add/del): a reason to disable, or null. */
+  private txExtras(q: NetbackQueue, pkt: Packet): string | null {
+    const ring = q.txRing!;
+    q.mcastType = 0;
+    for (let more = true; more; ) {
+      if (!this.take(ring, q.txReq)) return 'missing extra info';
+      if (++pkt.nrExtras > XEN_NETIF_EXTRA_TYPE_MAX) return 'too many extra info slots';
+      const type = q.txReq[EXT_TYPE]!;
+      more = (q.txReq[EXT_FLAGS]! & XEN_NETIF_EXTRA_FLAG_MORE) !== 0;
+      if (type === 0 || type >= XEN_NETIF_EXTRA_TYPE_MAX) return `invalid extra type: ${type}`;
+      if (type === XEN_NETIF_EXTRA_TYPE_GSO) {
+        const size = q.txReqView.getUint16(EXT_GSO_SIZE, true);
+        const gso = q.txReq[EXT_GSO_TYPE]!;
+        if (size === 0) return 'GSO size must not be zero';
+        if (gso !== XEN_NETIF_GSO_TYPE_TCPV4 && gso !== XEN_NETIF_GSO_TYPE_TCPV6) return `bad GSO type ${gso}`;
+        pkt.gsoType = gso;
+        pkt.gsoSize = size;
+      } else if (type === XEN_NETIF_EXTRA_TYPE_MCAST_ADD || type === XEN_NETIF_EXTRA_TYPE_MCAST_DEL) {
+        q.mcastType = type;
+        q.mcastStatus = this.mcastChange(q.txReq.subarray(EXT_MCAST_ADDR, EXT_MCAST_ADDR + ETHER_ADDR_LEN), type === XEN_NETIF_EXTRA_TYPE_MCAST_ADD);
+      }
+    }
+    return null;
+  }
+
+  private mcastChange(addr: Uint8Array, add: boolean): number {
+    if (!isMulticast(addr)) return NETIF_RSP_ERROR;
+    const key = macKey(addr);
+    if (!add) {
+      this.mcast.delete(key);
+      return NETIF_RSP_OKAY;
+    }
+    if (!this.mcast.has(key) && this.mcast.size >= MCAST_MAX) return NETIF_RSP_ERROR;
+    this.mcast.add(key);
+    return NETIF_RSP_OKAY;
+  }
+
+  /** xenvif_tx_err: every slot of a bad but survivable packet answered NETIF_RSP_ERROR. */
+  private txError(q: NetbackQueue, pkt: Packet): void {
+    this.answer(q, pkt.ids[0]!, NETIF_RSP_ERROR, pkt.nrExtras);
+    for (let i = 1; i < pkt.nrIds; i++) this.answer(q, pkt.ids[i]!, NETIF_RSP_ERROR, 0);
+  }
+
+  /** make_tx_response: the request's id and status, then NETIF_RSP_NULL for each extra slot. */
+  private answer(q: NetbackQueue, id: number, status: number, extras: number): void {
+    const ring = q.txRing;
+    if (ring === null) return;
+    q.txRspView.setUint16(TXP_ID, id, true);
+    q.txRspView.setInt16(TXP_STATUS, status, true);
+    ring.putResponse(q.txRsp);
+    for (let i = 0; i < extras; i++) {
+      q.txRspView.setInt16(TXP_STATUS, NETIF_RSP_NULL, true);
+      ring.putResponse(q.txRsp);
+    }
+    this.markTx(q);
+  }
+
+  /** Every port let go of a packet this queue made: answer its requests. */
+  txDone(q: NetbackQueue, pkt: Packet): void {
+    if (this.state !== 'connected' || q.txRing === null) return;
+    this.answer(q, pkt.ids[0]!, NETIF_RSP_OKAY, pkt.nrExtras);
+    for (let i = 1; i < pkt.nrIds; i++) this.answer(q, pkt.ids[i]!, NETIF_RSP_OKAY, 0);
+  }
+
+  private markTx(q: NetbackQueue): void {
+    if (q.txDirty) return;
+    q.txDirty = true;
+    this.set.dirty(q);
+  }
+
+  private markRx(q: NetbackQueue): void {
+    if (q.rxDirty) return;
+    q.rxDirty = true;
+    this.set.dirty(q);
+  }
+
+  /** Push what was answered on both rings and signal where the frontend asked for it. */
+  flush(q: NetbackQueue): void {
+    const intr = this.set.intr;
+    if (q.txDirty) {
+      q.txDirty = false;
+      if (q.txRing !== null && q.txRing.pushResponses() && q.txIh !== null) intr.intrSignal(q.txIh);
+      // Answers free ring slots: more requests may be waiting behind them.
+      if (q.txRing !== null && this.serving() && q.held === null) this.txAction(q);
+    }
+    if (q.rxDirty) {
+      q.rxDirty = false;
+      if (q.rxRing !== null && q.rxRing.pushResponses() && q.rxIh !== null) intr.intrSignal(q.rxIh);
+    }
+  }
+
+  // --- guest RX -------------------------------------------------------------------
+
+  /** xenvif_start_xmit: the bridge hands us a frame for the guest. */
+  deliver(pkt: Packet): void {
+    if (this.state !== 'connected') return;
+    const hdr = pkt.header;
+    if (this.multicastControl && isMulticast(hdr) && !isBroadcast(hdr) && !this.mcast.has(macKey(hdr))) return;
+    if (pkt.gsoType !== 0 && !this.takesGso(pkt.gsoType)) return this.deliverSegments(pkt);
+    if (!this.canSg && pkt.len > PAGE_SIZE) {
+      this.stats.txDropped++;
+      return;
+    }
+    this.enqueue(pkt);
+  }
+
+  private takesGso(type: number): boolean {
+    return (type === XEN_NETIF_GSO_TYPE_TCPV4 && this.gso4) || (type === XEN_NETIF_GSO_TYPE_TCPV6 && this.gso6);
+  }
+
+  /** A GSO frame for a frontend that did not ask for GSO: cut in dom0, each segment queued as a frame of its own. */
+  private deliverSegments(pkt: Packet): void {
+    this.segHash = pkt.hash;
+    if (!this.set.pool.unoffload(pkt, this.segmentIn)) this.rxUnavailable(pkt);
+  }
+
+  private segHash = 0;
+  private readonly segmentIn = (frame: Uint8Array): void => {
+    const pool = this.set.pool;
+    const p = pool.get(null);
+    if (p === null || !pool.attachBuffer(p, frame.length)) {
+      if (p !== null) pool.release(p);
+      this.stats.txDropped++;
+      return;
+    }
+    p.len = frame.length;
+    p.buf!.bytes.set(frame);
+    pool.fragsFromBuffer(p);
+    p.headerLen = Math.min(HEADER_BYTES, frame.length);
+    p.header.set(frame.subarray(0, p.headerLen));
+    p.dataValidated = true;
+    p.hash = this.segHash;
+    if (this.canSg || p.len <= PAGE_SIZE) this.enqueue(p);
+    else this.stats.txDropped++;
+    pool.release(p);
+  };
+
+  /** Into the guest-RX queue its hash picks, if there is room (XSA-392), and on to the ring. */
+  private enqueue(pkt: Packet): void {
+    const q = this.queues[this.queues.length === 1 ? 0 : pkt.hash % this.queues.length]!;
+    const max = this.set.opts;
+    if (q.stalled || q.rxqCount >= q.rxq.length || q.rxqBytes + pkt.len > max.rxQueueMaxBytes) {
+      this.stats.txDropped++;
+      return;
+    }
+    pkt.refs++;
+    pkt.queuedAtMs = performance.now();
+    q.rxq[(q.rxqHead + q.rxqCount) % q.rxq.length] = pkt;
+    q.rxqCount++;
+    q.rxqBytes += pkt.len;
+    this.rxAction(q);
+  }
+
+  /** Whether the frame must reach this guest with its checksum filled in. */
+  private needsChecksum(pkt: Packet): boolean {
+    if (!pkt.csumBlank) return false;
+    const v6 = pkt.headerLen >= ETHER_HDR_LEN && ((pkt.header[12]! << 8) | pkt.header[13]!) === ETHERTYPE_IPV6;
+    return v6 ? !this.ipv6Csum : !this.ipCsum;
+  }
+
+  /** xenvif_rx_action: move queued frames into the buffers the frontend posted. */
+  rxAction(q: NetbackQueue): void {
+    const ring = q.rxRing;
+    if (ring === null) return;
+    while (q.rxqCount > 0 && this.state === 'connected') {
+      const pkt = q.rxq[q.rxqHead]!;
+      const need = this.slotsFor(pkt);
+      if (!ring.requestsAvailable(need)) {
+        if (ring.error !== undefined) return this.disable(ring.error.message);
+        return;
+      }
+      this.rxqPop(q);
+      this.rxPacket(q, pkt);
+      this.set.pool.release(pkt);
+      q.lastRxMs = performance.now();
+      q.stalled = false;
+    }
+    if (ring.error !== undefined) this.disable(ring.error.message);
+  }
+
+  private rxqPop(q: NetbackQueue): Packet {
+    const pkt = q.rxq[q.rxqHead]!;
+    q.rxq[q.rxqHead] = null;
+    q.rxqHead = (q.rxqHead + 1) % q.rxq.length;
+    q.rxqCount--;
+    q.rxqBytes -= pkt.len;
+    return pkt;
+  }
+
+  /** RX slots the frame takes: one per piece (one in all without SG), one for a GSO extra. */
+  private slotsFor(pkt: Packet): number {
+    const pieces = this.needsChecksum(pkt) ? Math.ceil(pkt.len / PAGE_SIZE) : pkt.nrFrags;
+    return (this.canSg ? pieces : 1) + (pkt.gsoType !== 0 ? 1 : 0);
+  }
+
+  /** xenvif_rx_skb: copy one frame into RX slots and write their responses. */
+  private rxPacket(q: NetbackQueue, pkt: Packet): void {
+    let frags = pkt.frags;
+    let n = pkt.nrFrags;
+    let flags = pkt.csumBlank ? NETRXF_csum_blank | NETRXF_data_validated : pkt.dataValidated ? NETRXF_data_validated : 0;
+    if (this.needsChecksum(pkt)) {
+      if (this.set.pool.complete(pkt) === null) return this.rxUnavailable(pkt);
+      n = this.bufferFrags(pkt);
+      frags = this.rxFrags;
+      flags = NETRXF_data_validated;
+    }
+    if (this.pcap !== null) this.capture(pkt);
+    this.stats.txPackets++;
+    this.stats.txBytes += pkt.len;
+    if (this.canSg) this.rxSg(q, pkt, frags, n, flags);
+    else this.rxLinear(q, pkt, frags, n, flags);
+    this.markRx(q);
+  }
+
+  /** The packet's buffer as frags of dom0 pages. */
+  private bufferFrags(pkt: Packet): number {
+    const buf = pkt.buf!;
+    let n = 0;
+    for (let off = 0; off < pkt.len; off += PAGE_SIZE, n++) {
+      const f = this.rxFrags[n]!;
+      f.domid = 0;
+      f.byRef = false;
+      f.ref = buf.gfn + off / PAGE_SIZE;
+      f.offset = 0;
+      f.len = Math.min(PAGE_SIZE, pkt.len - off);
+    }
+    return n;
+  }
+
+  /** Could not make the frame's bytes in dom0 (no buffer, or a sender's grant failed): drop it. */
+  private rxUnavailable(pkt: Packet): void {
+    this.stats.txDropped++;
+    if (this.set.pool.failedFrag >= 0) pkt.origin?.packetFault(pkt, 'a TX grant could not be copied');
+  }
+
+  /** With SG: one slot per piece, at the piece's own offset in the page, so the copy stays aligned. */
+  private rxSg(q: NetbackQueue, pkt: Packet, frags: Frag[], n: number, flags: number): void {
+    const ring = q.rxRing!;
+    let failed = false;
+    for (let i = 0; i < n; i++) {
+      const f = frags[i]!;
+      ring.takeRequest(q.rxReq);
+      const id = q.rxReqView.getUint16(RXQ_ID, true);
+      const gref = q.rxReqView.getUint32(RXQ_GREF, true);
+      if (!failed && this.rxCopy(pkt, f, gref, f.offset, f.len) !== null) failed = true;
+      if (this.state !== 'connected') return;
+      let fl = i + 1 < n ? NETRXF_more_data : 0;
+      if (i === 0) fl |= flags | (pkt.gsoType !== 0 ? NETRXF_extra_info : 0);
+      this.rxResponse(q, id, f.offset, fl, failed ? NETIF_RSP_ERROR : f.len);
+      if (i === 0 && pkt.gsoType !== 0) this.rxGsoExtra(q, pkt);
+    }
+  }
+
+  /** Without SG: the whole frame (at most a page) in one slot. */
+  private rxLinear(q: NetbackQueue, pkt: Packet, frags: Frag[], n: number, flags: number): void {
+    const ring = q.rxRing!;
+    ring.takeRequest(q.rxReq);
+    const id = q.rxReqView.getUint16(RXQ_ID, true);
+    const gref = q.rxReqView.getUint32(RXQ_GREF, true);
+    let at = 0;
+    let failed = false;
+    for (let i = 0; i < n && !failed; i++) {
+      const f = frags[i]!;
+      if (this.rxCopy(pkt, f, gref, at, f.len) !== null) failed = true;
+      at += f.len;
+    }
+    if (this.state !== 'connected') return;
+    this.rxResponse(q, id, 0, flags | (pkt.gsoType !== 0 ? NETRXF_extra_info : 0), failed ? NETIF_RSP_ERROR : pkt.len);
+    if (pkt.gsoType !== 0) this.rxGsoExtra(q, pkt);
+  }
+
+  /**
+   * Grant-copy one piece into the guest's buffer. On failure, find whose
+   * grant broke: the sender's (its vif is disabled, this slot answered with
+   * an error) or this guest's (this vif is disabled). Null when it worked.
+   */
+  private rxCopy(pkt: Packet, f: Frag, gref: number, offset: number, len: number): string | null {
+    const pool = this.set.pool;
+    if (len === 0) return null;
+    if (pool.copy(f, f.offset, this.spec.domid, gref, true, offset, len) === GNTST_okay) return null;
+    if (f.byRef && !pool.probe(f)) {
+      pkt.origin?.packetFault(pkt, `TX grant ${f.ref} cannot be copied`);
+      return 'sender';
+    }
+    this.disable(`RX grant ${gref} cannot be copied into`);
+    return 'receiver';
+  }
+
+  private rxResponse(q: NetbackQueue, id: number, offset: number, flags: number, status: number): void {
+    const v = q.rxRspView;
+    v.setUint16(RXP_ID, id, true);
+    v.setUint16(RXP_OFFSET, offset, true);
+    v.setUint16(RXP_FLAGS, flags, true);
+    v.setInt16(RXP_STATUS, status, true);
+    q.rxRing!.putResponse(q.rxRsp);
+  }
+
+  /** The GSO extra: it uses up the next request, and its response sits in that request's slot. */
+  private rxGsoExtra(q: NetbackQueue, pkt: Packet): void {
+    const ring = q.rxRing!;
+    ring.takeRequest(q.rxReq);
+    q.rxRsp.fill(0);
+    q.rxRsp[EXT_TYPE] = XEN_NETIF_EXTRA_TYPE_GSO;
+    q.rxRsp[EXT_FLAGS] = 0;
+    q.rxRspView.setUint16(EXT_GSO_SIZE, pkt.gsoSize, true);
+    q.rxRsp[EXT_GSO_TYPE] = pkt.gsoType;
+    ring.putResponse(q.rxRsp);
+  }
+
+  /** Drop every queued frame (disabled, disconnected). */
+  private dropQueued(): void {
+    for (const q of this.queues) {
+      while (q.rxqCount > 0) {
+        this.stats.txDropped++;
+        this.set.pool.release(this.rxqPop(q));
+      }
+    }
+  }
+
+  purge(origin: PacketOrigin): void {
+    for (const q of this.queues) {
+      const keep: Packet[] = [];
+      while (q.rxqCount > 0) {
+        const pkt = this.rxqPop(q);
+        if (pkt.origin === origin) this.set.pool.release(pkt);
+        else keep.push(pkt);
+      }
+      for (const pkt of keep) {
+        q.rxq[(q.rxqHead + q.rxqCount) % q.rxq.length] = pkt;
+        q.rxqCount++;
+        q.rxqBytes += pkt.len;
+      }
+    }
+  }
+
+  /**
+   * Frames at the head of the queue that waited longer than holdMs stop
+   * pointing at their sender's grants: copied into dom0 (the sender's
+   * requests answered now), oldest first, while pool buffers last.
+   */
+  private releaseSenders(q: NetbackQueue, now: number): void {
+    const pool = this.set.pool;
+    for (let i = 0; i < q.rxqCount; i++) {
+      const pkt = q.rxq[(q.rxqHead + i) % q.rxq.length]!;
+      if (now - pkt.queuedAtMs <= this.set.opts.holdMs) return;
+      if (pkt.origin === null) continue;
+      if (pool.materialize(pkt) === null) {
+        if (pool.failedFrag >= 0) pkt.origin.packetFault(pkt, 'a TX grant could not be copied');
+        return;
+      }
+      pool.fragsFromBuffer(pkt);
+      const origin = pkt.origin;
+      pkt.origin = null;
+      origin.packetDone(pkt);
+      this.released++;
+    }
+  }
+
+  /**
+   * xenvif_rx_queue_drop_expired and the stall check: frames queued longer
+   * than drainTimeoutMs go; a queue that moved nothing for stallTimeoutMs
+   * while the frontend posted no buffer is stalled until it posts one.
+   */
+  checkQueues(now: number): void {
+    if (this.state !== 'connected') return;
+    const { drainTimeoutMs, stallTimeoutMs } = this.set.opts;
+    for (const q of this.queues) {
+      const ring = q.rxRing;
+      if (ring === null) continue;
+      this.releaseSenders(q, now);
+      if (q.stalled && ring.unconsumedRequests() > 0) {
+        q.stalled = false;
+        q.lastRxMs = now;
+        this.log('%s: ready again', q.name);
+      }
+      while (q.rxqCount > 0 && now - q.rxq[q.rxqHead]!.queuedAtMs > drainTimeoutMs) {
+        this.expired++;
+        this.stats.txDropped++;
+        this.set.pool.release(this.rxqPop(q));
+      }
+      if (q.rxqCount === 0) {
+        q.lastRxMs = now;
+      } else if (!q.stalled && now - q.lastRxMs > stallTimeoutMs && ring.unconsumedRequests() === 0) {
+        q.stalled = true;
+        this.stalls++;
+        this.log('%s: stalled, no RX buffers for %d ms', q.name, Math.round(now - q.lastRxMs));
+        while (q.rxqCount > 0) {
+          this.stats.txDropped++;
+          this.set.pool.release(this.rxqPop(q));
+        }
+      }
+    }
+  }
+}
+
+/** dom0's netbacks, per domain and devid; they share the frame pool and the bridges. */
+export class NetbackSet {
+  private readonly vifs = new Map<string, Netback>();
+  readonly opts: Resolved;
+  private readonly dirtyQueues: NetbackQueue[] = [];
+  private flushScheduled = false;
+  private timer: NodeJS.Timeout | null = null;
+
+  constructor(
+    readonly hypercall: Hypercall,
+    readonly intr: Interrupts,
+    readonly xs: XenStore,
+    readonly bridges: Bridges,
+    opts: NetbackOptions = {},
+  ) {
+    this.opts = {
+      maxQueues: opts.maxQueues ?? 8,
+      rxQueueMaxPackets: opts.rxQueueMaxPackets ?? 2048,
+      rxQueueMaxBytes: opts.rxQueueMaxBytes ?? 2 << 20,
+      drainTimeoutMs: opts.drainTimeoutMs ?? 10_000,
+      stallTimeoutMs: opts.stallTimeoutMs ?? 60_000,
+      holdMs: opts.holdMs ?? 500,
+    };
+  }
+
+  get pool(): FramePool {
+    return this.bridges.pool;
+  }
+
+  async start(spec: VifSpec): Promise<void> {
+    const key = `${spec.domid}/${spec.devid}`;
+    if (this.vifs.has(key)) throw new XenError('EEXIST', `vif${spec.domid}.${spec.devid} exists`);
+    const vif = new Netback(this, spec);
+    this.vifs.set(key, vif);
+    try {
+      await vif.start();
+    } catch (err) {
+      this.vifs.delete(key);
+      throw err;
+    }
+    this.armTimer();
+  }
+
+  /** Stop the vifs of `domid` (one devid, or all). */
+  async stop(domid: number, devid?: number): Promise<void> {
+    for (const [key, vif] of [...this.vifs]) {
+      if (vif.spec.domid !== domid || (devid !== undefined && vif.spec.devid !== devid)) continue;
+      this.vifs.delete(key);
+      await vif.stop();
+    }
+    if (this.vifs.size === 0 && this.timer !== null) {
+      clearInterval(this.timer);
+      this.timer = null;
+    }
+  }
+
+  list(): VifStats[] {
+    return [...this.vifs.values()].map((v) => v.vifStats());
+  }
+
+  /** Each vif of `domid` with its counters, for `xenpv top`. */
+  stats(domid: number): { devid: number; counters: Record<string, number> }[] {
+    return [...this.vifs.values()].filter((v) => v.spec.domid === domid).map((v) => {
+      const s = v.vifStats();
+      return {
+        devid: v.spec.devid,
+        counters: { rxPackets: s.rxPackets, rxBytes: s.rxBytes, txPackets: s.txPackets, txBytes: s.txBytes, txDropped: s.txDropped, txErrors: s.txErrors },
+      };
+    });
+  }
+
+  /** A queue answered something: push and signal once, after the work of this turn. */
+  dirty(q: NetbackQueue): void {
+    this.dirtyQueues.push(q);
+    this.scheduleFlush();
+  }
+
+  scheduleFlush(): void {
+    if (this.flushScheduled) return;
+    this.flushScheduled = true;
+    queueMicrotask(this.flush);
+  }
+
+  private readonly flush = (): void => {
+    this.flushScheduled = false;
+    for (let i = 0; i < this.dirtyQueues.length; i++) {
+      const q = this.dirtyQueues[i]!;
+      q.vif.flush(q);
+    }
+    this.dirtyQueues.length = 0;
+  };
+
+  private armTimer(): void {
+    if (this.timer !== null) return;
+    const every = Math.max(10, Math.min(this.opts.drainTimeoutMs, this.opts.stallTimeoutMs, this.opts.holdMs) / 4);
+    this.timer = setInterval(() => {
+      const now = performance.now();
+      for (const v of this.vifs.values()) v.checkQueues(now);
+    }, every);
+    this.timer.unref();
+  }
+}

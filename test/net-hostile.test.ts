@@ -1,0 +1,256 @@
+// The network against hostile peers: netback facing a guest that writes
+// malformed raw requests on its rings, xnf facing a driver domain that
+// writes malformed raw responses, and a receiver that stops taking frames.
+
+import t from 'tap';
+import { guestImage, helloCode, lib, rawFrontCode, runGuests, tempDir } from './net-fixtures.js';
+
+const dir = tempDir('xenpv-net-hostile-');
+
+t.test('netback disables a vif whose frontend breaks the protocol; the other vifs and dom0 carry on', async (t) => {
+  const hostile = guestImage(dir, 'hostile', `${helloCode}${rawFrontCode}
+import { xnfInterfaces } from '${lib('drivers/xnf/xnf.js')}';
+const NETTXF_more_data = 4, NETTXF_extra_info = 8;
+export async function main(guest) {
+  const sc = guest.sc;
+  const xs = xnfInterfaces(sc);
+  const attacks = [
+    ['too many slots', (q) => txRaw(q, Array.from({ length: 19 }, (_, i) => ({ gref: gref(q, i), id: i, size: i === 0 ? 19 * 100 : 100, flags: i < 18 ? NETTXF_more_data : 0 })))],
+    ['a slot crossing its page', (q) => txRaw(q, [{ gref: gref(q, 0), offset: 4000, size: 200 }])],
+    ['a bad extra', (q) => txRaw(q, [{ gref: gref(q, 0), size: 60, flags: NETTXF_extra_info }, { extra: 7 }])],
+    ['a GSO extra of size 0', (q) => txRaw(q, [{ gref: gref(q, 0), size: 60, flags: NETTXF_extra_info }, { extra: 1, size: 0, gsoType: 1 }])],
+    ['a ring index jump', (q) => q.tx.ring.slot(0).page.store32(0, (q.tx.ring.reqProd + 1000) >>> 0)],
+    ['a grant dom0 may not use', (q) => txRaw(q, [{ gref: 30000, size: 60 }])],
+    ['a packet running past req_prod', (q) => txRaw(q, [{ gref: gref(q, 0), size: 200, flags: NETTXF_more_data }])],
+  ];
+  for (let i = 0; i < attacks.length; i++) {
+    const [what, attack] = attacks[i];
+    const q = xs[i].queues[0];
+    attack(q);
+    sc.intr.intrSignal(q.txIh);
+    const state = await backendState(guest, xs[i], 5);
+    console.log(what + ': backend state ' + state + ', link ' + (xs[i].up ? 'up' : 'down'));
+  }
+  // An RX buffer dom0 may not write: disabled when a frame arrives for it.
+  const rxq = xs[7].queues[0];
+  const b = new Uint8Array(8), v = new DataView(b.buffer);
+  v.setUint16(0, rxq.rx.ring.reqProd & 255, true); v.setUint32(4, 30001, true);
+  rxq.rx.ring.slot(rxq.rx.ring.reqProd).page.write(rxq.rx.ring.slot(rxq.rx.ring.reqProd).offset, b);
+  // That slot holds the request netback takes next: the peer's first broadcast meets the bad grant.
+  const [n] = guest.nets().slice(8);
+  const peer = Uint8Array.from([0x00, 0x16, 0x3e, 0, 1, 2]);
+  await meet(n, peer);
+  let echoed = 0;
+  const got = new Promise((resolve) => n.onFrame((f) => { if (f[13] === 0xb5 && ++echoed === 100) resolve(); }));
+  for (let i = 0; i < 100; i++) {
+    const f = new Uint8Array(1000); f.set(peer, 0); f.set(n.mac, 6); f[12] = 0x88; f[13] = 0xb5; f[14] = i;
+    await n.send(f);
+  }
+  await Promise.race([got, new Promise((r) => setTimeout(r, 30000))]);
+  console.log('healthy vif: ' + echoed + ' echoed');
+  console.log('bad RX grant: backend state ' + await backendState(guest, xs[7], 5));
+  // Stay up a moment: the test reads dom0's counters while the vifs still exist.
+  await new Promise((r) => setTimeout(r, 2000));
+}
+`, `vif = [ ${Array.from({ length: 9 }, (_, i) => `'mac=00:16:3e:00:01:${(0x10 + i).toString(16)}'`).join(', ')} ]`);
+  const peer = guestImage(dir, 'peer', `${helloCode}
+export async function main(guest) {
+  const [n] = guest.nets();
+  const hostile = Uint8Array.from([0x00, 0x16, 0x3e, 0, 1, 0x18]);
+  let echoed = 0;
+  n.onFrame((f) => {
+    if (f[12] !== 0x88 || f[13] !== 0xb5) return;
+    const r = f.slice(); r.set(f.subarray(6, 12), 0); r.set(n.mac, 6);
+    void n.send(r).then(() => echoed++);
+  });
+  await meet(n, hostile);
+  const bcast = new Uint8Array(60).fill(0xff, 0, 6); bcast.set(n.mac, 6); bcast[12] = 0x88; bcast[13] = 0xb7;
+  for (let i = 0; i < 20; i++) await n.send(bcast);
+  await new Promise((r) => setTimeout(r, 3000));
+  console.log('peer echoed ' + echoed);
+}
+`, `vif = [ 'mac=00:16:3e:00:01:02' ]`);
+  let stats: Awaited<ReturnType<import('../lib/machine.js').Machine['netStats']>> | null = null;
+  const exits = await runGuests([hostile, peer], {}, async (m) => {
+    // Poll until the last attack landed, then keep the counters.
+    for (let i = 0; i < 600; i++) {
+      stats = await m.netStats();
+      if (stats.vifs.filter((v) => v.state === 'disabled').length >= 8) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  });
+  const [h, p] = exits;
+  t.equal(h!.reason, 'poweroff', h!.console);
+  t.equal(p!.reason, 'poweroff', p!.console);
+  for (const what of ['too many slots', 'a slot crossing its page', 'a bad extra', 'a GSO extra of size 0', 'a ring index jump',
+    'a grant dom0 may not use', 'a packet running past req_prod']) {
+    t.match(h!.console, new RegExp(`^${what}: backend state 5, link down$`, 'm'), what);
+  }
+  t.match(h!.console, /^bad RX grant: backend state 5$/m, 'an RX grant dom0 may not write disables the receiver');
+  t.match(h!.console, /^healthy vif: 100 echoed$/m, 'a vif of the same guest keeps working');
+  const vifs = stats!.vifs.filter((v) => v.name.startsWith('vif1.'));
+  t.equal(vifs.filter((v) => v.state === 'disabled' && v.reason !== null).length, 8, 'eight vifs disabled, each with a reason');
+  t.equal(vifs.find((v) => v.name === 'vif1.8')?.state, 'connected');
+  t.equal(stats!.vifs.find((v) => v.name === 'vif2.0')?.state, 'connected', 'the peer was never disturbed');
+});
+
+t.test('xnf against a scripted hostile backend in a driver domain: each violation breaks only its interface', async (t) => {
+  // The backend domain: raw bytes on the rings, no netback code.
+  const backend = guestImage(dir, 'evil', `
+import { bindInterdomain, mapGrant, mapGrantReadonly, unmapGrant } from '${lib('backends/xenbus.js')}';
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const more_data = 4;
+async function until(what, test, timeoutMs = 30000) {
+  const end = Date.now() + timeoutMs;
+  for (;;) { const v = await test(); if (v) return v; if (Date.now() > end) throw new Error('timed out: ' + what); await sleep(10); }
+}
+function txReq(page, idx) {
+  const at = 64 + (idx % 256) * 12, b = new Uint8Array(12); page.read(at, b); const v = new DataView(b.buffer);
+  return { gref: v.getUint32(0, true), offset: v.getUint16(4, true), flags: v.getUint16(6, true), id: v.getUint16(8, true), size: v.getUint16(10, true) };
+}
+function txRsp(page, idx, id, status) {
+  const at = 64 + (idx % 256) * 12; page.store16(at, id); page.store16(at + 2, status & 0xffff); page.store32(8, idx + 1);
+}
+function rxRsp(page, idx, id, offset, flags, status) {
+  const at = 64 + (idx % 256) * 8; page.store16(at, id); page.store16(at + 2, offset); page.store16(at + 4, flags); page.store16(at + 6, status & 0xffff);
+}
+export async function main(guest) {
+  const xs = guest.xenstore, sc = guest.sc, hc = sc.hypercall;
+  const fe = await until('a frontend', async () => (await xs.list('backend/vif').catch(() => []))[0]);
+  const devids = await until('nine vifs', async () => { const l = await xs.list('backend/vif/' + fe).catch(() => []); return l.length === 9 ? l : null; });
+  const domid = Number(fe);
+  const out = await Promise.all(devids.map(async (devid) => {
+    const be = 'backend/vif/' + fe + '/' + devid;
+    const f = await xs.read(be + '/frontend');
+    await xs.write(be + '/feature-rx-copy', '1');
+    await xs.write(be + '/state', '2');
+    await xs.awaitState(f + '/state', 4, { timeoutMs: 30000 });
+    const split = await xs.read(f + '/event-channel-tx').then(() => true, () => false);
+    const tx = mapGrant(hc, domid, Number(await xs.read(f + '/tx-ring-ref'))).page;
+    const rx = mapGrant(hc, domid, Number(await xs.read(f + '/rx-ring-ref'))).page;
+    const ih = bindInterdomain(hc, sc.intr, domid, Number(await xs.read(f + '/event-channel')), () => {}, 'evil' + devid);
+    sc.intr.intrUnmask(ih);
+    const kick = () => sc.intr.intrSignal(ih);
+    await xs.write(be + '/state', '4');
+    const waitTx = (n) => until('tx request ' + n, () => tx.load32(0) >= n);
+    switch (Number(devid)) {
+      case 0: await waitTx(1); txRsp(tx, 0, 200, 0); kick(); break;
+      case 1: rxRsp(rx, 0, 0, 4000, 0, 200); rx.store32(8, 1); kick(); break;
+      case 2: rxRsp(rx, 0, 5, 0, 0, 60); rx.store32(8, 1); kick(); break;
+      case 3: rx.store32(8, 300); kick(); break;
+      case 4: for (let i = 0; i < 19; i++) rxRsp(rx, i, i, 0, more_data, 100); rx.store32(8, 19); kick(); break;
+      case 5: { await waitTx(1); txRsp(tx, 0, txReq(tx, 0).id, 1); kick(); break; }
+      case 6: case 7: {
+        // A full page first, then a short frame in the same buffer: what else of the page does the backend see?
+        await waitTx(1);
+        txRsp(tx, 0, txReq(tx, 0).id, 0); kick();
+        await waitTx(2);
+        const r = txReq(tx, 1);
+        const m = mapGrantReadonly(hc, domid, r.gref);
+        const page = new Uint8Array(4096); m.page.read(0, page);
+        unmapGrant(hc, m.handle);
+        const frame = page.subarray(r.offset, r.offset + r.size).every((b, i) => i < 12 || b === 0x5a);
+        const rest = page.subarray(r.offset + r.size).every((b) => b === 0);
+        txRsp(tx, 1, r.id, 0); kick();
+        await sleep(300);
+        let kept; try { unmapGrant(hc, mapGrantReadonly(hc, domid, r.gref).handle); kept = true; } catch { kept = false; }
+        return 'vif ' + devid + ': frame ' + frame + ', rest zeroed ' + rest + ', grant kept ' + kept + ', split ' + split;
+      }
+      case 8: {
+        await waitTx(1);
+        const r = txReq(tx, 0);
+        const m = mapGrantReadonly(hc, domid, r.gref);
+        txRsp(tx, 0, r.id, 0); kick();
+        await sleep(2000);
+        unmapGrant(hc, m.handle);
+        break;
+      }
+    }
+    return 'vif ' + devid + ': served, split ' + split;
+  }));
+  for (const line of out) console.log(line);
+}
+`, '', 16);
+  const victim = guestImage(dir, 'victim', `
+import { xnfInterfaces } from '${lib('drivers/xnf/xnf.js')}';
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+export async function main(guest) {
+  const xs = xnfInterfaces(guest.sc);
+  const nets = guest.nets();
+  const frame = (len) => { const f = new Uint8Array(len).fill(0x5a); f.fill(0xff, 0, 6); f.set(nets[0].mac, 6); return f; };
+  const oldPage = xs[8].queues[0].txBufs[0].segs[0].ds_addr;
+  for (const i of [0, 5, 8]) await nets[i].send(frame(100));
+  for (const i of [6, 7]) await nets[i].send(frame(1514));
+  await sleep(300);
+  for (const i of [6, 7]) await nets[i].send(frame(100));
+  await sleep(1000);
+  for (let i = 0; i < 9; i++) {
+    const x = xs[i];
+    let code = 'none';
+    try { await nets[i].send(frame(100)); } catch (err) { code = err.code; }
+    console.log('vif ' + i + ': ' + (x.error === null ? 'working' : 'broken ' + x.error.code) + ', send ' + code + ', up ' + nets[i].up);
+  }
+  console.log('quarantined ' + guest.sc.dmat.isQuarantined(oldPage));
+  // vif 7's backend answers nothing more: once the ring is full, a send waits, bounded.
+  for (let i = 0; i < 256; i++) void nets[7].send(frame(100)).catch(() => {});
+  let code = 'none';
+  try { await nets[7].send(frame(100), { timeoutMs: 300 }); } catch (err) { code = err.code; }
+  const ac = new AbortController();
+  const aborted = nets[7].send(frame(100), { signal: ac.signal }).catch((err) => err.code);
+  ac.abort();
+  console.log('full ring: ' + code + ', aborted: ' + await aborted);
+}
+`, `vif = [ ${Array.from({ length: 9 }, (_, i) => `'mac=00:16:3e:00:02:0${i},backend=evil${i === 6 || i === 8 ? ',trusted=0' : ''}'`).join(', ')} ]`);
+  const [evil, v] = await runGuests([backend, victim]);
+  t.equal(v!.reason, 'poweroff', v!.console);
+  t.equal(evil!.reason, 'poweroff', evil!.console);
+  const broken = [0, 1, 2, 3, 4, 5, 8];
+  for (let i = 0; i < 9; i++) {
+    const want = broken.includes(i) ? `broken ENETDOWN, send ENETDOWN, up false` : `working, send none, up true`;
+    t.match(v!.console, new RegExp(`^vif ${i}: ${want}$`, 'm'), `vif ${i}`);
+  }
+  t.match(evil!.console, /^vif 6: frame true, rest zeroed true, grant kept false, split false$/m, 'trusted=0: the backend saw only the frame, and only while it was in flight');
+  t.match(evil!.console, /^vif 7: frame true, rest zeroed false, grant kept true, split false$/m, 'trusted=1: the buffer stays granted, with what it held before');
+  t.match(v!.console, /^quarantined true$/m, 'a page the backend kept mapped is quarantined');
+  t.match(v!.console, /^full ring: ETIMEDOUT, aborted: ECANCELED$/m, 'a send that waits for ring space is bounded and abortable');
+});
+
+t.test('a receiver that stops taking frames holds its sender only for holdMs: the sender goes on talking to others', async (t) => {
+  const image = `${helloCode}
+import { xnfInterfaces } from '${lib('drivers/xnf/xnf.js')}';
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+export async function main(guest) {
+  const [n] = guest.nets();
+  const me = n.mac[5];
+  const mac = (x) => Uint8Array.from([0x00, 0x16, 0x3e, 0, 0x0b, x]);
+  const frame = (to, type) => { const f = new Uint8Array(1000); f.set(to, 0); f.set(n.mac, 6); f[12] = 0x88; f[13] = type; return f; };
+  if (me === 2) {
+    // The stuck receiver: it never looks at its RX ring again, so it never gives buffers back.
+    // One frame out first, so that the bridge knows where it is; it outlives the others' waits.
+    guest.sc.intr.intrMask(xnfInterfaces(guest.sc)[0].queues[0].rxIh);
+    await n.send(frame(mac(1), 0xbb));
+    await sleep(14000);
+    return;
+  }
+  if (me === 3) {
+    let got = 0;
+    const done = new Promise((resolve) => n.onFrame((f) => { if (f[13] === 0xb7 && ++got === 100) resolve(); }));
+    await meet(n, mac(1));
+    await Promise.race([done, sleep(7000)]);
+    console.log('healthy receiver got ' + got);
+    return;
+  }
+  await meet(n, mac(3));
+  // 256 fill the receiver's posted buffers; the rest would keep all 256 of the sender's ring slots.
+  for (let i = 0; i < 600; i++) await n.send(frame(mac(2), 0xb5));
+  for (let i = 0; i < 100; i++) await n.send(frame(mac(3), 0xb7));
+  await n.drain(7000).catch((err) => console.log('drain: ' + err.code));
+  console.log('sender done');
+}
+`;
+  const cfgs = [1, 2, 3].map((i) => guestImage(dir, `hold${i}`, image, `vif = [ 'mac=00:16:3e:00:0b:0${i}' ]`));
+  // Without the release the sender's ring stays full until the stuck receiver goes (14 s), past the healthy one's wait (7 s).
+  const [s, , c] = await runGuests(cfgs, { netback: { drainTimeoutMs: 120_000 } });
+  t.match(s!.console, /^sender done$/m, s!.console);
+  t.match(c!.console, /^healthy receiver got 100$/m, 'the stuck receiver did not keep the sender\'s ring full');
+});
