@@ -1,0 +1,209 @@
+// One load at a time, with the CPU each thread spent per unit of work: the
+// figure to compare when the machine is shared, since a rate moves with the
+// CPU the other jobs leave us and CPU per frame or per request does not
+// (much). Threads are read from /proc/self/task and named by when they
+// appeared: dom0 at boot, then each guest as it is created.
+//
+//   node dist/bench/profile.js net 64 [--sink] [--ms 1000] [--runs 3]
+//   node dist/bench/profile.js block memory|null [--write] [--ms 2000]
+//
+// Run it under `perf record -F 1999 -g -- node --perf-basic-prof ...` for
+// each thread's CPU-time profile (`perf report --sort pid`, then `--tid T
+// --sort sym`), or under `node --cpu-prof`, whose samples are wall-clock
+// (a thread that lost its CPU counts where it lost it).
+
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import type { DomainSpec } from '../lib/backends/toolstack.js';
+import { loadDomainConfig } from '../lib/backends/xlcfg.js';
+import { Machine, type NetStats } from '../lib/machine.js';
+
+/** Clock ticks per second of /proc's utime and stime (USER_HZ, 100 on Linux). */
+const USER_HZ = 100;
+
+/** CPU milliseconds of each thread of this process, by tid. */
+function threadCpuMs(): Map<number, number> {
+  const out = new Map<number, number>();
+  for (const tid of readdirSync('/proc/self/task')) {
+    try {
+      const stat = readFileSync(`/proc/self/task/${tid}/stat`, 'utf8');
+      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      out.set(Number(tid), ((Number(f[11]) + Number(f[12])) * 1000) / USER_HZ);
+    } catch {
+      // The thread ended between the listing and the read.
+    }
+  }
+  return out;
+}
+
+/** Names for the threads that appear from now on. */
+class ThreadNames {
+  private readonly known = new Set(threadCpuMs().keys());
+  readonly names = new Map<number, string>();
+  mark(name: string): void {
+    for (const tid of threadCpuMs().keys()) {
+      if (!this.known.has(tid)) this.names.set(tid, name);
+      this.known.add(tid);
+    }
+  }
+  /** Each named thread's CPU µs per unit between two samples. */
+  per(a: Map<number, number>, b: Map<number, number>, units: number): string {
+    const parts: string[] = [];
+    for (const [tid, name] of this.names) {
+      const ms = (b.get(tid) ?? a.get(tid) ?? 0) - (a.get(tid) ?? 0);
+      parts.push(`${name} ${((ms * 1000) / units).toFixed(2)}`);
+    }
+    return parts.join(', ');
+  }
+}
+
+const SENDER = `
+export async function main(guest) {
+  const [n] = guest.nets();
+  const to = /to=(\\S+)/.exec(guest.extra)[1].split(':').map((h) => parseInt(h, 16));
+  const size = Number(/size=(\\d+)/.exec(guest.extra)[1]);
+  const f = new Uint8Array(size);
+  f.set(to, 0); f.set(n.mac, 6); f[12] = 0x88; f[13] = 0xb5;
+  const opts = size > 1514 ? { gso: { type: 'tcpv4', mss: 1448 } } : undefined;
+  for (;;) await n.send(f, opts);
+}`;
+const RECEIVER = `export async function main(guest) { guest.nets()[0].onFrame(() => {}); await new Promise(() => {}); }`;
+const SINK_MAC = '02:00:00:00:be:03';
+const RECEIVER_MAC = '00:16:3e:00:be:02';
+
+function vifSpec(dir: string, name: string, image: string, mac: string, extra: string): DomainSpec {
+  return {
+    name, memoryMiB: 64, vcpus: 1, kernel: join(dir, `${image}.mjs`), extra, onPoweroff: 'destroy', onReboot: 'destroy', onCrash: 'destroy',
+    vifs: [{ devid: 0, mac, bridge: 'xenbr0', mtu: 65521, rate: null, trusted: true, pcap: null, backend: null }],
+  };
+}
+
+async function net(dir: string, size: number, toSink: boolean, ms: number, runs: number): Promise<void> {
+  writeFileSync(join(dir, 'sender.mjs'), SENDER);
+  writeFileSync(join(dir, 'receiver.mjs'), RECEIVER);
+  const names = new ThreadNames();
+  const m = await Machine.boot({ bridges: { xenbr0: { sink: SINK_MAC } } });
+  names.mark('dom0');
+  try {
+    let rx = -1;
+    if (!toSink) {
+      rx = await m.create(vifSpec(dir, 'rx', 'receiver', RECEIVER_MAC, ''));
+      names.mark('receiver');
+    }
+    await m.create(vifSpec(dir, 'tx', 'sender', '00:16:3e:00:be:01', `to=${toSink ? SINK_MAC : RECEIVER_MAC} size=${size}`));
+    names.mark('sender');
+    const count = (s: NetStats): { packets: number; bytes: number; dropped: number } => {
+      const p = toSink
+        ? s.bridges.find((b) => b.name === 'xenbr0')?.ports.find((x) => x.name === 'sink')
+        : s.vifs.find((x) => x.name === `vif${rx}.0`);
+      return { packets: p?.txPackets ?? 0, bytes: p?.txBytes ?? 0, dropped: p?.txDropped ?? 0 };
+    };
+    const deadline = Date.now() + 30_000;
+    while (count(await m.netStats()).packets === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    await new Promise((r) => setTimeout(r, 300));
+    for (let i = 0; i < runs; i++) {
+      const a = count(await m.netStats());
+      const ta = threadCpuMs();
+      const t0 = performance.now();
+      await new Promise((r) => setTimeout(r, ms));
+      const b = count(await m.netStats());
+      const tb = threadCpuMs();
+      const s = (performance.now() - t0) / 1000;
+      const frames = b.packets - a.packets;
+      console.log(`net ${size} ${toSink ? 'g2d' : 'g2g'}: ${(frames / s / 1e6).toFixed(3)} Mpps ${(((b.bytes - a.bytes) * 8) / s / 1e9).toFixed(2)} Gbit/s, ` +
+        `${b.dropped - a.dropped} dropped; CPU us per frame: ${names.per(ta, tb, Math.max(1, frames))}`);
+    }
+  } finally {
+    await m.stop();
+  }
+}
+
+// The guest samples every thread of the process (its own and dom0's) around the measured load.
+const BLOCK_GUEST = `
+import { readdirSync, readFileSync } from 'node:fs';
+function threads() {
+  const out = {};
+  for (const tid of readdirSync('/proc/self/task')) {
+    try {
+      const st = readFileSync('/proc/self/task/' + tid + '/stat', 'utf8');
+      const f = st.slice(st.lastIndexOf(')') + 2).split(' ');
+      out[tid] = (Number(f[11]) + Number(f[12])) * ${1000 / USER_HZ};
+    } catch {}
+  }
+  return out;
+}
+function xorshift(seed) { let x = seed | 0 || 1; return () => { x ^= x << 13; x ^= x >>> 17; x ^= x << 5; return x >>> 0; }; }
+async function load(disk, write, ms) {
+  const spb = 4096 / disk.sectorSize;
+  const blocks = Math.floor(disk.sectors / spb);
+  const end = performance.now() + ms;
+  let n = 0;
+  const caller = async (seed) => {
+    const buf = new Uint8Array(4096);
+    const next = xorshift(seed);
+    while (performance.now() < end) {
+      const lba = (next() % blocks) * spb;
+      if (write) await disk.write(lba, buf); else await disk.readInto(lba, buf);
+      n++;
+    }
+  };
+  await Promise.all(Array.from({ length: 32 }, (_, i) => caller(i + 1)));
+  return n;
+}
+export async function main(guest) {
+  const [ms, write] = guest.extra.split(',');
+  const d = guest.disks()[0];
+  await load(d, write === '1', 300);
+  const a = threads();
+  const t0 = performance.now();
+  const n = await load(d, write === '1', Number(ms));
+  const s = (performance.now() - t0) / 1000;
+  guest.print('PROFILE ' + JSON.stringify({ n, s, a, b: threads() }) + '\\n');
+}`;
+
+async function block(dir: string, format: string, write: boolean, ms: number): Promise<void> {
+  writeFileSync(join(dir, 'blk.mjs'), BLOCK_GUEST);
+  const target = format === 'null' ? '1G' : '64M';
+  writeFileSync(join(dir, 'blk.cfg'), [
+    'name = "blk"', 'memory = 64', 'kernel = "blk.mjs"', `extra = "${ms},${write ? 1 : 0}"`,
+    `disk = [ 'format=${format}, vdev=xvda, access=rw, target=${target}' ]`, '',
+  ].join('\n'));
+  const names = new ThreadNames();
+  const m = await Machine.boot({});
+  names.mark('dom0');
+  try {
+    const domid = await m.create(loadDomainConfig(join(dir, 'blk.cfg')));
+    names.mark('guest');
+    const exit = await m.waitExit(domid, AbortSignal.timeout(120_000));
+    const got = /PROFILE (.*)/.exec(exit.console);
+    if (got === null) throw new Error(`guest: ${exit.reason}\n${exit.console}`);
+    const r = JSON.parse(got[1]!) as { n: number; s: number; a: Record<string, number>; b: Record<string, number> };
+    const map = (o: Record<string, number>): Map<number, number> => new Map(Object.entries(o).map(([k, v]) => [Number(k), v]));
+    console.log(`block ${format} rand${write ? 'write' : 'read'}4k: ${Math.round(r.n / r.s)} IOPS; CPU us per request: ${names.per(map(r.a), map(r.b), r.n)}`);
+  } finally {
+    await m.stop();
+  }
+}
+
+async function main(): Promise<void> {
+  const { positionals, values } = parseArgs({
+    allowPositionals: true,
+    options: { sink: { type: 'boolean' }, write: { type: 'boolean' }, ms: { type: 'string' }, runs: { type: 'string' } },
+  });
+  const dir = mkdtempSync(join(tmpdir(), 'xenpv-profile-'));
+  try {
+    if (positionals[0] === 'net') {
+      await net(dir, Number(positionals[1] ?? 64), values.sink === true, Number(values.ms ?? 1000), Number(values.runs ?? 3));
+    } else if (positionals[0] === 'block') {
+      await block(dir, positionals[1] ?? 'memory', values.write === true, Number(values.ms ?? 2000));
+    } else {
+      throw new Error('usage: profile net SIZE [--sink] [--ms N] [--runs N] | profile block memory|null [--write] [--ms N]');
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+await main();
