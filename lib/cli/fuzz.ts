@@ -6,11 +6,13 @@
 //   fuzz xenstore                   a guest that abuses xenstored
 //   fuzz frontend --device blkback  a frontend that abuses a real blkback
 //   fuzz backend --device xbf       a backend that abuses a real xbf
+//   fuzz frontend --device netback  a frontend that abuses a real netback
 
 import { randomInt } from 'node:crypto';
 import { parseArgs } from 'node:util';
 import { XenError } from '../errors.js';
 import { fuzzBlkback } from '../fuzz/blkback.js';
+import { fuzzNetback } from '../fuzz/netback.js';
 import type { FuzzReport } from '../fuzz/report.js';
 import { fuzzXbf } from '../fuzz/xbf.js';
 import { fuzzXenstore } from '../fuzz/xenstore.js';
@@ -22,6 +24,7 @@ const HARNESSES: Record<string, Harness> = {
   xenstore: (seed, steps, onProgress) => fuzzXenstore({ seed, steps, onProgress }),
   'frontend blkback': (seed, steps, onProgress) => fuzzBlkback({ seed, steps, onProgress }),
   'backend xbf': (seed, steps, onProgress) => fuzzXbf({ seed, steps, onProgress }),
+  'frontend netback': (seed, steps, onProgress) => fuzzNetback({ seed, steps, onProgress }),
 };
 
 function integer(name: string, value: string | undefined, fallback: number, max: number): number {

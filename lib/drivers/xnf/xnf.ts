@@ -150,7 +150,9 @@ export class XnfQueue {
   /** Multicast requests waiting for their TX response, by id. */
   readonly mcastDone = new Map<number, (status: number) => void>();
   // The RX frame being gathered across slots (and across interrupts).
+  /** Data slots of the frame so far; its extra slots are counted apart (netfront's slots and xennet_get_extras). */
   rxSlots = 0;
+  rxExtraSlots = 0;
   rxLen = 0;
   rxFlags = 0;
   rxBad = false;
@@ -565,7 +567,7 @@ export class XnfSoftc {
   /** An extra-info slot: it used up the request (and buffer) of its slot, but carries no id. */
   private rxExtra(q: XnfQueue, slot: number): string | null {
     if (!this.rxTakeBack(q.rxBufs[slot]!)) return `grant of rx buffer ${slot} still in use by the backend`;
-    if (++q.rxSlots > XNF_FRAG + XEN_NETIF_EXTRA_TYPE_MAX) return 'rx frame with too many extra slots';
+    if (++q.rxExtraSlots >= XEN_NETIF_EXTRA_TYPE_MAX) return 'rx frame with too many extra slots';
     const type = q.rxRsp[EXT_TYPE]!;
     const flags = q.rxRsp[EXT_FLAGS]!;
     if (type !== XEN_NETIF_EXTRA_TYPE_GSO) return `rx extra of type ${type}`;
@@ -599,7 +601,7 @@ export class XnfSoftc {
   }
 
   private rxReset(q: XnfQueue): void {
-    q.rxSlots = q.rxLen = q.rxFlags = 0;
+    q.rxSlots = q.rxExtraSlots = q.rxLen = q.rxFlags = 0;
     q.rxBad = q.rxExtras = q.rxMoreAfterExtras = false;
   }
 
