@@ -10,9 +10,6 @@ import { fuzzNetback } from '../lib/fuzz/netback.js';
 
 const cli = fileURLToPath(new URL('../lib/cli/main.js', import.meta.url));
 
-// 50,000 steps take half a minute alone; more when the suite runs files side by side.
-t.setTimeout(300_000);
-
 t.test('50,000 seeded steps against netback break no invariant and reach every attack', async (t) => {
   const r = await fuzzNetback({ seed: 20261130, steps: 50_000 });
   t.same(r.violations, [], 'no invariant broken');
