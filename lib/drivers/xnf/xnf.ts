@@ -419,16 +419,26 @@ export class XnfSoftc {
 
   // --- datapath: interrupt, txeof, rxeof -------------------------------------------
 
+  // The handlers return false when the event found no response on the ring
+  // (netfront's XEN_EOI_FLAG_SPURIOUS), so that the interrupt layer throttles
+  // a backend that keeps signalling for nothing (XSA-391).
+
   // xnf_intr: one channel for both rings.
-  intr(q: XnfQueue): void {
-    this.txeof(q);
-    this.rxeof(q);
+  intr(q: XnfQueue): boolean {
+    const tx = this.txeof(q);
+    return this.rxeof(q) || tx;
   }
 
   // xnf_txeof: copy each response once, check it, free its id; then start waiting frames.
-  txeof(q: XnfQueue): void {
+  txeof(q: XnfQueue): boolean {
     const ring = q.tx?.ring;
-    if (ring === undefined || this.error !== null) return;
+    if (ring === undefined || this.error !== null) return false;
+    const work = ring.unconsumedResponses() > 0;
+    this.txCollect(q, ring);
+    return work;
+  }
+
+  private txCollect(q: XnfQueue, ring: FrontRing): void {
     do {
       ring.unconsumedResponses();
       while (ring.takeResponse(q.txRsp)) {
@@ -519,9 +529,15 @@ export class XnfSoftc {
   }
 
   // xnf_rxeof: copy each response once, check it, hand whole frames up; then refill.
-  rxeof(q: XnfQueue): void {
+  rxeof(q: XnfQueue): boolean {
     const ring = q.rx?.ring;
-    if (ring === undefined || this.error !== null) return;
+    if (ring === undefined || this.error !== null) return false;
+    const work = ring.unconsumedResponses() > 0;
+    this.rxCollect(q, ring);
+    return work;
+  }
+
+  private rxCollect(q: XnfQueue, ring: FrontRing): void {
     do {
       ring.unconsumedResponses();
       while (ring.takeResponse(q.rxRsp)) {
