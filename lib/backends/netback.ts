@@ -31,7 +31,7 @@ import {
 import { __CONST_RING_SIZE, netif_rx_sring, netif_rx_sring_entry, netif_tx_sring, netif_tx_sring_entry } from '../abi/ring.js';
 import { offsetOf } from '../abi/layout.js';
 import { GNTST_okay } from '../abi/grant_table.js';
-import { XenbusStateClosed, XenbusStateClosing, XenbusStateConnected, XenbusStateInitWait } from '../abi/xenbus.js';
+import { XenbusStateClosed, XenbusStateClosing, XenbusStateConnected, XenbusStateInitialised, XenbusStateInitWait } from '../abi/xenbus.js';
 import { XenError } from '../errors.js';
 import { ETHER_ADDR_LEN, ETHER_HDR_LEN, ETHERTYPE_IPV6, formatMac, isBroadcast, isMulticast, macKey, parseMac } from '../ether.js';
 import type { Interrupts, IntrHandle } from '../evtchn/evtchn.js';
@@ -122,7 +122,17 @@ export type QueueDump = {
   rxQueuedBytes: number;
   held: boolean;
   stalled: boolean;
+  /** Events the queue's handlers ran for, those that brought nothing, and how often its ports were held masked for it. */
+  events: number;
+  spuriousEvents: number;
+  throttles: number;
 };
+
+function eventCounts(tx: IntrHandle | null, rx: IntrHandle | null): Pick<QueueDump, 'events' | 'spuriousEvents' | 'throttles'> {
+  const hs = rx !== null && rx !== tx ? [tx, rx] : [tx];
+  const sum = (f: (h: IntrHandle) => number): number => hs.reduce((n, h) => n + (h === null ? 0 : f(h)), 0);
+  return { events: sum((h) => h.count), spuriousEvents: sum((h) => h.spuriousEvents), throttles: sum((h) => h.throttles) };
+}
 
 function ringDump(r: BackRing | null): QueueDump['tx'] {
   return r === null ? null : { ...r.sharedIndices(), reqCons: r.reqConsumed, rspProdPvt: r.rspProd };
@@ -439,6 +449,7 @@ export class Netback implements BridgePort {
       txDropped: this.stats.txDropped, txErrors: this.txErrors, expired: this.expired, released: this.released, stalls: this.stalls,
       rings: this.queues.map((q) => ({
         tx: ringDump(q.txRing), rx: ringDump(q.rxRing), rxQueued: q.rxqCount, rxQueuedBytes: q.rxqBytes, held: q.held !== null, stalled: q.stalled,
+        ...eventCounts(q.txIh, q.rxIh),
       })),
     };
   }
@@ -450,18 +461,26 @@ export class Netback implements BridgePort {
   }
 
   // xenvif_interrupt: one channel for both rings.
-  private interrupt(q: NetbackQueue): void {
-    this.txInterrupt(q);
-    this.rxInterrupt(q);
+  // The handlers return false when the event brought nothing new on the ring
+  // (xenvif's XEN_EOI_FLAG_SPURIOUS), so that the interrupt layer throttles a
+  // frontend that keeps signalling for nothing (XSA-332, XSA-391).
+  private interrupt(q: NetbackQueue): boolean {
+    const tx = this.txInterrupt(q);
+    return this.rxInterrupt(q) || tx;
   }
 
-  private txInterrupt(q: NetbackQueue): void {
+  // The frontend posted TX requests.
+  private txInterrupt(q: NetbackQueue): boolean {
+    const work = q.txRing !== null && q.txRing.unconsumedRequests() > 0;
     if (this.serving()) this.txAction(q);
+    return work;
   }
 
   // The frontend posted RX buffers.
-  private rxInterrupt(q: NetbackQueue): void {
+  private rxInterrupt(q: NetbackQueue): boolean {
+    const work = q.rxRing !== null && q.rxRing.unconsumedRequests() > 0;
     if (this.serving()) this.rxAction(q);
+    return work;
   }
 
   // --- guest TX -------------------------------------------------------------------
@@ -1059,6 +1078,26 @@ export class NetbackSet {
       clearInterval(this.timer);
       this.timer = null;
     }
+  }
+
+  /**
+   * Kill the vif's backend and start a new one while the guest runs, as a
+   * backend crash and restart would (online stays 1, so the frontend
+   * reconnects); resolves once the new one is Connected (ETIMEDOUT after
+   * `timeoutMs`).
+   */
+  async restart(domid: number, devid: number, timeoutMs = 30_000): Promise<void> {
+    const key = `${domid}/${devid}`;
+    const old = this.vifs.get(key);
+    if (old === undefined) throw new XenError('ENODEV', `no vif ${devid} of domain ${domid}`);
+    await old.stop();
+    // The new backend must not map the rings the frontend used with the old one: wait (bounded) until it lets go.
+    const released = (v: string | undefined): boolean => v === undefined || (Number(v) !== XenbusStateConnected && Number(v) !== XenbusStateInitialised);
+    await this.xs.awaitState(`${old.frontendPath}/state`, released, { timeoutMs }).catch(() => undefined);
+    const vif = new Netback(this, old.spec);
+    this.vifs.set(key, vif);
+    await vif.start();
+    await this.xs.awaitState(`${vif.backendPath}/state`, XenbusStateConnected, { timeoutMs });
   }
 
   list(): VifStats[] {
