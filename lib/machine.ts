@@ -17,6 +17,8 @@ import { parseDhcpdConfig } from './backends/dhcpd.js';
 import { parseMac } from './ether.js';
 import type { XenstoredLimits } from './backends/xenstored.js';
 import { SimRunner, type SimOptions } from './sim/sim.js';
+import { ThreadRunner } from './hypervisor/threads.js';
+import { TraceFile } from './trace/trace.js';
 import { join } from 'node:path';
 import { rmSync } from 'node:fs';
 
@@ -59,6 +61,8 @@ export type MachineOptions = {
    * owns the process's clock until stop().
    */
   sim?: SimOptions;
+  /** Record a trace of the run into this file (lib/trace/trace.ts); `xenpv trace FILE` decodes it. */
+  trace?: string;
 };
 
 /** What `netStats()` reports: each vif, each bridge with its ports and learned addresses, the frame pool. */
@@ -76,10 +80,13 @@ export class Machine {
   readonly sim: SimRunner | null;
   /** The vbds of each guest this machine created, for the vbd-restart fault. */
   private readonly vbds = new Map<number, number[]>();
+  /** The trace being recorded, if any. */
+  private readonly trace: TraceFile | null;
 
   private constructor(private readonly opts: MachineOptions) {
     this.socketPath = opts.rundir === undefined ? undefined : join(opts.rundir, 'xenstored', 'socket');
     this.sim = opts.sim === undefined ? null : new SimRunner(opts.sim);
+    this.trace = opts.trace === undefined ? null : new TraceFile(opts.trace);
     this.host = new Host({
       onMessage: (domid, m) => {
         if (domid === 0) this.rpc.receive(m);
@@ -89,7 +96,9 @@ export class Machine {
         this.dom0Dead = error ?? new XenError('ESHUTDOWN', 'dom0 stopped');
         this.rpc.close(new XenError('ESHUTDOWN', `dom0 stopped: ${this.dom0Dead.message}`));
       },
-    }, this.sim ?? undefined);
+    }, this.sim ?? new ThreadRunner(this.trace));
+    // After the runner is bound: a deterministic run's trace is in its virtual time.
+    this.trace?.start(this.sim !== null);
     this.sim?.action('vbd-restart', (rng) => {
       const all = [...this.vbds].flatMap(([domid, devids]) => devids.map((devid) => ({ domid, devid })));
       if (all.length === 0) return null;
@@ -121,6 +130,7 @@ export class Machine {
     } catch (err) {
       // Nothing of a failed boot stays behind: no thread, and no simulation owning the clock.
       await host.shutdown();
+      m.trace?.close();
       throw err;
     }
     try {
@@ -308,6 +318,7 @@ export class Machine {
     // dom0 closes its listeners first; a dom0 that does not answer is terminated all the same.
     if (this.dom0Dead === null) await this.rpc.call('stop', null, 5_000).catch(() => undefined);
     await this.host.shutdown();
+    this.trace?.close();
     if (this.socketPath !== undefined) rmSync(this.socketPath, { force: true });
   }
 }

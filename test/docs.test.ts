@@ -168,7 +168,9 @@ const MESSAGE = /^\s*([A-Za-z]\w*)\s*(?:-{1,2}>>|-{1,2}>|-{1,2}x|-{1,2}\))\s*([A
 /** The key a path names: what follows its last placeholder, or the whole path when none is followed by a key. */
 function keyOf(pattern: string): string {
   const at = pattern.lastIndexOf('<*>/');
-  return at < 0 ? pattern : pattern.slice(at + 4);
+  const key = at < 0 ? pattern : pattern.slice(at + 4);
+  // A placeholder in front of the name is a prefix such as `queue-N/`: `${dir}ring-ref` is ring-ref.
+  return key.startsWith('<*>') && key.length > 3 ? key.slice(3) : key;
 }
 
 type Side = { id: string; scopes: { file: string; symbols: string[] }[] };
@@ -229,6 +231,26 @@ function pathPattern(arg: ts.Expression | undefined): string | null {
   return null;
 }
 
+/**
+ * The key identifier of a path that is exactly `${base}/${key}`: a key the
+ * code does not spell out here. Inside a helper, whose parameter it is, the
+ * callers name it; elsewhere (a loop over a table) it stands for "some key".
+ */
+function dynamicKey(arg: ts.Expression | undefined): string | null {
+  if (arg === undefined || !ts.isTemplateExpression(arg) || arg.head.text !== '' || arg.templateSpans.length !== 2) return null;
+  const [base, key] = arg.templateSpans as unknown as [ts.TemplateSpan, ts.TemplateSpan];
+  if (base.literal.text !== '/' || key.literal.text !== '' || !ts.isIdentifier(key.expression)) return null;
+  return key.expression.text;
+}
+
+/** Whether `name` is a parameter of the function that contains `node`. */
+function isParameter(node: ts.Node, name: string): boolean {
+  for (let n = node.parent; n !== undefined; n = n.parent) {
+    if (ts.isFunctionLike(n)) return n.parameters.some((p) => ts.isIdentifier(p.name) && p.name.text === name);
+  }
+  return false;
+}
+
 function isString(e: ts.Expression | undefined): e is ts.StringLiteral {
   return e !== undefined && (ts.isStringLiteral(e) || ts.isNoSubstitutionTemplateLiteral(e));
 }
@@ -238,39 +260,133 @@ function tableVerb(value: ts.Expression | undefined): Verb {
   return value !== undefined && value.kind === ts.SyntaxKind.NullKeyword ? 'mkdir' : 'write';
 }
 
+/** `xs.<method>(...)` on a xenstore client or transaction: the verb, or undefined. */
+function xsVerb(node: ts.CallExpression, sf: ts.SourceFile): Verb | undefined {
+  if (!ts.isPropertyAccessExpression(node.expression)) return undefined;
+  const verb = METHOD_VERB[node.expression.name.text];
+  return verb !== undefined && XS_RECEIVER.test(node.expression.expression.getText(sf)) ? verb : undefined;
+}
+
+/** A function whose parameters may name keys: `feature(xnf, 'feature-sg', 0)` reads feature-sg. */
+type Helper = { params: string[]; body: ts.Node; keys: Map<number, Verb> };
+
+function helperOf(fn: ts.SignatureDeclarationBase & { body?: ts.Node | undefined }): Helper | null {
+  if (fn.body === undefined) return null;
+  const params = fn.parameters.map((p) => (ts.isIdentifier(p.name) ? p.name.text : ''));
+  return { params, body: fn.body, keys: new Map() };
+}
+
 /**
- * The xenstore operations in `body`: `xs.<method>(path, ...)` calls, and the
- * node tables the toolstack hands to writeTree (`['key', value, perms]`
- * entries and `['a', 'b'].map((n) => [n, value, perms])`). `problems` gets
- * every client call whose path is not literal, since its key cannot be read.
+ * The key helpers `bodies` can call: the top-level functions of their files
+ * and the arrow functions bound to a const inside them. A parameter is a key
+ * when it ends a client call's path (`${base}/${key}`) or is passed on as a
+ * key to another helper.
  */
-function codeOps(body: ts.Node, sf: ts.SourceFile, ops: Set<string>, names: Set<string>, problems: string[]): void {
+function keyHelpers(files: readonly ts.SourceFile[], bodies: readonly ts.Node[]): Map<string, Helper> {
+  const helpers = new Map<string, Helper>();
+  for (const sf of files) {
+    for (const st of sf.statements) {
+      if (ts.isFunctionDeclaration(st) && st.name !== undefined) {
+        const h = helperOf(st);
+        if (h !== null) helpers.set(st.name.text, h);
+      }
+    }
+  }
+  const arrows = (node: ts.Node): void => {
+    if (ts.isVariableDeclaration(node) && ts.isIdentifier(node.name) && node.initializer !== undefined && ts.isArrowFunction(node.initializer)) {
+      const h = helperOf(node.initializer);
+      if (h !== null) helpers.set(node.name.text, h);
+    }
+    ts.forEachChild(node, arrows);
+  };
+  for (const b of bodies) arrows(b);
+  for (let changed = true; changed; ) {
+    changed = false;
+    for (const h of helpers.values()) {
+      const visit = (node: ts.Node): void => {
+        if (ts.isCallExpression(node)) {
+          const sf = node.getSourceFile();
+          const verb = xsVerb(node, sf);
+          const key = verb === undefined ? null : dynamicKey(node.arguments[0]);
+          if (verb !== undefined && key !== null && h.params.includes(key) && !h.keys.has(h.params.indexOf(key))) {
+            h.keys.set(h.params.indexOf(key), verb);
+            changed = true;
+          }
+          const callee = ts.isIdentifier(node.expression) ? helpers.get(node.expression.text) : undefined;
+          for (const [j, v] of callee?.keys ?? []) {
+            const arg = node.arguments[j];
+            if (arg !== undefined && ts.isIdentifier(arg) && h.params.includes(arg.text) && !h.keys.has(h.params.indexOf(arg.text))) {
+              h.keys.set(h.params.indexOf(arg.text), v);
+              changed = true;
+            }
+          }
+        }
+        ts.forEachChild(node, visit);
+      };
+      visit(h.body);
+    }
+  }
+  return helpers;
+}
+
+/** The node a value sits in, past `as`, `satisfies` and parentheses: `[['rate', r] as Entry]` and `nodes.push(['rate', r])` are table entries. */
+function outside(node: ts.Node): ts.Node {
+  let p = node.parent;
+  while (ts.isAsExpression(p) || ts.isSatisfiesExpression(p) || ts.isParenthesizedExpression(p) || ts.isTypeAssertionExpression(p)) p = p.parent;
+  return p;
+}
+
+/**
+ * The xenstore operations in `body`: client calls `xs.<method>(path, ...)`;
+ * calls of key helpers with a literal key; and the node tables a side writes
+ * through one call per entry: `['key', value, perms]` entries (in an array or pushed onto one),
+ * `['a', 'b'].map((n) => [n, value, perms])`, and `nodes.set('key', value)`
+ * on a Map named `nodes`. `problems` gets every client call whose path is
+ * neither literal nor `${base}/${key}`, since its key cannot be read.
+ */
+function codeOps(body: ts.Node, sf: ts.SourceFile, helpers: ReadonlyMap<string, Helper>, ops: Set<string>, names: Set<string>, problems: string[]): void {
   const mapped = new Set<ts.Node>();
   const visit = (node: ts.Node): void => {
     if (ts.isIdentifier(node)) names.add(node.text);
-    if (ts.isCallExpression(node) && ts.isPropertyAccessExpression(node.expression)) {
-      const method = node.expression.name.text;
-      const receiver = node.expression.expression;
-      const verb = METHOD_VERB[method];
-      if (verb !== undefined && XS_RECEIVER.test(receiver.getText(sf))) {
+    if (ts.isCallExpression(node)) {
+      const verb = xsVerb(node, sf);
+      const dynamic = dynamicKey(node.arguments[0]);
+      if (verb !== undefined && (dynamic === null || !isParameter(node, dynamic))) {
         const pattern = pathPattern(node.arguments[0]);
-        if (pattern === null) problems.push(`${sf.fileName}: cannot read the key of ${node.getText(sf).slice(0, 60)}`);
+        if (pattern === null) problems.push(`cannot read the key of ${node.getText(sf).slice(0, 60)}`);
         else ops.add(`${verb} ${keyOf(pattern)}`);
       }
-      const fn = node.arguments[0];
-      if (method === 'map' && ts.isArrayLiteralExpression(receiver) && receiver.elements.every(isString) && fn !== undefined && ts.isArrowFunction(fn)) {
-        let result: ts.Node = fn.body;
-        while (ts.isParenthesizedExpression(result)) result = result.expression;
-        if (ts.isArrayLiteralExpression(result)) {
-          const v = tableVerb(result.elements[1]);
-          for (const e of receiver.elements) ops.add(`${v} ${(e as ts.StringLiteral).text}`);
-          mapped.add(receiver);
+      const helper = ts.isIdentifier(node.expression) ? helpers.get(node.expression.text) : undefined;
+      for (const [j, v] of helper?.keys ?? []) {
+        const arg = node.arguments[j];
+        if (isString(arg)) ops.add(`${v} ${arg.text}`);
+      }
+      if (ts.isPropertyAccessExpression(node.expression)) {
+        const method = node.expression.name.text;
+        const receiver = node.expression.expression;
+        const fn = node.arguments[0];
+        if (method === 'map' && ts.isArrayLiteralExpression(receiver) && receiver.elements.every(isString) && fn !== undefined && ts.isArrowFunction(fn)) {
+          let result: ts.Node = fn.body;
+          while (ts.isParenthesizedExpression(result)) result = result.expression;
+          if (ts.isArrayLiteralExpression(result)) {
+            const v = tableVerb(result.elements[1]);
+            for (const e of receiver.elements) ops.add(`${v} ${(e as ts.StringLiteral).text}`);
+            mapped.add(receiver);
+          }
+        }
+        if (method === 'set' && ts.isIdentifier(receiver) && /(^n|N)odes$/.test(receiver.text)) {
+          const pattern = pathPattern(node.arguments[0]);
+          if (pattern !== null) ops.add(`write ${keyOf(pattern)}`);
         }
       }
     }
     if (ts.isArrayLiteralExpression(node) && !mapped.has(node) && node.elements.length >= 2 && node.elements.length <= 3) {
+      const around = outside(node);
+      const pushed = ts.isCallExpression(around) && ts.isPropertyAccessExpression(around.expression) && around.expression.name.text === 'push';
       const first = node.elements[0];
-      if (isString(first)) ops.add(`${tableVerb(node.elements[1])} ${first.text === '' ? '<*>' : first.text}`);
+      if ((ts.isArrayLiteralExpression(around) || pushed) && isString(first)) {
+        ops.add(`${tableVerb(node.elements[1])} ${first.text === '' ? '<*>' : first.text}`);
+      }
     }
     ts.forEachChild(node, visit);
   };
@@ -285,6 +401,7 @@ function protocolProblems(d: Diagram): string[] {
   for (const side of d.sides.values()) {
     const code = new Set<string>();
     const names = new Set<string>();
+    const bodies: { sf: ts.SourceFile; body: ts.Node }[] = [];
     for (const scope of side.scopes) {
       if (!existsSync(join(root, scope.file))) {
         problems.push(`${where}: ${side.id}: ${scope.file} does not exist`);
@@ -294,9 +411,13 @@ function protocolProblems(d: Diagram): string[] {
       for (const symbol of scope.symbols) {
         const body = bodyOf(sf, symbol);
         if (body === undefined) problems.push(`${where}: ${side.id}: no ${symbol} with a body in ${scope.file}`);
-        else codeOps(body, sf, code, names, problems);
+        else bodies.push({ sf, body });
       }
     }
+    const helpers = keyHelpers([...new Set(bodies.map((b) => b.sf))], bodies.map((b) => b.body));
+    const unread: string[] = [];
+    for (const { sf, body } of bodies) codeOps(body, sf, helpers, code, names, unread);
+    problems.push(...unread.map((m) => `${where}: ${side.id}: ${m}`));
     const drawn = d.ops.get(side.id) ?? new Set<string>();
     for (const op of drawn) if (!code.has(op)) problems.push(`${where}: ${side.id} draws "${op}", its code does not do it`);
     for (const op of code) if (!drawn.has(op)) problems.push(`${where}: ${side.id}'s code does "${op}", the diagram does not draw it`);
@@ -310,9 +431,11 @@ function protocolProblems(d: Diagram): string[] {
 t.test('protocol diagrams: each side writes and reads exactly the keys its code does', async (t) => {
   const md = readFileSync(join(docs, 'protocols.md'), 'utf8');
   const all = diagrams(md);
-  t.same(all.map((d) => d.title), [
+  const required = [
     'Domain build and xenstore introduction', 'The vbd: xenbus states and keys', 'The vif: xenbus states and keys', 'control/shutdown', 'Console',
-  ], 'the handshakes drawn');
+  ];
+  const titles = all.map((d) => d.title);
+  t.same(required.filter((r) => !titles.includes(r)), [], 'every handshake is drawn');
   for (const d of all) {
     t.same(protocolProblems(d), [], `${d.title}: the diagram matches the code`);
     const ops = [...d.ops.values()].reduce((n, s) => n + s.size, 0);
@@ -322,33 +445,37 @@ t.test('protocol diagrams: each side writes and reads exactly the keys its code 
 
 t.test('protocol checker: a renamed, missing or extra key is caught', async (t) => {
   const diagram = (body: string): Diagram => diagrams(['## x', '```mermaid', 'sequenceDiagram', body, '```'].join('\n'))[0]!;
-  const side = '  %% side FE lib/drivers/xbf/xbf.ts xbfPublish xbfReadDisk xbfRecover';
   const good = [
-    side,
-    '  FE->>XSD: rm $fe/$key',
-    '  FE->>XSD: write $fe/ring-page-order, multi-queue-num-queues, ring-ref, ring-ref$i, event-channel, protocol=x86_64-abi, feature-persistent, state=3',
-    '  FE->>XSD: wait $be/state=2',
-    '  FE->>XSD: read $be/sectors, sector-size, physical-sector-size, info, mode, feature-max-indirect-segments, feature-persistent',
-    '  FE->>XSD: read $be/feature-flush-cache, feature-barrier, feature-discard, discard-granularity, discard-alignment, discard-secure',
+    '  %% side FE test/fixtures/protocol-side.ts connect',
+    '  FE->>XSD: wait $be/state>=2',
+    '  FE->>XSD: read $be/feature-persistent, max-ring-page-order',
+    '  FE->>XSD: write $fe/protocol=x86_64-abi, ring-ref, event-channel, queue-dir, queue-order, $k, state=3',
+    '  FE->>XSD: rm /local/domain/0/backend/vbd/$fe',
   ].join('\n');
-  t.same(protocolProblems(diagram(good)), [], 'the frontend as it is');
+  t.same(protocolProblems(diagram(good)), [], 'every way of naming a key is read: client calls, helpers, node tables');
   t.same(protocolProblems(diagram(good.replace('event-channel', 'evtchn'))), [
     'protocols.md:2 (x): FE draws "write evtchn", its code does not do it',
     'protocols.md:2 (x): FE\'s code does "write event-channel", the diagram does not draw it',
   ], 'a renamed key');
-  t.same(protocolProblems(diagram(good.replace(', mode', ''))), [
-    'protocols.md:2 (x): FE\'s code does "read mode", the diagram does not draw it',
+  t.same(protocolProblems(diagram(good.replace(', max-ring-page-order', ''))), [
+    'protocols.md:2 (x): FE\'s code does "read max-ring-page-order", the diagram does not draw it',
   ], 'a key left out');
-  t.same(protocolProblems(diagram(`${good}\n  FE->>XSD: write $fe/feature-barrier`)), [
-    'protocols.md:2 (x): FE draws "write feature-barrier", its code does not do it',
+  t.same(protocolProblems(diagram(`${good}\n  FE->>XSD: write $fe/feature-persistent`)), [
+    'protocols.md:2 (x): FE draws "write feature-persistent", its code does not do it',
   ], 'a key the code does not write');
-  t.same(protocolProblems(diagram(good.replace('wait $be', 'read $be'))).length, 2, 'the wrong verb');
+  t.same(protocolProblems(diagram(good.replace('wait $be', 'read $be'))), [
+    'protocols.md:2 (x): FE draws "read state", its code does not do it',
+    'protocols.md:2 (x): FE\'s code does "wait state", the diagram does not draw it',
+  ], 'the wrong verb');
   t.same(protocolProblems(diagram(`${good}\n  FE->>HV: EVTCHNOP_bind_interdomain`)), [
     'protocols.md:2 (x): FE names EVTCHNOP_bind_interdomain, its code does not use it',
   ], 'a hypercall the side does not make');
-  t.same(protocolProblems(diagram(good.replace('xbfReadDisk', 'xbfReadDisks'))).slice(0, 1), [
-    'protocols.md:2 (x): FE: no xbfReadDisks with a body in lib/drivers/xbf/xbf.ts',
+  t.same(protocolProblems(diagram(good.replace(' connect', ' connects'))).slice(0, 1), [
+    'protocols.md:2 (x): FE: no connects with a body in test/fixtures/protocol-side.ts',
   ], 'a function that is not there');
+  t.same(protocolProblems(diagram('  %% side FE test/fixtures/protocol-side.ts opaque')), [
+    'protocols.md:2 (x): FE: cannot read the key of xs.read(path)',
+  ], 'a path that is not literal');
 });
 
 // --- npm run docs ----------------------------------------------------------------------

@@ -72,10 +72,11 @@ export async function main(guest) {
 `, `vif = [ 'mac=00:16:3e:00:01:02' ]`);
   let stats: Awaited<ReturnType<import('../lib/machine.js').Machine['netStats']>> | null = null;
   const exits = await runGuests([hostile, peer], {}, async (m) => {
-    // Poll until the last attack landed, then keep the counters.
+    // Poll until the last attack landed and the peer is up (it boots alongside), then keep the counters.
     for (let i = 0; i < 600; i++) {
       stats = await m.netStats();
-      if (stats.vifs.filter((v) => v.state === 'disabled').length >= 8) break;
+      const peerUp = stats.vifs.find((v) => v.name === 'vif2.0')?.state !== 'waiting';
+      if (stats.vifs.filter((v) => v.state === 'disabled').length >= 8 && peerUp) break;
       await new Promise((r) => setTimeout(r, 100));
     }
   });

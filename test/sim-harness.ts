@@ -34,11 +34,12 @@ export function seeds(list: readonly number[]): number[] {
 export async function runSim(
   specs: readonly DomainSpec[],
   seed: number,
-  opts: { faults?: FaultKind[]; during?: (m: Machine, domids: number[], console: readonly string[]) => Promise<void> } = {},
+  opts: { faults?: FaultKind[]; during?: (m: Machine, domids: number[], console: readonly string[]) => Promise<void>; trace?: string } = {},
 ): Promise<SimResult> {
   const consoleOut: string[] = [];
   const m = await Machine.boot({
     sim: { seed, faults: opts.faults ?? [] },
+    ...(opts.trace === undefined ? {} : { trace: opts.trace }),
     onConsole: (_domid, name, text) => consoleOut.push(`${name}: ${text}`),
   });
   const sim = m.sim!;

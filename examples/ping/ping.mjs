@@ -34,9 +34,11 @@ export async function main(guest) {
   echo.onMessage(({ address, port, data }) => void echo.send(address, port, data));
   const done = ip.bind(9);
   let peerDone = false;
-  done.onMessage(({ address, port }) => {
+  // "done?" asks and "done!" answers; answering only questions keeps the two
+  // port-9 sockets from replying to each other's replies forever.
+  done.onMessage(({ address, port, data }) => {
     peerDone = true;
-    void done.send(address, port, new TextEncoder().encode('done'));
+    if (new TextDecoder().decode(data) === 'done?') void done.send(address, port, new TextEncoder().encode('done!'));
   });
 
   for (let seq = 0; seq < 3; seq++) {
@@ -54,7 +56,7 @@ export async function main(guest) {
   // Stay up until the peer has its replies as well.
   await retry(`peer ${peer} done`, async () => {
     if (peerDone) return;
-    await done.send(peer, 9, new TextEncoder().encode('done'));
+    await done.send(peer, 9, new TextEncoder().encode('done?'));
     await sleep(100);
     if (!peerDone) throw new Error('not yet');
   });

@@ -35,6 +35,7 @@ import type { Interrupts, IntrHandle } from '../evtchn/evtchn.js';
 import type { Hypercall } from '../hypervisor/hypercall.js';
 import { PAGE_SIZE, pageBytes } from '../hypervisor/page.js';
 import { BackRing } from '../xen/ring.js';
+import type { RingType } from '../trace/trace.js';
 import type { XenStore } from '../xenstore/xenstore.js';
 import { logger, type Log } from '../log.js';
 import { bindInterdomain, mapGrant, mapGrantReadonly, unmapGrant } from './xenbus.js';
@@ -63,6 +64,8 @@ const SEG_LAST = offsetOf(blkif_request_segment, 'last_sect');
 
 /** Where the fields sit under one `protocol` (Linux blkif_common.h: native and x86_32). */
 type BlkifWire = {
+  /** What a trace decodes the slots as. */
+  ringType: RingType;
   sring: Layout;
   entryBytes: number;
   reqId: number;
@@ -82,8 +85,9 @@ type BlkifWire = {
   rspStatus: number;
 };
 
-function wireOf(req: Layout, discard: Layout, ind: Layout, rsp: Layout, sring: Layout, entry: Layout): BlkifWire {
+function wireOf(ringType: RingType, req: Layout, discard: Layout, ind: Layout, rsp: Layout, sring: Layout, entry: Layout): BlkifWire {
   return {
+    ringType,
     sring,
     entryBytes: entry.size,
     reqId: offsetOf(req, 'id'),
@@ -105,9 +109,9 @@ function wireOf(req: Layout, discard: Layout, ind: Layout, rsp: Layout, sring: L
 }
 
 const WIRES: ReadonlyMap<string, BlkifWire> = new Map([
-  [XEN_IO_PROTO_ABI_X86_64, wireOf(blkif_request, blkif_request_discard, blkif_request_indirect, blkif_response, blkif_sring, blkif_sring_entry)],
+  [XEN_IO_PROTO_ABI_X86_64, wireOf('blkif', blkif_request, blkif_request_discard, blkif_request_indirect, blkif_response, blkif_sring, blkif_sring_entry)],
   [XEN_IO_PROTO_ABI_X86_32, wireOf(
-    blkif_request_x86_32, blkif_request_discard_x86_32, blkif_request_indirect_x86_32, blkif_response_x86_32,
+    'blkif_x86_32', blkif_request_x86_32, blkif_request_discard_x86_32, blkif_request_indirect_x86_32, blkif_response_x86_32,
     blkif_sring_x86_32, blkif_sring_entry_x86_32,
   )],
 ]);
@@ -435,7 +439,7 @@ export class Blkback {
           r.ringHandles.push(map.handle);
           return map.page;
         });
-        r.ring = new BackRing(pages, this.wire.entryBytes, size, name);
+        r.ring = new BackRing(pages, this.wire.entryBytes, size, name, this.wire.ringType);
         r.ring.init();
         r.ih = bindInterdomain(this.hypercall, this.intr, this.spec.domid, q.port, () => this.serve(r), name);
       }

@@ -84,7 +84,7 @@ export class ConsoleBackend {
     };
     this.hypercall(__HYPERVISOR_grant_table_op, GNTTABOP_map_grant_ref, map);
     if (map.status !== GNTST_okay || map.page === null) throw new XenError('EACCES', `console page of domain ${domid}: GNTST ${map.status}`);
-    const gc = new GuestConsole(domid, new XenCons(writablePage(map.page), 'backend'), map.handle, null, log);
+    const gc = new GuestConsole(domid, new XenCons(writablePage(map.page), 'backend', `console-dom${domid}`), map.handle, null, log);
     const bind = { remote_dom: domid, remote_port: remotePort, local_port: 0 };
     const rc = this.hypercall(__HYPERVISOR_event_channel_op, EVTCHNOP_bind_interdomain, bind);
     if (rc !== 0) {

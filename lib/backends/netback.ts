@@ -353,11 +353,11 @@ export class Netback implements BridgePort {
     const domid = this.spec.domid;
     const tx = mapGrant(hypercall, domid, txRef);
     q.txHandle = tx.handle;
-    q.txRing = new BackRing([tx.page], TX_BYTES, TX_RING_SIZE, `${q.name}-tx`);
+    q.txRing = new BackRing([tx.page], TX_BYTES, TX_RING_SIZE, `${q.name}-tx`, 'netif_tx');
     q.txRing.init();
     const rx = mapGrant(hypercall, domid, rxRef);
     q.rxHandle = rx.handle;
-    q.rxRing = new BackRing([rx.page], RX_BYTES, RX_RING_SIZE, `${q.name}-rx`);
+    q.rxRing = new BackRing([rx.page], RX_BYTES, RX_RING_SIZE, `${q.name}-rx`, 'netif_rx');
     q.rxRing.init();
     if (txPort === rxPort) {
       q.txIh = q.rxIh = bindInterdomain(hypercall, intr, domid, txPort, () => this.interrupt(q), q.name);

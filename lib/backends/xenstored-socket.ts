@@ -10,6 +10,7 @@ import { logger } from '../log.js';
 import { XsDecoder, encodeMessage } from '../xenstore/wire.js';
 import type { Xenstored } from './xenstored.js';
 import { removeStaleSocket } from './stale-socket.js';
+import { TraceKind, traceDevice, traceXs, tracing } from '../trace/trace.js';
 
 const log = logger('xenstored', 'socket');
 
@@ -49,8 +50,10 @@ export class XenstoredSocket {
   private accept(xsd: Xenstored, sock: Socket): void {
     this.clients.add(sock);
     const decoder = new XsDecoder();
+    const dev = traceDevice('xenstored.socket');
     const conn = xsd.connect(0, (msg) => {
       if (sock.destroyed) return;
+      if (tracing) traceXs(TraceKind.xsOut, dev, false, msg.type, msg.req_id, msg.tx_id, msg.payload);
       const room = sock.write(encodeMessage(msg));
       if (!room && sock.writableLength > HIGH_WATER_BYTES) sock.pause();
       return room;
@@ -60,7 +63,10 @@ export class XenstoredSocket {
       conn.drain();
     });
     sock.on('data', (chunk: Buffer) => {
-      for (const msg of decoder.feed(chunk)) conn.receive(msg);
+      for (const msg of decoder.feed(chunk)) {
+        if (tracing) traceXs(TraceKind.xsIn, dev, true, msg.type, msg.req_id, msg.tx_id, msg.payload);
+        conn.receive(msg);
+      }
       if (decoder.error !== undefined) {
         log('client broke framing: %s', decoder.error.message);
         sock.destroy();

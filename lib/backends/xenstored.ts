@@ -610,6 +610,7 @@ export class XenstoredRing {
       drained: () => this.conn.drain(),
       reconnect: () => this.conn.reset(),
       log,
+      traceName: `xenstored.dom${domid}`,
     });
   }
 

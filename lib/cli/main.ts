@@ -15,11 +15,12 @@ import type { BridgeSetup } from '../backends/dom0.js';
 import { hostStatus, manageCommands } from './manage.js';
 import { fuzz } from './fuzz.js';
 import { parseFaults } from '../sim/sim.js';
+import { trace } from './trace.js';
 
 const USAGE = `usage: xenpv <command> [options]
 
 commands:
-  run <cfg>... [--json] [--duration S] [--seed N [--faults LIST]]
+  run <cfg>... [--json] [--duration S] [--seed N [--faults LIST]] [--trace FILE]
       [--uplink BRIDGE=udp:LPORT:HOST:RPORT]... [--pcap BRIDGE=FILE]... [--dhcp BRIDGE=FIRST-LAST]...
       boot a host with dom0, create the domains of the xl-style configs, wait
       until they shut down (or S seconds pass), print each guest's console
@@ -30,9 +31,15 @@ commands:
       seed (0..4294967295), in virtual time, and prints the seed and a digest
       of the run: the same seed replays the same run. --faults injects
       spurious,delay,deschedule,vbd-restart (a comma list, or all).
+      --trace records every ring slot, event, grant operation, xenstore
+      message, console chunk and network frame of the run into FILE.
       --uplink joins a bridge to a UDP peer, one Ethernet frame per datagram
       (QEMU -netdev dgram, socat); --pcap captures a bridge to FILE;
       --dhcp BRIDGE=FIRST-LAST serves DHCP on a bridge (as the subnet's .1).
+  trace FILE [--json] [--pcapng OUT]
+      decode a trace: one line per record (time, domain, device, what, with
+      the io/*.h field names), or one JSON object per line; --pcapng writes
+      the frames guests sent and received to OUT for tshark or wireshark.
   host start [--rundir DIR] [--config host.json]
       run a host (dom0, xenstored, backends) in the background; print the
       xenstored socket path (DIR/xenstored/socket). DIR defaults to
@@ -123,6 +130,7 @@ async function main(argv: string[]): Promise<number> {
           uplink: { type: 'string', multiple: true },
           pcap: { type: 'string', multiple: true },
           dhcp: { type: 'string', multiple: true },
+          trace: { type: 'string' },
         },
       });
       if (positionals.length === 0) throw new XenError('EINVAL', 'run needs at least one config file');
@@ -140,8 +148,10 @@ async function main(argv: string[]): Promise<number> {
         bridges[name] = { ...bridges[name], dhcp: { range } };
         parseDhcpdConfig({ range });
       }
-      return run(positionals, { json: values.json === true, durationS: duration, seed, faults, uplinks, bridges });
+      return run(positionals, { json: values.json === true, durationS: duration, seed, faults, uplinks, bridges, trace: values.trace });
     }
+    case 'trace':
+      return trace(rest);
     case 'host':
       return host(rest);
     case 'disk':

@@ -28,6 +28,8 @@ export type RunOptions = {
   /** Run under the deterministic runner with this seed (u32). */
   seed?: number | undefined;
   faults?: FaultKind[] | undefined;
+  /** Record a trace of the run into this file. */
+  trace?: string | undefined;
 };
 
 type Result = { name: string; domid: number | null; exit: { reason: string }; console: string; devices: DeviceStats[] };
@@ -82,6 +84,7 @@ export async function run(files: string[], opts: RunOptions): Promise<number> {
   const faults = opts.faults ?? [];
   if (opts.seed !== undefined && !opts.json) process.stdout.write(`xenpv: deterministic run, seed ${opts.seed}, faults ${faults.join(',') || 'none'}\n`);
   const machine = await Machine.boot({
+    ...(opts.trace === undefined ? {} : { trace: opts.trace }),
     onConsole: (domid, name, text) => {
       if (!opts.json) printer.write(domid, name, text);
     },

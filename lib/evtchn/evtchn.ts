@@ -21,6 +21,7 @@ import { logger, type Log } from '../log.js';
 import { PAGE_SIZE, type MemoryViews } from '../hypervisor/page.js';
 import type { Hypercall } from '../hypervisor/hypercall.js';
 import type { KernelVcpu } from '../hypervisor/runner.js';
+import { traceDevice, traceEvtchnBind, traceEvtchnDeliver, tracing } from '../trace/trace.js';
 
 /** 2-level ABI on a 64-bit guest: 64 rows of 64 ports. */
 const NR_ROWS = 64;
@@ -58,6 +59,8 @@ export class IntrHandle {
   count = 0;
   running: Promise<void> | null = null;
   closed = false;
+  /** The handler's device in this thread's trace (0 when not tracing). */
+  readonly traceDev: number;
   /** Events in a row that found nothing to do, and when the last of them came. */
   spuriousRun = 0;
   lastSpurious = 0;
@@ -70,7 +73,9 @@ export class IntrHandle {
     readonly name: string,
     readonly handler: IntrHandler,
     readonly closeOnDisestablish: boolean,
-  ) {}
+  ) {
+    this.traceDev = traceDevice(name);
+  }
 }
 
 export class Interrupts {
@@ -130,6 +135,7 @@ export class Interrupts {
     this.setMask(port);
     const h = new IntrHandle(port, name, handler, closeOnDisestablish);
     this.handles.set(port, h);
+    if (tracing) traceEvtchnBind(h.traceDev, port);
     this.log('established port %d for %s', port, name);
     return h;
   }
@@ -215,10 +221,12 @@ export class Interrupts {
   private dispatch(port: number): void {
     const h = this.handles.get(port);
     if (h === undefined || h.closed) {
+      if (tracing) traceEvtchnDeliver(0, port);
       this.spurious++;
       return;
     }
     h.count++;
+    if (tracing) traceEvtchnDeliver(h.traceDev, port);
     this.setMask(port);
     let result: void | boolean | Promise<void | boolean> = undefined;
     try {

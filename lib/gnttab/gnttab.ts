@@ -34,6 +34,7 @@ import { PAGE_SIZE, type MemoryViews } from '../hypervisor/page.js';
 import { logger, type Log } from '../log.js';
 import type { PhysMem } from '../xen/physmem.js';
 import type { gnttab_query_size, Hypercall, xen_add_to_physmap } from '../hypervisor/hypercall.js';
+import { TraceKind, traceGrantEntry, tracing } from '../trace/trace.js';
 
 export const GNTTAB_ENTRIES_PER_FRAME = PAGE_SIZE / grant_entry_v1.size;
 
@@ -238,6 +239,7 @@ export class GrantTable {
     Atomics.store(this.mem.u32, w, ((domid << 16) | GTF_permit_access | flags) >>> 0);
     this.grantedGfn[ref] = gfn;
     this.state[ref] = RefState.entered;
+    if (tracing) traceGrantEntry(TraceKind.grantEnter, ref, 0, domid, gfn, flags);
   }
 
   /**
@@ -313,6 +315,7 @@ export class GrantTable {
     this.state[ref] = RefState.quarantined;
     this.nrQuarantined++;
     if (gfn >= 0) this.quarantinedPages.add(gfn);
+    if (tracing) traceGrantEntry(TraceKind.grantRemove, ref, 0, 0, gfn, 0);
     this.log('ref %d still mapped by its peer: quarantined with page %d', ref, gfn);
   }
 
@@ -325,6 +328,7 @@ export class GrantTable {
       if ((old & IN_USE) !== 0) return false;
       if (Atomics.compareExchange(u32, w, old, 0) === old) {
         Atomics.store(u32, w + FRAME / 4, 0);
+        if (tracing) traceGrantEntry(TraceKind.grantRemove, ref, 1, 0, 0, 0);
         return true;
       }
     }

@@ -15,6 +15,7 @@ import { XEN_EEXIST, XEN_EINVAL, XEN_ENOENT, XEN_ENOSPC, XEN_EPERM, XEN_ESRCH } 
 import { D, Domain, MAX_EVTCHNS, MAX_VCPUS, NR_VIRQS, VCPU_ONLINE, VCPU_POLL, VCPU_WAKE, WAKE_KICKED, WAKE_SLEEPING } from './domain.js';
 import { lock, unlock } from './lock.js';
 import { PAGE_SIZE } from './page.js';
+import { traceEvtchnSend, tracing } from '../trace/trace.js';
 import type {
   evtchn_alloc_unbound,
   evtchn_bind_interdomain,
@@ -267,6 +268,7 @@ export function send(caller: Domain, port: number, lookup: DomainLookup): number
   const rdomid = caller.ctl[e + REMOTE] ?? 0;
   const rport = caller.ctl[e + REMOTE_PORT] ?? 0;
   unlock(caller.ctl, D.lockEvtchn);
+  if (tracing) traceEvtchnSend(caller.domid, port, state ?? EVTCHNSTAT_closed, rdomid, rport);
   if (state === EVTCHNSTAT_unbound) return 0;
   if (state !== EVTCHNSTAT_interdomain) return -XEN_EINVAL;
   const rd = lookup(rdomid);

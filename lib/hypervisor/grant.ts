@@ -33,6 +33,7 @@ import { lock, unlock } from './lock.js';
 import { FramePage, PAGE_SIZE, ReadOnlyPage } from './page.js';
 import type { DomainLookup } from './evtchn.js';
 import type { gnttab_copy, gnttab_copy_ptr, gnttab_map_grant_ref, gnttab_unmap_grant_ref } from './hypercall.js';
+import { TraceKind, traceGrant, traceGrantCopy, tracing } from '../trace/trace.js';
 
 const ENTRY_SIZE = grant_entry_v1.size;
 const FRAME = offsetOf(grant_entry_v1, 'frame');
@@ -114,6 +115,11 @@ function allocHandle(d: Domain): number {
 }
 
 export function mapGrantRef(caller: Domain, op: gnttab_map_grant_ref, lookup: DomainLookup): void {
+  mapOne(caller, op, lookup);
+  if (tracing) traceGrant(TraceKind.grantMap, caller.domid, op.ref, 0, op.dom === DOMID_SELF ? caller.domid : op.dom, op.flags, op.handle, op.status);
+}
+
+function mapOne(caller: Domain, op: gnttab_map_grant_ref, lookup: DomainLookup): void {
   op.page = null;
   op.handle = -1;
   if ((op.flags & (GNTMAP_host_map | GNTMAP_device_map)) === 0) {
@@ -153,6 +159,22 @@ export function mapGrantRef(caller: Domain, op: gnttab_map_grant_ref, lookup: Do
 }
 
 export function unmapGrantRef(caller: Domain, op: gnttab_unmap_grant_ref, lookup: DomainLookup): void {
+  if (tracing) return unmapTraced(caller, op, lookup);
+  unmapOne(caller, op, lookup);
+}
+
+// What the handle maps is read before the unmap frees it; a bad handle maps nothing.
+function unmapTraced(caller: Domain, op: gnttab_unmap_grant_ref, lookup: DomainLookup): void {
+  const valid = Number.isInteger(op.handle) && op.handle >= 0 && op.handle < MAX_MAPTRACK;
+  const mt = D.maptrack + (valid ? op.handle : 0) * 4;
+  const dom = caller.ctl[mt + MT_DOM] ?? -1;
+  const ref = caller.ctl[mt + MT_REF] ?? -1;
+  unmapOne(caller, op, lookup);
+  const ok = op.status === GNTST_okay;
+  traceGrant(TraceKind.grantUnmap, caller.domid, op.handle, 0, ok ? dom : -1, ok ? ref : -1, op.status, 0);
+}
+
+function unmapOne(caller: Domain, op: gnttab_unmap_grant_ref, lookup: DomainLookup): void {
   const h = op.handle;
   if (!Number.isInteger(h) || h < 0 || h >= MAX_MAPTRACK) {
     op.status = GNTST_bad_handle;
@@ -230,6 +252,21 @@ function unpin(side: CopySide): void {
 
 /** GNTTABOP_copy: one copy, both sides checked and pinned only while it runs. */
 export function copy(caller: Domain, op: gnttab_copy, lookup: DomainLookup): void {
+  copyOne(caller, op, lookup);
+  if (tracing) traceCopy(caller, op);
+}
+
+function traceCopy(caller: Domain, op: gnttab_copy): void {
+  const { source: s, dest: d } = op;
+  traceGrantCopy(
+    caller.domid, op.len, op.flags,
+    s.domid === DOMID_SELF ? caller.domid : s.domid, (op.flags & GNTCOPY_source_gref) !== 0 ? s.u.ref : s.u.gmfn, s.offset,
+    d.domid === DOMID_SELF ? caller.domid : d.domid, (op.flags & GNTCOPY_dest_gref) !== 0 ? d.u.ref : d.u.gmfn, d.offset,
+    op.status,
+  );
+}
+
+function copyOne(caller: Domain, op: gnttab_copy, lookup: DomainLookup): void {
   const { source, dest, len } = op;
   if (
     !Number.isInteger(len) || len < 0 ||

@@ -8,10 +8,12 @@ import { Hypervisor } from './hypervisor.js';
 import type { KernelContext, KernelModule } from './runner.js';
 import type { VcpuData } from './threads.js';
 import { Vcpu } from './vcpu.js';
+import { traceBegin } from '../trace/trace.js';
 
 export type { KernelContext, KernelModule } from './runner.js';
 
 const data = workerData as VcpuData;
+if (data.trace !== null) traceBegin(data.trace);
 const hv = new Hypervisor(data.hostBlock, data.registry, data.known);
 const port = parentPort!;
 const self = hv.domain(data.domid);

@@ -9,6 +9,7 @@ import { logger } from '../log.js';
 import { D } from './domain.js';
 import type { DomainHandle, Hypervisor, RegistryMessage } from './hypervisor.js';
 import type { Runner, RunnerEvents, StartSpec } from './runner.js';
+import type { TraceFile, TraceThread } from '../trace/trace.js';
 
 const log = logger('threads');
 
@@ -20,6 +21,8 @@ export type VcpuData = {
   known: DomainHandle[];
   kernel: string;
   args: unknown;
+  /** The thread records into this buffer of a trace (xenpv run --trace). */
+  trace: TraceThread | null;
 };
 
 type Host = { hostBlock: SharedArrayBuffer; hv: Hypervisor; handles(): DomainHandle[] };
@@ -32,6 +35,9 @@ export class ThreadRunner implements Runner {
   private readonly workers = new Map<number, Worker>();
   /** CPU time of each domain's thread at its last sample, kept once the thread has ended. */
   private readonly cpuMs = new Map<number, number>();
+
+  /** With `trace`, every vCPU thread records into it. */
+  constructor(private readonly trace: TraceFile | null = null) {}
 
   bind(host: Host, events: RunnerEvents): void {
     this.host = host;
@@ -55,7 +61,8 @@ export class ThreadRunner implements Runner {
     const { domid } = spec;
     const { port1, port2 } = new MessageChannel();
     this.registries.set(domid, port1);
-    const data: VcpuData = { domid, hostBlock: this.host.hostBlock, registry: port2, known: this.host.handles(), kernel: spec.kernel, args: spec.args };
+    const trace = this.trace?.thread(domid) ?? null;
+    const data: VcpuData = { domid, hostBlock: this.host.hostBlock, registry: port2, known: this.host.handles(), kernel: spec.kernel, args: spec.args, trace };
     const worker = new Worker(new URL('./thread.js', import.meta.url), { workerData: data, transferList: [port2] });
     this.workers.set(domid, worker);
     worker.on('message', (m: unknown) => this.events.message(domid, m, (r) => worker.postMessage(r)));
@@ -64,6 +71,7 @@ export class ThreadRunner implements Runner {
       this.events.exited(domid, err);
     });
     worker.on('exit', () => {
+      if (trace !== null) this.trace?.threadDone(trace);
       this.workers.delete(domid);
       this.registries.get(domid)?.close();
       this.registries.delete(domid);

@@ -32,6 +32,7 @@ import * as evtchn from '../hypervisor/evtchn.js';
 import type { DomainHandle, Hypervisor } from '../hypervisor/hypervisor.js';
 import type { KernelContext, KernelModule, KernelVcpu, Runner, RunnerEvents, StartSpec } from '../hypervisor/runner.js';
 import { install, real, uninstall, VirtualTimer, type ClockOwner } from './clock.js';
+import { traceDomain } from '../trace/trace.js';
 
 const log = logger('sim');
 const trace = logger('sim', 'steps');
@@ -180,7 +181,15 @@ export class SimRunner implements Runner, ClockOwner {
   private events!: RunnerEvents;
   private readonly host = new SimDomain(HOST_ID, null);
   private readonly domains = new Map<number, SimDomain>([[HOST_ID, this.host]]);
-  private current: SimDomain = this.host;
+  private currentDom: SimDomain = this.host;
+  /** The domain whose task runs now (a trace's records carry it). */
+  private get current(): SimDomain {
+    return this.currentDom;
+  }
+  private set current(dom: SimDomain) {
+    this.currentDom = dom;
+    traceDomain(dom.domid);
+  }
   private nowMs = 0;
   private nextTimerId = 1;
   private readonly timersById = new Map<number, VirtualTimer>();

@@ -11,6 +11,10 @@
 // else marks the ring broken (`error`, EPROTO) and it stops moving. Slot
 // indices are masked, so no value on the page can make us touch memory
 // outside the ring.
+//
+// Under `xenpv run --trace`, every slot put or taken and every push is
+// recorded with the ring's name and type (lib/trace/trace.ts), so the
+// decoder can print the slots as the io/*.h structs they are.
 
 import { offsetOf } from '../abi/layout.js';
 import { sring_header } from '../abi/ring.js';
@@ -19,6 +23,7 @@ import { PAGE_SIZE } from '../hypervisor/page.js';
 import type { Page } from '../hypervisor/page.js';
 import { logger } from '../log.js';
 import type { Log } from '../log.js';
+import { TraceKind, traceDevice, tracePush, tracePushed, traceRingAttach, traceSlot, traceText, tracing, type RingType } from '../trace/trace.js';
 
 const REQ_PROD = offsetOf(sring_header, 'req_prod');
 const REQ_EVENT = offsetOf(sring_header, 'req_event');
@@ -51,16 +56,22 @@ class SharedRing {
   private readonly bounce: Uint8Array;
   private readonly head: (Uint8Array | undefined)[] = [];
   private readonly tail: (Uint8Array | undefined)[] = [];
+  /** The ring's device in this thread's trace (0 when not tracing). */
+  protected readonly traceDev: number;
+  /** A slot written in place, copied for the trace; made on first use. */
+  private traceScratch: Uint8Array | null = null;
 
   /**
    * `pages` hold the shared area in order, header in pages[0]; `nrEnts` is
-   * RING_SIZE, a power of two (use __CONST_RING_SIZE of lib/abi/ring.ts).
+   * RING_SIZE, a power of two (use __CONST_RING_SIZE of lib/abi/ring.ts);
+   * `type` says what the slots hold (a trace decodes them by it).
    */
   constructor(
     protected readonly pages: readonly Page[],
     readonly entryBytes: number,
     nrEnts: number,
     readonly name: string,
+    readonly type: RingType = 'raw',
   ) {
     assert(Number.isInteger(entryBytes) && entryBytes > 0 && entryBytes <= PAGE_SIZE, `ring ${name}: bad entry size ${entryBytes}`);
     assert(Number.isInteger(nrEnts) && nrEnts > 0 && nrEnts <= 2 ** 31 && (nrEnts & (nrEnts - 1)) === 0,
@@ -73,6 +84,7 @@ class SharedRing {
     this.log = logger('ring', name);
     this.ref = { page: pages[0]!, offset: 0, straddles: false };
     this.bounce = new Uint8Array(entryBytes);
+    this.traceDev = traceDevice(name);
     for (let i = 0; i < nrEnts; i++) {
       const at = SRING_RING_OFFSET + i * entryBytes;
       const p = Math.floor(at / PAGE_SIZE);
@@ -133,6 +145,13 @@ class SharedRing {
     throw new XenError('EINVAL', `ring ${this.name}: slot buffer is ${buf.length} bytes, entries are ${this.entryBytes}`);
   }
 
+  /** Record slot `idx` as it is on the ring now (a slot written in place, then committed). */
+  protected traceInPlace(kind: number, idx: number): void {
+    const slot = (this.traceScratch ??= new Uint8Array(this.entryBytes));
+    this.readSlot(idx, slot);
+    traceSlot(kind, this.traceDev, idx, slot);
+  }
+
   /** The four shared indices as the page holds them now (for debug dumps, like Linux's io_ring_q). */
   sharedIndices(): { req_prod: number; req_event: number; rsp_prod: number; rsp_event: number } {
     return { req_prod: this.load(REQ_PROD), req_event: this.load(REQ_EVENT), rsp_prod: this.load(RSP_PROD), rsp_event: this.load(RSP_EVENT) };
@@ -150,6 +169,7 @@ class SharedRing {
     if (this.error !== undefined) return;
     this.error = new XenError('EPROTO', `ring ${this.name}: ${message}`);
     this.log('broken: %s', message);
+    if (tracing) traceText(TraceKind.ringBroken, this.traceDev, message);
   }
 }
 
@@ -187,6 +207,7 @@ export class FrontRing extends SharedRing {
   attach(idx: number): void {
     this.reqProdPvt = this.rspCons = this.reqProdPushed = this.rspProdSeen = idx >>> 0;
     this.error = undefined;
+    if (tracing) traceRingAttach(this.traceDev, this.type, this.entryBytes, this.size, false, idx >>> 0);
   }
 
   get reqProd(): number {
@@ -211,6 +232,7 @@ export class FrontRing extends SharedRing {
     if (this.error !== undefined) return false;
     assert(!this.full(), 'putRequest on a full ring');
     this.writeSlot(this.reqProdPvt, from);
+    if (tracing) traceSlot(TraceKind.ringRequestPut, this.traceDev, this.reqProdPvt, from);
     this.reqProdPvt = (this.reqProdPvt + 1) >>> 0;
     return true;
   }
@@ -218,6 +240,7 @@ export class FrontRing extends SharedRing {
   /** req_prod_pvt++ after writing slot(reqProd) in place. */
   commitRequest(): void {
     assert(!this.full(), 'commitRequest on a full ring');
+    if (tracing) this.traceInPlace(TraceKind.ringRequestPut, this.reqProdPvt);
     this.reqProdPvt = (this.reqProdPvt + 1) >>> 0;
   }
 
@@ -226,7 +249,10 @@ export class FrontRing extends SharedRing {
     if (this.error !== undefined) return false;
     const old = this.reqProdPushed;
     this.reqProdPushed = this.reqProdPvt;
-    return pushAndCheck(this.pages[0]!, REQ_PROD, REQ_EVENT, old, this.reqProdPvt);
+    const rec = tracing ? tracePush(TraceKind.ringRequestPush, this.traceDev, this.reqProdPvt) : 0;
+    const notify = pushAndCheck(this.pages[0]!, REQ_PROD, REQ_EVENT, old, this.reqProdPvt);
+    if (rec !== 0) tracePushed(rec, notify);
+    return notify;
   }
 
   /**
@@ -249,6 +275,7 @@ export class FrontRing extends SharedRing {
   takeResponse(into: Uint8Array): boolean {
     if (this.error !== undefined || this.rspCons === this.rspProdSeen) return false;
     this.readSlot(this.rspCons, into);
+    if (tracing) traceSlot(TraceKind.ringResponseTake, this.traceDev, this.rspCons, into);
     this.rspCons = (this.rspCons + 1) >>> 0;
     return true;
   }
@@ -285,6 +312,7 @@ export class BackRing extends SharedRing {
   attach(idx: number = this.load(RSP_PROD)): void {
     this.rspProdPvt = this.reqCons = this.rspProdPushed = this.reqProdSeen = idx >>> 0;
     this.error = undefined;
+    if (tracing) traceRingAttach(this.traceDev, this.type, this.entryBytes, this.size, true, idx >>> 0);
     this.unconsumedRequests();
   }
 
@@ -323,6 +351,7 @@ export class BackRing extends SharedRing {
   takeRequest(into: Uint8Array): boolean {
     if (this.error !== undefined || this.reqCons === this.reqProdSeen || this.consOverflow(this.reqCons)) return false;
     this.readSlot(this.reqCons, into);
+    if (tracing) traceSlot(TraceKind.ringRequestTake, this.traceDev, this.reqCons, into);
     this.reqCons = (this.reqCons + 1) >>> 0;
     return true;
   }
@@ -332,6 +361,7 @@ export class BackRing extends SharedRing {
     if (this.error !== undefined) return false;
     assert(this.rspProdPvt !== this.reqCons, 'putResponse with no request taken to answer');
     this.writeSlot(this.rspProdPvt, from);
+    if (tracing) traceSlot(TraceKind.ringResponsePut, this.traceDev, this.rspProdPvt, from);
     this.rspProdPvt = (this.rspProdPvt + 1) >>> 0;
     return true;
   }
@@ -339,6 +369,7 @@ export class BackRing extends SharedRing {
   /** rsp_prod_pvt++ after writing slot(rspProd) in place. */
   commitResponse(): void {
     assert(this.rspProdPvt !== this.reqCons, 'commitResponse with no request taken to answer');
+    if (tracing) this.traceInPlace(TraceKind.ringResponsePut, this.rspProdPvt);
     this.rspProdPvt = (this.rspProdPvt + 1) >>> 0;
   }
 
@@ -347,7 +378,10 @@ export class BackRing extends SharedRing {
     if (this.error !== undefined) return false;
     const old = this.rspProdPushed;
     this.rspProdPushed = this.rspProdPvt;
-    return pushAndCheck(this.pages[0]!, RSP_PROD, RSP_EVENT, old, this.rspProdPvt);
+    const rec = tracing ? tracePush(TraceKind.ringResponsePush, this.traceDev, this.rspProdPvt) : 0;
+    const notify = pushAndCheck(this.pages[0]!, RSP_PROD, RSP_EVENT, old, this.rspProdPvt);
+    if (rec !== 0) tracePushed(rec, notify);
+    return notify;
   }
 
   /**

@@ -8,6 +8,7 @@ import { offsetOf, sizeOf } from '../abi/layout.js';
 import { xencons_interface as intf } from '../abi/console.js';
 import { XenError } from '../errors.js';
 import type { Page } from '../hypervisor/page.js';
+import { TraceKind, traceBytes, traceDevice, tracing } from '../trace/trace.js';
 
 const IN = offsetOf(intf, 'in');
 const OUT = offsetOf(intf, 'out');
@@ -29,12 +30,15 @@ export class XenCons {
   private txProd: number;
   private rxCons: number;
   private readonly one = new Uint8Array(1);
+  private readonly traceDev: number;
 
-  /** `side` 'guest' writes `out` and reads `in`; 'backend' the mirror. */
+  /** `side` 'guest' writes `out` and reads `in`; 'backend' the mirror. `traceName` names it in a trace. */
   constructor(
     private readonly page: Page,
     side: 'guest' | 'backend',
+    traceName = 'console',
   ) {
+    this.traceDev = traceDevice(traceName);
     this.tx = side === 'guest' ? GUEST_TX : GUEST_RX;
     this.rx = side === 'guest' ? GUEST_RX : GUEST_TX;
     this.txProd = page.load32(this.tx.prod);
@@ -62,6 +66,7 @@ export class XenCons {
       this.page.write(this.tx.data + at, bytes.subarray(done, done + chunk));
       done += chunk;
     }
+    if (tracing && n > 0) traceBytes(TraceKind.consoleOut, this.traceDev, this.txProd, 0, bytes, 0, n);
     this.txProd = (this.txProd + n) >>> 0;
     this.page.store32(this.tx.prod, this.txProd);
     return n;
@@ -84,6 +89,7 @@ export class XenCons {
       this.page.read(this.rx.data + at, into.subarray(done, done + chunk));
       done += chunk;
     }
+    if (tracing && n > 0) traceBytes(TraceKind.consoleIn, this.traceDev, this.rxCons, 0, into, 0, n);
     this.rxCons = (this.rxCons + n) >>> 0;
     this.page.store32(this.rx.cons, this.rxCons);
     return n;

@@ -26,6 +26,7 @@ import { XenError } from '../errors.js';
 import type { Page } from '../hypervisor/page.js';
 import { logger, type Log } from '../log.js';
 import { XS_HDR_SIZE, XsDecoder, encodeInto, type XsMessage } from './wire.js';
+import { TraceKind, traceDevice, traceXs, tracing } from '../trace/trace.js';
 
 export type XsRingSide = 'front' | 'back';
 
@@ -56,6 +57,8 @@ export type XsRingOptions = {
    */
   reconnect?: (() => void) | undefined;
   log?: Log | undefined;
+  /** The ring's device name in a trace; "xenstore" by default. */
+  traceName?: string | undefined;
 };
 
 const RING_MASK = XENSTORE_RING_SIZE - 1;
@@ -101,6 +104,7 @@ export class XsRing {
   private busy = false;
   private again = false;
   private moved = false;
+  private readonly traceDev: number;
 
   constructor(opts: XsRingOptions) {
     this.opts = opts;
@@ -111,6 +115,7 @@ export class XsRing {
     this.highWater = opts.highWaterBytes ?? Infinity;
     this.highWaterMessages = opts.highWaterMessages ?? Infinity;
     this.maxQueued = opts.maxQueuedBytes ?? 1 << 20;
+    this.traceDev = traceDevice(opts.traceName ?? 'xenstore');
     // Start where the indices stand: the page may have been in use before.
     this.outProd = this.page.load32(this.geo.outProd);
     this.inCons = this.page.load32(this.geo.inCons);
@@ -136,6 +141,7 @@ export class XsRing {
    */
   send(msg: XsMessage): boolean {
     if (this.error !== undefined) return false;
+    if (tracing) traceXs(TraceKind.xsOut, this.traceDev, this.side === 'front', msg.type, msg.req_id, msg.tx_id, msg.payload);
     const length = encodeInto(msg, this.outScratch, this.outView);
     if (this.queuedBytes + length > this.maxQueued) {
       throw new XenError('ENOSPC', `xenstore ring output queue over ${this.maxQueued} bytes`);
@@ -207,6 +213,7 @@ export class XsRing {
   }
 
   private deliverOne(msg: XsMessage): void {
+    if (tracing) traceXs(TraceKind.xsIn, this.traceDev, this.side === 'back', msg.type, msg.req_id, msg.tx_id, msg.payload);
     try {
       this.opts.deliver(msg);
     } catch (err) {

@@ -47,6 +47,7 @@ import type { IntrHandle } from '../../evtchn/evtchn.js';
 import { FramePage, PAGE_SIZE } from '../../hypervisor/page.js';
 import { logger, type Log } from '../../log.js';
 import { FrontRing } from '../../xen/ring.js';
+import type { RingType } from '../../trace/trace.js';
 import type { XenDevice, XenDriver, XenSoftc } from '../../xen/xen.js';
 import type { XsWatch } from '../../xenstore/xenstore.js';
 
@@ -74,6 +75,8 @@ const XBF_TRANSPORT_NODE = /^(ring-ref\d*|event-channel|queue-\d+|ring-page-orde
 /** Where the fields sit under one `protocol`: the native layout or the i386 one. */
 type XbfWire = {
   protocol: string;
+  /** What a trace decodes the slots as. */
+  ringType: RingType;
   sring: Layout;
   entryBytes: number;
   reqNrSegments: number;
@@ -99,7 +102,7 @@ type XbfWire = {
 
 function xbfWire(protocol: string, req: Layout, discard: Layout, ind: Layout, rsp: Layout, sring: Layout, entry: Layout): XbfWire {
   return {
-    protocol, sring, entryBytes: entry.size,
+    protocol, ringType: protocol === XEN_IO_PROTO_ABI_X86_32 ? 'blkif_x86_32' : 'blkif', sring, entryBytes: entry.size,
     reqNrSegments: offsetOf(req, 'nr_segments'), reqHandle: offsetOf(req, 'handle'), reqId: offsetOf(req, 'id'),
     reqSector: offsetOf(req, 'sector_number'), reqSeg: offsetOf(req, 'seg'),
     discardFlag: offsetOf(discard, 'flag'), discardHandle: offsetOf(discard, 'handle'), discardId: offsetOf(discard, 'id'),
@@ -925,7 +928,7 @@ function xbfQueueCreate(xbf: XbfSoftc, index: number, order: number): XbfQueue {
   }
   const name = `${xbf.name}.${index}`;
   const pages = pagesOf(ringSegs).map((pa) => new FramePage(mem, pa / PAGE_SIZE, true));
-  const ring = new FrontRing(pages, xbf.wire.entryBytes, __CONST_RING_SIZE(xbf.wire.sring, size), name);
+  const ring = new FrontRing(pages, xbf.wire.entryBytes, __CONST_RING_SIZE(xbf.wire.sring, size), name, xbf.wire.ringType);
   ring.init();
   const req = new Uint8Array(xbf.wire.entryBytes);
   const rsp = new Uint8Array(xbf.wire.entryBytes);

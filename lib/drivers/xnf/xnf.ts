@@ -40,6 +40,7 @@ import { ETHER_ADDR_LEN, ETHER_HDR_LEN, ETHERTYPE_IPV6, fillChecksum, flowHash, 
 import type { IntrHandle } from '../../evtchn/evtchn.js';
 import { FramePage, PAGE_SIZE } from '../../hypervisor/page.js';
 import { logger, type Log } from '../../log.js';
+import { TraceKind, traceBytes, traceDevice, tracing, type RingType } from '../../trace/trace.js';
 import { FrontRing } from '../../xen/ring.js';
 import type { XenDevice, XenDriver, XenSoftc } from '../../xen/xen.js';
 import type { XsWatch } from '../../xenstore/xenstore.js';
@@ -315,6 +316,7 @@ export class XnfSoftc {
     if (ring.pushRequests()) this.sc.intr.intrSignal(q.txIh!);
     this.counters.txPackets++;
     this.counters.txBytes += len;
+    if (tracing) traceBytes(TraceKind.frame, traceDevice(this.name), 0, len, frame, 0, len);
     return true;
   }
 
@@ -617,6 +619,7 @@ export class XnfSoftc {
     info.dataValidated = (flags & NETRXF_data_validated) !== 0;
     info.gsoType = q.rxGsoType;
     info.gsoSize = q.rxGsoSize;
+    if (tracing) traceBytes(TraceKind.frame, traceDevice(this.name), 1, frame.length, frame, 0, frame.length);
     try {
       this.input?.(frame, info);
     } catch (err) {
@@ -809,8 +812,8 @@ function xnfQueuesCreate(xnf: XnfSoftc): void {
 }
 
 function xnfQueueCreate(xnf: XnfSoftc, q: XnfQueue): void {
-  q.tx = ringCreate(xnf, TX_BYTES, XNF_TX_DESC, `${q.name}-tx`);
-  q.rx = ringCreate(xnf, RX_BYTES, XNF_RX_DESC, `${q.name}-rx`);
+  q.tx = ringCreate(xnf, TX_BYTES, XNF_TX_DESC, `${q.name}-tx`, 'netif_tx');
+  q.rx = ringCreate(xnf, RX_BYTES, XNF_RX_DESC, `${q.name}-rx`, 'netif_rx');
   for (let id = 0; id < XNF_TX_DESC; id++) q.txBufs.push(bufCreate(xnf, id, BUS_DMA_WRITE));
   for (let id = XNF_TX_DESC - 1; id >= 0; id--) q.txFree[q.txFreeCount++] = id;
   for (let id = 0; id < XNF_RX_DESC; id++) q.rxBufs.push(bufCreate(xnf, id, BUS_DMA_READ));
@@ -849,7 +852,7 @@ async function xnfQueueDestroy(xnf: XnfSoftc, q: XnfQueue): Promise<void> {
 }
 
 // xnf_{rx,tx}_ring_create: one zeroed page of dmamem, granted to the backend.
-function ringCreate(xnf: XnfSoftc, entryBytes: number, size: number, name: string): XnfRingMem {
+function ringCreate(xnf: XnfSoftc, entryBytes: number, size: number, name: string, type: RingType): XnfRingMem {
   const dmat = xnf.sc.dmat;
   const segs = dmat.dmamemAlloc(PAGE_SIZE, PAGE_SIZE, 0, 1, BUS_DMA_ZERO);
   const kva = dmat.dmamemMap(segs, PAGE_SIZE, 0);
@@ -863,7 +866,7 @@ function ringCreate(xnf: XnfSoftc, entryBytes: number, size: number, name: strin
     dmat.dmamemFree(segs);
     throw err;
   }
-  const ring = new FrontRing([new FramePage(xnf.sc.mem, segs[0]!.ds_addr / PAGE_SIZE, true)], entryBytes, size, name);
+  const ring = new FrontRing([new FramePage(xnf.sc.mem, segs[0]!.ds_addr / PAGE_SIZE, true)], entryBytes, size, name, type);
   ring.init();
   return { segs, kva, map, ring, ref: map.dm_segs[0]!.ds_addr };
 }
