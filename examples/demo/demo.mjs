@@ -8,26 +8,28 @@
 // extra: "ip=dhcp peer=<the other guest's name>"
 
 import { IpInterface, ipv4Format } from 'xenpv/ip';
+import 'xenpv/dhcp'; // loaded with the image: IpInterface.configure would import it mid-run
 
 const HELLO_PORT = 4000;
 const ECHO_PORT = 7;
 const DONE_PORT = 9;
 const PINGS = 3;
 const DATAGRAMS = 20;
-const TRIES = 100;
+const RETRY_MS = 20_000;
 const CHUNK_SECTORS = 256;
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const enc = (s) => new TextEncoder().encode(s);
 const dec = (b) => new TextDecoder().decode(b);
 
-/** Ask until answered: the peer may still be booting. */
+/** Ask until answered, for up to 20 s: the peer may still be booting. */
 async function retry(what, fn) {
-  for (let i = 1; ; i++) {
+  const deadline = Date.now() + RETRY_MS;
+  for (;;) {
     try {
       return await fn();
     } catch (err) {
-      if (i === TRIES) throw new Error(`${what}: ${err.message}`);
+      if (Date.now() > deadline) throw new Error(`${what}: ${err.message}`);
       await sleep(100);
     }
   }
@@ -103,22 +105,28 @@ async function exerciseDisk(guest, disk) {
 }
 
 /**
- * Port 9 carries the word that a guest is done; each answers it, so the two
- * stay up until both are done. Resolves once the peer is done.
+ * Port 9 carries the word that a guest is done. A guest answers the peer's
+ * word only once it is done itself, so neither powers off while the other
+ * still needs it. Returns finish(peer): resolves once both are done.
  */
 function serveDone(ip) {
-  const done = ip.bind(DONE_PORT);
+  const sock = ip.bind(DONE_PORT);
+  let done = false;
   let peerDone = false;
-  done.onMessage(({ address, port }) => {
+  sock.onMessage(({ address, port }) => {
     peerDone = true;
-    void done.send(address, port, enc('done')).catch(() => {});
+    if (done) void sock.send(address, port, enc('done')).catch(() => {});
   });
-  return (peer) => retry(`peer ${peer} done`, async () => {
-    if (peerDone) return;
-    await done.send(peer, DONE_PORT, enc('done'));
-    await sleep(100);
-    if (!peerDone) throw new Error('not yet');
-  });
+  return (peer) => {
+    done = true;
+    // Say it at least once: the peer may have been done and waiting all along.
+    return retry(`peer ${peer} done`, async () => {
+      await sock.send(peer, DONE_PORT, enc('done'));
+      if (peerDone) return;
+      await sleep(100);
+      if (!peerDone) throw new Error('not yet');
+    });
+  };
 }
 
 export async function main(guest) {

@@ -124,18 +124,7 @@ export async function run(files: string[], opts: RunOptions): Promise<number> {
     }
     const deadline = opts.durationS === undefined ? stuck.signal : AbortSignal.any([stuck.signal, AbortSignal.timeout(opts.durationS * 1000)]);
     for (const { spec, domid, status: g } of created) {
-      let exit: DomainExit;
-      // A restarted guest (on_reboot/on_crash = restart) runs on under a new domid.
-      let current = domid;
-      try {
-        exit = await machine.waitExit(current, deadline);
-        while (exit.restartedAs !== undefined) exit = await machine.waitExit((g.domid = current = exit.restartedAs), deadline);
-      } catch {
-        await machine.destroy(current).catch(() => undefined);
-        // The destroy reports the devices' last counters; a stuck simulation is not asked again.
-        const gone = machine.sim === null ? await machine.waitExit(current, AbortSignal.timeout(5000)).catch(() => null) : null;
-        exit = { domid: current, name: spec.name, reason: stuck.signal.aborted ? 'deadlock' : 'destroyed', console: '', devices: gone?.devices ?? g.devices };
-      }
+      const exit = await waitGuest(machine, spec.name, g, deadline, stuck.signal);
       if (!opts.json) printer.flush(domid, spec.name);
       g.exit = exit.reason;
       g.devices = exit.devices ?? [];
@@ -155,6 +144,25 @@ export async function run(files: string[], opts: RunOptions): Promise<number> {
   const failed = results.filter((r) => r.exit.reason !== 'poweroff');
   if (failed.length > 0 && !opts.json) process.stderr.write(`xenpv: ${failed.map((r) => `${r.name}: ${r.exit.reason}`).join(', ')} (every guest must power off)\n`);
   return failed.length === 0 ? 0 : 1;
+}
+
+/**
+ * A guest's end: its exit, following it through restarts (on_reboot or
+ * on_crash = restart run it on under a new domid); at the deadline it is
+ * destroyed ('destroyed', or 'deadlock' when the simulation is stuck).
+ */
+async function waitGuest(machine: Machine, name: string, g: GuestStatus, deadline: AbortSignal, stuck: AbortSignal): Promise<DomainExit> {
+  let current = g.domid!;
+  try {
+    let exit = await machine.waitExit(current, deadline);
+    while (exit.restartedAs !== undefined) exit = await machine.waitExit((g.domid = current = exit.restartedAs), deadline);
+    return exit;
+  } catch {
+    await machine.destroy(current).catch(() => undefined);
+    // The destroy reports the devices' last counters; a stuck simulation is not asked again.
+    const gone = machine.sim === null ? await machine.waitExit(current, AbortSignal.timeout(5000)).catch(() => null) : null;
+    return { domid: current, name, reason: stuck.aborted ? 'deadlock' : 'destroyed', console: '', devices: gone?.devices ?? g.devices };
+  }
 }
 
 /** Each guest's exit, then the table of its devices. */
