@@ -313,6 +313,11 @@ export class Machine {
     await this.rpc.call('vbd-restart', { domid, devid }, 60_000);
   }
 
+  /** Kill a vif's netback and start a new one while the guest runs; resolves once it is Connected again. */
+  async restartVif(domid: number, devid: number): Promise<void> {
+    await this.rpc.call('vif-restart', { domid, devid }, 60_000);
+  }
+
   /** Stop every domain and dom0. */
   async stop(): Promise<void> {
     // dom0 closes its listeners first; a dom0 that does not answer is terminated all the same.

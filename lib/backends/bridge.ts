@@ -271,6 +271,8 @@ export class FramePool {
    */
   materialize(pkt: Packet): Uint8Array | null {
     if (pkt.buf !== null) return pkt.bytes();
+    // A failure for want of a buffer blames no sender.
+    this.failedFrag = -1;
     if (!this.attachBuffer(pkt, pkt.len)) return null;
     const base = pkt.buf!.gfn;
     let at = 0;
@@ -551,7 +553,10 @@ export class LocalPort implements BridgePort {
     if (this.closed) return;
     const hdr = pkt.header;
     if (!this.promiscuous && !isMulticast(hdr, 0) && macKey(hdr, 0) !== macKey(this.mac, 0)) return;
-    if (!this.bridge.pool.unoffload(pkt, this.emit)) this.stats.txDropped++;
+    if (this.bridge.pool.unoffload(pkt, this.emit)) return;
+    this.stats.txDropped++;
+    // A sender's grant that cannot be read is its vif's fault, as when a vif copies it (netback's rxCopy).
+    if (this.bridge.pool.failedFrag >= 0) pkt.origin?.packetFault(pkt, 'a TX grant could not be copied');
   }
 
   /** One frame (a GSO frame's segment) to every handler. */

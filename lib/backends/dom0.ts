@@ -174,6 +174,10 @@ export async function main(ctx: KernelContext): Promise<void> {
       const a = args as { domid: number; devid: number };
       return vbds.restart(a.domid, a.devid);
     },
+    'vif-restart': (args: unknown) => {
+      const a = args as { domid: number; devid: number };
+      return net.restart(a.domid, a.devid);
+    },
     'net-stats': () => ({
       vifs: net.list(),
       bridges: net.bridges.list().map((b) => b.report()),

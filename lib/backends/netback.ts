@@ -31,7 +31,7 @@ import {
 import { __CONST_RING_SIZE, netif_rx_sring, netif_rx_sring_entry, netif_tx_sring, netif_tx_sring_entry } from '../abi/ring.js';
 import { offsetOf } from '../abi/layout.js';
 import { GNTST_okay } from '../abi/grant_table.js';
-import { XenbusStateClosed, XenbusStateClosing, XenbusStateConnected, XenbusStateInitWait } from '../abi/xenbus.js';
+import { XenbusStateClosed, XenbusStateClosing, XenbusStateConnected, XenbusStateInitialised, XenbusStateInitWait } from '../abi/xenbus.js';
 import { XenError } from '../errors.js';
 import { ETHER_ADDR_LEN, ETHER_HDR_LEN, ETHERTYPE_IPV6, formatMac, isBroadcast, isMulticast, macKey, parseMac } from '../ether.js';
 import type { Interrupts, IntrHandle } from '../evtchn/evtchn.js';
@@ -1057,6 +1057,26 @@ export class NetbackSet {
       clearInterval(this.timer);
       this.timer = null;
     }
+  }
+
+  /**
+   * Kill the vif's backend and start a new one while the guest runs, as a
+   * backend crash and restart would (online stays 1, so the frontend
+   * reconnects); resolves once the new one is Connected (ETIMEDOUT after
+   * `timeoutMs`).
+   */
+  async restart(domid: number, devid: number, timeoutMs = 30_000): Promise<void> {
+    const key = `${domid}/${devid}`;
+    const old = this.vifs.get(key);
+    if (old === undefined) throw new XenError('ENODEV', `no vif ${devid} of domain ${domid}`);
+    await old.stop();
+    // The new backend must not map the rings the frontend used with the old one: wait (bounded) until it lets go.
+    const released = (v: string | undefined): boolean => v === undefined || (Number(v) !== XenbusStateConnected && Number(v) !== XenbusStateInitialised);
+    await this.xs.awaitState(`${old.frontendPath}/state`, released, { timeoutMs }).catch(() => undefined);
+    const vif = new Netback(this, old.spec);
+    this.vifs.set(key, vif);
+    await vif.start();
+    await this.xs.awaitState(`${vif.backendPath}/state`, XenbusStateConnected, { timeoutMs });
   }
 
   list(): VifStats[] {

@@ -6,13 +6,17 @@
 //   fuzz xenstore                   a guest that abuses xenstored
 //   fuzz frontend --device blkback  a frontend that abuses a real blkback
 //   fuzz backend --device xbf       a backend that abuses a real xbf
+//   fuzz frontend --device netback  a frontend that abuses a real netback
+//   fuzz backend --device xnf       a backend that abuses a real xnf
 
 import { randomInt } from 'node:crypto';
 import { parseArgs } from 'node:util';
 import { XenError } from '../errors.js';
 import { fuzzBlkback } from '../fuzz/blkback.js';
+import { fuzzNetback } from '../fuzz/netback.js';
 import type { FuzzReport } from '../fuzz/report.js';
 import { fuzzXbf } from '../fuzz/xbf.js';
+import { fuzzXnf } from '../fuzz/xnf.js';
 import { fuzzXenstore } from '../fuzz/xenstore.js';
 
 type Harness = (seed: number, steps: number, progress: (n: number) => void) => FuzzReport | Promise<FuzzReport>;
@@ -22,6 +26,8 @@ const HARNESSES: Record<string, Harness> = {
   xenstore: (seed, steps, onProgress) => fuzzXenstore({ seed, steps, onProgress }),
   'frontend blkback': (seed, steps, onProgress) => fuzzBlkback({ seed, steps, onProgress }),
   'backend xbf': (seed, steps, onProgress) => fuzzXbf({ seed, steps, onProgress }),
+  'frontend netback': (seed, steps, onProgress) => fuzzNetback({ seed, steps, onProgress }),
+  'backend xnf': (seed, steps, onProgress) => fuzzXnf({ seed, steps, onProgress }),
 };
 
 function integer(name: string, value: string | undefined, fallback: number, max: number): number {

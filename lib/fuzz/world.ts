@@ -12,9 +12,11 @@ import { vcpu_info, VIRQ_DOM_EXC } from '../abi/xen.js';
 import { SHUTDOWN_crash } from '../abi/sched.js';
 import { XS_INTRODUCE, XS_RELEASE } from '../abi/xs_wire.js';
 import { BlkbackSet, defaultBlkbackOptions, type BlkbackFactory, type BlkbackOptions } from '../backends/blkback.js';
+import { Bridges, FramePool } from '../backends/bridge.js';
 import { ConsoleBackend } from '../backends/console.js';
 import { localClient, StoreRings } from '../backends/dom0.js';
-import { Toolstack, type DiskSpec, type DomainExit, type DomainSpec } from '../backends/toolstack.js';
+import { NetbackSet, type NetbackOptions } from '../backends/netback.js';
+import { Toolstack, type DiskSpec, type DomainExit, type DomainSpec, type NicSpec } from '../backends/toolstack.js';
 import { Xenstored } from '../backends/xenstored.js';
 import { XenError } from '../errors.js';
 import { Interrupts, type IntrClock } from '../evtchn/evtchn.js';
@@ -80,6 +82,8 @@ export type WorldDom0 = {
   toolstack: Toolstack;
   vbds: BlkbackSet;
   consoles: ConsoleBackend;
+  /** dom0's netbacks and bridges, when the world was asked for a network. */
+  net: NetbackSet | null;
 };
 
 export type WorldOptions = {
@@ -87,6 +91,11 @@ export type WorldOptions = {
   /** Builds dom0's blkbacks; a test hands in a deliberately weakened one. */
   makeBlkback?: BlkbackFactory | undefined;
   dom0MemoryMiB?: number;
+  /**
+   * A network: netback's tunables (a harness sets its timeouts beyond any
+   * run, so that no wall-clock timer decides one) and the bridges' ageing.
+   */
+  net?: { netback: NetbackOptions; ageingMs: number };
 };
 
 /** A guest to build: the xl config's fields, and whether its kernel probes device/ (attaching xbf) at boot. */
@@ -95,6 +104,7 @@ export type WorldGuestSpec = {
   memoryMiB?: number;
   extra?: string;
   disks?: DiskSpec[];
+  vifs?: NicSpec[];
   /** false: the guest's kernel attaches nothing; a harness speaks for its devices. */
   probe?: boolean;
 };
@@ -142,6 +152,12 @@ export class World {
     const xs = localClient({ domid: 0, hv: host.hv }, xsd, physmem);
     const consoles = new ConsoleBackend(hypercall, intr, () => undefined);
     const vbds = new BlkbackSet(hypercall, intr, xs, { ...defaultBlkbackOptions, ...opts.blkback }, opts.makeBlkback);
+    let net: NetbackSet | null = null;
+    if (opts.net !== undefined) {
+      const bridges = new Bridges(new FramePool(hypercall, physmem));
+      bridges.configure('xenbr0', { ageingMs: opts.net.ageingMs });
+      net = new NetbackSet(hypercall, intr, xs, bridges, opts.net.netback);
+    }
     const toolstack = new Toolstack(
       host.hv, hypercall, xs,
       {
@@ -157,10 +173,11 @@ export class World {
       (exit) => this.exits.push(exit),
       'in-process',
       vbds,
+      net,
     );
     const domExc = intr.virqEstablish(VIRQ_DOM_EXC, () => toolstack.domainException(), 'dom-exc');
     intr.intrUnmask(domExc);
-    this.dom0 = { hypercall, mem: self.mem, physmem, intr, xsd, xs, toolstack, vbds, consoles };
+    this.dom0 = { hypercall, mem: self.mem, physmem, intr, xsd, xs, toolstack, vbds, consoles, net };
   }
 
   private addCpu(domid: number, intr: Interrupts, sharedInfoGfn: number, mem: MemoryViews): void {
@@ -255,7 +272,7 @@ export class World {
     this.probe.set(spec.name, spec.probe !== false);
     const full: DomainSpec = {
       name: spec.name, memoryMiB: spec.memoryMiB ?? 8, vcpus: 1, kernel: 'in-process', extra: spec.extra ?? '',
-      onPoweroff: 'destroy', onReboot: 'destroy', onCrash: 'destroy', disks: spec.disks ?? [],
+      onPoweroff: 'destroy', onReboot: 'destroy', onCrash: 'destroy', disks: spec.disks ?? [], vifs: spec.vifs ?? [],
     };
     const domid = await this.run(this.dom0.toolstack.create(full), `create ${spec.name}`);
     const sc = this.guests.get(domid);

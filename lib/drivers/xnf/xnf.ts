@@ -57,6 +57,8 @@ const XNF_MAX_WAITERS = 1024;
 const XNF_RX_REFILL_BATCH = 64;
 const XNF_CONNECT_TIMEOUT_MS = 30_000;
 const XNF_SUSPEND_DRAIN_MS = 5_000;
+/** How long all rounds of reconnecting to a restarted backend may take together. */
+const XNF_RECONNECT_TIMEOUT_MS = 60_000;
 const ETH_DATA_LEN = 1500;
 const ETH_MIN_MTU = 68;
 /** Linux netfront's ceiling with feature-sg: the largest frame less its header. */
@@ -151,7 +153,9 @@ export class XnfQueue {
   /** Multicast requests waiting for their TX response, by id. */
   readonly mcastDone = new Map<number, (status: number) => void>();
   // The RX frame being gathered across slots (and across interrupts).
+  /** Data slots of the frame so far; its extra slots are counted apart (netfront's slots and xennet_get_extras). */
   rxSlots = 0;
+  rxExtraSlots = 0;
   rxLen = 0;
   rxFlags = 0;
   rxBad = false;
@@ -198,6 +202,11 @@ export class XnfSoftc {
   error: XenError | null = null;
   /** The backend is Connected and the interface not broken. */
   up = false;
+  /** Times the interface connected again after its backend restarted. */
+  reconnects = 0;
+  /** The reconnection under way (null when none), and whether detach has begun. */
+  recovery: Promise<void> | null = null;
+  detached = false;
   readonly counters: XnfCounters = {
     rxPackets: 0, rxBytes: 0, rxDropped: 0, rxErrors: 0, txPackets: 0, txBytes: 0, txDropped: 0, txErrors: 0,
   };
@@ -567,7 +576,7 @@ export class XnfSoftc {
   /** An extra-info slot: it used up the request (and buffer) of its slot, but carries no id. */
   private rxExtra(q: XnfQueue, slot: number): string | null {
     if (!this.rxTakeBack(q.rxBufs[slot]!)) return `grant of rx buffer ${slot} still in use by the backend`;
-    if (++q.rxSlots > XNF_FRAG + XEN_NETIF_EXTRA_TYPE_MAX) return 'rx frame with too many extra slots';
+    if (++q.rxExtraSlots >= XEN_NETIF_EXTRA_TYPE_MAX) return 'rx frame with too many extra slots';
     const type = q.rxRsp[EXT_TYPE]!;
     const flags = q.rxRsp[EXT_FLAGS]!;
     if (type !== XEN_NETIF_EXTRA_TYPE_GSO) return `rx extra of type ${type}`;
@@ -601,7 +610,7 @@ export class XnfSoftc {
   }
 
   private rxReset(q: XnfQueue): void {
-    q.rxSlots = q.rxLen = q.rxFlags = 0;
+    q.rxSlots = q.rxExtraSlots = q.rxLen = q.rxFlags = 0;
     q.rxBad = q.rxExtras = q.rxMoreAfterExtras = false;
   }
 
@@ -723,6 +732,8 @@ async function xnfDetach(sc: XenSoftc, dev: XenDevice): Promise<void> {
   const xnf = softcs.get(sc)?.get(dev.path);
   if (xnf === undefined) return;
   softcs.get(sc)!.delete(dev.path);
+  xnf.detached = true;
+  await xnf.recovery?.catch(() => undefined);
   await sc.xs.write(`${dev.path}/state`, String(XenbusStateClosing)).catch(() => undefined);
   xnf.broken('detached');
   await xnfRelease(xnf);
@@ -942,11 +953,70 @@ async function xnfInitBackend(xnf: XnfSoftc): Promise<void> {
   await xs.write(`${fe}/state`, String(XenbusStateConnected));
   const state = await xs.awaitState(`${xnf.dev.backend}/state`, (v) => v !== undefined && Number(v) >= XenbusStateConnected, { timeoutMs: XNF_CONNECT_TIMEOUT_MS });
   if (Number(state) !== XenbusStateConnected) throw new XenError('ENXIO', `${xnf.name}: backend state ${state}`);
-  // netback_changed: the link follows the backend's state from now on.
+  // netback_changed: the link follows the backend's state from now on; a backend that closes while online stays 1 is restarting.
   xnf.stateWatch = await xs.watch(`${xnf.dev.backend}/state`, () => {
     void xs.read(`${xnf.dev.backend}/state`).then(
-      (v) => xnf.setLink(Number(v) === XenbusStateConnected),
+      (v) => {
+        const s = Number(v);
+        xnf.setLink(s === XenbusStateConnected);
+        if (s === XenbusStateClosing || s === XenbusStateClosed) xnfBackendClosed(xnf);
+      },
       () => xnf.setLink(false),
     );
   });
+}
+
+/** The backend closed: unless the toolstack is unplugging the vif (online 0, the nexus detaches), reconnect. */
+function xnfBackendClosed(xnf: XnfSoftc): void {
+  if (xnf.recovery !== null || xnf.detached || xnf.error !== null) return;
+  const { xs } = xnf.sc;
+  xnf.recovery = xs.read(`${xnf.dev.backend}/online`).catch(() => '0').then(async (online) => {
+    if (online !== '1' || xnf.detached || xnf.error !== null) return;
+    xnf.log('backend closed: reconnecting');
+    await xnfRecover(xnf);
+  }).finally(() => {
+    xnf.recovery = null;
+    // A backend that closed again while we were connecting starts another round.
+    void xs.read(`${xnf.dev.backend}/state`).then(Number, () => XenbusStateClosed).then((st) => {
+      if (st === XenbusStateClosing || st === XenbusStateClosed) xnfBackendClosed(xnf);
+    });
+  });
+}
+
+// Linux netfront's backend-restart path (xennet_disconnect_backend, then
+// talk_to_netback again): let go of the queues once the old backend has let
+// go of them (frames on the rings are lost, senders waiting fail with
+// ENETDOWN), say Closed, wait for a backend in InitWait and connect as at
+// attach. A backend that closes again before we are connected costs another
+// round; all rounds together are bounded, then the interface breaks.
+async function xnfRecover(xnf: XnfSoftc): Promise<void> {
+  const { xs } = xnf.sc;
+  const deadline = Date.now() + XNF_RECONNECT_TIMEOUT_MS;
+  const left = (): number => Math.max(1, deadline - Date.now());
+  for (;;) {
+    try {
+      await xs.awaitState(`${xnf.dev.backend}/state`, (v) => v === undefined || Number(v) === XenbusStateClosed || Number(v) === XenbusStateInitWait,
+        { timeoutMs: Math.min(left(), XNF_CONNECT_TIMEOUT_MS) }).catch((err: Error) => xnf.log('backend did not close: %s', err.message));
+      await xnfRelease(xnf);
+      await xs.write(`${xnf.dev.path}/state`, String(XenbusStateClosed));
+      await xs.awaitState(`${xnf.dev.backend}/state`, XenbusStateInitWait, { timeoutMs: left() });
+      if (xnf.detached) return;
+      await xnfCapabilities(xnf);
+      xnfQueuesCreate(xnf);
+      await xnfInitBackend(xnf);
+      break;
+    } catch (err) {
+      if (xnf.detached) return;
+      if (Date.now() >= deadline) return xnf.broken(`backend did not come back: ${(err as Error).message}`);
+      xnf.log('reconnect failed, again: %s', (err as Error).message);
+    }
+  }
+  if (xnf.detached) return;
+  for (const q of xnf.queues) {
+    xnf.sc.intr.intrUnmask(q.txIh!);
+    if (q.rxIh !== q.txIh) xnf.sc.intr.intrUnmask(q.rxIh!);
+  }
+  xnf.reconnects++;
+  xnf.log('reconnected (%d)', xnf.reconnects);
+  xnf.setLink(true);
 }
