@@ -2,7 +2,7 @@
 // slots, and the control ring. The shared rings are in ring.ts. Every member
 // is at most 32 bits wide, so x86_32 and x86_64 lay these out the same.
 
-import { array, i16, record, struct, u16, u32, u8, union } from './layout.js';
+import { array, i16, offsetOf, record, struct, u16, u32, u8, union } from './layout.js';
 import { grant_ref_t } from './grant_table.js';
 
 export const XEN_NETIF_NR_SLOTS_MIN = 18;
@@ -148,3 +148,30 @@ export const NETIF_RSP_DROPPED = -2;
 export const NETIF_RSP_ERROR = -1;
 export const NETIF_RSP_OKAY = 0;
 export const NETIF_RSP_NULL = 1;
+
+/**
+ * Member offsets that both ends of the netif rings read and write on every
+ * slot (xnf, netback and the harnesses that play either end), taken from the
+ * layouts above: TXQ netif_tx_request, TXP netif_tx_response, RXQ
+ * netif_rx_request, RXP netif_rx_response, EXT netif_extra_info.
+ */
+export const netifOffsets = Object.freeze({
+  TXQ_GREF: offsetOf(netif_tx_request, 'gref'),
+  TXQ_OFFSET: offsetOf(netif_tx_request, 'offset'),
+  TXQ_FLAGS: offsetOf(netif_tx_request, 'flags'),
+  TXQ_ID: offsetOf(netif_tx_request, 'id'),
+  TXQ_SIZE: offsetOf(netif_tx_request, 'size'),
+  TXP_ID: offsetOf(netif_tx_response, 'id'),
+  TXP_STATUS: offsetOf(netif_tx_response, 'status'),
+  RXQ_ID: offsetOf(netif_rx_request, 'id'),
+  RXQ_GREF: offsetOf(netif_rx_request, 'gref'),
+  RXP_ID: offsetOf(netif_rx_response, 'id'),
+  RXP_OFFSET: offsetOf(netif_rx_response, 'offset'),
+  RXP_FLAGS: offsetOf(netif_rx_response, 'flags'),
+  RXP_STATUS: offsetOf(netif_rx_response, 'status'),
+  EXT_TYPE: offsetOf(netif_extra_info, 'type'),
+  EXT_FLAGS: offsetOf(netif_extra_info, 'flags'),
+  EXT_GSO_SIZE: offsetOf(netif_extra_info, 'u.gso.size'),
+  EXT_GSO_TYPE: offsetOf(netif_extra_info, 'u.gso.type'),
+  EXT_MCAST_ADDR: offsetOf(netif_extra_info, 'u.mcast.addr'),
+});

@@ -22,14 +22,12 @@
 // taking frames cannot keep another guest's ring full.
 
 import {
-  NETIF_RSP_ERROR, NETIF_RSP_NULL, NETIF_RSP_OKAY, NETRXF_csum_blank, NETRXF_data_validated, NETRXF_extra_info,
-  NETRXF_more_data, NETTXF_csum_blank, NETTXF_data_validated, NETTXF_extra_info, NETTXF_more_data,
+  NETIF_RSP_ERROR, NETIF_RSP_NULL, NETIF_RSP_OKAY, netifOffsets, NETRXF_csum_blank, NETRXF_data_validated,
+  NETRXF_extra_info, NETRXF_more_data, NETTXF_csum_blank, NETTXF_data_validated, NETTXF_extra_info, NETTXF_more_data,
   XEN_NETIF_EXTRA_FLAG_MORE, XEN_NETIF_EXTRA_TYPE_GSO, XEN_NETIF_EXTRA_TYPE_MAX, XEN_NETIF_EXTRA_TYPE_MCAST_ADD,
   XEN_NETIF_EXTRA_TYPE_MCAST_DEL, XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6, XEN_NETIF_NR_SLOTS_MIN,
-  netif_extra_info, netif_rx_request, netif_rx_response, netif_tx_request, netif_tx_response,
 } from '../abi/netif.js';
 import { __CONST_RING_SIZE, netif_rx_sring, netif_rx_sring_entry, netif_tx_sring, netif_tx_sring_entry } from '../abi/ring.js';
-import { offsetOf } from '../abi/layout.js';
 import { GNTST_okay } from '../abi/grant_table.js';
 import { XenbusStateClosed, XenbusStateClosing, XenbusStateConnected, XenbusStateInitialised, XenbusStateInitWait } from '../abi/xenbus.js';
 import { XenError } from '../errors.js';
@@ -53,24 +51,10 @@ const CONNECT_TIMEOUT_MS = 5 * 60_000;
 const MCAST_MAX = 64;
 const MAX_BURST_BYTES = 131072;
 
-const TXQ_GREF = offsetOf(netif_tx_request, 'gref');
-const TXQ_OFFSET = offsetOf(netif_tx_request, 'offset');
-const TXQ_FLAGS = offsetOf(netif_tx_request, 'flags');
-const TXQ_ID = offsetOf(netif_tx_request, 'id');
-const TXQ_SIZE = offsetOf(netif_tx_request, 'size');
-const TXP_ID = offsetOf(netif_tx_response, 'id');
-const TXP_STATUS = offsetOf(netif_tx_response, 'status');
-const RXQ_ID = offsetOf(netif_rx_request, 'id');
-const RXQ_GREF = offsetOf(netif_rx_request, 'gref');
-const RXP_ID = offsetOf(netif_rx_response, 'id');
-const RXP_OFFSET = offsetOf(netif_rx_response, 'offset');
-const RXP_FLAGS = offsetOf(netif_rx_response, 'flags');
-const RXP_STATUS = offsetOf(netif_rx_response, 'status');
-const EXT_TYPE = offsetOf(netif_extra_info, 'type');
-const EXT_FLAGS = offsetOf(netif_extra_info, 'flags');
-const EXT_GSO_SIZE = offsetOf(netif_extra_info, 'u.gso.size');
-const EXT_GSO_TYPE = offsetOf(netif_extra_info, 'u.gso.type');
-const EXT_MCAST_ADDR = offsetOf(netif_extra_info, 'u.mcast.addr');
+const {
+  TXQ_GREF, TXQ_OFFSET, TXQ_FLAGS, TXQ_ID, TXQ_SIZE, TXP_ID, TXP_STATUS, RXQ_ID, RXQ_GREF, RXP_ID, RXP_OFFSET,
+  RXP_FLAGS, RXP_STATUS, EXT_TYPE, EXT_FLAGS, EXT_GSO_SIZE, EXT_GSO_TYPE, EXT_MCAST_ADDR
+} = netifOffsets;
 
 export type NetbackOptions = {
   /** multi-queue-max-queues (Linux: one per dom0 CPU). */
@@ -122,7 +106,17 @@ export type QueueDump = {
   rxQueuedBytes: number;
   held: boolean;
   stalled: boolean;
+  /** Events the queue's handlers ran for, those that brought nothing, and how often its ports were held masked for it. */
+  events: number;
+  spuriousEvents: number;
+  throttles: number;
 };
+
+function eventCounts(tx: IntrHandle | null, rx: IntrHandle | null): Pick<QueueDump, 'events' | 'spuriousEvents' | 'throttles'> {
+  const hs = rx !== null && rx !== tx ? [tx, rx] : [tx];
+  const sum = (f: (h: IntrHandle) => number): number => hs.reduce((n, h) => n + (h === null ? 0 : f(h)), 0);
+  return { events: sum((h) => h.count), spuriousEvents: sum((h) => h.spuriousEvents), throttles: sum((h) => h.throttles) };
+}
 
 function ringDump(r: BackRing | null): QueueDump['tx'] {
   return r === null ? null : { ...r.sharedIndices(), reqCons: r.reqConsumed, rspProdPvt: r.rspProd };
@@ -439,6 +433,7 @@ export class Netback implements BridgePort {
       txDropped: this.stats.txDropped, txErrors: this.txErrors, expired: this.expired, released: this.released, stalls: this.stalls,
       rings: this.queues.map((q) => ({
         tx: ringDump(q.txRing), rx: ringDump(q.rxRing), rxQueued: q.rxqCount, rxQueuedBytes: q.rxqBytes, held: q.held !== null, stalled: q.stalled,
+        ...eventCounts(q.txIh, q.rxIh),
       })),
     };
   }
@@ -450,18 +445,26 @@ export class Netback implements BridgePort {
   }
 
   // xenvif_interrupt: one channel for both rings.
-  private interrupt(q: NetbackQueue): void {
-    this.txInterrupt(q);
-    this.rxInterrupt(q);
+  // The handlers return false when the event brought nothing new on the ring
+  // (xenvif's XEN_EOI_FLAG_SPURIOUS), so that the interrupt layer throttles a
+  // frontend that keeps signalling for nothing (XSA-332, XSA-391).
+  private interrupt(q: NetbackQueue): boolean {
+    const tx = this.txInterrupt(q);
+    return this.rxInterrupt(q) || tx;
   }
 
-  private txInterrupt(q: NetbackQueue): void {
+  // The frontend posted TX requests.
+  private txInterrupt(q: NetbackQueue): boolean {
+    const work = q.txRing !== null && q.txRing.unconsumedRequests() > 0;
     if (this.serving()) this.txAction(q);
+    return work;
   }
 
   // The frontend posted RX buffers.
-  private rxInterrupt(q: NetbackQueue): void {
+  private rxInterrupt(q: NetbackQueue): boolean {
+    const work = q.rxRing !== null && q.rxRing.unconsumedRequests() > 0;
     if (this.serving()) this.rxAction(q);
+    return work;
   }
 
   // --- guest TX -------------------------------------------------------------------

@@ -25,11 +25,10 @@
 
 import { createHash } from 'node:crypto';
 import { GTF_permit_access, GTF_type_mask } from '../abi/grant_table.js';
-import { offsetOf } from '../abi/layout.js';
 import {
-  NETIF_RSP_DROPPED, NETIF_RSP_ERROR, NETIF_RSP_NULL, NETIF_RSP_OKAY, NETRXF_data_validated, NETRXF_extra_info, NETRXF_more_data,
-  NETTXF_extra_info, NETTXF_more_data, XEN_NETIF_EXTRA_FLAG_MORE, XEN_NETIF_EXTRA_TYPE_GSO, XEN_NETIF_NR_SLOTS_MIN,
-  netif_extra_info, netif_rx_request, netif_rx_response, netif_tx_request, netif_tx_response,
+  NETIF_RSP_DROPPED, NETIF_RSP_ERROR, NETIF_RSP_NULL, NETIF_RSP_OKAY, netifOffsets, NETRXF_data_validated,
+  NETRXF_extra_info, NETRXF_more_data, NETTXF_extra_info, NETTXF_more_data, XEN_NETIF_EXTRA_FLAG_MORE,
+  XEN_NETIF_EXTRA_TYPE_GSO, XEN_NETIF_NR_SLOTS_MIN,
 } from '../abi/netif.js';
 import { __CONST_RING_SIZE, netif_rx_sring, netif_rx_sring_entry, netif_tx_sring, netif_tx_sring_entry } from '../abi/ring.js';
 import { XenbusStateClosed, XenbusStateClosing, XenbusStateConnected, XenbusStateInitialising, XenbusStateInitWait } from '../abi/xenbus.js';
@@ -50,23 +49,10 @@ const TX_SIZE = __CONST_RING_SIZE(netif_tx_sring, PAGE_SIZE);
 const RX_SIZE = __CONST_RING_SIZE(netif_rx_sring, PAGE_SIZE);
 const TX_BYTES = netif_tx_sring_entry.size;
 const RX_BYTES = netif_rx_sring_entry.size;
-const TXQ_GREF = offsetOf(netif_tx_request, 'gref');
-const TXQ_OFFSET = offsetOf(netif_tx_request, 'offset');
-const TXQ_FLAGS = offsetOf(netif_tx_request, 'flags');
-const TXQ_ID = offsetOf(netif_tx_request, 'id');
-const TXQ_SIZE = offsetOf(netif_tx_request, 'size');
-const TXP_ID = offsetOf(netif_tx_response, 'id');
-const TXP_STATUS = offsetOf(netif_tx_response, 'status');
-const RXQ_ID = offsetOf(netif_rx_request, 'id');
-const RXQ_GREF = offsetOf(netif_rx_request, 'gref');
-const RXP_ID = offsetOf(netif_rx_response, 'id');
-const RXP_OFFSET = offsetOf(netif_rx_response, 'offset');
-const RXP_FLAGS = offsetOf(netif_rx_response, 'flags');
-const RXP_STATUS = offsetOf(netif_rx_response, 'status');
-const EXT_TYPE = offsetOf(netif_extra_info, 'type');
-const EXT_FLAGS = offsetOf(netif_extra_info, 'flags');
-const EXT_GSO_SIZE = offsetOf(netif_extra_info, 'u.gso.size');
-const EXT_GSO_TYPE = offsetOf(netif_extra_info, 'u.gso.type');
+const {
+  TXQ_GREF, TXQ_OFFSET, TXQ_FLAGS, TXQ_ID, TXQ_SIZE, TXP_ID, TXP_STATUS, RXQ_ID, RXQ_GREF, RXP_ID, RXP_OFFSET,
+  RXP_FLAGS, RXP_STATUS, EXT_TYPE, EXT_FLAGS, EXT_GSO_SIZE, EXT_GSO_TYPE
+} = netifOffsets;
 const REQ_PROD = 0;
 const RSP_PROD = 8;
 const ENTRIES_PER_FRAME = PAGE_SIZE / 8;

@@ -20,14 +20,12 @@
 // through a zeroed whole page granted for that frame alone and revoked when
 // it is done, so the backend sees nothing else (XSA-403).
 
-import { offsetOf } from '../../abi/layout.js';
 import {
-  NETIF_RSP_DROPPED, NETIF_RSP_ERROR, NETIF_RSP_NULL, NETIF_RSP_OKAY,
-  NETRXF_csum_blank, NETRXF_data_validated, NETRXF_extra_info, NETRXF_more_data,
-  NETTXF_csum_blank, NETTXF_data_validated, NETTXF_extra_info, NETTXF_more_data,
-  XEN_NETIF_EXTRA_FLAG_MORE, XEN_NETIF_EXTRA_TYPE_GSO, XEN_NETIF_EXTRA_TYPE_MAX, XEN_NETIF_EXTRA_TYPE_MCAST_ADD,
-  XEN_NETIF_EXTRA_TYPE_MCAST_DEL, XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6, XEN_NETIF_MAX_TX_SIZE,
-  XEN_NETIF_NR_SLOTS_MIN, netif_extra_info, netif_rx_request, netif_rx_response, netif_tx_request, netif_tx_response,
+  NETIF_RSP_DROPPED, NETIF_RSP_ERROR, NETIF_RSP_NULL, NETIF_RSP_OKAY, netifOffsets, NETRXF_csum_blank,
+  NETRXF_data_validated, NETRXF_extra_info, NETRXF_more_data, NETTXF_csum_blank, NETTXF_data_validated,
+  NETTXF_extra_info, NETTXF_more_data, XEN_NETIF_EXTRA_FLAG_MORE, XEN_NETIF_EXTRA_TYPE_GSO, XEN_NETIF_EXTRA_TYPE_MAX,
+  XEN_NETIF_EXTRA_TYPE_MCAST_ADD, XEN_NETIF_EXTRA_TYPE_MCAST_DEL, XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6,
+  XEN_NETIF_MAX_TX_SIZE, XEN_NETIF_NR_SLOTS_MIN,
 } from '../../abi/netif.js';
 import { __CONST_RING_SIZE, netif_rx_sring, netif_rx_sring_entry, netif_tx_sring, netif_tx_sring_entry } from '../../abi/ring.js';
 import { XenbusStateClosed, XenbusStateClosing, XenbusStateConnected, XenbusStateInitWait } from '../../abi/xenbus.js';
@@ -66,24 +64,10 @@ const XNF_MAX_MTU = XEN_NETIF_MAX_TX_SIZE - ETHER_HDR_LEN;
 const TX_BYTES = netif_tx_sring_entry.size;
 const RX_BYTES = netif_rx_sring_entry.size;
 
-const TXQ_GREF = offsetOf(netif_tx_request, 'gref');
-const TXQ_OFFSET = offsetOf(netif_tx_request, 'offset');
-const TXQ_FLAGS = offsetOf(netif_tx_request, 'flags');
-const TXQ_ID = offsetOf(netif_tx_request, 'id');
-const TXQ_SIZE = offsetOf(netif_tx_request, 'size');
-const TXP_ID = offsetOf(netif_tx_response, 'id');
-const TXP_STATUS = offsetOf(netif_tx_response, 'status');
-const RXQ_ID = offsetOf(netif_rx_request, 'id');
-const RXQ_GREF = offsetOf(netif_rx_request, 'gref');
-const RXP_ID = offsetOf(netif_rx_response, 'id');
-const RXP_OFFSET = offsetOf(netif_rx_response, 'offset');
-const RXP_FLAGS = offsetOf(netif_rx_response, 'flags');
-const RXP_STATUS = offsetOf(netif_rx_response, 'status');
-const EXT_TYPE = offsetOf(netif_extra_info, 'type');
-const EXT_FLAGS = offsetOf(netif_extra_info, 'flags');
-const EXT_GSO_SIZE = offsetOf(netif_extra_info, 'u.gso.size');
-const EXT_GSO_TYPE = offsetOf(netif_extra_info, 'u.gso.type');
-const EXT_MCAST_ADDR = offsetOf(netif_extra_info, 'u.mcast.addr');
+const {
+  TXQ_GREF, TXQ_OFFSET, TXQ_FLAGS, TXQ_ID, TXQ_SIZE, TXP_ID, TXP_STATUS, RXQ_ID, RXQ_GREF, RXP_ID, RXP_OFFSET,
+  RXP_FLAGS, RXP_STATUS, EXT_TYPE, EXT_FLAGS, EXT_GSO_SIZE, EXT_GSO_TYPE, EXT_MCAST_ADDR
+} = netifOffsets;
 
 /** Offload a sender asks for: the checksum left blank for the peer, or a TCP frame to be cut into gsoSize segments. */
 export type XnfTxOffload = { csumBlank?: boolean; gsoType?: number; gsoSize?: number };
@@ -419,16 +403,26 @@ export class XnfSoftc {
 
   // --- datapath: interrupt, txeof, rxeof -------------------------------------------
 
+  // The handlers return false when the event found no response on the ring
+  // (netfront's XEN_EOI_FLAG_SPURIOUS), so that the interrupt layer throttles
+  // a backend that keeps signalling for nothing (XSA-391).
+
   // xnf_intr: one channel for both rings.
-  intr(q: XnfQueue): void {
-    this.txeof(q);
-    this.rxeof(q);
+  intr(q: XnfQueue): boolean {
+    const tx = this.txeof(q);
+    return this.rxeof(q) || tx;
   }
 
   // xnf_txeof: copy each response once, check it, free its id; then start waiting frames.
-  txeof(q: XnfQueue): void {
+  txeof(q: XnfQueue): boolean {
     const ring = q.tx?.ring;
-    if (ring === undefined || this.error !== null) return;
+    if (ring === undefined || this.error !== null) return false;
+    const work = ring.unconsumedResponses() > 0;
+    this.txCollect(q, ring);
+    return work;
+  }
+
+  private txCollect(q: XnfQueue, ring: FrontRing): void {
     do {
       ring.unconsumedResponses();
       while (ring.takeResponse(q.txRsp)) {
@@ -519,9 +513,15 @@ export class XnfSoftc {
   }
 
   // xnf_rxeof: copy each response once, check it, hand whole frames up; then refill.
-  rxeof(q: XnfQueue): void {
+  rxeof(q: XnfQueue): boolean {
     const ring = q.rx?.ring;
-    if (ring === undefined || this.error !== null) return;
+    if (ring === undefined || this.error !== null) return false;
+    const work = ring.unconsumedResponses() > 0;
+    this.rxCollect(q, ring);
+    return work;
+  }
+
+  private rxCollect(q: XnfQueue, ring: FrontRing): void {
     do {
       ring.unconsumedResponses();
       while (ring.takeResponse(q.rxRsp)) {
