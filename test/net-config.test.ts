@@ -7,7 +7,7 @@ import t from 'tap';
 import fc from 'fast-check';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { loadDomainConfig, parseRate } from '../lib/backends/xlcfg.js';
+import { derivedMac, loadDomainConfig, parseNicSpec, parseRate } from '../lib/backends/xlcfg.js';
 import { parseUplink } from '../lib/backends/bridge.js';
 import { csumAdd, csumFold, fillChecksum, flowHash, formatMac, macKey, parseMac, segmentTcp } from '../lib/ether.js';
 import { tempDir } from './net-fixtures.js';
@@ -29,11 +29,26 @@ t.test('vif specs: keys, defaults, paths relative to the config', async (t) => {
   });
   const second = spec.vifs![1]!;
   t.equal(second.devid, 1);
-  t.match(second.mac, /^00:16:3e:[0-7][0-9a-f]:[0-9a-f]{2}:[0-9a-f]{2}$/, 'a random MAC under the Xen OUI');
+  t.match(second.mac, /^00:16:3e:[0-7][0-9a-f]:[0-9a-f]{2}:[0-9a-f]{2}$/, 'a MAC under the Xen OUI');
+  t.equal(second.mac, derivedMac('v', 1), 'derived from the name and the devid');
+  t.equal(loadDomainConfig(cfg).vifs![1]!.mac, second.mac, 'the same on every load, so a seeded run replays');
   t.equal(second.bridge, 'xenbr0');
   t.equal(second.mtu, 1500);
   t.equal(second.trusted, true);
   t.equal(second.rate, null);
+});
+
+t.test('a vif without mac=: the MAC comes from the domain name and the devid', async (t) => {
+  const macs = new Set<string>();
+  for (const name of ['a', 'b', 'web', 'web2']) for (const devid of [0, 1, 2]) macs.add(derivedMac(name, devid));
+  t.equal(macs.size, 12, 'other names and devids, other MACs');
+  for (const m of macs) t.equal(parseMac(m)[0]! & 3, 0, `${m}: unicast, globally administered (the Xen OUI)`);
+  t.equal(parseNicSpec('bridge=xenbr0', dir, 3, 'web').mac, derivedMac('web', 3), 'network-attach derives it the same way');
+  const cfg = join(dir, 'late-name.cfg');
+  writeFileSync(cfg, `vif = [ 'bridge=xenbr0' ]\nkernel = "v.mjs"\nname = "late"\n`);
+  t.equal(loadDomainConfig(cfg).vifs![0]!.mac, derivedMac('late', 0), 'the name may come after the vif list');
+  writeFileSync(cfg, `name = "dup"\nkernel = "v.mjs"\nvif = [ 'bridge=xenbr0', 'mac=${derivedMac('dup', 0)}' ]\n`);
+  t.throws(() => loadDomainConfig(cfg), { code: 'ECONFIG', message: /late-name\.cfg:3: vif: mac .* given twice/ }, 'a derived MAC given again explicitly');
 });
 
 t.test('vif spec errors name the file, the line and the key', async (t) => {

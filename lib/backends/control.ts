@@ -138,7 +138,7 @@ export function controlOps(host: ControlHost): Record<string, Op> {
       const d = await domain(host, args);
       const used = (await m.networkList(d.domid)).map((x) => x.devid);
       const devid = used.length === 0 ? 0 : Math.max(...used) + 1;
-      const nic = parseNicSpec(str(args, 'spec'), args['cwd'] === undefined ? host.rundir : absolute(args, 'cwd'), devid);
+      const nic = parseNicSpec(str(args, 'spec'), args['cwd'] === undefined ? host.rundir : absolute(args, 'cwd'), devid, d.name);
       await m.networkAttach(d.domid, nic);
       return { devid, mac: nic.mac };
     },

@@ -126,6 +126,8 @@ export type DomainExit = {
   action?: LifecycleAction | 'saved';
   /** After a restart: the domain that runs the config now. */
   restartedAs?: number;
+  /** Its devices' last counters (as `top` shows them), taken just before its backends stopped. */
+  devices?: DeviceStats[];
 };
 
 /** A row of `xenpv list`. */
@@ -432,11 +434,12 @@ export class Toolstack {
   /** The end of a managed domain: its last console output, its teardown, a restart, the report. */
   async finish(m: Managed, reason: string, action: LifecycleAction | 'saved', report = true): Promise<void> {
     this.domains.delete(m.domid);
+    const devices = this.domainDeviceStats(m.domid);
     const consoleText = await this.consoles.detach(m.domid);
     await this.teardown(m.domid);
     const restartedAs = action === 'restart' ? await this.restart(m) : undefined;
     if (!report) return;
-    const exit: DomainExit = { domid: m.domid, name: m.spec.name, reason, console: consoleText, action };
+    const exit: DomainExit = { domid: m.domid, name: m.spec.name, reason, console: consoleText, action, devices };
     if (action === 'restart') {
       if (restartedAs === undefined) exit.action = 'destroy';
       else exit.restartedAs = restartedAs;
@@ -592,14 +595,17 @@ export class Toolstack {
 
   /** Per-device counters of every managed domain, for `top`. */
   deviceStats(): { domid: number; devices: DeviceStats[] }[] {
-    return [...this.domains.values()].map((m) => {
-      const devices: DeviceStats[] = [];
-      const c = this.consoles.stats(m.domid);
-      if (c !== null) devices.push({ type: 'console', devid: 0, counters: c });
-      for (const v of this.vbds?.stats(m.domid) ?? []) devices.push({ type: 'vbd', devid: v.devid, counters: v.counters });
-      for (const v of this.vifs?.stats(m.domid) ?? []) devices.push({ type: 'vif', devid: v.devid, counters: v.counters });
-      return { domid: m.domid, devices };
-    });
+    return [...this.domains.values()].map((m) => ({ domid: m.domid, devices: this.domainDeviceStats(m.domid) }));
+  }
+
+  /** The counters of one domain's devices, from dom0's backends. */
+  private domainDeviceStats(domid: number): DeviceStats[] {
+    const devices: DeviceStats[] = [];
+    const c = this.consoles.stats(domid);
+    if (c !== null) devices.push({ type: 'console', devid: 0, counters: c });
+    for (const v of this.vbds?.stats(domid) ?? []) devices.push({ type: 'vbd', devid: v.devid, counters: v.counters });
+    for (const v of this.vifs?.stats(domid) ?? []) devices.push({ type: 'vif', devid: v.devid, counters: v.counters });
+    return devices;
   }
 
   /** `xl save`: lib/backends/saverestore.ts. */

@@ -5,7 +5,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { XenError } from '../errors.js';
-import { randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { formatMac, parseMac } from '../ether.js';
 import type { DiskSpec, DomainSpec, NicSpec } from './toolstack.js';
 
@@ -151,6 +151,10 @@ export function loadDomainConfig(file: string): DomainSpec {
   }
   if (spec.kernel === undefined) throw new XenError('ECONFIG', `${file}: kernel: required (the guest image module)`);
   if (spec.maxVcpus !== undefined && spec.maxVcpus < spec.vcpus!) throw new XenError('ECONFIG', `${at('maxvcpus')}: ${spec.maxVcpus} is less than vcpus (${spec.vcpus})`);
+  for (const n of spec.vifs ?? []) if (n.mac === '') n.mac = derivedMac(spec.name, n.devid);
+  checkMacs(spec.vifs ?? [], (message) => {
+    throw new XenError('ECONFIG', `${at('vif')}: ${message}`);
+  });
   return spec as DomainSpec;
 }
 
@@ -315,9 +319,15 @@ export function parseRate(text: string): { bytes: number; usec: number } {
   return { bytes, usec };
 }
 
-/** A MAC of the Xen OUI 00:16:3e, random below it, as libxl makes one. */
-export function randomMac(): string {
-  return formatMac(Uint8Array.from([0x00, 0x16, 0x3e, ...randomBytes(3)].map((b, i) => (i === 3 ? b & 0x7f : b))));
+/**
+ * The MAC of a vif without `mac=`: the Xen OUI 00:16:3e, then 23 bits of
+ * SHA-256 over the domain name and the devid (libxl draws them at random).
+ * So a run replays under --seed, and a guest keeps its address (and its
+ * DHCP lease) across restarts, save and restore.
+ */
+export function derivedMac(domainName: string, devid: number): string {
+  const h = createHash('sha256').update(`${domainName}/vif/${devid}`).digest();
+  return formatMac(Uint8Array.from([0x00, 0x16, 0x3e, h[0]! & 0x7f, h[1]!, h[2]!]));
 }
 
 // xl-network-configuration: comma-separated key=value items.
@@ -342,7 +352,8 @@ function vif(item: string, fail: (message: string) => never, dir: string, devid:
       return fail((err as Error).message.replace(/^EINVAL: /, ''));
     }
   };
-  const mac = v.mac === undefined ? randomMac() : formatMac(attempt(() => parseMac(v.mac!)));
+  // Without mac= the MAC is derived once the domain's name is known (derivedMac).
+  const mac = v.mac === undefined ? '' : formatMac(attempt(() => parseMac(v.mac!)));
   if (v.mac !== undefined && (parseMac(mac)[0]! & 1) !== 0) fail(`mac ${v.mac} is a multicast address`);
   const bridge = v.bridge ?? 'xenbr0';
   if (!/^[A-Za-z0-9._-]{1,15}$/.test(bridge)) fail(`bridge ${JSON.stringify(bridge)}: 1-15 of A-Za-z0-9._-`);
@@ -359,11 +370,16 @@ function vif(item: string, fail: (message: string) => never, dir: string, devid:
   };
 }
 
-/** One vif spec as `network-attach` takes it, for interface `devid`; a relative pcap is taken from `dir`. EINVAL names what is wrong. */
-export function parseNicSpec(item: string, dir: string, devid: number): NicSpec {
-  return vif(item, (message) => {
+/**
+ * One vif spec as `network-attach` takes it, for interface `devid` of the
+ * domain `domainName`; a relative pcap is taken from `dir`. EINVAL names what is wrong.
+ */
+export function parseNicSpec(item: string, dir: string, devid: number, domainName: string): NicSpec {
+  const nic = vif(item, (message) => {
     throw new XenError('EINVAL', `vif spec ${JSON.stringify(item)}: ${message}`);
   }, dir, devid);
+  if (nic.mac === '') nic.mac = derivedMac(domainName, devid);
+  return nic;
 }
 
 function vifs(e: XlEntry, file: string): NicSpec[] {
@@ -372,10 +388,14 @@ function vifs(e: XlEntry, file: string): NicSpec[] {
   };
   if (!Array.isArray(e.value) || e.value.some((x) => typeof x !== 'string')) fail('must be a list of strings');
   const out = (e.value as string[]).map((item, devid) => vif(item, fail, dirname(file), devid));
+  checkMacs(out, fail);
+  return out;
+}
+
+function checkMacs(nics: NicSpec[], fail: (message: string) => never): void {
   const seen = new Set<string>();
-  for (const n of out) {
-    if (seen.has(n.mac)) fail(`mac ${n.mac} given twice`);
+  for (const n of nics) {
+    if (n.mac !== '' && seen.has(n.mac)) fail(`mac ${n.mac} given twice`);
     seen.add(n.mac);
   }
-  return out;
 }

@@ -24,7 +24,9 @@ commands:
       [--uplink BRIDGE=udp:LPORT:HOST:RPORT]... [--pcap BRIDGE=FILE]... [--dhcp BRIDGE=FIRST-LAST]...
       boot a host with dom0, create the domains of the xl-style configs, wait
       until they shut down (or S seconds pass), print each guest's console
-      output prefixed with its name; exit 0 when every guest powered off.
+      output prefixed with its name (and a status line on stderr), then a
+      table of each vif's and vbd's counters; exit 0 when every guest
+      powered off.
       --seed runs every domain in one thread under a scheduler driven by the
       seed (0..4294967295), in virtual time, and prints the seed and a digest
       of the run: the same seed replays the same run. --faults injects

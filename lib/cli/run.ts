@@ -2,7 +2,9 @@
 // are printed as they arrive, prefixed with the guest's name; with --json a
 // summary is printed at the end instead. With --seed the host runs under the
 // deterministic runner: the run replays from its seed, and ends with the
-// seed and a digest to compare replays by.
+// seed and a digest to compare replays by. Meanwhile a status line shows
+// each guest's device counters (not under --seed: sampling would be part of
+// the run), and at the end a table shows them as each guest left them.
 
 import { loadDomainConfig } from '../backends/xlcfg.js';
 import type { DomainExit, DomainSpec } from '../backends/toolstack.js';
@@ -10,6 +12,11 @@ import { XenError } from '../errors.js';
 import { Machine } from '../machine.js';
 import type { BridgeSetup } from '../backends/dom0.js';
 import type { FaultKind, FaultRecord, SimRunner } from '../sim/sim.js';
+import type { DeviceStats } from '../backends/toolstack.js';
+import { StatusLine, deviceTable, type GuestStatus } from './status.js';
+
+/** How often the status line samples dom0's counters. */
+const STATUS_INTERVAL_MS = 500;
 
 export type RunOptions = {
   json: boolean;
@@ -25,7 +32,7 @@ export type RunOptions = {
   trace?: string | undefined;
 };
 
-type Result = { name: string; domid: number | null; exit: { reason: string }; console: string };
+type Result = { name: string; domid: number | null; exit: { reason: string }; console: string; devices: DeviceStats[] };
 
 /** What a deterministic run reports: enough to replay it and to compare the replay. */
 type SimSummary = { seed: number; faults: FaultKind[]; steps: number; virtualMs: number; digest: string; faultCount: number; injected: FaultRecord[] };
@@ -37,18 +44,38 @@ function simSummary(sim: SimRunner, faults: FaultKind[]): SimSummary {
 /** Splits console text into whole lines per guest, so prefixes land at line starts. */
 class LinePrinter {
   private readonly partial = new Map<number, string>();
+  status: StatusLine | null = null;
 
   write(domid: number, name: string, text: string): void {
     const lines = ((this.partial.get(domid) ?? '') + text).split('\n');
     this.partial.set(domid, lines.pop() ?? '');
-    for (const line of lines) process.stdout.write(`${name}: ${line}\n`);
+    this.print(lines.map((line) => `${name}: ${line}\n`).join(''));
   }
 
   flush(domid: number, name: string): void {
     const rest = this.partial.get(domid);
-    if (rest !== undefined && rest !== '') process.stdout.write(`${name}: ${rest}\n`);
+    if (rest !== undefined && rest !== '') this.print(`${name}: ${rest}\n`);
     this.partial.delete(domid);
   }
+
+  /** Lines above the status line. */
+  private print(text: string): void {
+    if (text === '') return;
+    this.status?.clear();
+    process.stdout.write(text);
+    this.status?.draw();
+  }
+}
+
+/** Sample dom0's counters for the status line until the signal fires. */
+function sampleStatus(machine: Machine, status: StatusLine, signal: AbortSignal): void {
+  let busy = false;
+  const timer = setInterval(() => {
+    if (busy) return;
+    busy = true;
+    machine.top().then((rows) => status.update(rows), () => undefined).finally(() => (busy = false));
+  }, STATUS_INTERVAL_MS);
+  signal.addEventListener('abort', () => clearInterval(timer), { once: true });
 }
 
 export async function run(files: string[], opts: RunOptions): Promise<number> {
@@ -76,40 +103,71 @@ export async function run(files: string[], opts: RunOptions): Promise<number> {
   machine.sim?.onIdle(() => stuck.abort());
   const results: Result[] = [];
   let sim: SimSummary | null = null;
+  const guests: GuestStatus[] = specs.map((s) => ({ name: s.name, domid: null, exit: null, devices: [] }));
+  const status = opts.json || opts.seed !== undefined ? null : new StatusLine(process.stderr, guests);
+  printer.status = status;
+  const sampling = new AbortController();
+  if (status !== null) sampleStatus(machine, status, sampling.signal);
   try {
-    const created: { spec: DomainSpec; domid: number }[] = [];
-    for (const spec of specs) {
+    const created: { spec: DomainSpec; domid: number; status: GuestStatus }[] = [];
+    for (const [i, spec] of specs.entries()) {
       try {
-        created.push({ spec, domid: await machine.create(spec) });
+        const domid = await machine.create(spec);
+        guests[i]!.domid = domid;
+        created.push({ spec, domid, status: guests[i]! });
       } catch (err) {
         const code = err instanceof XenError ? err.code : 'EIO';
-        results.push({ name: spec.name, domid: null, exit: { reason: `create failed: ${code}` }, console: '' });
+        guests[i]!.exit = `create failed: ${code}`;
+        results.push({ name: spec.name, domid: null, exit: { reason: `create failed: ${code}` }, console: '', devices: [] });
         if (!opts.json) process.stderr.write(`xenpv: ${spec.name}: ${(err as Error).message}\n`);
       }
     }
     const deadline = opts.durationS === undefined ? stuck.signal : AbortSignal.any([stuck.signal, AbortSignal.timeout(opts.durationS * 1000)]);
-    for (const { spec, domid } of created) {
-      let exit: DomainExit;
-      // A restarted guest (on_reboot/on_crash = restart) runs on under a new domid.
-      let current = domid;
-      try {
-        exit = await machine.waitExit(current, deadline);
-        while (exit.restartedAs !== undefined) exit = await machine.waitExit((current = exit.restartedAs), deadline);
-      } catch {
-        await machine.destroy(current).catch(() => undefined);
-        exit = { domid: current, name: spec.name, reason: stuck.signal.aborted ? 'deadlock' : 'destroyed', console: '' };
-      }
+    for (const { spec, domid, status: g } of created) {
+      const exit = await waitGuest(machine, spec.name, g, deadline, stuck.signal);
       if (!opts.json) printer.flush(domid, spec.name);
-      results.push({ name: spec.name, domid, exit: { reason: exit.reason }, console: exit.console });
+      g.exit = exit.reason;
+      g.devices = exit.devices ?? [];
+      results.push({ name: spec.name, domid, exit: { reason: exit.reason }, console: exit.console, devices: g.devices });
     }
     if (machine.sim !== null) sim = simSummary(machine.sim, faults);
   } finally {
+    sampling.abort();
+    status?.done();
     await machine.stop();
   }
   if (opts.json) process.stdout.write(JSON.stringify(sim === null ? { domains: results } : { domains: results, sim }, null, 2) + '\n');
-  else for (const r of results) process.stdout.write(`${r.name} (domid ${r.domid ?? '-'}): ${r.exit.reason}\n`);
+  else printSummary(results, guests);
   if (sim !== null && !opts.json) {
     process.stdout.write(`xenpv: seed ${sim.seed}: ${sim.steps} steps, ${sim.virtualMs} ms virtual, ${sim.faultCount} faults, digest ${sim.digest}\n`);
   }
-  return results.every((r) => r.exit.reason === 'poweroff') ? 0 : 1;
+  const failed = results.filter((r) => r.exit.reason !== 'poweroff');
+  if (failed.length > 0 && !opts.json) process.stderr.write(`xenpv: ${failed.map((r) => `${r.name}: ${r.exit.reason}`).join(', ')} (every guest must power off)\n`);
+  return failed.length === 0 ? 0 : 1;
+}
+
+/**
+ * A guest's end: its exit, following it through restarts (on_reboot or
+ * on_crash = restart run it on under a new domid); at the deadline it is
+ * destroyed ('destroyed', or 'deadlock' when the simulation is stuck).
+ */
+async function waitGuest(machine: Machine, name: string, g: GuestStatus, deadline: AbortSignal, stuck: AbortSignal): Promise<DomainExit> {
+  let current = g.domid!;
+  try {
+    let exit = await machine.waitExit(current, deadline);
+    while (exit.restartedAs !== undefined) exit = await machine.waitExit((g.domid = current = exit.restartedAs), deadline);
+    return exit;
+  } catch {
+    await machine.destroy(current).catch(() => undefined);
+    // The destroy reports the devices' last counters; a stuck simulation is not asked again.
+    const gone = machine.sim === null ? await machine.waitExit(current, AbortSignal.timeout(5000)).catch(() => null) : null;
+    return { domid: current, name, reason: stuck.aborted ? 'deadlock' : 'destroyed', console: '', devices: gone?.devices ?? g.devices };
+  }
+}
+
+/** Each guest's exit, then the table of its devices. */
+function printSummary(results: Result[], guests: GuestStatus[]): void {
+  for (const r of results) process.stdout.write(`${r.name} (domid ${r.domid ?? '-'}): ${r.exit.reason}\n`);
+  const table = deviceTable(guests);
+  if (table !== '') process.stdout.write(`\n${table}`);
 }
