@@ -105,23 +105,25 @@ async function exerciseDisk(guest, disk) {
 }
 
 /**
- * Port 9 carries the word that a guest is done. A guest answers the peer's
- * word only once it is done itself, so neither powers off while the other
- * still needs it. Returns finish(peer): resolves once both are done.
+ * Port 9 carries the word that a guest is done: "done?" says so and asks,
+ * "done!" answers. A guest answers only once it is done itself, so neither
+ * powers off while the other still needs it, and never answers an answer, so
+ * the two cannot keep replying to each other. Returns finish(peer): resolves
+ * once both are done.
  */
 function serveDone(ip) {
   const sock = ip.bind(DONE_PORT);
   let done = false;
   let peerDone = false;
-  sock.onMessage(({ address, port }) => {
+  sock.onMessage(({ address, port, data }) => {
     peerDone = true;
-    if (done) void sock.send(address, port, enc('done')).catch(() => {});
+    if (done && dec(data) === 'done?') void sock.send(address, port, enc('done!')).catch(() => {});
   });
   return (peer) => {
     done = true;
     // Say it at least once: the peer may have been done and waiting all along.
     return retry(`peer ${peer} done`, async () => {
-      await sock.send(peer, DONE_PORT, enc('done'));
+      await sock.send(peer, DONE_PORT, enc('done?'));
       if (peerDone) return;
       await sleep(100);
       if (!peerDone) throw new Error('not yet');

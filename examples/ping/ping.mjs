@@ -34,11 +34,14 @@ export async function main(guest) {
   echo.onMessage(({ address, port, data }) => void echo.send(address, port, data));
   const done = ip.bind(9);
   let peerDone = false;
-  // "done?" asks and "done!" answers; answering only questions keeps the two
-  // port-9 sockets from replying to each other's replies forever.
+  // "done?" says a guest is done and asks; "done!" answers. A guest answers
+  // only once it is done itself (so the peer does not power off while this
+  // one still needs its echoes), and never answers an answer (so the two
+  // sockets do not keep replying to each other).
+  let selfDone = false;
   done.onMessage(({ address, port, data }) => {
     peerDone = true;
-    if (new TextDecoder().decode(data) === 'done?') void done.send(address, port, new TextEncoder().encode('done!'));
+    if (selfDone && new TextDecoder().decode(data) === 'done?') void done.send(address, port, new TextEncoder().encode('done!'));
   });
 
   for (let seq = 0; seq < 3; seq++) {
@@ -54,9 +57,11 @@ export async function main(guest) {
   console.log(`udp ${peer}:7 echoed "${new TextDecoder().decode(reply.data)}"`);
 
   // Stay up until the peer has its replies as well.
+  selfDone = true;
+  // Say it at least once: the peer may have been done and waiting all along.
   await retry(`peer ${peer} done`, async () => {
-    if (peerDone) return;
     await done.send(peer, 9, new TextEncoder().encode('done?'));
+    if (peerDone) return;
     await sleep(100);
     if (!peerDone) throw new Error('not yet');
   });
