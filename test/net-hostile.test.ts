@@ -31,6 +31,8 @@ export async function main(guest) {
     const state = await backendState(guest, xs[i], 5);
     console.log(what + ': backend state ' + state + ', link ' + (xs[i].up ? 'up' : 'down'));
   }
+  // The first disabled vif's frontend gives up on it: netback lets go of its rings.
+  await guest.xenstore.write(xs[0].dev.path + '/state', '5');
   // An RX buffer dom0 may not write: disabled when a frame arrives for it.
   const rxq = xs[7].queues[0];
   const b = new Uint8Array(8), v = new DataView(b.buffer);
@@ -76,7 +78,8 @@ export async function main(guest) {
     for (let i = 0; i < 600; i++) {
       stats = await m.netStats();
       const peerUp = stats.vifs.find((v) => v.name === 'vif2.0')?.state !== 'waiting';
-      if (stats.vifs.filter((v) => v.state === 'disabled').length >= 8 && peerUp) break;
+      const released = stats.vifs.find((v) => v.name === 'vif1.0')?.rings.length === 0;
+      if (stats.vifs.filter((v) => v.state === 'disabled').length >= 8 && peerUp && released) break;
       await new Promise((r) => setTimeout(r, 100));
     }
   });
@@ -92,6 +95,8 @@ export async function main(guest) {
   const vifs = stats!.vifs.filter((v) => v.name.startsWith('vif1.'));
   t.equal(vifs.filter((v) => v.state === 'disabled' && v.reason !== null).length, 8, 'eight vifs disabled, each with a reason');
   t.equal(vifs.find((v) => v.name === 'vif1.8')?.state, 'connected');
+  const first = vifs.find((v) => v.name === 'vif1.0');
+  t.same([first?.state, first?.rings.length], ['disabled', 0], 'a disabled vif whose frontend closed let go of its rings, and still says why it was disabled');
   t.equal(stats!.vifs.find((v) => v.name === 'vif2.0')?.state, 'connected', 'the peer was never disturbed');
 });
 

@@ -221,6 +221,8 @@ export class Netback implements BridgePort {
   pcap: PcapWriter | null = null;
   private readonly abort = new AbortController();
   private feWatch: XsWatch | null = null;
+  /** disconnect() has run: the rings and channels are let go. */
+  private ringsReleased = false;
   private readonly rxFrags: Frag[] = Array.from({ length: MAX_FRAGS }, () => ({ domid: 0, ref: 0, byRef: false, offset: 0, len: 0 }));
 
   constructor(
@@ -270,7 +272,8 @@ export class Netback implements BridgePort {
     if (signal.aborted) return;
     this.feWatch = await this.xs.watch(`${f}/state`, () => {
       void this.xs.read(`${f}/state`).then((v) => Number(v) >= XenbusStateClosing, () => true).then((closing) => {
-        if (closing && this.state === 'connected') void this.disconnect('frontend closed');
+        // A disabled vif lets go of the rings too, once its frontend gives up on it.
+        if (closing && (this.state === 'connected' || this.state === 'disabled')) void this.disconnect('frontend closed');
       });
     });
   }
@@ -386,9 +389,11 @@ export class Netback implements BridgePort {
 
   /** backend_disconnect: off the bridge, channels closed, rings unmapped, queued frames dropped. */
   private async disconnect(why: string): Promise<void> {
-    if (this.state === 'closed') return;
+    if (this.ringsReleased) return;
+    this.ringsReleased = true;
     const wasConnected = this.state === 'connected';
-    this.state = 'closed';
+    // A disabled vif keeps its state and reason for the counters.
+    if (this.state !== 'disabled') this.state = 'closed';
     this.log('disconnect: %s', why);
     if (this.bridge !== null) {
       this.bridge.removePort(this);
