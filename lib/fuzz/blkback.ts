@@ -43,8 +43,7 @@ import { FramePage, PAGE_SIZE } from '../hypervisor/page.js';
 import { FrontRing, SRING_RING_OFFSET } from '../xen/ring.js';
 import type { XenSoftc } from '../xen/xen.js';
 import { BLK_WIRES, putU64, type BlkWire } from './blkwire.js';
-import { MAX_VIOLATIONS, count, emptyReport, type FuzzReport } from './report.js';
-import { Rng } from './rng.js';
+import { Harness, MAX_VIOLATIONS, count, type FuzzReport } from './report.js';
 import { World } from './world.js';
 
 const XVDA = 51712;
@@ -131,17 +130,13 @@ const MALFORMATIONS = [
   'secure discard', 'junk in unused fields',
 ] as const;
 
-export class BlkbackFuzz {
-  readonly report: FuzzReport;
-  private readonly rng: Rng;
+export class BlkbackFuzz extends Harness {
   private readonly hash = createHash('sha256');
-  private readonly latencyBoundMs: number;
   private world!: World;
   private sc!: XenSoftc;
   private dom!: Domain;
   private bystander!: XbfSoftc;
   private dir = '';
-  private step = 0;
   private conn: Connection | null = null;
   private nextId = 1;
   /** The disk as it must be. */
@@ -164,13 +159,7 @@ export class BlkbackFuzz {
   private probeCounter = 0;
 
   constructor(private readonly opts: BlkbackFuzzOptions) {
-    this.rng = new Rng(opts.seed);
-    this.latencyBoundMs = opts.latencyBoundMs ?? 1000;
-    this.report = emptyReport('frontend-blkback', opts.seed);
-  }
-
-  private violation(what: string): void {
-    if (this.report.violations.length < MAX_VIOLATIONS) this.report.violations.push({ step: this.step, what });
+    super('frontend-blkback', opts);
   }
 
   // --- setup -------------------------------------------------------------------------
@@ -337,10 +326,6 @@ export class BlkbackFuzz {
   }
 
   // --- attacks ------------------------------------------------------------------------
-
-  private count(what: string): void {
-    count(this.report.actions, what);
-  }
 
   private async attack(): Promise<void> {
     const action = this.rng.weighted(ACTION_WEIGHTS);

@@ -43,8 +43,7 @@ import { D, type Domain } from '../hypervisor/domain.js';
 import { FramePage, PAGE_SIZE } from '../hypervisor/page.js';
 import { FrontRing, SRING_RING_OFFSET } from '../xen/ring.js';
 import type { XenSoftc } from '../xen/xen.js';
-import { MAX_VIOLATIONS, count, emptyReport, type FuzzReport } from './report.js';
-import { Rng } from './rng.js';
+import { Harness, MAX_VIOLATIONS, count, type FuzzReport } from './report.js';
 import { World } from './world.js';
 
 const TX_SIZE = __CONST_RING_SIZE(netif_tx_sring, PAGE_SIZE);
@@ -126,17 +125,13 @@ const BAD_TX = [
 ] as const;
 const BAD_RX = ['ref read-only', 'ref granted to another domain', 'ref not granted', 'ref out of the table'] as const;
 
-export class NetbackFuzz {
-  readonly report: FuzzReport;
-  private readonly rng: Rng;
+export class NetbackFuzz extends Harness {
   private readonly hash = createHash('sha256');
-  private readonly latencyBoundMs: number;
   private world!: World;
   private sc!: XenSoftc;
   private dom!: Domain;
   private bystander!: XnfSoftc;
   private sink!: LocalPort;
-  private step = 0;
   private conn: Conn | null = null;
   private ih2: IntrHandle | null = null;
   private devid = 0;
@@ -160,17 +155,7 @@ export class NetbackFuzz {
   private readonly rxRsp = new Uint8Array(RX_BYTES);
 
   constructor(private readonly opts: NetbackFuzzOptions) {
-    this.rng = new Rng(opts.seed);
-    this.latencyBoundMs = opts.latencyBoundMs ?? 1000;
-    this.report = emptyReport('frontend-netback', opts.seed);
-  }
-
-  private violation(what: string): void {
-    if (this.report.violations.length < MAX_VIOLATIONS) this.report.violations.push({ step: this.step, what });
-  }
-
-  private count(what: string): void {
-    count(this.report.actions, what);
+    super('frontend-netback', opts);
   }
 
   // --- setup -------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 // refused, each invariant it saw broken, and a digest of everything observed
 // so that two runs of one seed can be shown to be the same run.
 
+import { Rng } from './rng.js';
+
 export type FuzzReport = {
   harness: string;
   seed: number;
@@ -28,4 +30,31 @@ export function emptyReport(harness: string, seed: number): FuzzReport {
 
 export function count(map: Record<string, number>, key: string): void {
   map[key] = (map[key] ?? 0) + 1;
+}
+
+/**
+ * What every device harness holds: the seed's random stream, the report, the
+ * step it is at and the latency bound a bystander is held to; and the two
+ * ways it writes to the report as it goes.
+ */
+export abstract class Harness {
+  readonly report: FuzzReport;
+  protected readonly rng: Rng;
+  protected readonly latencyBoundMs: number;
+  protected step = 0;
+
+  constructor(harness: string, opts: { seed: number; latencyBoundMs?: number }) {
+    this.rng = new Rng(opts.seed);
+    this.latencyBoundMs = opts.latencyBoundMs ?? 1000;
+    this.report = emptyReport(harness, opts.seed);
+  }
+
+  protected violation(what: string): void {
+    if (this.report.violations.length < MAX_VIOLATIONS) this.report.violations.push({ step: this.step, what });
+  }
+
+  /** One more run of attack or action `what`. */
+  protected count(what: string): void {
+    count(this.report.actions, what);
+  }
 }

@@ -46,8 +46,7 @@ import { PAGE_SIZE, pageBytes, type Page } from '../hypervisor/page.js';
 import { BackRing } from '../xen/ring.js';
 import { probeDevices, type XenSoftc } from '../xen/xen.js';
 import { BLK_WIRES, getU64, putU64, type BlkWire } from './blkwire.js';
-import { MAX_VIOLATIONS, count, emptyReport, type FuzzReport } from './report.js';
-import { Rng } from './rng.js';
+import { Harness, MAX_VIOLATIONS, count, type FuzzReport } from './report.js';
 import { World } from './world.js';
 
 const XVDA = 51712;
@@ -458,18 +457,14 @@ const ACTION_WEIGHTS: Record<Action, number> = {
 /** Each of these must break the disk. */
 const MALICIOUS = new Set<Action>(['unknown id', 'id with high bits', 'duplicate', 'wrong operation', 'junk status', 'rsp_prod ahead', 'rsp_prod back']);
 
-export class XbfFuzz {
-  readonly report: FuzzReport;
-  private readonly rng: Rng;
+export class XbfFuzz extends Harness {
   private readonly hash = createHash('sha256');
-  private readonly latencyBoundMs: number;
   private world!: World;
   private sc!: XenSoftc;
   private dom!: Domain;
   private other!: XbfSoftc;
   private backend!: HostileBlkBackend;
   private xbf: XbfSoftc | null = null;
-  private step = 0;
   private ioSeq = 0;
   private ios: Io[] = [];
   private held: TakenRequest[] = [];
@@ -484,17 +479,7 @@ export class XbfFuzz {
   private probeCounter = 0;
 
   constructor(private readonly opts: XbfFuzzOptions) {
-    this.rng = new Rng(opts.seed);
-    this.latencyBoundMs = opts.latencyBoundMs ?? 1000;
-    this.report = emptyReport('backend-xbf', opts.seed);
-  }
-
-  private violation(what: string): void {
-    if (this.report.violations.length < MAX_VIOLATIONS) this.report.violations.push({ step: this.step, what });
-  }
-
-  private count(what: string): void {
-    count(this.report.actions, what);
+    super('backend-xbf', opts);
   }
 
   async run(): Promise<FuzzReport> {

@@ -41,8 +41,7 @@ import { D, type Domain } from '../hypervisor/domain.js';
 import { PAGE_SIZE, type Page } from '../hypervisor/page.js';
 import { SRING_RING_OFFSET } from '../xen/ring.js';
 import { probeDevices, type XenSoftc } from '../xen/xen.js';
-import { MAX_VIOLATIONS, count, emptyReport, type FuzzReport } from './report.js';
-import { Rng } from './rng.js';
+import { Harness, MAX_VIOLATIONS, count, type FuzzReport } from './report.js';
 import { World } from './world.js';
 
 const TX_SIZE = __CONST_RING_SIZE(netif_tx_sring, PAGE_SIZE);
@@ -195,11 +194,8 @@ class HostileNetBackend {
   }
 }
 
-export class XnfFuzz {
-  readonly report: FuzzReport;
-  private readonly rng: Rng;
+export class XnfFuzz extends Harness {
   private readonly hash = createHash('sha256');
-  private readonly latencyBoundMs: number;
   private world!: World;
   private sc!: XenSoftc;
   private dom!: Domain;
@@ -208,7 +204,6 @@ export class XnfFuzz {
   private backend!: HostileNetBackend;
   private xnf: XnfSoftc | null = null;
   private offer!: Offer;
-  private step = 0;
   /** The victim's sends, oldest first, whose frames the backend has not yet taken. */
   private untaken: Sent[] = [];
   private sends: Sent[] = [];
@@ -228,17 +223,7 @@ export class XnfFuzz {
   private readonly buf = new Uint8Array(TX_BYTES);
 
   constructor(private readonly opts: XnfFuzzOptions) {
-    this.rng = new Rng(opts.seed);
-    this.latencyBoundMs = opts.latencyBoundMs ?? 1000;
-    this.report = emptyReport('backend-xnf', opts.seed);
-  }
-
-  private violation(what: string): void {
-    if (this.report.violations.length < MAX_VIOLATIONS) this.report.violations.push({ step: this.step, what });
-  }
-
-  private count(what: string): void {
-    count(this.report.actions, what);
+    super('backend-xnf', opts);
   }
 
   async run(): Promise<FuzzReport> {
