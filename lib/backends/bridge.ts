@@ -79,6 +79,7 @@ export class Packet {
   nrIds = 0;
   nrExtras = 0;
   originQueue = 0;
+  /** When the frame entered the bridge (performance.now()); ports queue it at that time. */
   queuedAtMs = 0;
 
   constructor(
@@ -438,14 +439,18 @@ export class Bridge {
     return e.port;
   }
 
-  /** br_handle_frame: learn the source, then forward or flood. The caller keeps its own reference. */
-  input(from: BridgePort, pkt: Packet): void {
+  /**
+   * br_handle_frame: learn the source, then forward or flood. The caller
+   * keeps its own reference. A port that forwards a batch passes one clock
+   * reading for it (the clock is a call into the runtime).
+   */
+  input(from: BridgePort, pkt: Packet, now = performance.now()): void {
     from.stats.rxPackets++;
     from.stats.rxBytes += pkt.len;
     if (this.pcap !== null) this.capture(pkt);
     if (pkt.hash === 0) pkt.hash = flowHash(pkt.header, pkt.headerLen);
     const hdr = pkt.header;
-    const now = performance.now();
+    pkt.queuedAtMs = now;
     if (!isMulticast(hdr, ETHER_ADDR_LEN)) this.learn(hdr, from, now);
     const to = isMulticast(hdr, 0) ? null : this.lookup(hdr, 0, now);
     if (to === from) {

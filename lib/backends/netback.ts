@@ -479,9 +479,18 @@ export class Netback implements BridgePort {
     const ring = q.txRing;
     if (ring === null || !this.serving()) return;
     const pool = this.set.pool;
-    for (;;) {
+    // Every 64 frames: one clock reading, which the bridge stamps on each
+    // frame, and a push of what was answered so far, so that the frontends
+    // take their TX answers and RX frames (and post more) while this pass
+    // goes on instead of after it.
+    let now = 0;
+    for (let n = 0; ; n++) {
       if (!this.serving()) return;
-      if (q.held !== null && !this.forwardHeld(q)) return;
+      if ((n & 63) === 0) {
+        now = performance.now();
+        if (n !== 0) this.set.pushDirty();
+      }
+      if (q.held !== null && !this.forwardHeld(q, now)) return;
       if (ring.unconsumedRequests() === 0 && !ring.finalCheckForRequests()) break;
       if (ring.error !== undefined) return this.disable(ring.error.message);
       const pkt = pool.get(q);
@@ -504,18 +513,18 @@ export class Netback implements BridgePort {
   }
 
   /** Forward the packet waiting in q.held if the credit allows; false when it must wait for the timer. */
-  private forwardHeld(q: NetbackQueue): boolean {
+  private forwardHeld(q: NetbackQueue, now: number): boolean {
     const pkt = q.held!;
-    if (this.creditExceeded(q, pkt.len)) return false;
+    if (this.creditExceeded(q, pkt.len, now)) return false;
     q.held = null;
-    this.forward(pkt);
+    this.forward(pkt, now);
     return true;
   }
 
   /** Into the bridge, then drop the maker's reference. */
-  private forward(pkt: Packet): void {
+  private forward(pkt: Packet, now: number): void {
     if (this.pcap !== null) this.capture(pkt);
-    if (this.bridge !== null) this.bridge.input(this, pkt);
+    if (this.bridge !== null) this.bridge.input(this, pkt, now);
     this.set.pool.release(pkt);
   }
 
@@ -526,9 +535,8 @@ export class Netback implements BridgePort {
   }
 
   /** tx_credit_exceeded: refill the credit each interval; a packet larger than what is left waits for the timer. */
-  private creditExceeded(q: NetbackQueue, size: number): boolean {
+  private creditExceeded(q: NetbackQueue, size: number, now: number): boolean {
     if (!Number.isFinite(q.creditBytes)) return false;
-    const now = performance.now();
     if (now >= q.nextCreditMs) {
       const burst = Math.max(q.creditBytes, MAX_BURST_BYTES);
       q.remainingCredit = Math.min(q.remainingCredit + q.creditBytes, burst);
@@ -693,6 +701,13 @@ export class Netback implements BridgePort {
     this.set.dirty(q);
   }
 
+  /** Push what was answered on both rings so far and signal where the frontend asked for it. */
+  push(q: NetbackQueue): void {
+    const intr = this.set.intr;
+    if (q.txDirty && q.txRing !== null && q.txRing.pushResponses() && q.txIh !== null) intr.intrSignal(q.txIh);
+    if (q.rxDirty && q.rxRing !== null && q.rxRing.pushResponses() && q.rxIh !== null) intr.intrSignal(q.rxIh);
+  }
+
   /** Push what was answered on both rings and signal where the frontend asked for it. */
   flush(q: NetbackQueue): void {
     const intr = this.set.intr;
@@ -730,10 +745,12 @@ export class Netback implements BridgePort {
   /** A GSO frame for a frontend that did not ask for GSO: cut in dom0, each segment queued as a frame of its own. */
   private deliverSegments(pkt: Packet): void {
     this.segHash = pkt.hash;
+    this.segQueuedAtMs = pkt.queuedAtMs;
     if (!this.set.pool.unoffload(pkt, this.segmentIn)) this.rxUnavailable(pkt);
   }
 
   private segHash = 0;
+  private segQueuedAtMs = 0;
   private readonly segmentIn = (frame: Uint8Array): void => {
     const pool = this.set.pool;
     const p = pool.get(null);
@@ -749,6 +766,7 @@ export class Netback implements BridgePort {
     p.header.set(frame.subarray(0, p.headerLen));
     p.dataValidated = true;
     p.hash = this.segHash;
+    p.queuedAtMs = this.segQueuedAtMs;
     if (this.canSg || p.len <= PAGE_SIZE) this.enqueue(p);
     else this.stats.txDropped++;
     pool.release(p);
@@ -763,7 +781,6 @@ export class Netback implements BridgePort {
       return;
     }
     pkt.refs++;
-    pkt.queuedAtMs = performance.now();
     q.rxq[(q.rxqHead + q.rxqCount) % q.rxq.length] = pkt;
     q.rxqCount++;
     q.rxqBytes += pkt.len;
@@ -1108,6 +1125,14 @@ export class NetbackSet {
   dirty(q: NetbackQueue): void {
     this.dirtyQueues.push(q);
     this.scheduleFlush();
+  }
+
+  /** Mid-pass: push every queue's answers so far (flush still ends the turn). */
+  pushDirty(): void {
+    for (let i = 0; i < this.dirtyQueues.length; i++) {
+      const q = this.dirtyQueues[i]!;
+      q.vif.push(q);
+    }
   }
 
   scheduleFlush(): void {

@@ -151,7 +151,9 @@ function mapOne(caller: Domain, op: gnttab_map_grant_ref, lookup: DomainLookup):
   const gen = Atomics.add(caller.ctl, mt + MT_GEN, 1) + 1;
   Atomics.store(caller.ctl, mt + MT_FLAGS, MT_INUSE | op.flags);
   const ctl = caller.ctl;
-  const page = new FramePage(rd.mem, frame, !readonly, () => Atomics.load(ctl, mt + MT_GEN) === gen);
+  // Consulted on every access to the page: a plain load, since only this
+  // thread's unmap (or its domain's death) moves the generation on.
+  const page = new FramePage(rd.mem, frame, !readonly, () => ctl[mt + MT_GEN] === gen);
   op.page = readonly ? new ReadOnlyPage(page) : page;
   op.handle = handle;
   op.dev_bus_addr = BigInt(frame) << 12n;
@@ -225,40 +227,94 @@ export function unmapAll(d: Domain, lookup: DomainLookup): void {
   }
 }
 
-/** One side of a copy, as copySide found it; two of them are reused by every copy (no allocation per packet). */
-type CopySide = { d: Domain | null; frame: number; ref: number; pinned: boolean; readonly: boolean };
-const copySrc: CopySide = { d: null, frame: 0, ref: 0, pinned: false, readonly: true };
-const copyDst: CopySide = { d: null, frame: 0, ref: 0, pinned: false, readonly: false };
+/**
+ * One side of a copy as resolve() found it; two of them are reused by every
+ * copy (no allocation per packet). `set` holds the GTF_* bits the copy set on
+ * the entry and must clear again.
+ */
+type CopySide = { d: Domain | null; frame: number; ref: number; byRef: boolean; readonly: boolean; set: number };
+const copySrc: CopySide = { d: null, frame: 0, ref: 0, byRef: false, readonly: true, set: 0 };
+const copyDst: CopySide = { d: null, frame: 0, ref: 0, byRef: false, readonly: false, set: 0 };
 
-/** Check and pin one side of a copy into `side`; GNTST_okay or the failure. */
-function copySide(caller: Domain, ptr: gnttab_copy_ptr, byRef: boolean, side: CopySide, lookup: DomainLookup): number {
+/** Find one side's domain, and its frame when it names one; GNTST_okay or the failure. */
+function resolve(caller: Domain, ptr: gnttab_copy_ptr, byRef: boolean, side: CopySide, lookup: DomainLookup): number {
   const d = ptr.domid === DOMID_SELF ? caller : lookup(ptr.domid);
   if (d === undefined || d.state === 'dead') return GNTST_bad_domain;
   side.d = d;
-  side.pinned = false;
-  if (!byRef) {
-    // As Xen: copy by frame number only for one's own memory.
-    if (d !== caller) return GNTST_permission_denied;
-    if (!Number.isInteger(ptr.u.gmfn) || ptr.u.gmfn < 0 || ptr.u.gmfn >= d.nrPages) return GNTST_bad_page;
-    side.frame = ptr.u.gmfn;
+  side.byRef = byRef;
+  side.set = 0;
+  if (byRef) {
+    side.ref = ptr.u.ref;
     return GNTST_okay;
   }
-  lock(d.ctl, D.lockGnttab);
-  const frame = acquire(d, ptr.u.ref, caller.domid, side.readonly);
-  unlock(d.ctl, D.lockGnttab);
-  if (frame < 0) return frame;
-  side.frame = frame;
-  side.ref = ptr.u.ref;
-  side.pinned = true;
+  // As Xen: copy by frame number only for one's own memory.
+  if (d !== caller) return GNTST_permission_denied;
+  if (!Number.isInteger(ptr.u.gmfn) || ptr.u.gmfn < 0 || ptr.u.gmfn >= d.nrPages) return GNTST_bad_page;
+  side.frame = ptr.u.gmfn;
   return GNTST_okay;
 }
 
-function unpin(side: CopySide): void {
-  if (!side.pinned) return;
-  side.pinned = false;
-  lock(side.d!.ctl, D.lockGnttab);
-  release(side.d!, side.ref, side.readonly);
-  unlock(side.d!.ctl, D.lockGnttab);
+/**
+ * Check a granted side and mark its entry in use, with its granter's grant
+ * lock held. A copy keeps that lock until its bytes are moved, so unlike a
+ * mapping it takes no pin: the GTF_reading (and GTF_writing) it sets, where
+ * no pin set them already, are what the granter sees of it, and release()
+ * cannot clear them under it. Checks as acquire(); GNTST_okay or the failure.
+ */
+function claim(side: CopySide, mapper: number): number {
+  if (!side.byRef) return GNTST_okay;
+  const rd = side.d!;
+  const ref = side.ref;
+  if (!Number.isInteger(ref) || ref < 0 || ref >= nrEntries(rd)) return GNTST_bad_gntref;
+  const u32 = rd.mem.u32;
+  const w = entryWord(rd, ref);
+  const want = GTF_reading | (side.readonly ? 0 : GTF_writing);
+  for (let tries = 0; ; tries++) {
+    const old = Atomics.load(u32, w);
+    const flags = old & 0xffff;
+    if ((flags & GTF_type_mask) !== GTF_permit_access || old >>> 16 !== mapper) return GNTST_general_error;
+    if (!side.readonly && (flags & GTF_readonly) !== 0) return GNTST_general_error;
+    const set = want & ~flags;
+    if (set === 0 || Atomics.compareExchange(u32, w, old, (old | set) >>> 0) === old) {
+      side.set = set;
+      break;
+    }
+    if (tries === 4) return GNTST_general_error;
+  }
+  const frame = Atomics.load(u32, w + (FRAME >> 2));
+  if (frame >= rd.nrPages) {
+    unclaim(side);
+    return GNTST_bad_page;
+  }
+  side.frame = frame;
+  return GNTST_okay;
+}
+
+/** Clear what claim() set. */
+function unclaim(side: CopySide): void {
+  if (side.set === 0) return;
+  Atomics.and(side.d!.mem.u32, entryWord(side.d!, side.ref), ~side.set);
+  side.set = 0;
+}
+
+/** The grant locks a copy needs: each granting side's domain once, the lower domid first. */
+function lockSides(src: CopySide, dst: CopySide): void {
+  const a = src.byRef ? src.d : null;
+  const b = dst.byRef && dst.d !== a ? dst.d : null;
+  if (a !== null && b !== null && b.domid < a.domid) {
+    lock(b.ctl, D.lockGnttab);
+    lock(a.ctl, D.lockGnttab);
+  } else {
+    if (a !== null) lock(a.ctl, D.lockGnttab);
+    if (b !== null) lock(b.ctl, D.lockGnttab);
+  }
+}
+
+function unlockSides(src: CopySide, dst: CopySide): void {
+  const a = src.byRef ? src.d : null;
+  const b = dst.byRef && dst.d !== a ? dst.d : null;
+  if (b !== null) unlock(b.ctl, D.lockGnttab);
+  if (a !== null) unlock(a.ctl, D.lockGnttab);
 }
 
 /**
@@ -308,21 +364,23 @@ function copyOne(caller: Domain, op: gnttab_copy, lookup: DomainLookup): void {
   }
   const src = copySrc;
   const dst = copyDst;
-  const srcStatus = copySide(caller, source, (op.flags & GNTCOPY_source_gref) !== 0, src, lookup);
+  const srcStatus = resolve(caller, source, (op.flags & GNTCOPY_source_gref) !== 0, src, lookup);
   if (srcStatus !== GNTST_okay) {
     op.status = srcStatus;
     return;
   }
-  const dstStatus = copySide(caller, dest, (op.flags & GNTCOPY_dest_gref) !== 0, dst, lookup);
-  if (dstStatus !== GNTST_okay) {
-    unpin(src);
-    op.status = dstStatus;
-    return;
-  }
-  copyBytes(src.d!.mem, src.frame * PAGE_SIZE + source.offset, dst.d!.mem, dst.frame * PAGE_SIZE + dest.offset, len);
-  unpin(dst);
-  unpin(src);
-  op.status = GNTST_okay;
+  // The source is judged whole before the destination, as in Xen.
+  const dstStatus = resolve(caller, dest, (op.flags & GNTCOPY_dest_gref) !== 0, dst, lookup);
+  if (dstStatus !== GNTST_okay) dst.byRef = false;
+  lockSides(src, dst);
+  let status = claim(src, caller.domid);
+  if (status === GNTST_okay) status = dstStatus;
+  if (status === GNTST_okay) status = claim(dst, caller.domid);
+  if (status === GNTST_okay) copyBytes(src.d!.mem, src.frame * PAGE_SIZE + source.offset, dst.d!.mem, dst.frame * PAGE_SIZE + dest.offset, len);
+  unclaim(dst);
+  unclaim(src);
+  unlockSides(src, dst);
+  op.status = status;
 }
 
 /** What a domain holds in grant tables: entries it grants, of those pinned by a mapper, and mappings it holds of others' grants. */
