@@ -7,7 +7,7 @@ import { formatWithOptions } from 'node:util';
 import { XenError } from '../errors.js';
 import type { XenStore } from '../xenstore/xenstore.js';
 import { shutdown, type XenDevice, type XenSoftc } from '../xen/xen.js';
-import { xbfDisks, type XbfFeatures, type XbfSoftc } from '../drivers/xbf/xbf.js';
+import { xbfDisks, type XbfErrorMap, type XbfFeatures, type XbfSoftc } from '../drivers/xbf/xbf.js';
 import { readPartitionTable, type PartitionTable } from './partition.js';
 import { netInterfaces, type NetInterface } from './net.js';
 import { vcpusOnline } from '../xen/cpu.js';
@@ -53,6 +53,10 @@ function diskError(err: unknown, op: DiskOp, lba: number, count: number): DiskEr
  * are in `sectorSize` units. Every failure is a DiskError.
  */
 export class Disk {
+  // Made once: a transfer's promise rejects with the DiskError itself, with no .catch (and promise) per call.
+  private readonly readError: XbfErrorMap = (err, lba, count) => diskError(err, 'read', lba, count);
+  private readonly writeError: XbfErrorMap = (err, lba, count) => diskError(err, 'write', lba, count);
+
   constructor(private readonly xbf: XbfSoftc) {}
 
   /** device/vbd/<devid> */
@@ -88,11 +92,14 @@ export class Disk {
   }
   /** Read into `into` (whole sectors) instead of a new array. */
   readInto(lba: number, into: Uint8Array): Promise<void> {
-    return this.xbf.readInto(lba, into).catch((err: unknown) => Promise.reject(diskError(err, 'read', lba, into.length / this.sectorSize)));
+    return this.xbf.readInto(lba, into, this.readError);
   }
   /** With `fua`, the data is on stable storage when the promise resolves. */
-  write(lba: number, data: Uint8Array, opts: { fua?: boolean } = {}): Promise<void> {
-    return this.xbf.write(lba, data, opts).catch((err: unknown) => Promise.reject(diskError(err, 'write', lba, data.length / this.sectorSize)));
+  write(lba: number, data: Uint8Array, opts?: { fua?: boolean }): Promise<void> {
+    if (opts?.fua === true) {
+      return this.xbf.write(lba, data, opts).catch((err: unknown) => Promise.reject(diskError(err, 'write', lba, data.length / this.sectorSize)));
+    }
+    return this.xbf.write(lba, data, undefined, this.writeError);
   }
   flush(): Promise<void> {
     return this.xbf.flush().catch((err: unknown) => Promise.reject(diskError(err, 'flush', 0, 0)));

@@ -69,6 +69,8 @@ const XBF_MAX_BUFFER_PAGES = 4096;
 const XBF_CONNECT_TIMEOUT_MS = 30_000;
 const XBF_RECONNECT_TIMEOUT_MS = 30_000;
 const XBF_MAX_QUEUED = 4096;
+/** Settled transfers kept for reuse (io()): a queue depth's worth, so steady I/O allocates none. */
+const XBF_IO_POOL = 256;
 /** What a transfer of no bytes returns. */
 const RESOLVED: Promise<void> = Promise.resolve();
 /** Frontend nodes of a connection, removed before the next one publishes its own. */
@@ -232,6 +234,18 @@ export function bioCreate(op: number, sector: number, data: Uint8Array | null, n
   return { op, sector, data, nrSectors, flag, done, next: 0, inflight: 0, error: null, status: BLKIF_RSP_OKAY, raw: null };
 }
 
+/**
+ * Words a failed transfer's error as the caller's API promises it (a guest
+ * Disk's DiskError), from the disk sectors it asked for; made once per
+ * caller, so a transfer carries no closure of its own.
+ */
+export type XbfErrorMap = (err: XenError, lba: number, count: number) => Error;
+
+/** A transfer io() made and the promise it settles; back in the pool once settled. */
+type XbfIo = { bio: XbfBio; resolve: () => void; reject: (err: Error) => void; mapError: XbfErrorMap | null };
+
+function noop(): void {}
+
 function bioIssued(bio: XbfBio): boolean {
   return bio.data === null ? bio.next > 0 : bio.next >= bio.data.length;
 }
@@ -329,6 +343,14 @@ export class XbfSoftc {
   private idleWaiters: Array<() => void> = [];
   private seq = 0;
   private nextQueue = 0;
+  /** Settled io() transfers, for reuse. */
+  private readonly ioPool: XbfIo[] = [];
+  /** A push of the rings is queued as a microtask (see strategy). */
+  private pushQueued = false;
+  private readonly pushLater = (): void => {
+    this.pushQueued = false;
+    this.push();
+  };
 
   constructor(
     readonly sc: XenSoftc,
@@ -365,28 +387,28 @@ export class XbfSoftc {
    * promise io() makes is the only one per transfer (random 4 KiB I/O spends
    * a good part of its guest time on promises).
    */
-  readInto(lba: number, into: Uint8Array): Promise<void> {
+  readInto(lba: number, into: Uint8Array, mapError: XbfErrorMap | null = null): Promise<void> {
     try {
       this.checkData(into);
       this.checkRange(lba, into.length / this.sectorSize);
     } catch (err) {
-      return Promise.reject(err);
+      return Promise.reject(mapError === null ? err : mapError(err as XenError, lba, into.length / this.sectorSize));
     }
-    return into.length > 0 ? this.io(BLKIF_OP_READ, lba * this.ratio, into) : RESOLVED;
+    return into.length > 0 ? this.io(BLKIF_OP_READ, lba * this.ratio, into, 0, 0, mapError) : RESOLVED;
   }
 
   // xbf_scsi_cmd WRITE. FUA: a barrier write when the backend only has
   // barriers, else (feature-flush-cache) the write and then a flush.
-  write(lba: number, data: Uint8Array, opts: { fua?: boolean } = {}): Promise<void> {
+  write(lba: number, data: Uint8Array, opts: { fua?: boolean } = {}, mapError: XbfErrorMap | null = null): Promise<void> {
     try {
       this.checkData(data);
       this.checkRange(lba, data.length / this.sectorSize);
       if (this.readOnly) throw new XenError('EROFS', `${this.name}: read-only disk`);
     } catch (err) {
-      return Promise.reject(err);
+      return Promise.reject(mapError === null ? err : mapError(err as XenError, lba, data.length / this.sectorSize));
     }
     if (data.length === 0) return RESOLVED;
-    if (opts.fua !== true) return this.io(BLKIF_OP_WRITE, lba * this.ratio, data);
+    if (opts.fua !== true) return this.io(BLKIF_OP_WRITE, lba * this.ratio, data, 0, 0, mapError);
     if (this.features.barrier && !this.features.flushCache) return this.io(BLKIF_OP_WRITE_BARRIER, lba * this.ratio, data);
     return this.io(BLKIF_OP_WRITE, lba * this.ratio, data).then(() => this.flush());
   }
@@ -423,10 +445,46 @@ export class XbfSoftc {
     }
   }
 
-  private io(op: number, sector: number, data: Uint8Array | null, nrSectors = 0, flag = 0): Promise<void> {
+  /**
+   * One transfer and its promise, the only allocation per transfer: the
+   * transfer itself comes from the pool (its done callback made once, with it).
+   */
+  private io(op: number, sector: number, data: Uint8Array | null, nrSectors = 0, flag = 0, mapError: XbfErrorMap | null = null): Promise<void> {
+    const io = this.ioPool.pop() ?? this.ioCreate();
+    const bio = io.bio;
+    bio.op = op;
+    bio.sector = sector;
+    bio.data = data;
+    bio.nrSectors = nrSectors;
+    bio.flag = flag;
+    bio.next = 0;
+    bio.inflight = 0;
+    bio.error = null;
+    bio.status = BLKIF_RSP_OKAY;
+    io.mapError = mapError;
     return new Promise((resolve, reject) => {
-      this.strategy(bioCreate(op, sector, data, nrSectors, flag, (err) => (err === null ? resolve() : reject(err))));
+      io.resolve = resolve;
+      io.reject = reject;
+      this.strategy(bio);
     });
+  }
+
+  private ioCreate(): XbfIo {
+    const io: XbfIo = { bio: bioCreate(BLKIF_OP_READ, 0, null, 0, 0, (err) => this.ioDone(io, err)), resolve: noop, reject: noop, mapError: null };
+    return io;
+  }
+
+  /** A transfer of io() is done: back to the pool (done runs once per transfer), then its promise settles. */
+  private ioDone(io: XbfIo, err: XenError | null): void {
+    const { bio, resolve, reject, mapError } = io;
+    const lba = bio.sector / this.ratio;
+    const count = bio.data === null ? bio.nrSectors / this.ratio : bio.data.length / this.sectorSize;
+    bio.data = null;
+    io.resolve = io.reject = noop;
+    io.mapError = null;
+    if (this.ioPool.length < XBF_IO_POOL) this.ioPool.push(io);
+    if (err === null) resolve();
+    else reject(mapError === null ? err : mapError(err, lba, count));
   }
 
   // --- datapath ------------------------------------------------------------------
@@ -441,11 +499,15 @@ export class XbfSoftc {
     }
     if (this.pending.length >= XBF_MAX_QUEUED) return bio.done(new XenError('EAGAIN', `${this.name}: ${XBF_MAX_QUEUED} transfers queued`));
     this.pending.push(bio);
-    this.dispatch();
+    // On the ring now, pushed once the caller's run of transfers is out: the
+    // callers resumed by one interrupt all issue before the microtask runs,
+    // so the backend gets them as one batch and one event (as blk-mq's
+    // commit_rqs), not one index update and event per transfer.
+    this.dispatch(false);
   }
 
-  /** Put queued transfers on the rings while ccbs are free, then push each ring once. */
-  private dispatch(): void {
+  /** Put queued transfers on the rings while ccbs are free, then push each ring once (now, or in a microtask). */
+  private dispatch(pushNow = true): void {
     if (this.state !== 'connected') return;
     while (this.pending.length > 0) {
       const q = this.freeQueue();
@@ -465,6 +527,15 @@ export class XbfSoftc {
       }
       if (bioIssued(bio)) this.pending.shift();
     }
+    if (pushNow) this.push();
+    else if (!this.pushQueued) {
+      this.pushQueued = true;
+      queueMicrotask(this.pushLater);
+    }
+  }
+
+  /** Publish the requests put on each ring, and signal a backend that asked to be told. */
+  private push(): void {
     for (const q of this.queues) {
       if (!q.dirty) continue;
       q.dirty = false;
