@@ -44,8 +44,8 @@ export class MemoryViews {
   }
 }
 
-/** Reads up to this long copy byte by byte; past about 32 bytes one subarray and set() is faster. */
-const SHORT_READ_BYTES = 24;
+/** Reads and writes up to this long copy byte by byte; past about 32 bytes one subarray and set() is faster. */
+const SHORT_COPY_BYTES = 24;
 
 function checkSpan(offset: number, length: number): void {
   if (!Number.isInteger(offset) || offset < 0 || length < 0 || offset + length > PAGE_SIZE) {
@@ -105,11 +105,16 @@ export class FramePage implements Page {
     const at = this.enter(offset, n, false);
     const u8 = this.mem.u8;
     // A netif slot is 8 or 12 bytes: copying them costs less than the view set() needs.
-    if (n > SHORT_READ_BYTES) return into.set(u8.subarray(at, at + n));
+    if (n > SHORT_COPY_BYTES) return into.set(u8.subarray(at, at + n));
     for (let i = 0; i < n; i++) into[i] = u8[at + i]!;
   }
   write(offset: number, from: Uint8Array): void {
-    this.mem.u8.set(from, this.enter(offset, from.length, true));
+    const n = from.length;
+    const at = this.enter(offset, n, true);
+    const u8 = this.mem.u8;
+    // A netif response is 4 or 8 bytes: as read(), a loop beats set() there.
+    if (n > SHORT_COPY_BYTES) return u8.set(from, at);
+    for (let i = 0; i < n; i++) u8[at + i] = from[i]!;
   }
   /** The page's bytes as a view; see pageBytes. */
   bytes(): Uint8Array {
