@@ -787,7 +787,7 @@ export class Netback implements BridgePort {
     q.rxq[(q.rxqHead + q.rxqCount) % q.rxq.length] = pkt;
     q.rxqCount++;
     q.rxqBytes += pkt.len;
-    this.rxAction(q);
+    this.rxAction(q, pkt.queuedAtMs);
   }
 
   /** Whether the frame must reach this guest with its checksum filled in. */
@@ -798,7 +798,7 @@ export class Netback implements BridgePort {
   }
 
   /** xenvif_rx_action: move queued frames into the buffers the frontend posted. */
-  rxAction(q: NetbackQueue): void {
+  rxAction(q: NetbackQueue, now = performance.now()): void {
     const ring = q.rxRing;
     if (ring === null) return;
     let moved = false;
@@ -810,9 +810,8 @@ export class Netback implements BridgePort {
       this.set.pool.release(pkt);
       moved = true;
     }
-    // Once per batch: the clock is a call into the runtime.
     if (moved) {
-      q.lastRxMs = performance.now();
+      q.lastRxMs = now;
       q.stalled = false;
     }
     if (ring.error !== undefined) this.disable(ring.error.message);

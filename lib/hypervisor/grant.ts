@@ -150,10 +150,7 @@ function mapOne(caller: Domain, op: gnttab_map_grant_ref, lookup: DomainLookup):
   caller.ctl[mt + MT_REF] = op.ref;
   const gen = Atomics.add(caller.ctl, mt + MT_GEN, 1) + 1;
   Atomics.store(caller.ctl, mt + MT_FLAGS, MT_INUSE | op.flags);
-  const ctl = caller.ctl;
-  // Consulted on every access to the page: a plain load, since only this
-  // thread's unmap (or its domain's death) moves the generation on.
-  const page = new FramePage(rd.mem, frame, !readonly, () => ctl[mt + MT_GEN] === gen);
+  const page = new FramePage(rd.mem, frame, !readonly, { words: caller.ctl, index: mt + MT_GEN, value: gen });
   op.page = readonly ? new ReadOnlyPage(page) : page;
   op.handle = handle;
   op.dev_bus_addr = BigInt(frame) << 12n;
@@ -239,7 +236,7 @@ const copyDst: CopySide = { d: null, frame: 0, ref: 0, byRef: false, readonly: f
 /** Find one side's domain, and its frame when it names one; GNTST_okay or the failure. */
 function resolve(caller: Domain, ptr: gnttab_copy_ptr, byRef: boolean, side: CopySide, lookup: DomainLookup): number {
   const d = ptr.domid === DOMID_SELF ? caller : lookup(ptr.domid);
-  if (d === undefined || d.state === 'dead') return GNTST_bad_domain;
+  if (d === undefined || d.dead) return GNTST_bad_domain;
   side.d = d;
   side.byRef = byRef;
   side.set = 0;

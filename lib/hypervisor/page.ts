@@ -54,8 +54,15 @@ function checkSpan(offset: number, length: number): void {
 }
 
 /**
- * A page at a guest frame number. `live()` is consulted on every access so a
- * grant mapping can be revoked by unmap without the holder's cooperation.
+ * What keeps a grant mapping's page usable: the page is live while
+ * `words[index]` still holds `value`; unmapping moves the word on.
+ */
+export type Liveness = { readonly words: Int32Array; readonly index: number; readonly value: number };
+
+/**
+ * A page at a guest frame number. A grant mapping's page checks its
+ * liveness on every access, so that unmap revokes it without the holder's
+ * cooperation.
  */
 export class FramePage implements Page {
   private readonly base: number;
@@ -64,10 +71,16 @@ export class FramePage implements Page {
     private readonly mem: MemoryViews,
     readonly gfn: number,
     readonly writable: boolean,
-    private readonly live: () => boolean = () => true,
+    private readonly mapping: Liveness | null = null,
   ) {
     if (!Number.isInteger(gfn) || gfn < 0 || gfn >= mem.nrPages) throw new XenError('EFAULT', `gfn ${gfn} out of range`);
     this.base = gfn * PAGE_SIZE;
+  }
+
+  // A plain load: only the mapping thread's own unmap (or its domain's death) moves the word on.
+  private live(): boolean {
+    const m = this.mapping;
+    return m === null || m.words[m.index] === m.value;
   }
 
   private enter(offset: number, length: number, store: boolean): number {
