@@ -704,14 +704,14 @@ export class Netback implements BridgePort {
     this.set.dirty(q);
   }
 
-  /** Push what was answered on both rings so far and signal where the frontend asked for it. */
+  /** Mid-pass: push what was answered on both rings so far and signal where the frontend asked for it. */
   push(q: NetbackQueue): void {
     const intr = this.set.intr;
     if (q.txDirty && q.txRing !== null && q.txRing.pushResponses() && q.txIh !== null) intr.intrSignal(q.txIh);
     if (q.rxDirty && q.rxRing !== null && q.rxRing.pushResponses() && q.rxIh !== null) intr.intrSignal(q.rxIh);
   }
 
-  /** Push what was answered on both rings and signal where the frontend asked for it. */
+  /** End of the turn: push what was answered on both rings, signal where the frontend asked, and take requests the answers made room for. */
   flush(q: NetbackQueue): void {
     const intr = this.set.intr;
     if (q.txDirty) {
