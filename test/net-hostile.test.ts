@@ -33,12 +33,18 @@ export async function main(guest) {
   }
   // The first disabled vif's frontend gives up on it: netback lets go of its rings.
   await guest.xenstore.write(xs[0].dev.path + '/state', '5');
-  // An RX buffer dom0 may not write: disabled when a frame arrives for it.
-  const rxq = xs[7].queues[0];
+  // RX buffers dom0 may not write: disabled when a frame arrives for one.
+  // Every request posted and not yet answered (from the shared rsp_prod on)
+  // names a grant that is not there, so whichever netback takes next is bad,
+  // however far it got (the ring need not be full): the peer's first
+  // broadcast meets a bad grant.
+  const ring = xs[7].queues[0].rx.ring;
   const b = new Uint8Array(8), v = new DataView(b.buffer);
-  v.setUint16(0, rxq.rx.ring.reqProd & 255, true); v.setUint32(4, 30001, true);
-  rxq.rx.ring.slot(rxq.rx.ring.reqProd).page.write(rxq.rx.ring.slot(rxq.rx.ring.reqProd).offset, b);
-  // That slot holds the request netback takes next: the peer's first broadcast meets the bad grant.
+  for (let i = ring.sharedIndices().rsp_prod; i !== ring.reqProd; i = (i + 1) >>> 0) {
+    v.setUint16(0, i & 255, true); v.setUint32(4, 30001, true);
+    const s = ring.slot(i);
+    s.page.write(s.offset, b);
+  }
   const [n] = guest.nets().slice(8);
   const peer = Uint8Array.from([0x00, 0x16, 0x3e, 0, 1, 2]);
   await meet(n, peer);

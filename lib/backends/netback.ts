@@ -479,14 +479,17 @@ export class Netback implements BridgePort {
     const ring = q.txRing;
     if (ring === null || !this.serving()) return;
     const pool = this.set.pool;
-    // Every 64 frames: one clock reading, which the bridge stamps on each
-    // frame, and a push of what was answered so far, so that the frontends
-    // take their TX answers and RX frames (and post more) while this pass
-    // goes on instead of after it.
+    // Every half ring of frames: one clock reading, which the bridge stamps
+    // on each frame, and a push of what was answered so far, so that the
+    // frontends take their TX answers and RX frames (and post more) while
+    // this pass goes on instead of after it. (Pushing every quarter ring
+    // woke the guests twice as often for less: `node dist/bench/profile.js
+    // net 64` 0.84 Mpps against 0.98; only at the end of a pass, 0.66.)
+    const every = (ring.size >> 1) - 1;
     let now = 0;
     for (let n = 0; ; n++) {
       if (!this.serving()) return;
-      if ((n & 63) === 0) {
+      if ((n & every) === 0) {
         now = performance.now();
         if (n !== 0) this.set.pushDirty();
       }
@@ -701,14 +704,14 @@ export class Netback implements BridgePort {
     this.set.dirty(q);
   }
 
-  /** Push what was answered on both rings so far and signal where the frontend asked for it. */
+  /** Mid-pass: push what was answered on both rings so far and signal where the frontend asked for it. */
   push(q: NetbackQueue): void {
     const intr = this.set.intr;
     if (q.txDirty && q.txRing !== null && q.txRing.pushResponses() && q.txIh !== null) intr.intrSignal(q.txIh);
     if (q.rxDirty && q.rxRing !== null && q.rxRing.pushResponses() && q.rxIh !== null) intr.intrSignal(q.rxIh);
   }
 
-  /** Push what was answered on both rings and signal where the frontend asked for it. */
+  /** End of the turn: push what was answered on both rings, signal where the frontend asked, and take requests the answers made room for. */
   flush(q: NetbackQueue): void {
     const intr = this.set.intr;
     if (q.txDirty) {
@@ -784,7 +787,7 @@ export class Netback implements BridgePort {
     q.rxq[(q.rxqHead + q.rxqCount) % q.rxq.length] = pkt;
     q.rxqCount++;
     q.rxqBytes += pkt.len;
-    this.rxAction(q);
+    this.rxAction(q, pkt.queuedAtMs);
   }
 
   /** Whether the frame must reach this guest with its checksum filled in. */
@@ -795,7 +798,7 @@ export class Netback implements BridgePort {
   }
 
   /** xenvif_rx_action: move queued frames into the buffers the frontend posted. */
-  rxAction(q: NetbackQueue): void {
+  rxAction(q: NetbackQueue, now = performance.now()): void {
     const ring = q.rxRing;
     if (ring === null) return;
     let moved = false;
@@ -807,9 +810,8 @@ export class Netback implements BridgePort {
       this.set.pool.release(pkt);
       moved = true;
     }
-    // Once per batch: the clock is a call into the runtime.
     if (moved) {
-      q.lastRxMs = performance.now();
+      q.lastRxMs = now;
       q.stalled = false;
     }
     if (ring.error !== undefined) this.disable(ring.error.message);

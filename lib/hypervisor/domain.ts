@@ -93,6 +93,12 @@ export class Domain {
     return domainStateNames[Atomics.load(this.ctl, D.state)] ?? 'dead';
   }
 
+  /** state === 'dead' without the name: a grant copy asks it of each side. */
+  get dead(): boolean {
+    const s = Atomics.load(this.ctl, D.state);
+    return !(s >= DomainState.free && s < DomainState.dead);
+  }
+
   get nrPages(): number {
     return this.ctl[D.nrPages] ?? 0;
   }

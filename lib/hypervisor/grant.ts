@@ -150,10 +150,7 @@ function mapOne(caller: Domain, op: gnttab_map_grant_ref, lookup: DomainLookup):
   caller.ctl[mt + MT_REF] = op.ref;
   const gen = Atomics.add(caller.ctl, mt + MT_GEN, 1) + 1;
   Atomics.store(caller.ctl, mt + MT_FLAGS, MT_INUSE | op.flags);
-  const ctl = caller.ctl;
-  // Consulted on every access to the page: a plain load, since only this
-  // thread's unmap (or its domain's death) moves the generation on.
-  const page = new FramePage(rd.mem, frame, !readonly, () => ctl[mt + MT_GEN] === gen);
+  const page = new FramePage(rd.mem, frame, !readonly, { words: caller.ctl, index: mt + MT_GEN, value: gen });
   op.page = readonly ? new ReadOnlyPage(page) : page;
   op.handle = handle;
   op.dev_bus_addr = BigInt(frame) << 12n;
@@ -232,14 +229,14 @@ export function unmapAll(d: Domain, lookup: DomainLookup): void {
  * copy (no allocation per packet). `set` holds the GTF_* bits the copy set on
  * the entry and must clear again.
  */
-type CopySide = { d: Domain | null; frame: number; ref: number; byRef: boolean; readonly: boolean; set: number };
-const copySrc: CopySide = { d: null, frame: 0, ref: 0, byRef: false, readonly: true, set: 0 };
-const copyDst: CopySide = { d: null, frame: 0, ref: 0, byRef: false, readonly: false, set: 0 };
+type CopySide = { d: Domain | null; frame: number; ref: number; byRef: boolean; readonly: boolean; word: number; set: number };
+const copySrc: CopySide = { d: null, frame: 0, ref: 0, byRef: false, readonly: true, word: 0, set: 0 };
+const copyDst: CopySide = { d: null, frame: 0, ref: 0, byRef: false, readonly: false, word: 0, set: 0 };
 
 /** Find one side's domain, and its frame when it names one; GNTST_okay or the failure. */
 function resolve(caller: Domain, ptr: gnttab_copy_ptr, byRef: boolean, side: CopySide, lookup: DomainLookup): number {
   const d = ptr.domid === DOMID_SELF ? caller : lookup(ptr.domid);
-  if (d === undefined || d.state === 'dead') return GNTST_bad_domain;
+  if (d === undefined || d.dead) return GNTST_bad_domain;
   side.d = d;
   side.byRef = byRef;
   side.set = 0;
@@ -268,6 +265,7 @@ function claim(side: CopySide, mapper: number): number {
   if (!Number.isInteger(ref) || ref < 0 || ref >= nrEntries(rd)) return GNTST_bad_gntref;
   const u32 = rd.mem.u32;
   const w = entryWord(rd, ref);
+  side.word = w;
   const want = GTF_reading | (side.readonly ? 0 : GTF_writing);
   for (let tries = 0; ; tries++) {
     const old = Atomics.load(u32, w);
@@ -293,7 +291,7 @@ function claim(side: CopySide, mapper: number): number {
 /** Clear what claim() set. */
 function unclaim(side: CopySide): void {
   if (side.set === 0) return;
-  Atomics.and(side.d!.mem.u32, entryWord(side.d!, side.ref), ~side.set);
+  Atomics.and(side.d!.mem.u32, side.word, ~side.set);
   side.set = 0;
 }
 

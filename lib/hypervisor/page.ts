@@ -44,8 +44,8 @@ export class MemoryViews {
   }
 }
 
-/** Reads up to this long copy byte by byte; past about 32 bytes one subarray and set() is faster. */
-const SHORT_READ_BYTES = 24;
+/** Reads and writes up to this long copy byte by byte; past about 32 bytes one subarray and set() is faster. */
+const SHORT_COPY_BYTES = 24;
 
 function checkSpan(offset: number, length: number): void {
   if (!Number.isInteger(offset) || offset < 0 || length < 0 || offset + length > PAGE_SIZE) {
@@ -54,8 +54,15 @@ function checkSpan(offset: number, length: number): void {
 }
 
 /**
- * A page at a guest frame number. `live()` is consulted on every access so a
- * grant mapping can be revoked by unmap without the holder's cooperation.
+ * What keeps a grant mapping's page usable: the page is live while
+ * `words[index]` still holds `value`; unmapping moves the word on.
+ */
+export type Liveness = { readonly words: Int32Array; readonly index: number; readonly value: number };
+
+/**
+ * A page at a guest frame number. A grant mapping's page checks its
+ * liveness on every access, so that unmap revokes it without the holder's
+ * cooperation.
  */
 export class FramePage implements Page {
   private readonly base: number;
@@ -64,10 +71,16 @@ export class FramePage implements Page {
     private readonly mem: MemoryViews,
     readonly gfn: number,
     readonly writable: boolean,
-    private readonly live: () => boolean = () => true,
+    private readonly mapping: Liveness | null = null,
   ) {
     if (!Number.isInteger(gfn) || gfn < 0 || gfn >= mem.nrPages) throw new XenError('EFAULT', `gfn ${gfn} out of range`);
     this.base = gfn * PAGE_SIZE;
+  }
+
+  // A plain load: only the mapping thread's own unmap (or its domain's death) moves the word on.
+  private live(): boolean {
+    const m = this.mapping;
+    return m === null || m.words[m.index] === m.value;
   }
 
   private enter(offset: number, length: number, store: boolean): number {
@@ -105,11 +118,16 @@ export class FramePage implements Page {
     const at = this.enter(offset, n, false);
     const u8 = this.mem.u8;
     // A netif slot is 8 or 12 bytes: copying them costs less than the view set() needs.
-    if (n > SHORT_READ_BYTES) return into.set(u8.subarray(at, at + n));
+    if (n > SHORT_COPY_BYTES) return into.set(u8.subarray(at, at + n));
     for (let i = 0; i < n; i++) into[i] = u8[at + i]!;
   }
   write(offset: number, from: Uint8Array): void {
-    this.mem.u8.set(from, this.enter(offset, from.length, true));
+    const n = from.length;
+    const at = this.enter(offset, n, true);
+    const u8 = this.mem.u8;
+    // A netif response is 4 or 8 bytes: as read(), a loop beats set() there.
+    if (n > SHORT_COPY_BYTES) return u8.set(from, at);
+    for (let i = 0; i < n; i++) u8[at + i] = from[i]!;
   }
   /** The page's bytes as a view; see pageBytes. */
   bytes(): Uint8Array {
