@@ -176,10 +176,12 @@ export async function main(guest) {
   }
   await disk.flush();
   xbfDisks(guest.sc)[0].readOnly = false; // a frontend that ignores VDISK_READONLY
-  try { await disk.write(0, new Uint8Array(512)); console.log('wrote'); } catch (err) { console.log('forced write ' + err.code); }
+  try { await disk.write(0, new Uint8Array(512)); console.log('wrote'); } catch (err) { console.log('forced write ' + err.code, err.op, err.lba, err.count); }
   console.log('read ' + (await disk.read(0, 1))[0] + ' ' + (await cd.read(7, 1))[511]);
   try { await disk.read(2048, 1); } catch (err) { console.log('outside ' + err.code + ' ' + err.op); }
   try { await disk.read(0.5, 1); } catch (err) { console.log('fraction ' + err.code); }
+  try { await disk.readInto(2047, new Uint8Array(1024)); } catch (err) { console.log('readInto outside ' + err.code, err.op, err.lba, err.count); }
+  try { await cd.write(6, new Uint8Array(1024)); } catch (err) { console.log('cd write ' + err.code, err.op, err.lba, err.count); }
 }
 `);
   const [exit] = await runGuests(cfg('ro', `kernel = "ro.mjs"\ndisk = ['vdev=xvdb, access=r, target=ro.img', 'ro.img,raw,xvdc,cdrom']`));
@@ -189,10 +191,13 @@ export async function main(guest) {
   t.match(c, /^write EROFS$/m);
   t.match(c, /^discard EROFS$/m);
   t.match(c, /^cd write EROFS$/m);
-  t.match(c, /^forced write EIO$/m);
+  t.match(c, /^forced write EIO write 0 1$/m);
   t.match(c, /^read 90 90$/m);
   t.match(c, /^outside EINVAL read$/m);
   t.match(c, /^fraction EINVAL$/m);
+  // readInto and write reject with the DiskError itself: what was asked, in disk sectors.
+  t.match(c, /^readInto outside EINVAL read 2047 2$/m);
+  t.match(c, /^cd write EROFS write 6 2$/m);
   t.ok(readFileSync(img.file).every((b) => b === 0x5a), 'the file is unchanged');
 });
 
