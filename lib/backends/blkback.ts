@@ -55,8 +55,14 @@ export const MAX_PERSISTENT_TOTAL = 4096;
 const MAX_QUEUES = 16;
 const CONNECT_TIMEOUT_MS = 5 * 60_000;
 const ZERO_CHUNK_BYTES = 64 * 1024;
-/** Responses pushed at least this often in a pass over the ring (see Storage.pushEvery). */
-const PUSH_EVERY_MAX = 32;
+/**
+ * Responses are pushed (and the frontend signalled, if it asked) once per
+ * pass over the ring, and at least this often in a long pass: one index
+ * update and event per batch, not per request. Pushing earlier (every 2
+ * requests, or halfway through a pass) wakes a frontend for a few answers at
+ * a time, which costs more than it overlaps whenever the CPUs are busy.
+ */
+const PUSH_EVERY = 32;
 
 const SEG_GREF = offsetOf(blkif_request_segment, 'gref');
 const SEG_FIRST = offsetOf(blkif_request_segment, 'first_sect');
@@ -166,14 +172,6 @@ interface Storage {
   /** Bytes per discard extent (discard-granularity); 0 when it cannot discard. */
   readonly discardGranularity: number;
   readonly discardSecure: boolean;
-  /**
-   * Requests served between pushes of their responses (and a signal, if the
-   * frontend asked for one) within a pass over the ring. A storage that makes
-   * a system call per request pushes often, so the frontend takes the answers
-   * and refills the ring while the backend goes on; one that only copies
-   * memory pushes once a pass, one event per batch.
-   */
-  readonly pushEvery: number;
   read(buf: Uint8Array, at: number, len: number, pos: number): void;
   write(buf: Uint8Array, at: number, len: number, pos: number): void;
   flush(): void;
@@ -188,7 +186,6 @@ class FileStorage implements Storage {
   readonly discardGranularity = 4096;
   // Zero-fill overwrites in place, but a file system may keep old blocks (journal, copy on write).
   readonly discardSecure = false;
-  readonly pushEvery = 2;
   private readonly sizeBytes: number;
   private readonly zeros: Uint8Array;
   private fd: number;
@@ -235,7 +232,6 @@ class MemoryStorage implements Storage {
   readonly cache = false;
   readonly discardGranularity = 4096;
   readonly discardSecure = true;
-  readonly pushEvery = PUSH_EVERY_MAX;
   private readonly bytes: Uint8Array;
 
   constructor(sizeBytes: number) {
@@ -261,7 +257,6 @@ class NullStorage implements Storage {
   readonly cache = false;
   readonly discardGranularity = SECTOR_SIZE;
   readonly discardSecure = true;
-  readonly pushEvery = PUSH_EVERY_MAX;
   /** Zeros of every length a segment can have, copied in: fill() on shared memory is ~4x slower than a copy. */
   private readonly zeros = Array.from({ length: SECTORS_PER_PAGE + 1 }, (_, n) => new Uint8Array(n * SECTOR_SIZE));
   constructor(readonly sectors: number) {}
@@ -496,7 +491,6 @@ export class Blkback {
   private serve(r: BlkifRing): boolean {
     const ring = r.ring;
     if (ring === null || r.ih === null) return false;
-    const every = this.storage?.pushEvery ?? 1;
     let took = false;
     let unpushed = 0;
     do {
@@ -504,7 +498,7 @@ export class Blkback {
       while (ring.takeRequest(r.req)) {
         took = true;
         this.answer(r, this.dispatch(r));
-        if (++unpushed === every) {
+        if (++unpushed === PUSH_EVERY) {
           unpushed = 0;
           if (ring.pushResponses()) this.intr.intrSignal(r.ih);
         }
