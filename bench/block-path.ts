@@ -6,7 +6,10 @@
 // together. What profile.js adds on top (two threads) is the cost of crossing
 // threads: wake-ups, and cache lines moving between CPUs.
 //
-//   node dist/bench/block-path.js memory|null|file [--write] [--requests N] [--runs N]
+//   node dist/bench/block-path.js memory|null|file [--write] [--untrusted] [--requests N] [--runs N]
+//
+// --untrusted: the disk's backend is not trusted (XSA-403): no persistent
+// grants, each request grants and revokes its pages, which are zeroed first.
 
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -39,13 +42,13 @@ async function load(world: World, disk: Disk, requests: number, write: boolean):
 }
 
 /** CPU ns per request of each run, after a warm-up run. */
-export async function blockPathCpu(type: 'memory' | 'null' | 'file', write: boolean, requests: number, runs: number): Promise<number[]> {
+export async function blockPathCpu(type: 'memory' | 'null' | 'file', write: boolean, trusted: boolean, requests: number, runs: number): Promise<number[]> {
   const dir = mkdtempSync(join(tmpdir(), 'xenpv-block-path-'));
   try {
     const params = type === 'file' ? join(dir, 'disk.img') : String(DISK_BYTES);
     if (type === 'file') makeDataFile(params, DISK_BYTES);
     const world = new World({ dom0MemoryMiB: 64 });
-    const sc = await world.createGuest({ name: 'path', memoryMiB: 64, disks: [{ vdev: 'xvda', devid: XVDA, type, params, readOnly: false }] });
+    const sc = await world.createGuest({ name: 'path', memoryMiB: 64, disks: [{ vdev: 'xvda', devid: XVDA, type, params, readOnly: false, trusted }] });
     const disk = new Disk(xbfDisks(sc)[0]!);
     await load(world, disk, requests, write);
     const out: number[] = [];
@@ -64,14 +67,15 @@ export async function blockPathCpu(type: 'memory' | 'null' | 'file', write: bool
 async function main(): Promise<void> {
   const { positionals, values } = parseArgs({
     allowPositionals: true,
-    options: { write: { type: 'boolean' }, requests: { type: 'string' }, runs: { type: 'string' } },
+    options: { write: { type: 'boolean' }, untrusted: { type: 'boolean' }, requests: { type: 'string' }, runs: { type: 'string' } },
   });
   const type = positionals[0] ?? 'memory';
-  if (type !== 'memory' && type !== 'null' && type !== 'file') throw new Error('usage: block-path memory|null|file [--write] [--requests N] [--runs N]');
+  if (type !== 'memory' && type !== 'null' && type !== 'file') throw new Error('usage: block-path memory|null|file [--write] [--untrusted] [--requests N] [--runs N]');
   const write = values.write === true;
-  const ns = await blockPathCpu(type, write, Number(values.requests ?? 300_000), Number(values.runs ?? 5));
+  const trusted = values.untrusted !== true;
+  const ns = await blockPathCpu(type, write, trusted, Number(values.requests ?? 300_000), Number(values.runs ?? 5));
   const sorted = [...ns].sort((a, b) => a - b);
-  console.log(`block path ${type} rand${write ? 'write' : 'read'}4k, one thread: CPU ns per request median ${sorted[sorted.length >> 1]!.toFixed(0)}, ` +
+  console.log(`block path ${type}${trusted ? '' : ' untrusted'} rand${write ? 'write' : 'read'}4k, one thread: CPU ns per request median ${sorted[sorted.length >> 1]!.toFixed(0)}, ` +
     `min ${sorted[0]!.toFixed(0)} (${ns.map((x) => x.toFixed(0)).join(' ')})`);
 }
 

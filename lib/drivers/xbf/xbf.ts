@@ -71,6 +71,8 @@ const XBF_RECONNECT_TIMEOUT_MS = 30_000;
 const XBF_MAX_QUEUED = 4096;
 /** Settled transfers kept for reuse (io()): a queue depth's worth, so steady I/O allocates none. */
 const XBF_IO_POOL = 256;
+/** Copied over a page to zero it: fill() on shared memory is ~4x slower than a copy. */
+const XBF_ZERO_PAGE = new Uint8Array(PAGE_SIZE);
 /** What a transfer of no bytes returns. */
 const RESOLVED: Promise<void> = Promise.resolve();
 /** Frontend nodes of a connection, removed before the next one publishes its own. */
@@ -598,7 +600,7 @@ export class XbfSoftc {
     const len = Math.min(data.length - bio.next, cap);
     const npages = Math.ceil((pageOff + len) / PAGE_SIZE);
     const write = bio.op !== BLKIF_OP_READ;
-    if (!this.features.trusted) for (let i = 0; i < npages; i++) ccb.pages[i]!.fill(0);
+    if (!this.features.trusted) for (let i = 0; i < npages; i++) ccb.pages[i]!.set(XBF_ZERO_PAGE);
     if (write) copyPages(ccb.pages, pageOff, data, bio.next, len, true);
     const dmat = this.sc.dmat;
     if (!this.features.persistent) {
@@ -640,7 +642,7 @@ export class XbfSoftc {
   private encodeIndirect(q: XbfQueue, ccb: XbfCcb, op: number, npages: number, sector: number, pageOff: number, len: number): void {
     const w = this.wire;
     const nind = Math.ceil(npages / XBF_SEGS_PER_INDIRECT_PAGE);
-    if (!this.features.trusted) for (let p = 0; p < nind; p++) ccb.indPages[p]!.fill(0);
+    if (!this.features.trusted) for (let p = 0; p < nind; p++) ccb.indPages[p]!.set(XBF_ZERO_PAGE);
     for (let i = 0; i < npages; i++) {
       const page = ccb.indPages[Math.floor(i / XBF_SEGS_PER_INDIRECT_PAGE)]!;
       this.putSegment(page, (i % XBF_SEGS_PER_INDIRECT_PAGE) * XBF_SEG_BYTES, ccb, i, pageOff, len, npages);
