@@ -479,14 +479,14 @@ export class XbfSoftc {
   /** A transfer of io() is done: back to the pool (done runs once per transfer), then its promise settles. */
   private ioDone(io: XbfIo, err: XenError | null): void {
     const { bio, resolve, reject, mapError } = io;
-    const lba = bio.sector / this.ratio;
-    const count = bio.data === null ? bio.nrSectors / this.ratio : bio.data.length / this.sectorSize;
+    const failed = err === null || mapError === null ? err
+      : mapError(err, bio.sector / this.ratio, bio.data === null ? bio.nrSectors / this.ratio : bio.data.length / this.sectorSize);
     bio.data = null;
     io.resolve = io.reject = noop;
     io.mapError = null;
     if (this.ioPool.length < XBF_IO_POOL) this.ioPool.push(io);
-    if (err === null) resolve();
-    else reject(mapError === null ? err : mapError(err, lba, count));
+    if (failed === null) resolve();
+    else reject(failed);
   }
 
   // --- datapath ------------------------------------------------------------------
