@@ -67,6 +67,8 @@ export class IntrHandle {
   /** Events that found nothing to do, and times the port was held masked for it. */
   spuriousEvents = 0;
   throttles = 0;
+  /** EVTCHNOP_send's argument, made once: a signal allocates nothing. */
+  readonly sendOp: { port: number };
 
   constructor(
     readonly port: number,
@@ -75,6 +77,7 @@ export class IntrHandle {
     readonly closeOnDisestablish: boolean,
   ) {
     this.traceDev = traceDevice(name);
+    this.sendOp = { port };
   }
 }
 
@@ -176,7 +179,7 @@ export class Interrupts {
 
   /** xen_intr_signal: notify the other end of the port. */
   intrSignal(h: IntrHandle): void {
-    this.evtchnOp(EVTCHNOP_send, { port: h.port }, 'send');
+    this.evtchnOp(EVTCHNOP_send, h.sendOp, 'send');
   }
 
   /** xen_intr_barrier: resolve once a handler that is running has returned. */

@@ -478,7 +478,7 @@ export class XnfSoftc {
     if (buf === undefined || !buf.busy) return `tx response for id ${id}, which is not outstanding`;
     if (status === NETIF_RSP_ERROR) this.counters.txErrors++;
     else if (status === NETIF_RSP_DROPPED) this.counters.txDropped++;
-    const mcast = q.mcastDone.get(id);
+    const mcast = q.mcastDone.size === 0 ? undefined : q.mcastDone.get(id);
     if (mcast !== undefined) {
       q.mcastDone.delete(id);
       mcast(status);
@@ -566,7 +566,7 @@ export class XnfSoftc {
     }
     if (status > 0) {
       if (q.rxLen + status > XEN_NETIF_MAX_TX_SIZE) return `rx frame longer than ${XEN_NETIF_MAX_TX_SIZE} bytes`;
-      q.gather.set(buf.page.subarray(offset, offset + status), q.rxLen);
+      q.gather.set(this.rxView(buf, offset, status), q.rxLen);
       q.rxLen += status;
     }
     if (!q.rxExtras && (flags & NETRXF_more_data) === 0) this.rxDeliver(q);
@@ -595,13 +595,18 @@ export class XnfSoftc {
 
   /** A frame in one slot: hand up a view of the page itself. */
   private rxDirect(q: XnfQueue, buf: XnfBuf, offset: number, len: number): null {
+    this.rxUp(q, this.rxView(buf, offset, len), q.rxFlags);
+    this.rxReset(q);
+    return null;
+  }
+
+  /** The received bytes of a buffer's page; the view is kept, since the next frame in it is mostly the same span. */
+  private rxView(buf: XnfBuf, offset: number, len: number): Uint8Array {
     if (buf.viewOffset !== offset || buf.view.length !== len) {
       buf.view = buf.page.subarray(offset, offset + len);
       buf.viewOffset = offset;
     }
-    this.rxUp(q, buf.view, q.rxFlags);
-    this.rxReset(q);
-    return null;
+    return buf.view;
   }
 
   private rxDeliver(q: XnfQueue): void {
