@@ -2,78 +2,22 @@
 // runs: `network-attach` gives a running guest a second interface, which it
 // starts talking on; `network-detach` takes interfaces away mid-stream. dom0's
 // counters (`top`) show the traffic, and every grant, mapping and port comes
-// back. A host of its own, so that test/cli.test.ts stays within its time.
+// back. A host of its own (test/cli-host.ts).
 
 import t from 'tap';
-import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { ControlClient } from '../lib/cli/control-client.js';
+import { CliHost, until, type Top } from './cli-host.js';
 
-const root = fileURLToPath(new URL('../..', import.meta.url));
-const cli = join(root, 'dist/lib/cli/main.js');
-const dir = mkdtempSync(join(tmpdir(), 'xenpv-cli-net-'));
-const rundir = join(dir, 'run');
-
-type Result = { status: number | null; stdout: string; stderr: string };
-
-function xenpv(args: string[]): Promise<Result> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, [cli, ...args, '--rundir', rundir], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (b: Buffer) => (stdout += b.toString()));
-    child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
-    child.on('close', (status) => resolve({ status, stdout, stderr }));
-  });
-}
-
-async function ok(args: string[]): Promise<string> {
-  const r = await xenpv(args);
-  if (r.status !== 0) throw new Error(`xenpv ${args.join(' ')}: status ${r.status}: ${r.stderr}`);
-  return r.stdout;
-}
-
-async function until<T>(what: string, fn: () => T | undefined | false | Promise<T | undefined | false>, timeoutMs = 30_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v !== undefined && v !== false) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
-
-const logPath = (name: string): string => join(rundir, 'console', `${name}.log`);
-const log = (name: string): string => (existsSync(logPath(name)) ? readFileSync(logPath(name), 'utf8') : '');
-const waitLog = (name: string, re: RegExp): Promise<RegExpMatchArray> => until(`${re} in the console of ${name}`, () => log(name).match(re) ?? undefined);
-
-type Top = { domid: number; name: string; state: string; granted: number; pinned: number; ports: number; mapped: number; devices: { type: string; devid: number; counters: Record<string, number> }[] };
-let api: ControlClient | null = null;
-
-async function topOnce(): Promise<Top[]> {
-  api ??= await ControlClient.connect(rundir);
-  return (await api.call('top')) as Top[];
-}
+const h = new CliHost(t, 'xenpv-cli-net-');
 
 async function row(name: string): Promise<Top | undefined> {
-  return (await topOnce()).find((r) => r.name === name);
+  return (await h.topOnce()).find((r) => r.name === name);
 }
-
-t.before(async () => {
-  const r = await xenpv(['host', 'start']);
-  if (r.status !== 0) throw new Error(`host start: ${r.stderr}`);
-});
-t.teardown(async () => {
-  api?.close();
-  await xenpv(['host', 'stop']);
-});
 
 t.test('network-attach and network-detach while traffic runs; the guest sees them, vif 0 carries on, everything comes back', async (t) => {
   // The talker sends a frame every few ms on each interface it has, to the echoer, and counts the echoes.
-  writeFileSync(join(dir, 'talker.mjs'), `
+  writeFileSync(join(h.dir, 'talker.mjs'), `
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 export async function main(guest) {
   const peer = Uint8Array.from([0x00, 0x16, 0x3e, 0x00, 0x0e, 0x02]);
@@ -96,7 +40,7 @@ export async function main(guest) {
   await new Promise(() => {});
 }
 `);
-  writeFileSync(join(dir, 'echoer.mjs'), `
+  writeFileSync(join(h.dir, 'echoer.mjs'), `
 export async function main(guest) {
   const [n] = guest.nets();
   n.onFrame((f) => {
@@ -108,25 +52,25 @@ export async function main(guest) {
 }
 `);
   const netCfg = (name: string, mac: string): string => {
-    const file = join(dir, `${name}.cfg`);
+    const file = join(h.dir, `${name}.cfg`);
     writeFileSync(file, `name = "${name}"\nmemory = 32\nkernel = "${name}.mjs"\nvif = [ 'mac=${mac}, bridge=xenbrT' ]\n`);
     return file;
   };
-  await ok(['create', netCfg('echoer', '00:16:3e:00:0e:02')]);
-  await ok(['create', netCfg('talker', '00:16:3e:00:0e:01')]);
-  await waitLog('talker', /xnf0 00:16:3e:00:0e:01 echoed 20/);
+  await h.ok(['create', netCfg('echoer', '00:16:3e:00:0e:02')]);
+  await h.ok(['create', netCfg('talker', '00:16:3e:00:0e:01')]);
+  await h.waitLog('talker', /xnf0 00:16:3e:00:0e:01 echoed 20/);
   const vif = async (devid: number): Promise<Record<string, number> | undefined> =>
-    (await topOnce()).find((r) => r.name === 'talker')?.devices.find((d) => d.type === 'vif' && d.devid === devid)?.counters;
+    (await h.topOnce()).find((r) => r.name === 'talker')?.devices.find((d) => d.type === 'vif' && d.devid === devid)?.counters;
   const held = async (): Promise<number[]> => {
-    const rows = await topOnce();
+    const rows = await h.topOnce();
     const g = rows.find((r) => r.name === 'talker')!;
     const d0 = rows.find((r) => r.domid === 0)!;
     return [g.granted, g.pinned, g.ports, d0.mapped, d0.ports];
   };
   const base = await held();
 
-  t.match(await ok(['network-attach', 'talker', 'mac=00:16:3e:00:0e:03, bridge=xenbrT']), /^talker: vif 1 00:16:3e:00:0e:03$/m);
-  await waitLog('talker', /xnf1 00:16:3e:00:0e:03 echoed 20/);
+  t.match(await h.ok(['network-attach', 'talker', 'mac=00:16:3e:00:0e:03, bridge=xenbrT']), /^talker: vif 1 00:16:3e:00:0e:03$/m);
+  await h.waitLog('talker', /xnf1 00:16:3e:00:0e:03 echoed 20/);
   const plugged = await held();
   t.ok(plugged.every((v, i) => v > base[i]!), `vif 1's rings granted and mapped, its ports bound: ${base} -> ${plugged}`);
   const one = await vif(1);
@@ -134,28 +78,27 @@ export async function main(guest) {
   const zeroBefore = (await vif(0))!['txPackets']!;
 
   // Unplug vif 1 while both interfaces send.
-  t.same(await ok(['network-detach', 'talker', '1']), '', 'the guest answered the removal handshake');
-  await waitLog('talker', /xnf1 gone: ENETDOWN after \d+ echoes/);
-  const listed = JSON.parse(await ok(['network-list', 'talker', '--json'])) as { devices: { devid: number }[] }[];
+  t.same(await h.ok(['network-detach', 'talker', '1']), '', 'the guest answered the removal handshake');
+  await h.waitLog('talker', /xnf1 gone: ENETDOWN after \d+ echoes/);
+  const listed = JSON.parse(await h.ok(['network-list', 'talker', '--json'])) as { devices: { devid: number }[] }[];
   t.same(listed[0]!.devices.map((d) => d.devid), [0], 'only vif 0 is left');
   await until('vif 0 to carry on', async () => (await vif(0))!['txPackets']! > zeroBefore + 50);
-  t.notMatch(log('talker'), /xnf0 gone/, 'vif 0 never stopped');
+  t.notMatch(h.log('talker'), /xnf0 gone/, 'vif 0 never stopped');
   t.same(await until('the grants and ports of vif 1 to go', async () => {
-    const h = await held();
-    return JSON.stringify(h) === JSON.stringify(base) ? h : undefined;
+    const now = await held();
+    return JSON.stringify(now) === JSON.stringify(base) ? now : undefined;
   }), base, 'every grant, mapping and port of vif 1 let go');
 
   // And vif 0 itself, unplugged mid-stream: the talker's loop ends, the echoer is unharmed.
-  await ok(['network-detach', 'talker', '0']);
-  await waitLog('talker', /xnf0 gone: ENETDOWN after \d+ echoes/);
+  await h.ok(['network-detach', 'talker', '0']);
+  await h.waitLog('talker', /xnf0 gone: ENETDOWN after \d+ echoes/);
   t.equal((await row('echoer'))?.state.includes('c'), false, 'the echoer runs on');
-  await ok(['destroy', 'talker']);
-  await ok(['destroy', 'echoer']);
+  await h.ok(['destroy', 'talker']);
+  await h.ok(['destroy', 'echoer']);
 });
 
 t.test('vif config errors name the file, the line and the key (xenpv create, status 2)', async (t) => {
-  writeFileSync(join(dir, 'guest.mjs'), 'export async function main() {}\n');
-  const bad = join(dir, 'bad.cfg');
+  const bad = join(h.dir, 'bad.cfg');
   const cases: [string, RegExp][] = [
     ["name = \"x\"\nkernel = \"guest.mjs\"\n\nvif = [ 'bridge=xenbr0',\n  'colour=red' ]\n", /^xenpv: ECONFIG: .*bad\.cfg:4: vif: unknown vif parameter colour$/m],
     ["name = \"x\"\nkernel = \"guest.mjs\"\nvif = [ 'mac=00:16:3e:00:00' ]\n", /^xenpv: ECONFIG: .*bad\.cfg:3: vif: .*00:16:3e:00:00/m],
@@ -167,12 +110,12 @@ t.test('vif config errors name the file, the line and the key (xenpv create, sta
   ];
   for (const [body, re] of cases) {
     writeFileSync(bad, body);
-    const r = await xenpv(['create', bad]);
+    const r = await h.xenpv(['create', bad]);
     t.equal(r.status, 2, body);
     t.match(r.stderr, re, body);
   }
-  t.equal((await topOnce()).filter((r) => r.name === 'x').length, 0, 'nothing was created');
-  const spec = await xenpv(['network-attach', 'nosuch', 'bridge=xenbr0']);
+  t.equal((await h.topOnce()).filter((r) => r.name === 'x').length, 0, 'nothing was created');
+  const spec = await h.xenpv(['network-attach', 'nosuch', 'bridge=xenbr0']);
   t.equal(spec.status, 1);
   t.match(spec.stderr, /ESRCH/, 'network-attach to no domain');
 });

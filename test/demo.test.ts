@@ -79,12 +79,18 @@ t.test('the demo fails clearly: a guest whose peer never comes is destroyed at -
   t.ok(vbd !== undefined && vbd[4] === 8192, `the table still shows its disk's counters as it was destroyed: ${vbd}`);
 });
 
-t.test('the demo under the deterministic runner with faults (spurious events, delays, deschedules): both guests power off, the table whole', async (t) => {
+t.test('the demo under the deterministic runner with faults (spurious events, delays, deschedules): both guests power off, the table whole, and it replays', async (t) => {
   const cli = join(root, 'dist/lib/cli/main.js');
-  // No vbd-restart fault: a restarted backend's counters start over, and the table is to show the whole disk.
-  const r = spawnSync(process.execPath, [cli, 'run', '--dhcp', 'xenbr0=10.0.0.100-10.0.0.199', '--seed', '7', '--faults', 'spurious,delay,deschedule', join(demo, 'demo-a.cfg'), join(demo, 'demo-b.cfg')],
-    { encoding: 'utf8', timeout: 60_000 });
-  t.equal(r.status, 0, r.stdout + r.stderr);
-  for (const name of ['demo-a', 'demo-b']) t.match(r.stdout, new RegExp(`^${name} vbd xvda +\\d+ +\\d+ +\\d+ +8192 +8192 +0$`, 'm'));
-  t.match(r.stdout, /\nxenpv: seed 7: \d+ steps, [\d.]+ ms virtual, \d+ faults, digest [0-9a-f]{64}\n$/);
+  const digests: Array<string | undefined> = [];
+  for (const run of ['first run', 'replay']) {
+    // No vbd-restart fault: a restarted backend's counters start over, and the table is to show the whole disk.
+    const r = spawnSync(process.execPath, [cli, 'run', '--dhcp', 'xenbr0=10.0.0.100-10.0.0.199', '--seed', '7', '--faults', 'spurious,delay,deschedule', join(demo, 'demo-a.cfg'), join(demo, 'demo-b.cfg')],
+      { encoding: 'utf8', timeout: 60_000 });
+    t.equal(r.status, 0, `${run}: ${r.stdout}${r.stderr}`);
+    for (const name of ['demo-a', 'demo-b']) t.match(r.stdout, new RegExp(`^${name} vbd xvda +\\d+ +\\d+ +\\d+ +8192 +8192 +0$`, 'm'));
+    const m = /\nxenpv: seed 7: \d+ steps, [\d.]+ ms virtual, \d+ faults, digest ([0-9a-f]{64})\n$/.exec(r.stdout);
+    t.ok(m !== null, `${run}: the digest line`);
+    digests.push(m?.[1]);
+  }
+  t.equal(digests[1], digests[0], 'seed 7 replays: the same digest');
 });

@@ -8,7 +8,6 @@
 // extra: "ip=dhcp peer=<the other guest's name>"
 
 import { IpInterface, ipv4Format } from 'xenpv/ip';
-import 'xenpv/dhcp'; // loaded with the image: IpInterface.configure would import it mid-run
 
 const HELLO_PORT = 4000;
 const ECHO_PORT = 7;

@@ -13,7 +13,12 @@
 
 import { XenError } from '../errors.js';
 import { logger, type Log } from '../log.js';
-import type { DhcpClient, DhcpClientOptions } from './dhcp.js';
+// A cycle, and a safe one: dhcp.ts builds on this file, and configure() here
+// starts its client; neither module touches the other's bindings while it
+// loads. Static, so that a guest's DHCP client is loaded with its image, at
+// boot: an import() mid-run would complete in real time, outside the order a
+// seeded run (lib/sim) replays.
+import { DhcpClient, type DhcpClientOptions } from './dhcp.js';
 
 /** An Ethernet link: what a guest's net interface and a dom0 bridge port offer. */
 export type Link = {
@@ -590,8 +595,6 @@ export class IpInterface implements Disposable {
     const c = typeof config === 'string' ? parseIpConfig(config) : config;
     if (c === null) throw new XenError('EINVAL', 'extra has no ip=');
     if (c.method === 'static') return this.assign(c);
-    // Loaded on demand: dhcp.ts builds on this file, not the other way round.
-    const { DhcpClient } = await import('./dhcp.js');
     this.dhcp?.close();
     this.dhcp = new DhcpClient(this, options);
     await this.dhcp.start(options);
