@@ -56,11 +56,13 @@ const MAX_QUEUES = 16;
 const CONNECT_TIMEOUT_MS = 5 * 60_000;
 const ZERO_CHUNK_BYTES = 64 * 1024;
 /**
- * Responses are pushed (and the frontend signalled, if it asked) once per
- * pass over the ring, and at least this often in a long pass: one index
- * update and event per batch, not per request. Pushing earlier (every 2
- * requests, or halfway through a pass) wakes a frontend for a few answers at
- * a time, which costs more than it overlaps whenever the CPUs are busy.
+ * Responses are pushed (and the frontend signalled, if it asked) after the
+ * first request of a turn, so that a frontend asleep starts waking while the
+ * backend goes on, then at least this often and at the end of each pass: one
+ * index update per batch, not per request, and still one event (a frontend
+ * asks for the next only once it has looked at the ring). Pushing every few
+ * requests instead wakes a frontend that polls for a few answers at a time,
+ * which costs more than it overlaps whenever the CPUs are busy.
  */
 const PUSH_EVERY = 32;
 
@@ -485,7 +487,7 @@ export class Blkback {
 
   // --- datapath ----------------------------------------------------------------
 
-  // do_block_io_op: copy each request once, dispatch, answer; push and notify per batch.
+  // do_block_io_op: copy each request once, dispatch, answer; push and notify per batch (the first answer at once).
   // False when the event brought nothing to do (the interrupt layer throttles
   // a frontend that keeps signalling for nothing, or on a ring it broke).
   private serve(r: BlkifRing): boolean {
@@ -493,12 +495,14 @@ export class Blkback {
     if (ring === null || r.ih === null) return false;
     let took = false;
     let unpushed = 0;
+    let pushAt = 1;
     do {
       ring.unconsumedRequests();
       while (ring.takeRequest(r.req)) {
         took = true;
         this.answer(r, this.dispatch(r));
-        if (++unpushed === PUSH_EVERY) {
+        if (++unpushed === pushAt) {
+          pushAt = PUSH_EVERY;
           unpushed = 0;
           if (ring.pushResponses()) this.intr.intrSignal(r.ih);
         }

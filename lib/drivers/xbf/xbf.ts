@@ -501,14 +501,15 @@ export class XbfSoftc {
     }
     if (this.pending.length >= XBF_MAX_QUEUED) return bio.done(new XenError('EAGAIN', `${this.name}: ${XBF_MAX_QUEUED} transfers queued`));
     this.pending.push(bio);
-    // On the ring now, pushed once the caller's run of transfers is out: the
-    // callers resumed by one interrupt all issue before the microtask runs,
-    // so the backend gets them as one batch and one event (as blk-mq's
-    // commit_rqs), not one index update and event per transfer.
+    // The first transfer of a run is pushed at once, so that a backend asleep
+    // starts waking while the rest are put on the ring; those are pushed
+    // together once the run is out (a microtask: the callers one interrupt
+    // resumed all issue first), as blk-mq's commit_rqs: one index update per
+    // batch, and still one event.
     this.dispatch(false);
   }
 
-  /** Put queued transfers on the rings while ccbs are free, then push each ring once (now, or in a microtask). */
+  /** Put queued transfers on the rings while ccbs are free, then push them now, or the first now and the rest in a microtask. */
   private dispatch(pushNow = true): void {
     if (this.state !== 'connected') return;
     while (this.pending.length > 0) {
@@ -529,11 +530,11 @@ export class XbfSoftc {
       }
       if (bioIssued(bio)) this.pending.shift();
     }
-    if (pushNow) this.push();
-    else if (!this.pushQueued) {
-      this.pushQueued = true;
-      queueMicrotask(this.pushLater);
-    }
+    if (pushNow) return this.push();
+    if (this.pushQueued) return;
+    this.push();
+    this.pushQueued = true;
+    queueMicrotask(this.pushLater);
   }
 
   /** Publish the requests put on each ring, and signal a backend that asked to be told. */
