@@ -4,12 +4,11 @@
 // blkback with one check taken out must be caught.
 
 import t from 'tap';
+import { checkCli, checkReplay, cli } from './fixtures/fuzz.js';
 import { spawnSync } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
 import { Blkback, type BlkifRing } from '../lib/backends/blkback.js';
 import { fuzzBlkback } from '../lib/fuzz/blkback.js';
 
-const cli = fileURLToPath(new URL('../lib/cli/main.js', import.meta.url));
 
 t.test('50,000 seeded steps against blkback break no invariant and reach every attack', async (t) => {
   const r = await fuzzBlkback({ seed: 20261130, steps: 50_000 });
@@ -35,14 +34,7 @@ t.test('50,000 seeded steps against blkback break no invariant and reach every a
 });
 
 t.test('a seed replays exactly; another seed is another run', async (t) => {
-  const a = await fuzzBlkback({ seed: 42, steps: 3000 });
-  const b = await fuzzBlkback({ seed: 42, steps: 3000 });
-  const c = await fuzzBlkback({ seed: 43, steps: 3000 });
-  t.same(a.violations, []);
-  t.equal(a.digest, b.digest);
-  t.same(a.actions, b.actions);
-  t.same(a.refusals, b.refusals);
-  t.not(a.digest, c.digest);
+  await checkReplay(t, (seed) => fuzzBlkback({ seed, steps: 3000 }));
 });
 
 /** blkback with one check taken out: every segment mapped read-only, READs included. */
@@ -59,15 +51,7 @@ t.test('a blkback that reads into read-only grants is caught', async (t) => {
 });
 
 t.test('xenpv fuzz frontend --device blkback: seed printed, JSON report, bad arguments', async (t) => {
-  const args = ['fuzz', 'frontend', '--device', 'blkback', '--seed', '7', '--steps', '500'];
-  const ok = spawnSync(process.execPath, [cli, ...args], { encoding: 'utf8' });
-  t.equal(ok.status, 0, ok.stderr);
-  t.match(ok.stdout, /seed 7, 500 steps/);
-  t.match(ok.stdout, /no invariant broken/);
-  const json = spawnSync(process.execPath, [cli, ...args, '--json'], { encoding: 'utf8' });
-  const report = JSON.parse(json.stdout) as { seed: number; digest: string };
-  t.equal(report.seed, 7);
-  t.match(ok.stdout, report.digest, 'the same seed gives the same digest from the CLI');
+  checkCli(t, ['fuzz', 'frontend', '--device', 'blkback'], 500);
   for (const bad of [['fuzz', 'frontend'], ['fuzz', 'frontend', '--device', 'nothing'], ['fuzz', 'backend', '--device', 'blkback']]) {
     const r = spawnSync(process.execPath, [cli, ...bad], { encoding: 'utf8' });
     t.equal(r.status, 2, bad.join(' '));

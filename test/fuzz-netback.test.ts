@@ -4,11 +4,9 @@
 // seed must replay exactly.
 
 import t from 'tap';
-import { spawnSync } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
+import { checkCli, checkReplay } from './fixtures/fuzz.js';
 import { fuzzNetback } from '../lib/fuzz/netback.js';
 
-const cli = fileURLToPath(new URL('../lib/cli/main.js', import.meta.url));
 
 t.test('50,000 seeded steps against netback break no invariant and reach every attack', async (t) => {
   const r = await fuzzNetback({ seed: 20261130, steps: 50_000 });
@@ -35,24 +33,9 @@ t.test('50,000 seeded steps against netback break no invariant and reach every a
 });
 
 t.test('a seed replays exactly; another seed is another run', async (t) => {
-  const a = await fuzzNetback({ seed: 42, steps: 2000 });
-  const b = await fuzzNetback({ seed: 42, steps: 2000 });
-  const c = await fuzzNetback({ seed: 43, steps: 2000 });
-  t.same(a.violations, []);
-  t.equal(a.digest, b.digest);
-  t.same(a.actions, b.actions);
-  t.same(a.refusals, b.refusals);
-  t.not(a.digest, c.digest);
+  await checkReplay(t, (seed) => fuzzNetback({ seed, steps: 2000 }));
 });
 
 t.test('xenpv fuzz frontend --device netback: seed printed, the digest replays from the CLI', async (t) => {
-  const args = ['fuzz', 'frontend', '--device', 'netback', '--seed', '7', '--steps', '300'];
-  const ok = spawnSync(process.execPath, [cli, ...args], { encoding: 'utf8' });
-  t.equal(ok.status, 0, ok.stderr);
-  t.match(ok.stdout, /seed 7, 300 steps/);
-  t.match(ok.stdout, /no invariant broken/);
-  const json = spawnSync(process.execPath, [cli, ...args, '--json'], { encoding: 'utf8' });
-  const report = JSON.parse(json.stdout) as { seed: number; digest: string };
-  t.equal(report.seed, 7);
-  t.match(ok.stdout, report.digest, 'the same seed gives the same digest from the CLI');
+  checkCli(t, ['fuzz', 'frontend', '--device', 'netback'], 300);
 });

@@ -5,14 +5,12 @@
 // frees a page the backend still maps (XSA-396), is caught.
 
 import t from 'tap';
-import { spawnSync } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
+import { checkCli, checkReplay } from './fixtures/fuzz.js';
 import { XbfSoftc } from '../lib/drivers/xbf/xbf.js';
 import { XenDmaTag, type DmaSegment } from '../lib/busdma/busdma.js';
 import { PAGE_SIZE } from '../lib/hypervisor/page.js';
 import { fuzzXbf } from '../lib/fuzz/xbf.js';
 
-const cli = fileURLToPath(new URL('../lib/cli/main.js', import.meta.url));
 
 t.test('50,000 seeded steps against xbf break no invariant; every malicious answer broke the disk', async (t) => {
   const r = await fuzzXbf({ seed: 20261201, steps: 50_000 });
@@ -33,14 +31,7 @@ t.test('50,000 seeded steps against xbf break no invariant; every malicious answ
 });
 
 t.test('a seed replays exactly; another seed is another run', async (t) => {
-  const a = await fuzzXbf({ seed: 42, steps: 3000 });
-  const b = await fuzzXbf({ seed: 42, steps: 3000 });
-  const c = await fuzzXbf({ seed: 43, steps: 3000 });
-  t.same(a.violations, []);
-  t.equal(a.digest, b.digest);
-  t.same(a.actions, b.actions);
-  t.same(a.refusals, b.refusals);
-  t.not(a.digest, c.digest);
+  await checkReplay(t, (seed) => fuzzXbf({ seed, steps: 3000 }));
 });
 
 /** Run `fn` with one method of a class replaced, then put it back. */
@@ -76,13 +67,5 @@ t.test('a bus_dma that frees a page the backend still maps is caught (XSA-396)',
 });
 
 t.test('xenpv fuzz backend --device xbf: seed printed, JSON report', async (t) => {
-  const args = ['fuzz', 'backend', '--device', 'xbf', '--seed', '7', '--steps', '500'];
-  const ok = spawnSync(process.execPath, [cli, ...args], { encoding: 'utf8' });
-  t.equal(ok.status, 0, ok.stderr);
-  t.match(ok.stdout, /seed 7, 500 steps/);
-  t.match(ok.stdout, /no invariant broken/);
-  const json = spawnSync(process.execPath, [cli, ...args, '--json'], { encoding: 'utf8' });
-  const report = JSON.parse(json.stdout) as { seed: number; digest: string };
-  t.equal(report.seed, 7);
-  t.match(ok.stdout, report.digest, 'the same seed gives the same digest from the CLI');
+  checkCli(t, ['fuzz', 'backend', '--device', 'xbf'], 500);
 });

@@ -1,11 +1,10 @@
 import t from 'tap';
+import { checkCli, checkReplay, cli } from './fixtures/fuzz.js';
 import { spawnSync } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
 import { Xenstored } from '../lib/backends/xenstored.js';
 import type { XsPerm } from '../lib/xenstore/wire.js';
 import { fuzzXenstore } from '../lib/fuzz/xenstore.js';
 
-const cli = fileURLToPath(new URL('../lib/cli/main.js', import.meta.url));
 
 t.test('50,000 seeded steps against xenstored break no invariant and reach every kind of refusal', async (t) => {
   const r = fuzzXenstore({ seed: 20261129, steps: 50_000 });
@@ -20,13 +19,7 @@ t.test('50,000 seeded steps against xenstored break no invariant and reach every
 });
 
 t.test('a seed replays exactly; another seed is another run', async (t) => {
-  const a = fuzzXenstore({ seed: 42, steps: 5000 });
-  const b = fuzzXenstore({ seed: 42, steps: 5000 });
-  const c = fuzzXenstore({ seed: 43, steps: 5000 });
-  t.equal(a.digest, b.digest);
-  t.same(a.actions, b.actions);
-  t.same(a.refusals, b.refusals);
-  t.not(a.digest, c.digest);
+  await checkReplay(t, (seed) => fuzzXenstore({ seed, steps: 5000 }));
 });
 
 /** xenstored with one check taken out, to see that the harness notices. */
@@ -49,14 +42,7 @@ t.test('a xenstored that lets a guest past its node or watch quota is caught', a
 });
 
 t.test('xenpv fuzz xenstore: seed printed, JSON report, bad arguments', async (t) => {
-  const ok = spawnSync(process.execPath, [cli, 'fuzz', 'xenstore', '--seed', '7', '--steps', '3000'], { encoding: 'utf8' });
-  t.equal(ok.status, 0, ok.stderr);
-  t.match(ok.stdout, /seed 7, 3000 steps/);
-  t.match(ok.stdout, /no invariant broken/);
-  const json = spawnSync(process.execPath, [cli, 'fuzz', 'xenstore', '--seed', '7', '--steps', '3000', '--json'], { encoding: 'utf8' });
-  const report = JSON.parse(json.stdout) as { seed: number; digest: string; violations: unknown[] };
-  t.equal(report.seed, 7);
-  t.match(ok.stdout, report.digest, 'the same seed gives the same digest from the CLI');
+  checkCli(t, ['fuzz', 'xenstore'], 3000);
   for (const args of [['fuzz'], ['fuzz', 'nothing'], ['fuzz', 'xenstore', '--seed', '-1'], ['fuzz', 'xenstore', '--steps', 'x']]) {
     const bad = spawnSync(process.execPath, [cli, ...args], { encoding: 'utf8' });
     t.equal(bad.status, 2, args.join(' '));

@@ -4,11 +4,9 @@
 // kind of attack; a seed must replay exactly.
 
 import t from 'tap';
-import { spawnSync } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
+import { checkCli, checkReplay } from './fixtures/fuzz.js';
 import { fuzzXnf } from '../lib/fuzz/xnf.js';
 
-const cli = fileURLToPath(new URL('../lib/cli/main.js', import.meta.url));
 
 t.test('50,000 seeded steps against xnf break no invariant and reach every attack', async (t) => {
   const r = await fuzzXnf({ seed: 20261130, steps: 50_000 });
@@ -31,24 +29,9 @@ t.test('50,000 seeded steps against xnf break no invariant and reach every attac
 });
 
 t.test('a seed replays exactly; another seed is another run', async (t) => {
-  const a = await fuzzXnf({ seed: 42, steps: 2000 });
-  const b = await fuzzXnf({ seed: 42, steps: 2000 });
-  const c = await fuzzXnf({ seed: 43, steps: 2000 });
-  t.same(a.violations, []);
-  t.equal(a.digest, b.digest);
-  t.same(a.actions, b.actions);
-  t.same(a.refusals, b.refusals);
-  t.not(a.digest, c.digest);
+  await checkReplay(t, (seed) => fuzzXnf({ seed, steps: 2000 }));
 });
 
 t.test('xenpv fuzz backend --device xnf: seed printed, the digest replays from the CLI', async (t) => {
-  const args = ['fuzz', 'backend', '--device', 'xnf', '--seed', '7', '--steps', '300'];
-  const ok = spawnSync(process.execPath, [cli, ...args], { encoding: 'utf8' });
-  t.equal(ok.status, 0, ok.stderr);
-  t.match(ok.stdout, /seed 7, 300 steps/);
-  t.match(ok.stdout, /no invariant broken/);
-  const json = spawnSync(process.execPath, [cli, ...args, '--json'], { encoding: 'utf8' });
-  const report = JSON.parse(json.stdout) as { seed: number; digest: string };
-  t.equal(report.seed, 7);
-  t.match(ok.stdout, report.digest, 'the same seed gives the same digest from the CLI');
+  checkCli(t, ['fuzz', 'backend', '--device', 'xnf'], 300);
 });
