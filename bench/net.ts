@@ -19,9 +19,9 @@ export type NetMetric = (typeof NET_METRICS)[number];
 /** Why netBench gives nothing (kept for the harness; the network is here now). */
 export const NET_PENDING = 'pending: needs the netfront (xnf) and netback';
 
-const SENDER_MAC = '00:16:3e:00:be:01';
-const RECEIVER_MAC = '00:16:3e:00:be:02';
-const SINK_MAC = '02:00:00:00:be:03';
+export const SENDER_MAC = '00:16:3e:00:be:01';
+export const RECEIVER_MAC = '00:16:3e:00:be:02';
+export const SINK_MAC = '02:00:00:00:be:03';
 const WARMUP_MS = 300;
 const START_TIMEOUT_MS = 30_000;
 
@@ -57,7 +57,14 @@ const sinkPort: Counter = (s) => {
   return { packets: p?.txPackets ?? 0, bytes: p?.txBytes ?? 0 };
 };
 
-function spec(dir: string, name: string, image: string, mac: string, extra: string): DomainSpec {
+/** The sender's and the receiver's images, as `sender.mjs` and `receiver.mjs` in `dir`. */
+export function writeNetImages(dir: string): void {
+  writeFileSync(join(dir, 'sender.mjs'), SENDER);
+  writeFileSync(join(dir, 'receiver.mjs'), RECEIVER);
+}
+
+/** A guest running `image` (from writeNetImages) with one vif on xenbr0. */
+export function netGuest(dir: string, name: string, image: string, mac: string, extra: string): DomainSpec {
   const kernel = join(dir, `${image}.mjs`);
   return {
     name, memoryMiB: 64, vcpus: 1, kernel, extra, onPoweroff: 'destroy', onReboot: 'destroy', onCrash: 'destroy',
@@ -89,8 +96,8 @@ async function sample(m: Machine, count: Counter, runs: number, ms: number): Pro
 async function measure(m: Machine, dir: string, tag: string, size: number, toSink: boolean, runs: number, ms: number): Promise<{ pps: number; bps: number }[]> {
   const domids: number[] = [];
   try {
-    if (!toSink) domids.push(await m.create(spec(dir, `bench-rx-${tag}`, 'receiver', RECEIVER_MAC, '')));
-    domids.push(await m.create(spec(dir, `bench-tx-${tag}`, 'sender', SENDER_MAC, `to=${toSink ? SINK_MAC : RECEIVER_MAC} size=${size}`)));
+    if (!toSink) domids.push(await m.create(netGuest(dir, `bench-rx-${tag}`, 'receiver', RECEIVER_MAC, '')));
+    domids.push(await m.create(netGuest(dir, `bench-tx-${tag}`, 'sender', SENDER_MAC, `to=${toSink ? SINK_MAC : RECEIVER_MAC} size=${size}`)));
     return await sample(m, toSink ? sinkPort : receiverVif(domids[0]!), runs, ms);
   } finally {
     for (const d of domids.reverse()) await m.destroy(d).catch(() => undefined);
@@ -100,8 +107,7 @@ async function measure(m: Machine, dir: string, tag: string, size: number, toSin
 /** Each metric's `runs` values, measured for `ms` each. */
 export async function netBench(runs: number, ms: number): Promise<Record<NetMetric, number[]> | null> {
   const dir = mkdtempSync(join(tmpdir(), 'xenpv-bench-net-'));
-  writeFileSync(join(dir, 'sender.mjs'), SENDER);
-  writeFileSync(join(dir, 'receiver.mjs'), RECEIVER);
+  writeNetImages(dir);
   const m = await Machine.boot({ bridges: { xenbr0: { sink: SINK_MAC } } });
   try {
     const g64 = await measure(m, dir, '64', 64, false, runs, ms);

@@ -16,9 +16,9 @@ import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'n
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import type { DomainSpec } from '../lib/backends/toolstack.js';
 import { loadDomainConfig } from '../lib/backends/xlcfg.js';
 import { Machine, type NetStats } from '../lib/machine.js';
+import { netGuest, RECEIVER_MAC, SENDER_MAC, SINK_MAC, writeNetImages } from './net.js';
 
 /** Clock ticks per second of /proc's utime and stime (USER_HZ, 100 on Linux). */
 const USER_HZ = 100;
@@ -59,40 +59,18 @@ class ThreadNames {
   }
 }
 
-const SENDER = `
-export async function main(guest) {
-  const [n] = guest.nets();
-  const to = /to=(\\S+)/.exec(guest.extra)[1].split(':').map((h) => parseInt(h, 16));
-  const size = Number(/size=(\\d+)/.exec(guest.extra)[1]);
-  const f = new Uint8Array(size);
-  f.set(to, 0); f.set(n.mac, 6); f[12] = 0x88; f[13] = 0xb5;
-  const opts = size > 1514 ? { gso: { type: 'tcpv4', mss: 1448 } } : undefined;
-  for (;;) await n.send(f, opts);
-}`;
-const RECEIVER = `export async function main(guest) { guest.nets()[0].onFrame(() => {}); await new Promise(() => {}); }`;
-const SINK_MAC = '02:00:00:00:be:03';
-const RECEIVER_MAC = '00:16:3e:00:be:02';
-
-function vifSpec(dir: string, name: string, image: string, mac: string, extra: string): DomainSpec {
-  return {
-    name, memoryMiB: 64, vcpus: 1, kernel: join(dir, `${image}.mjs`), extra, onPoweroff: 'destroy', onReboot: 'destroy', onCrash: 'destroy',
-    vifs: [{ devid: 0, mac, bridge: 'xenbr0', mtu: 65521, rate: null, trusted: true, pcap: null, backend: null }],
-  };
-}
-
 async function net(dir: string, size: number, toSink: boolean, ms: number, runs: number): Promise<void> {
-  writeFileSync(join(dir, 'sender.mjs'), SENDER);
-  writeFileSync(join(dir, 'receiver.mjs'), RECEIVER);
+  writeNetImages(dir);
   const names = new ThreadNames();
   const m = await Machine.boot({ bridges: { xenbr0: { sink: SINK_MAC } } });
   names.mark('dom0');
   try {
     let rx = -1;
     if (!toSink) {
-      rx = await m.create(vifSpec(dir, 'rx', 'receiver', RECEIVER_MAC, ''));
+      rx = await m.create(netGuest(dir, 'rx', 'receiver', RECEIVER_MAC, ''));
       names.mark('receiver');
     }
-    await m.create(vifSpec(dir, 'tx', 'sender', '00:16:3e:00:be:01', `to=${toSink ? SINK_MAC : RECEIVER_MAC} size=${size}`));
+    await m.create(netGuest(dir, 'tx', 'sender', SENDER_MAC, `to=${toSink ? SINK_MAC : RECEIVER_MAC} size=${size}`));
     names.mark('sender');
     const count = (s: NetStats): { packets: number; bytes: number; dropped: number } => {
       const p = toSink
