@@ -716,17 +716,11 @@ export class Netback implements BridgePort {
 
   /** End of the turn: push what was answered on both rings, signal where the frontend asked, and take requests the answers made room for. */
   flush(q: NetbackQueue): void {
-    const intr = this.set.intr;
-    if (q.txDirty) {
-      q.txDirty = false;
-      if (q.txRing !== null && q.txRing.pushResponses() && q.txIh !== null) intr.intrSignal(q.txIh);
-      // Answers free ring slots: more requests may be waiting behind them.
-      if (q.txRing !== null && this.serving() && q.held === null) this.txAction(q);
-    }
-    if (q.rxDirty) {
-      q.rxDirty = false;
-      if (q.rxRing !== null && q.rxRing.pushResponses() && q.rxIh !== null) intr.intrSignal(q.rxIh);
-    }
+    const tx = q.txDirty;
+    this.push(q);
+    q.txDirty = q.rxDirty = false;
+    // Answers free ring slots: more requests may be waiting behind them.
+    if (tx && q.txRing !== null && this.serving() && q.held === null) this.txAction(q);
   }
 
   // --- guest RX -------------------------------------------------------------------
