@@ -11,21 +11,13 @@ import t from 'tap';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { loadDomainConfig } from '../lib/backends/xlcfg.js';
 import { Machine } from '../lib/machine.js';
-import { guestImage, helloCode, tempDir } from './net-fixtures.js';
+import { guestImage, helloCode, payloadCode, tempDir } from './net-fixtures.js';
 
 const RESTARTS = 100;
 const dir = tempDir('xenpv-fault-net-');
 
 const image = `${helloCode}
-function words(seq, out) {
-  let x = (Math.imul(seq, 2654435761) + 1) >>> 0 || 1;
-  for (let i = 0; i < out.length; i++) { x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0; out[i] = x; }
-}
-function same(seq, got) {
-  let x = (Math.imul(seq, 2654435761) + 1) >>> 0 || 1;
-  for (let i = 0; i < got.length; i++) { x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0; if (got[i] !== x) return false; }
-  return true;
-}
+${payloadCode}
 export async function main(guest) {
   const [n] = guest.nets();
   const me = n.mac[5], other = me === 1 ? 2 : 1;

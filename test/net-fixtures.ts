@@ -68,6 +68,19 @@ async function meet(n, peer, timeoutMs = 60000) {
 `;
 
 /** Image code that puts raw netif requests on an xnf queue's rings, as a hostile frontend would. */
+// Guest-side: words(seq, out) fills a Uint32Array with frame seq's payload; same(seq, got) checks one.
+export const payloadCode = `
+function words(seq, out) {
+  let x = (Math.imul(seq, 2654435761) + 1) >>> 0 || 1;
+  for (let i = 0; i < out.length; i++) { x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0; out[i] = x; }
+}
+function same(seq, got) {
+  let x = (Math.imul(seq, 2654435761) + 1) >>> 0 || 1;
+  for (let i = 0; i < got.length; i++) { x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0; if (got[i] !== x) return false; }
+  return true;
+}
+`;
+
 export const rawFrontCode = `
 function txRaw(q, reqs) {
   const b = new Uint8Array(12), v = new DataView(b.buffer);

@@ -4,7 +4,7 @@
 // frame is seen.
 
 import t from 'tap';
-import { guestImage, helloCode, runGuests, tempDir } from './net-fixtures.js';
+import { guestImage, helloCode, payloadCode, runGuests, tempDir } from './net-fixtures.js';
 
 const dir = tempDir('xenpv-net-');
 
@@ -19,15 +19,7 @@ function sizes(seed) {
   let s = seed >>> 0 || 1;
   return () => { s ^= s << 13; s >>>= 0; s ^= s >>> 17; s ^= s << 5; s >>>= 0; return 60 + (s % (65535 - 60 + 1)); };
 }
-function words(seq, out) {
-  let x = (Math.imul(seq, 2654435761) + 1) >>> 0 || 1;
-  for (let i = 0; i < out.length; i++) { x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0; out[i] = x; }
-}
-function same(seq, got) {
-  let x = (Math.imul(seq, 2654435761) + 1) >>> 0 || 1;
-  for (let i = 0; i < got.length; i++) { x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0; if (got[i] !== x) return false; }
-  return true;
-}
+${payloadCode}
 export async function main(guest) {
   const N = ${count};
   const [n] = guest.nets();
