@@ -720,11 +720,7 @@ export class BlkbackFuzz extends Harness {
     }
     this.checkTouched();
     this.checkBadCount();
-    const errors = this.world.dom0.intr.handlerErrors;
-    if (errors !== 0) {
-      this.violation(`${errors} dom0 interrupt handler(s) threw`);
-      this.world.dom0.intr.handlerErrors = 0;
-    }
+    this.checkHandlers([['dom0', this.world.dom0.intr]]);
   }
 
   /** Take the responses blkback produced on q: each for an outstanding id, in order, with the right operation and status. */

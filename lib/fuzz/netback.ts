@@ -674,11 +674,7 @@ export class NetbackFuzz extends Harness {
     this.checkSink(c);
     this.checkState(c);
     this.checkAllMemoryCheap(c);
-    const errors = this.world.dom0.intr.handlerErrors;
-    if (errors !== 0) {
-      this.violation(`${errors} dom0 interrupt handler(s) threw`);
-      this.world.dom0.intr.handlerErrors = 0;
-    }
+    this.checkHandlers([['dom0', this.world.dom0.intr]]);
   }
 
   private vif(c: Conn): { state: string; reason: string | null } | undefined {

@@ -57,4 +57,13 @@ export abstract class Harness {
   protected count(what: string): void {
     count(this.report.actions, what);
   }
+
+  /** A driver or backend handler that threw is a violation (the interrupt layer only logs and counts it). */
+  protected checkHandlers(intrs: readonly (readonly [who: string, intr: { handlerErrors: number }])[]): void {
+    for (const [who, intr] of intrs) {
+      if (intr.handlerErrors === 0) continue;
+      this.violation(`${intr.handlerErrors} interrupt handler(s) of ${who} threw`);
+      intr.handlerErrors = 0;
+    }
+  }
 }
