@@ -92,8 +92,8 @@ import {
   SHUTDOWN_reboot,
 } from '../lib/abi/sched.js';
 import { XENVER_extraversion, XENVER_get_features, XENVER_version } from '../lib/abi/version.js';
-import { XEN_EEXIST, XEN_EINVAL, XEN_ENOENT, XEN_ENOSPC, XEN_ENOSYS, XEN_EPERM, XEN_ESRCH } from '../lib/abi/errno.js';
-import { Domain, GRANT_ENTRIES_PER_FRAME, MAX_EVTCHNS, SPECIAL_PAGES, SpecialPage, VCPU_WAKE } from '../lib/hypervisor/domain.js';
+import { XEN_EEXIST, XEN_EFAULT, XEN_EINVAL, XEN_ENOENT, XEN_ENOSPC, XEN_ENOSYS, XEN_EPERM, XEN_ESRCH } from '../lib/abi/errno.js';
+import { D, Domain, GRANT_ENTRIES_PER_FRAME, MAX_EVTCHNS, SPECIAL_PAGES, SpecialPage, VCPU_WAKE } from '../lib/hypervisor/domain.js';
 import { Host, type DomainConfig } from '../lib/hypervisor/host.js';
 import type {
   evtchn_status,
@@ -277,8 +277,8 @@ class Guest {
 
   // -- grant tables --
 
-  gt(cmd: number, arg?: object): number {
-    return this.hc(__HYPERVISOR_grant_table_op, cmd, arg);
+  gt(cmd: number, arg?: object, count?: number): number {
+    return this.hc(__HYPERVISOR_grant_table_op, cmd, arg, count);
   }
 
   querySize(dom = DOMID_SELF): gnttab_query_size {
@@ -384,6 +384,125 @@ function setup(opts: { dom0?: boolean; a?: Partial<DomainConfig> } = {}) {
 
 /** A guest's own RAM page, below the special pages, for data and grants. */
 const DATA_GFN = 10;
+
+// ---------------------------------------------------------------------------
+// Grant copies in a batch and one by one
+
+/**
+ * dom0 copying between a's and b's grants (each granted to dom0: ref 8
+ * read-only, ref 9 writable; b's ref 10 to a instead), c dying, and a domain
+ * destroyed. Each world is built the same, bytes and all, so that two of
+ * them can be compared after the same copies. kill() starts c's destruction.
+ */
+type CopyWorld = { host: Host; dom0: Guest; a: Guest; b: Guest; c: Guest; gone: number; kill: () => Promise<void> };
+
+async function copyWorld(): Promise<CopyWorld> {
+  const host = new Host();
+  const dom0 = new Guest(host, host.createDomain({ name: 'dom0', memoryMiB: 1, privileged: true }, 0).domid);
+  const [a, b, c] = ['a', 'b', 'c'].map((name) => new Guest(host, host.createDomain({ ...SMALL, name }).domid)) as [Guest, Guest, Guest];
+  for (const g of [dom0, a, b, c]) {
+    for (let i = 0; i < 3 * PAGE_SIZE; i++) g.d.mem.u8[DATA_GFN * PAGE_SIZE + i] = (i * 7 + g.domid * 31) & 0xff;
+  }
+  for (const g of [a, b, c]) {
+    g.grant(8, 0, DATA_GFN, GTF_readonly);
+    g.grant(9, 0, DATA_GFN + 1);
+  }
+  b.grant(10, a.domid, DATA_GFN + 2);
+  const gone = host.createDomain({ ...SMALL, name: 'gone' }).domid;
+  await host.destroy(gone);
+  // c is dying from kill() until its promise settles: destroy() runs to its first await at once.
+  return { host, dom0, a, b, c, gone, kill: () => host.destroy(c.domid) };
+}
+
+const cref = (domid: number, ref: number, offset = 0): gnttab_copy_ptr => ({ u: { ref, gmfn: 0 }, domid, offset });
+const cgmfn = (gmfn: number, offset = 0, domid = DOMID_SELF): gnttab_copy_ptr => ({ u: { ref: 0, gmfn }, domid, offset });
+const REFS = GNTCOPY_source_gref | GNTCOPY_dest_gref;
+
+/** Good copies and bad ones mixed, the good ones needing the same locks in a row and then others. */
+function mixedCopies(w: CopyWorld): [string, gnttab_copy][] {
+  const { a, b, c } = w;
+  const op = (source: gnttab_copy_ptr, dest: gnttab_copy_ptr, len: number, flags: number): gnttab_copy => ({ source, dest, len, flags, status: 1 });
+  return [
+    ['a ref to dom0', op(cref(a.domid, 8, 100), cgmfn(DATA_GFN), 64, GNTCOPY_source_gref)],
+    ['a ref to b ref', op(cref(a.domid, 8), cref(b.domid, 9, 200), 300, REFS)],
+    ['b ref to a ref', op(cref(b.domid, 8, 8), cref(a.domid, 9, 4000), 96, REFS)],
+    ['bad ref', op(cref(a.domid, GRANT_ENTRIES_PER_FRAME), cgmfn(DATA_GFN), 8, GNTCOPY_source_gref)],
+    ['a ref to b ref again', op(cref(a.domid, 9, 12), cref(b.domid, 9, 3000), 1000, REFS)],
+    ['bad domain', op(cref(0x7000, 8), cgmfn(DATA_GFN), 8, GNTCOPY_source_gref)],
+    ['read-only dest', op(cgmfn(DATA_GFN + 1), cref(a.domid, 8), 8, GNTCOPY_dest_gref)],
+    ['offset+len past the page', op(cref(a.domid, 9, 4090), cgmfn(DATA_GFN), 7, GNTCOPY_source_gref)],
+    ['dying domain', op(cref(c.domid, 9, 16), cgmfn(DATA_GFN + 2), 48, GNTCOPY_source_gref)],
+    ['destroyed domain', op(cref(w.gone, 8), cgmfn(DATA_GFN), 8, GNTCOPY_source_gref)],
+    ['granted to another', op(cref(b.domid, 10), cgmfn(DATA_GFN), 8, GNTCOPY_source_gref)],
+    ['bad source before bad dest', op(cref(a.domid, -1), cref(0x7000, 9), 8, REFS)],
+    ['foreign gmfn dest', op(cref(b.domid, 8), cgmfn(DATA_GFN, 0, a.domid), 8, GNTCOPY_source_gref)],
+    ['dom0 to dom0, overlapping', op(cgmfn(DATA_GFN + 1, 10), cgmfn(DATA_GFN + 1, 20), 2000, 0)],
+    ['b ref to dom0', op(cref(b.domid, 9, 4), cgmfn(DATA_GFN + 2, 4), 4092, GNTCOPY_source_gref)],
+  ];
+}
+
+const MIXED_STATUSES: [string, number][] = [
+  ['a ref to dom0', GNTST_okay],
+  ['a ref to b ref', GNTST_okay],
+  ['b ref to a ref', GNTST_okay],
+  ['bad ref', GNTST_bad_gntref],
+  ['a ref to b ref again', GNTST_okay],
+  ['bad domain', GNTST_bad_domain],
+  ['read-only dest', GNTST_general_error],
+  ['offset+len past the page', GNTST_bad_copy_arg],
+  ['dying domain', GNTST_okay],
+  ['destroyed domain', GNTST_bad_domain],
+  ['granted to another', GNTST_general_error],
+  ['bad source before bad dest', GNTST_bad_gntref],
+  ['foreign gmfn dest', GNTST_permission_denied],
+  ['dom0 to dom0, overlapping', GNTST_okay],
+  ['b ref to dom0', GNTST_okay],
+];
+
+/** The data pages of every live domain of the world, as hex. */
+function pages(w: CopyWorld): string[] {
+  return [w.dom0, w.a, w.b, w.c].map((g) => Buffer.from(g.d.mem.u8.subarray(DATA_GFN * PAGE_SIZE, (DATA_GFN + 3) * PAGE_SIZE)).toString('hex'));
+}
+
+/** What copies may leave behind: each domain's grant lock word, and GTF_reading|GTF_writing on any entry. */
+function copyResidue(w: CopyWorld): { locks: number[]; flags: number } {
+  const gs = [w.dom0, w.a, w.b, w.c];
+  let flags = 0;
+  for (const g of [w.a, w.b, w.c]) for (const ref of [8, 9, 10]) flags |= g.grantFlags(ref) & (GTF_reading | GTF_writing);
+  return { locks: gs.map((g) => Atomics.load(g.d.ctl, D.lockGnttab)), flags };
+}
+
+/** One side of a random copy: which page or grant, at which offset. */
+type SidePick = { kind: number; offset: number };
+type CopyPick = { src: SidePick; dst: SidePick; len: number };
+const sideArb: fc.Arbitrary<SidePick> = fc.record({
+  kind: fc.nat(9),
+  offset: fc.oneof(fc.nat(PAGE_SIZE), fc.constantFrom(0, 4000, 4095)),
+});
+const copyArb: fc.Arbitrary<CopyPick> = fc.record({
+  src: sideArb, dst: sideArb, len: fc.oneof(fc.nat(300), fc.nat(PAGE_SIZE), fc.constant(PAGE_SIZE + 1)),
+});
+
+/** The copy a pick names in world `w`: grants good and bad, own and foreign frames, missing domains. */
+function randomCopy(w: CopyWorld, p: CopyPick): gnttab_copy {
+  const side = (s: SidePick): [gnttab_copy_ptr, boolean] => {
+    switch (s.kind) {
+      case 0: return [cref(w.a.domid, 8, s.offset), true];
+      case 1: return [cref(w.a.domid, 9, s.offset), true];
+      case 2: return [cref(w.b.domid, 8, s.offset), true];
+      case 3: return [cref(w.b.domid, 9, s.offset), true];
+      case 4: return [cref(w.b.domid, 10, s.offset), true];
+      case 5: return [cref(w.a.domid, 11, s.offset), true];
+      case 6: return [cref(w.gone, 9, s.offset), true];
+      case 7: return [cgmfn(DATA_GFN + (s.offset % 3), s.offset), false];
+      case 8: return [cgmfn(DATA_GFN, s.offset, w.a.domid), false];
+      default: return [cref(w.c.domid, 9, s.offset), true];
+    }
+  };
+  const [source, srcRef] = side(p.src);
+  const [dest, dstRef] = side(p.dst);
+  return { source, dest, len: p.len, flags: (srcRef ? GNTCOPY_source_gref : 0) | (dstRef ? GNTCOPY_dest_gref : 0), status: 1 };
+}
 
 // ---------------------------------------------------------------------------
 // Event channels
@@ -684,6 +803,68 @@ t.test('grant tables', async (t) => {
     t.equal(b.copy(ref(GRANT_ENTRIES_PER_FRAME), gmfn(B_GFN), 8, GNTCOPY_source_gref), GNTST_bad_gntref);
     t.equal(b.copy(ref(8), ref(9), 8, GNTCOPY_source_gref | GNTCOPY_dest_gref), GNTST_okay, 'ref to ref');
     t.equal(dom0!.copy(gmfn(SRC, a.domid), gmfn(B_GFN, b.domid), 8, 0), GNTST_permission_denied, 'frames only of DOMID_SELF, even for dom0 (Xen: only allow copy-by-mfn for DOMID_SELF)');
+  });
+
+  t.test('GNTTABOP_copy batch: each op the status it gets alone, only the good ones copied, no lock or flag left', async (t) => {
+    const singles = await copyWorld();
+    const batched = await copyWorld();
+    const dying = [singles.kill(), batched.kill()];
+    const ops = (w: CopyWorld): gnttab_copy[] => mixedCopies(w).map(([, op]) => op);
+    const want = mixedCopies(singles).map(([what, op]) => [what, singles.dom0.copy(op.source, op.dest, op.len, op.flags)] as const);
+    const batch = ops(batched);
+    t.equal(batched.dom0.gt(GNTTABOP_copy, batch, batch.length), 0);
+    const got = mixedCopies(batched).map(([what], i) => [what, batch[i]!.status] as const);
+    t.same(got, want, 'statuses in order, as one by one');
+    t.same(want, MIXED_STATUSES, 'the statuses Xen gives each');
+    t.same(pages(batched), pages(singles), 'the bytes of every page involved, as one by one');
+    t.same([...batched.dom0.d.mem.u8.subarray(DATA_GFN * PAGE_SIZE, DATA_GFN * PAGE_SIZE + 64)],
+      [...batched.a.d.mem.u8.subarray(DATA_GFN * PAGE_SIZE + 100, DATA_GFN * PAGE_SIZE + 164)], 'a good copy moved its bytes');
+    t.same(copyResidue(batched), { locks: [0, 0, 0, 0], flags: 0 }, 'no grant lock held, no GTF_reading/GTF_writing left');
+    await Promise.all(dying);
+  });
+
+  t.test('GNTTABOP_copy count: as Xen\'s do_grant_table_op takes it', async (t) => {
+    const w = await copyWorld();
+    const dying = w.kill();
+    const fresh = (): gnttab_copy[] => mixedCopies(w).map(([, op]) => ({ ...op, status: 1 }));
+    const ops = fresh();
+    t.equal(w.dom0.gt(GNTTABOP_copy, ops, 2), 0, 'the first two');
+    t.same(ops.map((o) => o.status), [GNTST_okay, GNTST_okay, ...new Array(ops.length - 2).fill(1)], 'the rest untouched');
+    t.equal(w.dom0.gt(GNTTABOP_copy, ops, ops.length + 1), -XEN_EFAULT, 'past the array (guest_handle_okay)');
+    t.equal(w.dom0.gt(GNTTABOP_copy, ops[0], 2), -XEN_EFAULT, 'two of one struct');
+    t.equal(w.dom0.gt(GNTTABOP_copy, ops, -1), -XEN_EINVAL, 'negative ((int)count < 0)');
+    t.equal(w.dom0.gt(GNTTABOP_copy, ops, 2 ** 31), -XEN_EINVAL, 'beyond INT_MAX');
+    t.equal(w.dom0.gt(GNTTABOP_copy, ops, 1.5), -XEN_EINVAL, 'not an integer');
+    t.equal(w.dom0.gt(GNTTABOP_copy, ops), -XEN_EINVAL, 'an array and no count');
+    t.equal(w.dom0.gt(GNTTABOP_copy, undefined, 1), -XEN_EFAULT, 'a count and no array');
+    t.equal(w.dom0.gt(GNTTABOP_copy, undefined, 0), 0, 'nothing to do');
+    const one = fresh()[0]!;
+    t.equal(w.dom0.gt(GNTTABOP_copy, one, 1), 0);
+    t.equal(one.status, GNTST_okay, 'one struct, count 1');
+    t.equal(w.dom0.gt(GNTTABOP_query_size, { dom: DOMID_SELF, nr_frames: 0, max_nr_frames: 0, status: 1 }, 2), -XEN_EINVAL, 'a batch of another op');
+    t.same(copyResidue(w), { locks: [0, 0, 0, 0], flags: 0 });
+    await dying;
+  });
+
+  t.test('property: a GNTTABOP_copy batch does what the same copies one by one do', async (t) => {
+    await fc.assert(fc.asyncProperty(fc.array(copyArb, { minLength: 1, maxLength: 24 }), async (picks) => {
+      const singles = await copyWorld();
+      const batched = await copyWorld();
+      const dying = [singles.kill(), batched.kill()];
+      const statuses = picks.map((p) => {
+        const op = randomCopy(singles, p);
+        return singles.dom0.copy(op.source, op.dest, op.len, op.flags);
+      });
+      const many = picks.map((p) => randomCopy(batched, p));
+      if (batched.dom0.gt(GNTTABOP_copy, many, many.length) !== 0) throw new Error('batch refused');
+      const got = many.map((op) => op.status);
+      if (JSON.stringify(got) !== JSON.stringify(statuses)) throw new Error(`statuses ${got}, one by one ${statuses}`);
+      if (JSON.stringify(pages(batched)) !== JSON.stringify(pages(singles))) throw new Error('the pages differ from one by one');
+      const left = copyResidue(batched);
+      if (left.flags !== 0 || left.locks.some((l) => l !== 0)) throw new Error(`left behind: ${JSON.stringify(left)}`);
+      await Promise.all(dying);
+    }), { numRuns: 200 });
+    t.pass('200 random batches of good and bad copies');
   });
 
   t.test('query_size and setup_table', async (t) => {

@@ -227,15 +227,34 @@ export function unmapAll(d: Domain, lookup: DomainLookup): void {
 /**
  * One side of a copy as resolve() found it; two of them are reused by every
  * copy (no allocation per packet). `set` holds the GTF_* bits the copy set on
- * the entry and must clear again.
+ * the entry and must clear again. `known` is the domain this side last named
+ * (`knownDomid`), kept through one hypercall as Xen's gnttab_copy keeps its
+ * buffers' domains: a batch whose ops name the same domid looks it up once.
  */
-type CopySide = { d: Domain | null; frame: number; ref: number; byRef: boolean; readonly: boolean; word: number; set: number };
-const copySrc: CopySide = { d: null, frame: 0, ref: 0, byRef: false, readonly: true, word: 0, set: 0 };
-const copyDst: CopySide = { d: null, frame: 0, ref: 0, byRef: false, readonly: false, word: 0, set: 0 };
+type CopySide = {
+  d: Domain | null; frame: number; ref: number; byRef: boolean; readonly: boolean; word: number; set: number;
+  known: Domain | null; knownDomid: number;
+};
+const copySrc: CopySide = { d: null, frame: 0, ref: 0, byRef: false, readonly: true, word: 0, set: 0, known: null, knownDomid: -1 };
+const copyDst: CopySide = { d: null, frame: 0, ref: 0, byRef: false, readonly: false, word: 0, set: 0, known: null, knownDomid: -1 };
+
+/**
+ * The grant locks held from one copy to the next within one hypercall: the
+ * lower domid's in `lo`. An op that needs no other lock keeps them.
+ */
+const locked: { lo: Domain | null; hi: Domain | null } = { lo: null, hi: null };
 
 /** Find one side's domain, and its frame when it names one; GNTST_okay or the failure. */
 function resolve(caller: Domain, ptr: gnttab_copy_ptr, byRef: boolean, side: CopySide, lookup: DomainLookup): number {
-  const d = ptr.domid === DOMID_SELF ? caller : lookup(ptr.domid);
+  let d: Domain | undefined = caller;
+  if (ptr.domid !== DOMID_SELF) {
+    if (side.known !== null && ptr.domid === side.knownDomid) d = side.known;
+    else {
+      d = lookup(ptr.domid);
+      side.known = d ?? null;
+      side.knownDomid = d === undefined ? -1 : ptr.domid;
+    }
+  }
   if (d === undefined || d.dead) return GNTST_bad_domain;
   side.d = d;
   side.byRef = byRef;
@@ -295,24 +314,42 @@ function unclaim(side: CopySide): void {
   side.set = 0;
 }
 
-/** The grant locks a copy needs: each granting side's domain once, the lower domid first. */
+/**
+ * Hold the grant locks a copy needs: each granting side's domain once, the
+ * lower domid first. Locks the last op left held stay when they cover these;
+ * otherwise they go first, so no lock is ever taken out of order.
+ */
 function lockSides(src: CopySide, dst: CopySide): void {
-  const a = src.byRef ? src.d : null;
-  const b = dst.byRef && dst.d !== a ? dst.d : null;
-  if (a !== null && b !== null && b.domid < a.domid) {
-    lock(b.ctl, D.lockGnttab);
-    lock(a.ctl, D.lockGnttab);
-  } else {
-    if (a !== null) lock(a.ctl, D.lockGnttab);
-    if (b !== null) lock(b.ctl, D.lockGnttab);
+  let a = src.byRef ? src.d : null;
+  let b = dst.byRef && dst.d !== a ? dst.d : null;
+  if (a === null) {
+    a = b;
+    b = null;
+  } else if (b !== null && b.domid < a.domid) {
+    const t = a;
+    a = b;
+    b = t;
   }
+  const { lo, hi } = locked;
+  if ((a === null || a === lo || a === hi) && (b === null || b === lo || b === hi)) return;
+  unlockHeld();
+  if (a !== null) lock(a.ctl, D.lockGnttab);
+  if (b !== null) lock(b.ctl, D.lockGnttab);
+  locked.lo = a;
+  locked.hi = b;
 }
 
-function unlockSides(src: CopySide, dst: CopySide): void {
-  const a = src.byRef ? src.d : null;
-  const b = dst.byRef && dst.d !== a ? dst.d : null;
-  if (b !== null) unlock(b.ctl, D.lockGnttab);
-  if (a !== null) unlock(a.ctl, D.lockGnttab);
+function unlockHeld(): void {
+  if (locked.hi !== null) unlock(locked.hi.ctl, D.lockGnttab);
+  if (locked.lo !== null) unlock(locked.lo.ctl, D.lockGnttab);
+  locked.lo = locked.hi = null;
+}
+
+/** End of a copy hypercall: its locks go, and no domain it found is kept for the next. */
+function endCopies(): void {
+  unlockHeld();
+  copySrc.known = copyDst.known = copySrc.d = copyDst.d = null;
+  copySrc.knownDomid = copyDst.knownDomid = -1;
 }
 
 /**
@@ -334,10 +371,31 @@ function copyBytes(from: MemoryViews, at: number, to: MemoryViews, dest: number,
   }
 }
 
-/** GNTTABOP_copy: one copy, both sides checked and pinned only while it runs. */
+/** GNTTABOP_copy of one op: both sides checked and claimed only while it runs. */
 export function copy(caller: Domain, op: gnttab_copy, lookup: DomainLookup): void {
-  copyOne(caller, op, lookup);
+  try {
+    copyOne(caller, op, lookup);
+  } finally {
+    endCopies();
+  }
   if (tracing) traceCopy(caller, op);
+}
+
+/**
+ * GNTTABOP_copy of ops[0..count) (Xen's gnttab_copy): each op gets the
+ * status it would get alone, in order; between ops the batch keeps the grant
+ * locks and the domains the next op needs again.
+ */
+export function copyBatch(caller: Domain, ops: readonly gnttab_copy[], count: number, lookup: DomainLookup): void {
+  try {
+    for (let i = 0; i < count; i++) {
+      const op = ops[i]!;
+      copyOne(caller, op, lookup);
+      if (tracing) traceCopy(caller, op);
+    }
+  } finally {
+    endCopies();
+  }
 }
 
 function traceCopy(caller: Domain, op: gnttab_copy): void {
@@ -350,6 +408,7 @@ function traceCopy(caller: Domain, op: gnttab_copy): void {
   );
 }
 
+/** One copy; the grant locks it took stay held for the next op of the batch (endCopies lets them go). */
 function copyOne(caller: Domain, op: gnttab_copy, lookup: DomainLookup): void {
   const { source, dest, len } = op;
   if (
@@ -377,7 +436,6 @@ function copyOne(caller: Domain, op: gnttab_copy, lookup: DomainLookup): void {
   if (status === GNTST_okay) copyBytes(src.d!.mem, src.frame * PAGE_SIZE + source.offset, dst.d!.mem, dst.frame * PAGE_SIZE + dest.offset, len);
   unclaim(dst);
   unclaim(src);
-  unlockSides(src, dst);
   op.status = status;
 }
 

@@ -4,10 +4,13 @@
 //   const op = { dom: DOMID_SELF, remote_dom: 0, port: 0 };
 //   hypercall(__HYPERVISOR_event_channel_op, EVTCHNOP_alloc_unbound, op); op.port
 // The return value is 0 or a negated Xen errno, as Xen returns it.
+// A batch passes an array and a count, as C passes a pointer and a count:
+//   hypercall(__HYPERVISOR_grant_table_op, GNTTABOP_copy, ops, n)
+// does the first n of ops, each with its own status.
 
 import type { Page, ReadPage } from './page.js';
 
-export type Hypercall = (op: number, cmd: number, arg?: object) => number;
+export type Hypercall = (op: number, cmd: number, arg?: object, count?: number) => number;
 
 export type evtchn_alloc_unbound = { dom: number; remote_dom: number; port: number };
 export type evtchn_bind_interdomain = { remote_dom: number; remote_port: number; local_port: number };

@@ -151,15 +151,15 @@ export class Hypervisor {
   entry(domid: number): H.Hypercall {
     const self = this.domain(domid);
     if (self === undefined) throw new Error(`hypervisor: domain ${domid} is not known to this thread`);
-    return (op, cmd, arg) => this.hypercall(self, op, cmd, arg);
+    return (op, cmd, arg, count) => this.hypercall(self, op, cmd, arg, count);
   }
 
-  hypercall(caller: Domain, op: number, cmd: number, arg?: object): number {
+  hypercall(caller: Domain, op: number, cmd: number, arg?: object, count?: number): number {
     switch (op) {
       case __HYPERVISOR_event_channel_op:
         return this.eventChannelOp(caller, cmd, arg);
       case __HYPERVISOR_grant_table_op:
-        return this.grantTableOp(caller, cmd, arg);
+        return this.grantTableOp(caller, cmd, arg, count);
       case __HYPERVISOR_memory_op:
         return this.memoryOp(caller, cmd, arg);
       case __HYPERVISOR_hvm_op:
@@ -199,7 +199,15 @@ export class Hypervisor {
     }
   }
 
-  private grantTableOp(caller: Domain, cmd: number, arg: object | undefined): number {
+  /**
+   * do_grant_table_op. `count` as in C: a count beyond INT_MAX (here also a
+   * negative or fractional one) is EINVAL. Only GNTTABOP_copy takes a batch
+   * here; every other op takes one struct (count absent or 1, else EINVAL).
+   */
+  private grantTableOp(caller: Domain, cmd: number, arg: object | undefined, count: number | undefined): number {
+    if (count !== undefined && (!Number.isInteger(count) || count < 0 || count > 0x7fffffff)) return -XEN_EINVAL;
+    if (cmd === GNTTABOP_copy) return this.grantCopy(caller, arg, count);
+    if (count !== undefined && count !== 1) return -XEN_EINVAL;
     if (arg === undefined) return -XEN_EFAULT;
     switch (cmd) {
       case GNTTABOP_map_grant_ref:
@@ -208,9 +216,6 @@ export class Hypervisor {
       case GNTTABOP_unmap_grant_ref:
         grant.unmapGrantRef(caller, arg as H.gnttab_unmap_grant_ref, this.lookup);
         return 0;
-      case GNTTABOP_copy:
-        grant.copy(caller, arg as H.gnttab_copy, this.lookup);
-        return 0;
       case GNTTABOP_query_size:
         return this.queryGrantSize(caller, arg as H.gnttab_query_size);
       case GNTTABOP_setup_table:
@@ -218,6 +223,26 @@ export class Hypervisor {
       default:
         return -XEN_ENOSYS;
     }
+  }
+
+  /**
+   * GNTTABOP_copy: one gnttab_copy (count absent or 1), or the first `count`
+   * of an array of them. As Xen's guest_handle_okay, a count that runs past
+   * what the caller passed is EFAULT; a count of 0 copies nothing. An array
+   * with no count says nothing of how many to do: EINVAL.
+   */
+  private grantCopy(caller: Domain, arg: object | undefined, count: number | undefined): number {
+    if (count === 0) return 0;
+    if (arg === undefined) return -XEN_EFAULT;
+    if (Array.isArray(arg)) {
+      if (count === undefined) return -XEN_EINVAL;
+      if (count > arg.length) return -XEN_EFAULT;
+      grant.copyBatch(caller, arg as H.gnttab_copy[], count, this.lookup);
+      return 0;
+    }
+    if (count !== undefined && count !== 1) return -XEN_EFAULT;
+    grant.copy(caller, arg as H.gnttab_copy, this.lookup);
+    return 0;
   }
 
   private grantTarget(caller: Domain, dom: number): Domain | number {
