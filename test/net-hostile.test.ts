@@ -1,8 +1,14 @@
 // The network against hostile peers: netback facing a guest that writes
 // malformed raw requests on its rings, xnf facing a driver domain that
-// writes malformed raw responses, and a receiver that stops taking frames.
+// writes malformed raw responses, a receiver that stops taking frames, and
+// bad grants among good ones in netback's copy batches.
 
 import t from 'tap';
+import { netifOffsets } from '../lib/abi/netif.js';
+import type { VifStats } from '../lib/backends/netback.js';
+import type { NicSpec } from '../lib/backends/toolstack.js';
+import { xnfInterfaces, type XnfSoftc } from '../lib/drivers/xnf/xnf.js';
+import { World } from '../lib/fuzz/world.js';
 import { guestImage, helloCode, lib, rawFrontCode, runGuests, tempDir } from './net-fixtures.js';
 
 const dir = tempDir('xenpv-net-hostile-');
@@ -265,4 +271,101 @@ export async function main(guest) {
   const [s, , c] = await runGuests(cfgs, { netback: { drainTimeoutMs: 120_000 } });
   t.match(s!.console, /^sender done$/m, s!.console);
   t.match(c!.console, /^healthy receiver got 100$/m, 'the stuck receiver did not keep the sender\'s ring full');
+});
+
+// One thread, the whole host (lib/fuzz/world.ts): netback takes each guest's
+// requests in batches and copies them in one hypercall per batch, so a bad
+// grant sits among good ones. Each failure must still blame the right side.
+
+const NEVER_MS = 1e9;
+const SENDER = '00:16:3e:00:0b:01';
+const RECEIVER = '00:16:3e:00:0b:02';
+
+/** A sender and a receiver guest with real xnf on one bridge, frames of up to 9000 bytes. */
+async function batchWorld(): Promise<{ world: World; tx: XnfSoftc; rx: XnfSoftc; got: Uint8Array[] }> {
+  const netback = { drainTimeoutMs: NEVER_MS, stallTimeoutMs: NEVER_MS, holdMs: NEVER_MS, maxQueues: 1 };
+  const world = new World({ net: { netback, ageingMs: NEVER_MS }, dom0MemoryMiB: 24 });
+  const nic = (mac: string): NicSpec => ({ devid: 0, mac, bridge: 'xenbr0', mtu: 9000, rate: null, trusted: true, pcap: null, backend: null });
+  const tx = xnfInterfaces(await world.createGuest({ name: 'sender', vifs: [nic(SENDER)] }))[0]!;
+  const rx = xnfInterfaces(await world.createGuest({ name: 'receiver', vifs: [nic(RECEIVER)] }))[0]!;
+  const got: Uint8Array[] = [];
+  rx.input = (f) => void got.push(f.slice());
+  return { world, tx, rx, got };
+}
+
+/** Frame `k` of `size` bytes from the sender to the receiver, its bytes telling it apart. */
+function batchFrame(tx: XnfSoftc, rx: XnfSoftc, k: number, size: number): Uint8Array {
+  const f = new Uint8Array(size);
+  for (let i = 14; i < size; i++) f[i] = (i * 13 + k * 101) & 0xff;
+  f.set(rx.mac, 0);
+  f.set(tx.mac, 6);
+  f[12] = 0x88;
+  f[13] = 0xb5;
+  return f;
+}
+
+/** Rewrite the gref of the TX request `back` slots behind req_prod, as a hostile frontend may before netback reads it. */
+function badTxGref(x: XnfSoftc, back: number, gref: number): void {
+  const ring = x.queues[0]!.tx!.ring;
+  const s = ring.slot((ring.reqProd - back) >>> 0);
+  s.page.store32(s.offset + netifOffsets.TXQ_GREF, gref);
+}
+
+function vifOf(world: World, x: XnfSoftc): VifStats {
+  return world.dom0.net!.list().find((v) => v.name === `vif${x.sc.domid}.0`)!;
+}
+
+/** Restart the disabled vif's backend and let its xnf reconnect (nothing of either is left waiting). */
+async function reconnect(world: World, x: XnfSoftc): Promise<void> {
+  await world.run(world.dom0.net!.restart(x.sc.domid, 0), 'vif restart');
+  await world.run((async () => {
+    while (!x.up) await new Promise((r) => setImmediate(r));
+  })(), 'xnf reconnect');
+  await world.settle();
+}
+
+t.test('netback batches: a bad grant among good ones blames its own side, as copied one by one', async (t) => {
+  t.test('a sender\'s first slot that cannot be copied: the frames before it go, the sender is disabled', async (t) => {
+    const { world, tx, rx, got } = await batchWorld();
+    const frames = [0, 1, 2].map((k) => batchFrame(tx, rx, k, 1000));
+    for (const f of frames) void tx.send(f);
+    badTxGref(tx, 2, 30000);
+    await world.settle();
+    t.match(vifOf(world, tx), { state: 'disabled', reason: 'TX grant 30000 cannot be copied' });
+    t.equal(vifOf(world, rx).state, 'connected');
+    t.same(got, [frames[0]], 'the frame before the bad one reached the receiver whole, no other did');
+    await reconnect(world, tx);
+    t.equal(vifOf(world, tx).state, 'connected', 'the sender comes back with a new backend');
+  });
+
+  t.test('a sender\'s later slot that cannot be copied: the receiver blames the sender, not itself', async (t) => {
+    const { world, tx, rx, got } = await batchWorld();
+    const frames = [0, 1, 2].map((k) => batchFrame(tx, rx, k, 6000));
+    for (const f of frames) void tx.send(f);
+    badTxGref(tx, 3, 30000); // frame 1's second slot
+    await world.settle();
+    t.match(vifOf(world, tx), { state: 'disabled', reason: 'TX grant 30000 cannot be copied' });
+    t.equal(vifOf(world, rx).state, 'connected', 'the receiver carries on');
+    t.same(got[0], frames[0], 'the frame before reached the receiver whole');
+    t.notOk(got.some((f) => f[14] === frames[1]![14] && f.length === 6000), 'the broken frame did not');
+    t.ok(rx.counters.rxErrors >= 1, 'its slots were answered NETIF_RSP_ERROR');
+    await reconnect(world, tx);
+  });
+
+  t.test('a receiver\'s buffer that cannot be copied into: the receiver is disabled, the sender carries on', async (t) => {
+    const { world, tx, rx, got } = await batchWorld();
+    const ring = rx.queues[0]!.rx!.ring;
+    for (let i = ring.sharedIndices().rsp_prod; i !== ring.reqProd; i = (i + 1) >>> 0) {
+      const s = ring.slot(i);
+      s.page.store32(s.offset + netifOffsets.RXQ_GREF, 30001);
+    }
+    const sent = [0, 1, 2].map((k) => tx.send(batchFrame(tx, rx, k, 1000)));
+    await world.run(Promise.all(sent), 'sends');
+    await world.settle();
+    t.match(vifOf(world, rx), { state: 'disabled', reason: 'RX grant 30001 cannot be copied into' });
+    t.equal(vifOf(world, tx).state, 'connected');
+    t.same(got, [], 'nothing reached the receiver');
+    t.equal(tx.counters.txErrors, 0, 'the sender\'s requests were answered OKAY');
+    await reconnect(world, rx);
+  });
 });

@@ -132,6 +132,45 @@ export type FramePoolOptions = {
   largeBuffers?: number;
 };
 
+function newCopy(): gnttab_copy {
+  return { source: { u: { ref: 0, gmfn: 0 }, domid: 0, offset: 0 }, dest: { u: { ref: 0, gmfn: 0 }, domid: 0, offset: 0 }, len: 0, flags: 0, status: 0 };
+}
+
+/** One copy's op: a ref side names a grant of its domain, otherwise a frame of dom0's own. */
+function fillCopy(op: gnttab_copy, src: Frag, srcOffset: number, dstDomid: number, dstRef: number, dstByRef: boolean, dstOffset: number, len: number): void {
+  op.source.domid = src.byRef ? src.domid : DOMID_SELF;
+  op.source.u.ref = op.source.u.gmfn = src.ref;
+  op.source.offset = srcOffset;
+  op.dest.domid = dstByRef ? dstDomid : DOMID_SELF;
+  op.dest.u.ref = op.dest.u.gmfn = dstRef;
+  op.dest.offset = dstOffset;
+  op.len = len;
+  op.flags = (src.byRef ? GNTCOPY_source_gref : 0) | (dstByRef ? GNTCOPY_dest_gref : 0);
+}
+
+/**
+ * GNTTABOP_copy ops made once (at attach), filled one per piece and done in
+ * one hypercall by FramePool.copyBatch (Linux's gnttab_batch_copy); each
+ * op's status is read after it, by index.
+ */
+export class CopyBatch {
+  readonly ops: gnttab_copy[];
+  count = 0;
+
+  constructor(size: number) {
+    this.ops = Array.from({ length: size }, newCopy);
+  }
+
+  /** Ops still free. */
+  get room(): number {
+    return this.ops.length - this.count;
+  }
+
+  status(i: number): number {
+    return this.ops[i]!.status;
+  }
+}
+
 /**
  * dom0's frame memory: packet descriptors, and buffers in dom0's own pages
  * so that GNTTABOP_copy can move bytes between them and a guest's grants.
@@ -142,11 +181,7 @@ export class FramePool {
   private readonly large: PoolBuffer[] = [];
   /** Called when a packet goes back to the pool while someone waits for one. */
   private readonly waiting: Array<() => void> = [];
-  private readonly op: gnttab_copy = {
-    source: { u: { ref: 0, gmfn: 0 }, domid: 0, offset: 0 },
-    dest: { u: { ref: 0, gmfn: 0 }, domid: 0, offset: 0 },
-    len: 0, flags: 0, status: 0,
-  };
+  private readonly op: gnttab_copy = newCopy();
   readonly mem: MemoryViews;
   /** Where software GSO builds each segment (dom0's heap: segments are handed on, not grant-copied). */
   readonly scratch = new Uint8Array(XEN_NETIF_MAX_TX_SIZE + 1);
@@ -173,9 +208,19 @@ export class FramePool {
     this.scratchGfn = physmem.alloc(1);
   }
 
-  /** Whether `src` can be read, with a copy of no bytes (used to tell which side of a failed copy broke). */
-  probe(src: Frag): boolean {
-    return this.copy(src, src.offset, 0, this.scratchGfn, false, 0, 0) === GNTST_okay;
+  /** Whether the source of `op` (a copy that failed) can be read, with a copy of no bytes: tells which side broke. */
+  probeSource(op: gnttab_copy): boolean {
+    const p = this.op;
+    p.source.domid = op.source.domid;
+    p.source.u.ref = op.source.u.ref;
+    p.source.u.gmfn = op.source.u.gmfn;
+    p.source.offset = op.source.offset;
+    p.dest.domid = DOMID_SELF;
+    p.dest.u.ref = p.dest.u.gmfn = this.scratchGfn;
+    p.dest.offset = 0;
+    p.len = 0;
+    p.flags = op.flags & GNTCOPY_source_gref;
+    return this.issue(p) === GNTST_okay;
   }
 
   private buffer(physmem: PhysMem, pages: number): PoolBuffer {
@@ -251,35 +296,49 @@ export class FramePool {
    * GNTST status.
    */
   copy(src: Frag, srcOffset: number, dstDomid: number, dstRef: number, dstByRef: boolean, dstOffset: number, len: number): number {
-    const op = this.op;
-    op.source.domid = src.byRef ? src.domid : DOMID_SELF;
-    op.source.u.ref = op.source.u.gmfn = src.ref;
-    op.source.offset = srcOffset;
-    op.dest.domid = dstByRef ? dstDomid : DOMID_SELF;
-    op.dest.u.ref = op.dest.u.gmfn = dstRef;
-    op.dest.offset = dstOffset;
-    op.len = len;
-    op.flags = (src.byRef ? GNTCOPY_source_gref : 0) | (dstByRef ? GNTCOPY_dest_gref : 0);
+    fillCopy(this.op, src, srcOffset, dstDomid, dstRef, dstByRef, dstOffset, len);
+    return this.issue(this.op);
+  }
+
+  private issue(op: gnttab_copy): number {
     this.hypercall(__HYPERVISOR_grant_table_op, GNTTABOP_copy, op);
     this.stats.copies++;
     if (op.status !== GNTST_okay) this.stats.copyFailures++;
     return op.status;
   }
 
-  /** Copy the frame's first HEADER_BYTES into pkt.header (straight into dom0 memory); the GNTST status. */
-  copyHeader(pkt: Packet): number {
+  /** Add a copy (arguments as copy()) to `batch`; its index there. */
+  addCopy(batch: CopyBatch, src: Frag, srcOffset: number, dstDomid: number, dstRef: number, dstByRef: boolean, dstOffset: number, len: number): number {
+    const i = batch.count++;
+    fillCopy(batch.ops[i]!, src, srcOffset, dstDomid, dstRef, dstByRef, dstOffset, len);
+    return i;
+  }
+
+  /** Do the batch's copies in one hypercall; each op's status is then in batch.status(i). */
+  copyBatch(batch: CopyBatch): void {
+    const n = batch.count;
+    if (n === 0) return;
+    this.hypercall(__HYPERVISOR_grant_table_op, GNTTABOP_copy, batch.ops, n);
+    this.stats.copies += n;
+    for (let i = 0; i < n; i++) if (batch.ops[i]!.status !== GNTST_okay) this.stats.copyFailures++;
+  }
+
+  /**
+   * Add the copies of the frame's first HEADER_BYTES into pkt.header
+   * (straight into dom0 memory) to `batch`, and set pkt.headerLen: right
+   * once they all worked.
+   */
+  headerCopies(pkt: Packet, batch: CopyBatch): void {
     const want = Math.min(HEADER_BYTES, pkt.len);
     let got = 0;
     for (let i = 0; i < pkt.nrFrags && got < want; i++) {
       const f = pkt.frags[i]!;
       const n = Math.min(f.len, want - got);
       if (n === 0) continue;
-      const st = this.copy(f, f.offset, 0, pkt.headerGfn, false, pkt.headerOffset + got, n);
-      if (st !== GNTST_okay) return st;
+      this.addCopy(batch, f, f.offset, 0, pkt.headerGfn, false, pkt.headerOffset + got, n);
       got += n;
     }
     pkt.headerLen = got;
-    return GNTST_okay;
   }
 
   /**

@@ -28,7 +28,7 @@ import {
   XEN_NETIF_EXTRA_TYPE_MCAST_DEL, XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6, XEN_NETIF_NR_SLOTS_MIN,
 } from '../abi/netif.js';
 import { __CONST_RING_SIZE, netif_rx_sring, netif_rx_sring_entry, netif_tx_sring, netif_tx_sring_entry } from '../abi/ring.js';
-import { GNTST_okay } from '../abi/grant_table.js';
+import { GNTCOPY_source_gref, GNTST_okay } from '../abi/grant_table.js';
 import { XenbusStateClosed, XenbusStateClosing, XenbusStateConnected, XenbusStateInitialised, XenbusStateInitWait } from '../abi/xenbus.js';
 import { XenError } from '../errors.js';
 import { ETHER_ADDR_LEN, ETHER_HDR_LEN, ETHERTYPE_IPV6, formatMac, isBroadcast, isMulticast, macKey, parseMac } from '../ether.js';
@@ -39,7 +39,9 @@ import { logger, type Log } from '../log.js';
 import { PcapWriter } from '../pcap.js';
 import { BackRing } from '../xen/ring.js';
 import type { XenStore, XsWatch } from '../xenstore/xenstore.js';
-import { HEADER_BYTES, MAX_FRAGS, newPortStats, type Bridge, type Bridges, type BridgePort, type Frag, type FramePool, type Packet, type PacketOrigin } from './bridge.js';
+import {
+  CopyBatch, HEADER_BYTES, MAX_FRAGS, newPortStats, type Bridge, type Bridges, type BridgePort, type Frag, type FramePool, type Packet, type PacketOrigin,
+} from './bridge.js';
 import { bindInterdomain, mapGrant, unmapGrant } from './xenbus.js';
 
 const TX_RING_SIZE = __CONST_RING_SIZE(netif_tx_sring, PAGE_SIZE);
@@ -47,6 +49,18 @@ const RX_RING_SIZE = __CONST_RING_SIZE(netif_rx_sring, PAGE_SIZE);
 const TX_BYTES = netif_tx_sring_entry.size;
 const RX_BYTES = netif_rx_sring_entry.size;
 const CONNECT_TIMEOUT_MS = 5 * 60_000;
+/** Packets one TX batch takes at most: it ends once half a ring of requests is taken. */
+const TX_BATCH = TX_RING_SIZE >> 1;
+/** txBuild's answer for a packet that goes on to the bridge (any other is a NETIF_RSP_* status). */
+const FORWARD = 0x7fff;
+// What rxBuild made of a frame: copies into RX slots, or nothing (no dom0 buffer, or the sender's grant failed).
+const RX_COPY = 0;
+const RX_NO_BUFFER = 1;
+const RX_BAD_SENDER = 2;
+// Why txBuildBatch stopped, when not for a bad packet.
+const TX_MORE = 0;
+const TX_EMPTY = 1;
+const TX_NO_PACKET = 2;
 /** XEN_NETBK_MCAST_MAX */
 const MCAST_MAX = 64;
 const MAX_BURST_BYTES = 131072;
@@ -134,6 +148,46 @@ async function optional(read: Promise<number>, absent: number): Promise<number> 
   }
 }
 
+/**
+ * One txAction batch (xenvif_tx_build_gops' pending packets and its
+ * tx_copy_ops): the packets taken off the ring, and the copies of their
+ * heads into dom0, done in one hypercall. Made at attach.
+ */
+class TxBatch {
+  readonly pkts: (Packet | null)[] = new Array<Packet | null>(TX_BATCH).fill(null);
+  /** FORWARD, or the NETIF_RSP_* status every slot of the packet is answered with. */
+  readonly answer = new Int16Array(TX_BATCH);
+  /** Where each packet's header copies end in `copies` (they start where the last packet's end). */
+  readonly opEnd = new Uint16Array(TX_BATCH);
+  readonly copies = new CopyBatch(TX_BATCH + XEN_NETIF_NR_SLOTS_MIN);
+  count = 0;
+  /** Packets before this one are forwarded or answered; from it on they wait for credit. */
+  next = 0;
+}
+
+/**
+ * One rxAction batch (Linux's queue->rx_copy): the frames taken off the
+ * guest-RX queue, the RX slots each took and the copies into them, done in
+ * one hypercall. Made at attach.
+ */
+class RxBatch {
+  readonly pkts: (Packet | null)[] = new Array<Packet | null>(RX_RING_SIZE).fill(null);
+  /** RX_COPY, RX_NO_BUFFER or RX_BAD_SENDER. */
+  readonly kind = new Uint8Array(RX_RING_SIZE);
+  /** The first slot's NETRXF_* flags. */
+  readonly flags = new Uint16Array(RX_RING_SIZE);
+  /** Where each frame's slots end (they start where the last frame's end). */
+  readonly slotEnd = new Uint16Array(RX_RING_SIZE);
+  // Per slot: the request's id, the response's offset and length, and where its copies end.
+  readonly slotId = new Uint16Array(RX_RING_SIZE);
+  readonly slotOffset = new Uint16Array(RX_RING_SIZE);
+  readonly slotLen = new Uint16Array(RX_RING_SIZE);
+  readonly slotOpEnd = new Uint16Array(RX_RING_SIZE);
+  readonly copies = new CopyBatch(RX_RING_SIZE);
+  frames = 0;
+  slots = 0;
+}
+
 /** struct xenvif_queue */
 class NetbackQueue implements PacketOrigin {
   readonly name: string;
@@ -156,8 +210,11 @@ class NetbackQueue implements PacketOrigin {
   remainingCredit = Infinity;
   nextCreditMs = 0;
   creditTimer: NodeJS.Timeout | null = null;
-  /** A packet taken off the ring that waits for credit. */
-  held: Packet | null = null;
+  readonly tx = new TxBatch();
+  readonly rx = new RxBatch();
+  /** Frames came in while a TX batch was forwarded: this queue's RX pass waits for its end (NetbackSet.rxLater). */
+  rxLater = false;
+  rxLaterMs = 0;
   waitingForPackets = false;
   /** The MCAST_ADD/DEL extra of the request being built, and the answer it gets. */
   mcastType = 0;
@@ -188,6 +245,8 @@ class NetbackQueue implements PacketOrigin {
   }
 
   packetFault(_pkt: Packet, reason: string): void {
+    // The frames forwarded before it reach their guests first, as if each had been copied when forwarded.
+    this.vif.set.runDeferredRx();
     this.vif.disable(reason);
   }
 }
@@ -403,8 +462,7 @@ export class Netback implements BridgePort {
     const { hypercall, intr } = this.set;
     for (const q of this.queues.splice(0)) {
       if (q.creditTimer !== null) clearTimeout(q.creditTimer);
-      if (q.held !== null) this.set.pool.release(q.held);
-      q.held = null;
+      this.txDrop(q);
       const rxIh = q.rxIh;
       if (q.txIh !== null) await intr.intrDisestablish(q.txIh).catch(() => undefined);
       if (rxIh !== null && rxIh !== q.txIh) await intr.intrDisestablish(rxIh).catch(() => undefined);
@@ -437,7 +495,7 @@ export class Netback implements BridgePort {
       rxPackets: this.stats.rxPackets, rxBytes: this.stats.rxBytes, txPackets: this.stats.txPackets, txBytes: this.stats.txBytes,
       txDropped: this.stats.txDropped, txErrors: this.txErrors, expired: this.expired, released: this.released, stalls: this.stalls,
       rings: this.queues.map((q) => ({
-        tx: ringDump(q.txRing), rx: ringDump(q.rxRing), rxQueued: q.rxqCount, rxQueuedBytes: q.rxqBytes, held: q.held !== null, stalled: q.stalled,
+        tx: ringDump(q.txRing), rx: ringDump(q.rxRing), rxQueued: q.rxqCount, rxQueuedBytes: q.rxqBytes, held: this.txHeld(q), stalled: q.stalled,
         ...eventCounts(q.txIh, q.rxIh),
       })),
     };
@@ -474,7 +532,11 @@ export class Netback implements BridgePort {
 
   // --- guest TX -------------------------------------------------------------------
 
-  /** xenvif_tx_action: build packets off the ring and forward them, until the ring is empty or we must wait. */
+  /**
+   * xenvif_tx_action: until the ring is empty or we must wait, take a batch
+   * of packets off the ring (xenvif_tx_build_gops), copy their heads into
+   * dom0 in one hypercall, and answer or forward each (xenvif_tx_submit).
+   */
   txAction(q: NetbackQueue): void {
     const ring = q.txRing;
     if (ring === null || !this.serving()) return;
@@ -485,7 +547,7 @@ export class Netback implements BridgePort {
     // more) while this pass goes on instead of after it. (Pushing every
     // quarter ring woke the guests twice as often for less: `node
     // dist/bench/profile.js net 64` 0.84 Mpps against 0.98; only at the end
-    // of a pass, 0.66.)
+    // of a pass, 0.66.) A batch ends at the half ring too.
     const half = ring.size >> 1;
     let mark = ring.reqConsumed;
     let now = performance.now();
@@ -496,35 +558,126 @@ export class Netback implements BridgePort {
         now = performance.now();
         this.set.pushDirty();
       }
-      if (q.held !== null && !this.forwardHeld(q, now)) return;
-      if (ring.unconsumedRequests() === 0 && !ring.finalCheckForRequests()) break;
-      if (ring.error !== undefined) return this.disable(ring.error.message);
-      const pkt = pool.get(q);
-      if (pkt === null) {
+      if (!this.txSubmit(q, now)) return;
+      const stop = this.txBuildBatch(q, mark, half);
+      pool.copyBatch(q.tx.copies);
+      if (!this.txSubmit(q, now)) return;
+      if (stop === TX_EMPTY) break;
+      if (stop === TX_NO_PACKET) {
         q.waitingForPackets = true;
         pool.whenFree(q.resume);
         return;
       }
-      const why = this.txBuild(q, pkt);
-      if (why !== null || pkt.nrIds === 0) {
-        pkt.origin = null;
-        pool.release(pkt); // answered already (multicast control, a runt), or fatal
-        if (why !== null) return this.disable(why);
-        continue;
-      }
-      if (pkt.len <= HEADER_BYTES) pool.fragsFromHeader(pkt);
-      q.held = pkt;
+      if (typeof stop === 'string') return this.disable(stop);
     }
     if (ring.error !== undefined) this.disable(ring.error.message);
   }
 
-  /** Forward the packet waiting in q.held if the credit allows; false when it must wait for the timer. */
-  private forwardHeld(q: NetbackQueue, now: number): boolean {
-    const pkt = q.held!;
-    if (this.creditExceeded(q, pkt.len, now)) return false;
-    q.held = null;
-    this.forward(pkt, now);
+  /**
+   * Take packets off the ring into q.tx, each with its header copies, until
+   * `half` requests from `mark` are taken (or the batch is full). Why it
+   * stopped: TX_MORE, TX_EMPTY, TX_NO_PACKET, or a reason to disable the vif
+   * (the packets before the bad one are still to be sent on).
+   */
+  private txBuildBatch(q: NetbackQueue, mark: number, half: number): number | string {
+    const ring = q.txRing!;
+    const pool = this.set.pool;
+    const b = q.tx;
+    b.count = b.next = 0;
+    b.copies.count = 0;
+    while (((ring.reqConsumed - mark) >>> 0) < half && b.count < b.pkts.length && b.copies.room >= MAX_FRAGS) {
+      if (ring.unconsumedRequests() === 0 && !ring.finalCheckForRequests()) return TX_EMPTY;
+      if (ring.error !== undefined) return ring.error.message;
+      const pkt = pool.get(q);
+      if (pkt === null) return TX_NO_PACKET;
+      const answer = this.txBuild(q, pkt);
+      if (typeof answer === 'string') {
+        pkt.origin = null;
+        pool.release(pkt);
+        return answer;
+      }
+      if (answer === FORWARD) pool.headerCopies(pkt, b.copies);
+      b.pkts[b.count] = pkt;
+      b.answer[b.count] = answer;
+      b.opEnd[b.count++] = b.copies.count;
+    }
+    return TX_MORE;
+  }
+
+  /**
+   * xenvif_tx_submit: the batch's packets from q.tx.next on, in ring order,
+   * each answered or forwarded. The frames it forwards to guests are copied
+   * into them after it, in one RX pass per guest queue (NetbackSet.rxLater).
+   * False when a packet waits for credit (those after it wait behind it),
+   * or the vif was disabled.
+   */
+  private txSubmit(q: NetbackQueue, now: number): boolean {
+    this.set.deferRx();
+    try {
+      return this.txSubmitBatch(q, now);
+    } finally {
+      this.set.runDeferredRx();
+    }
+  }
+
+  private txSubmitBatch(q: NetbackQueue, now: number): boolean {
+    const b = q.tx;
+    const set = this.set;
+    for (; b.next < b.count; b.next++) {
+      const i = b.next;
+      const pkt = b.pkts[i]!;
+      if (!this.serving()) break;
+      if (b.answer[i] !== FORWARD) {
+        // Answered in ring order: after what the frames before it did in their receivers.
+        set.runDeferredRx();
+        this.txAnswer(q, pkt, b.answer[i]!);
+        set.deferRx();
+      } else if (!this.headerCopied(b, i)) {
+        set.runDeferredRx();
+        this.disable(`TX grant ${pkt.frags[0]!.ref} cannot be copied`);
+        break;
+      } else if (this.creditExceeded(q, pkt.len, now)) {
+        return false;
+      } else {
+        if (pkt.len <= HEADER_BYTES) set.pool.fragsFromHeader(pkt);
+        this.forward(pkt, now);
+      }
+      b.pkts[i] = null;
+    }
+    if (b.next === b.count) return true;
+    set.runDeferredRx();
+    this.txDrop(q);
+    return false;
+  }
+
+  private headerCopied(b: TxBatch, i: number): boolean {
+    for (let op = i === 0 ? 0 : b.opEnd[i - 1]!; op < b.opEnd[i]!; op++) {
+      if (b.copies.status(op) !== GNTST_okay) return false;
+    }
     return true;
+  }
+
+  /** A packet not forwarded (a runt, multicast control): every slot answered `status`, and the packet let go. */
+  private txAnswer(q: NetbackQueue, pkt: Packet, status: number): void {
+    this.answerAll(q, pkt, status);
+    pkt.origin = null;
+    this.set.pool.release(pkt);
+  }
+
+  /** Packets of the batch not sent on (the vif stops): let go, unanswered. */
+  private txDrop(q: NetbackQueue): void {
+    const b = q.tx;
+    for (; b.next < b.count; b.next++) {
+      const pkt = b.pkts[b.next]!;
+      b.pkts[b.next] = null;
+      pkt.origin = null;
+      this.set.pool.release(pkt);
+    }
+  }
+
+  /** Packets of the last batch wait for credit. */
+  private txHeld(q: NetbackQueue): boolean {
+    return q.tx.next < q.tx.count;
   }
 
   /** Into the bridge, then drop the maker's reference. */
@@ -566,9 +719,10 @@ export class Netback implements BridgePort {
   /**
    * xenvif_tx_build_gops for one packet: the first request, its extras, the
    * rest of its slots, each copied once and checked. Returns a reason to
-   * disable the vif, or null (pkt.nrIds is 0 when nothing is to be forwarded).
+   * disable the vif, or what to do with the packet: FORWARD, or the status
+   * to answer each of its slots with (a runt, a multicast control).
    */
-  private txBuild(q: NetbackQueue, pkt: Packet): string | null {
+  private txBuild(q: NetbackQueue, pkt: Packet): string | number {
     const ring = q.txRing!;
     const v = q.txReqView;
     if (!this.take(ring, q.txReq)) return 'request vanished';
@@ -582,11 +736,7 @@ export class Netback implements BridgePort {
     if ((flags & NETTXF_extra_info) !== 0) {
       const why = this.txExtras(q, pkt);
       if (why !== null) return why;
-      if (q.mcastType !== 0) {
-        this.answer(q, pkt.ids[0], q.mcastStatus, pkt.nrExtras);
-        pkt.nrIds = 0;
-        return null;
-      }
+      if (q.mcastType !== 0) return q.mcastStatus;
     }
     let remaining = size;
     for (let more = (flags & NETTXF_more_data) !== 0; more; ) {
@@ -606,14 +756,11 @@ export class Netback implements BridgePort {
     pkt.len = size;
     if (pkt.len < ETHER_HDR_LEN) {
       this.txErrors++;
-      this.txError(q, pkt);
-      pkt.nrIds = 0;
-      return null;
+      return NETIF_RSP_ERROR;
     }
     pkt.csumBlank = (flags & NETTXF_csum_blank) !== 0;
     pkt.dataValidated = (flags & NETTXF_data_validated) !== 0;
-    if (this.set.pool.copyHeader(pkt) !== GNTST_okay) return `TX grant ${f0.ref} cannot be copied`;
-    return null;
+    return FORWARD;
   }
 
   /** Take one request into buf; once more with a fresh look at req_prod if the last look is used up. */
@@ -668,10 +815,10 @@ export class Netback implements BridgePort {
     return NETIF_RSP_OKAY;
   }
 
-  /** xenvif_tx_err: every slot of a bad but survivable packet answered NETIF_RSP_ERROR. */
-  private txError(q: NetbackQueue, pkt: Packet): void {
-    this.answer(q, pkt.ids[0]!, NETIF_RSP_ERROR, pkt.nrExtras);
-    for (let i = 1; i < pkt.nrIds; i++) this.answer(q, pkt.ids[i]!, NETIF_RSP_ERROR, 0);
+  /** Every slot of the packet answered `status` (xenvif_tx_err for NETIF_RSP_ERROR). */
+  private answerAll(q: NetbackQueue, pkt: Packet, status: number): void {
+    this.answer(q, pkt.ids[0]!, status, pkt.nrExtras);
+    for (let i = 1; i < pkt.nrIds; i++) this.answer(q, pkt.ids[i]!, status, 0);
   }
 
   /** make_tx_response: the request's id and status, then NETIF_RSP_NULL for each extra slot. */
@@ -691,8 +838,7 @@ export class Netback implements BridgePort {
   /** Every port let go of a packet this queue made: answer its requests. */
   txDone(q: NetbackQueue, pkt: Packet): void {
     if (this.state !== 'connected' || q.txRing === null) return;
-    this.answer(q, pkt.ids[0]!, NETIF_RSP_OKAY, pkt.nrExtras);
-    for (let i = 1; i < pkt.nrIds; i++) this.answer(q, pkt.ids[i]!, NETIF_RSP_OKAY, 0);
+    this.answerAll(q, pkt, NETIF_RSP_OKAY);
   }
 
   private markTx(q: NetbackQueue): void {
@@ -720,7 +866,7 @@ export class Netback implements BridgePort {
     this.push(q);
     q.txDirty = q.rxDirty = false;
     // Answers free ring slots: more requests may be waiting behind them.
-    if (tx && q.txRing !== null && this.serving() && q.held === null) this.txAction(q);
+    if (tx && q.txRing !== null && this.serving() && !this.txHeld(q)) this.txAction(q);
   }
 
   // --- guest RX -------------------------------------------------------------------
@@ -746,7 +892,7 @@ export class Netback implements BridgePort {
   private deliverSegments(pkt: Packet): void {
     this.segHash = pkt.hash;
     this.segQueuedAtMs = pkt.queuedAtMs;
-    if (!this.set.pool.unoffload(pkt, this.segmentIn)) this.rxUnavailable(pkt);
+    if (!this.set.pool.unoffload(pkt, this.segmentIn)) this.rxUnavailable(pkt, this.set.pool.failedFrag >= 0);
   }
 
   private segHash = 0;
@@ -767,16 +913,21 @@ export class Netback implements BridgePort {
     p.dataValidated = true;
     p.hash = this.segHash;
     p.queuedAtMs = this.segQueuedAtMs;
-    if (this.canSg || p.len <= PAGE_SIZE) this.enqueue(p);
+    // To the ring at once: a segment holds a pool buffer until copied.
+    if (this.canSg || p.len <= PAGE_SIZE) this.enqueue(p, false);
     else this.stats.txDropped++;
     pool.release(p);
   };
 
-  /** Into the guest-RX queue its hash picks, if there is room (XSA-392), and on to the ring. */
-  private enqueue(pkt: Packet): void {
+  /**
+   * Into the guest-RX queue its hash picks, if there is room (XSA-392), and
+   * on to the ring: now, or (`later`) after the TX batch that forwards it.
+   */
+  private enqueue(pkt: Packet, later = true): void {
     const q = this.queues[this.queues.length === 1 ? 0 : pkt.hash % this.queues.length]!;
-    const max = this.set.opts;
-    if (q.stalled || q.rxqCount >= q.rxq.length || q.rxqBytes + pkt.len > max.rxQueueMaxBytes) {
+    // The bound is on what stays queued: frames of this batch go to the ring first, as they would have one by one.
+    if (q.rxLater && this.rxqFull(q, pkt)) this.rxAction(q, q.rxLaterMs);
+    if (q.stalled || this.rxqFull(q, pkt)) {
       this.stats.txDropped++;
       return;
     }
@@ -784,7 +935,11 @@ export class Netback implements BridgePort {
     q.rxq[(q.rxqHead + q.rxqCount) % q.rxq.length] = pkt;
     q.rxqCount++;
     q.rxqBytes += pkt.len;
-    this.rxAction(q, pkt.queuedAtMs);
+    if (!later || !this.set.rxLater(q, pkt.queuedAtMs)) this.rxAction(q, pkt.queuedAtMs);
+  }
+
+  private rxqFull(q: NetbackQueue, pkt: Packet): boolean {
+    return q.rxqCount >= q.rxq.length || q.rxqBytes + pkt.len > this.set.opts.rxQueueMaxBytes;
   }
 
   /** Whether the frame must reach this guest with its checksum filled in. */
@@ -794,17 +949,19 @@ export class Netback implements BridgePort {
     return v6 ? !this.ipv6Csum : !this.ipCsum;
   }
 
-  /** xenvif_rx_action: move queued frames into the buffers the frontend posted. */
+  /**
+   * xenvif_rx_action: move queued frames into the buffers the frontend
+   * posted, a batch at a time: take the frames and their slots (rxBuild),
+   * copy them in one hypercall, then answer each slot by its copies.
+   */
   rxAction(q: NetbackQueue, now = performance.now()): void {
     const ring = q.rxRing;
     if (ring === null) return;
     let moved = false;
     while (q.rxqCount > 0 && this.state === 'connected') {
-      const pkt = q.rxq[q.rxqHead]!;
-      if (!ring.requestsAvailable(this.slotsFor(pkt))) break;
-      this.rxqPop(q);
-      this.rxPacket(q, pkt);
-      this.set.pool.release(pkt);
+      if (this.rxBuild(q) === 0) break;
+      this.set.pool.copyBatch(q.rx.copies);
+      this.rxComplete(q);
       moved = true;
     }
     if (moved) {
@@ -829,23 +986,50 @@ export class Netback implements BridgePort {
     return (this.canSg ? pieces : 1) + (pkt.gsoType !== 0 ? 1 : 0);
   }
 
-  /** xenvif_rx_skb: copy one frame into RX slots and write their responses. */
-  private rxPacket(q: NetbackQueue, pkt: Packet): void {
+  /**
+   * Frames off the queue into q.rx while the ring has their slots: each
+   * takes its slots and adds its copies. A frame whose checksum dom0 fills
+   * in goes alone, as it takes a dom0 buffer. The number of frames.
+   */
+  private rxBuild(q: NetbackQueue): number {
+    const ring = q.rxRing!;
+    const b = q.rx;
+    b.frames = b.slots = 0;
+    b.copies.count = 0;
+    while (q.rxqCount > 0 && b.frames < b.pkts.length && b.copies.room >= MAX_FRAGS) {
+      const pkt = q.rxq[q.rxqHead]!;
+      const csum = this.needsChecksum(pkt);
+      if (csum && b.frames > 0) break;
+      if (!ring.requestsAvailable(this.slotsFor(pkt))) break;
+      this.rxqPop(q);
+      this.rxBuildFrame(q, pkt, csum);
+      if (csum) break;
+    }
+    return b.frames;
+  }
+
+  /** xenvif_rx_skb's first half: the frame's slots taken and its pieces' copies added. */
+  private rxBuildFrame(q: NetbackQueue, pkt: Packet, csum: boolean): void {
+    const b = q.rx;
+    const i = b.frames++;
+    b.pkts[i] = pkt;
+    b.kind[i] = RX_COPY;
     let frags = pkt.frags;
     let n = pkt.nrFrags;
-    let flags = pkt.csumBlank ? NETRXF_csum_blank | NETRXF_data_validated : pkt.dataValidated ? NETRXF_data_validated : 0;
-    if (this.needsChecksum(pkt)) {
-      if (this.set.pool.complete(pkt) === null) return this.rxUnavailable(pkt);
+    b.flags[i] = pkt.csumBlank ? NETRXF_csum_blank | NETRXF_data_validated : pkt.dataValidated ? NETRXF_data_validated : 0;
+    b.slotEnd[i] = b.slots;
+    if (csum) {
+      if (this.set.pool.complete(pkt) === null) {
+        b.kind[i] = this.set.pool.failedFrag >= 0 ? RX_BAD_SENDER : RX_NO_BUFFER;
+        return;
+      }
       n = this.bufferFrags(pkt);
       frags = this.rxFrags;
-      flags = NETRXF_data_validated;
+      b.flags[i] = NETRXF_data_validated;
     }
-    if (this.pcap !== null) this.capture(pkt);
-    this.stats.txPackets++;
-    this.stats.txBytes += pkt.len;
-    if (this.canSg) this.rxSg(q, pkt, frags, n, flags);
-    else this.rxLinear(q, pkt, frags, n, flags);
-    this.markRx(q);
+    if (this.canSg) this.rxSg(q, pkt, frags, n);
+    else this.rxLinear(q, pkt, frags, n);
+    b.slotEnd[i] = b.slots;
   }
 
   /** The packet's buffer as frags of dom0 pages. */
@@ -864,62 +1048,108 @@ export class Netback implements BridgePort {
   }
 
   /** Could not make the frame's bytes in dom0 (no buffer, or a sender's grant failed): drop it. */
-  private rxUnavailable(pkt: Packet): void {
+  private rxUnavailable(pkt: Packet, badSender: boolean): void {
     this.stats.txDropped++;
-    if (this.set.pool.failedFrag >= 0) pkt.origin?.packetFault(pkt, 'a TX grant could not be copied');
+    if (badSender) pkt.origin?.packetFault(pkt, 'a TX grant could not be copied');
   }
 
   /** With SG: one slot per piece, at the piece's own offset in the page, so the copy stays aligned. */
-  private rxSg(q: NetbackQueue, pkt: Packet, frags: Frag[], n: number, flags: number): void {
-    const ring = q.rxRing!;
-    let failed = false;
+  private rxSg(q: NetbackQueue, pkt: Packet, frags: Frag[], n: number): void {
+    const b = q.rx;
     for (let i = 0; i < n; i++) {
       const f = frags[i]!;
-      ring.takeRequest(q.rxReq);
-      const id = q.rxReqView.getUint16(RXQ_ID, true);
-      const gref = q.rxReqView.getUint32(RXQ_GREF, true);
-      if (!failed && this.rxCopy(pkt, f, gref, f.offset, f.len) !== null) failed = true;
-      if (this.state !== 'connected') return;
-      let fl = i + 1 < n ? NETRXF_more_data : 0;
-      if (i === 0) fl |= flags | (pkt.gsoType !== 0 ? NETRXF_extra_info : 0);
-      this.rxResponse(q, id, f.offset, fl, failed ? NETIF_RSP_ERROR : f.len);
-      if (i === 0 && pkt.gsoType !== 0) this.rxGsoExtra(q, pkt);
+      const gref = this.rxSlot(q, f.offset, f.len);
+      if (f.len > 0) this.set.pool.addCopy(b.copies, f, f.offset, this.spec.domid, gref, true, f.offset, f.len);
+      b.slotOpEnd[b.slots - 1] = b.copies.count;
+      if (i === 0 && pkt.gsoType !== 0) q.rxRing!.takeRequest(q.rxReq); // the GSO extra's
     }
   }
 
   /** Without SG: the whole frame (at most a page) in one slot. */
-  private rxLinear(q: NetbackQueue, pkt: Packet, frags: Frag[], n: number, flags: number): void {
-    const ring = q.rxRing!;
-    ring.takeRequest(q.rxReq);
-    const id = q.rxReqView.getUint16(RXQ_ID, true);
-    const gref = q.rxReqView.getUint32(RXQ_GREF, true);
+  private rxLinear(q: NetbackQueue, pkt: Packet, frags: Frag[], n: number): void {
+    const b = q.rx;
+    const gref = this.rxSlot(q, 0, pkt.len);
     let at = 0;
-    let failed = false;
-    for (let i = 0; i < n && !failed; i++) {
+    for (let i = 0; i < n; i++) {
       const f = frags[i]!;
-      if (this.rxCopy(pkt, f, gref, at, f.len) !== null) failed = true;
+      if (f.len > 0) this.set.pool.addCopy(b.copies, f, f.offset, this.spec.domid, gref, true, at, f.len);
       at += f.len;
     }
-    if (this.state !== 'connected') return;
-    this.rxResponse(q, id, 0, flags | (pkt.gsoType !== 0 ? NETRXF_extra_info : 0), failed ? NETIF_RSP_ERROR : pkt.len);
-    if (pkt.gsoType !== 0) this.rxGsoExtra(q, pkt);
+    b.slotOpEnd[b.slots - 1] = b.copies.count;
+    if (pkt.gsoType !== 0) q.rxRing!.takeRequest(q.rxReq); // the GSO extra's
+  }
+
+  /** Take the next RX request as a slot of the batch, answered later at `offset` with `len` bytes; its gref. */
+  private rxSlot(q: NetbackQueue, offset: number, len: number): number {
+    const b = q.rx;
+    q.rxRing!.takeRequest(q.rxReq);
+    b.slotId[b.slots] = q.rxReqView.getUint16(RXQ_ID, true);
+    b.slotOffset[b.slots] = offset;
+    b.slotLen[b.slots++] = len;
+    return q.rxReqView.getUint32(RXQ_GREF, true);
   }
 
   /**
-   * Grant-copy one piece into the guest's buffer. On failure, find whose
-   * grant broke: the sender's (its vif is disabled, this slot answered with
-   * an error) or this guest's (this vif is disabled). Null when it worked.
+   * The batch's frames in order: each slot answered by its copies' statuses,
+   * then the frame let go. A copy into this guest that failed disables this
+   * vif: the frames after it are dropped, as they would have been queued.
    */
-  private rxCopy(pkt: Packet, f: Frag, gref: number, offset: number, len: number): string | null {
+  private rxComplete(q: NetbackQueue): void {
+    const b = q.rx;
     const pool = this.set.pool;
-    if (len === 0) return null;
-    if (pool.copy(f, f.offset, this.spec.domid, gref, true, offset, len) === GNTST_okay) return null;
-    if (f.byRef && !pool.probe(f)) {
-      pkt.origin?.packetFault(pkt, `TX grant ${f.ref} cannot be copied`);
-      return 'sender';
+    for (let i = 0, slot = 0; i < b.frames; slot = b.slotEnd[i++]!) {
+      const pkt = b.pkts[i]!;
+      b.pkts[i] = null;
+      const why = b.kind[i] === RX_COPY ? this.rxPacket(q, pkt, i, slot) : (this.rxUnavailable(pkt, b.kind[i] === RX_BAD_SENDER), null);
+      if (why !== null) {
+        this.rxDropBatch(q, i + 1);
+        this.disable(why);
+        this.markRx(q);
+        pool.release(pkt);
+        return;
+      }
+      pool.release(pkt);
     }
-    this.disable(`RX grant ${gref} cannot be copied into`);
-    return 'receiver';
+  }
+
+  /**
+   * xenvif_rx_skb's second half: one frame's responses, each slot by the
+   * statuses of its copies. On a failed copy, find whose grant broke: the
+   * sender's (its vif is disabled, this slot and the rest answered with an
+   * error) or this guest's (returned: the reason to disable this vif).
+   */
+  private rxPacket(q: NetbackQueue, pkt: Packet, i: number, first: number): string | null {
+    const b = q.rx;
+    if (this.pcap !== null) this.capture(pkt);
+    this.stats.txPackets++;
+    this.stats.txBytes += pkt.len;
+    const end = b.slotEnd[i]!;
+    let failed = false;
+    for (let s = first, op = first === 0 ? 0 : b.slotOpEnd[first - 1]!; s < end; op = b.slotOpEnd[s++]!) {
+      for (; !failed && op < b.slotOpEnd[s]!; op++) {
+        if (b.copies.status(op) === GNTST_okay) continue;
+        const copy = b.copies.ops[op]!;
+        if ((copy.flags & GNTCOPY_source_gref) === 0 || this.set.pool.probeSource(copy)) return `RX grant ${copy.dest.u.ref} cannot be copied into`;
+        pkt.origin?.packetFault(pkt, `TX grant ${copy.source.u.ref} cannot be copied`);
+        failed = true;
+      }
+      let fl = s + 1 < end ? NETRXF_more_data : 0;
+      if (s === first) fl |= b.flags[i]! | (pkt.gsoType !== 0 ? NETRXF_extra_info : 0);
+      this.rxResponse(q, b.slotId[s]!, b.slotOffset[s]!, fl, failed ? NETIF_RSP_ERROR : b.slotLen[s]!);
+      if (s === first && pkt.gsoType !== 0) this.rxGsoExtra(q, pkt);
+    }
+    this.markRx(q);
+    return null;
+  }
+
+  /** Frames of the batch from `from` on, dropped unanswered (this vif is going down). */
+  private rxDropBatch(q: NetbackQueue, from: number): void {
+    const b = q.rx;
+    for (let i = from; i < b.frames; i++) {
+      this.stats.txDropped++;
+      this.set.pool.release(b.pkts[i]!);
+      b.pkts[i] = null;
+    }
   }
 
   private rxResponse(q: NetbackQueue, id: number, offset: number, flags: number, status: number): void {
@@ -931,10 +1161,9 @@ export class Netback implements BridgePort {
     q.rxRing!.putResponse(q.rxRsp);
   }
 
-  /** The GSO extra: it uses up the next request, and its response sits in that request's slot. */
+  /** The GSO extra: it used up the request after the first slot's (rxBuildFrame), and its response sits in that request's slot. */
   private rxGsoExtra(q: NetbackQueue, pkt: Packet): void {
     const ring = q.rxRing!;
-    ring.takeRequest(q.rxReq);
     q.rxRsp.fill(0);
     q.rxRsp[EXT_TYPE] = XEN_NETIF_EXTRA_TYPE_GSO;
     q.rxRsp[EXT_FLAGS] = 0;
@@ -1035,6 +1264,8 @@ export class NetbackSet {
   readonly opts: Resolved;
   private readonly dirtyQueues: NetbackQueue[] = [];
   private flushScheduled = false;
+  private rxDeferred = false;
+  private readonly rxWaiting: NetbackQueue[] = [];
   private timer: NodeJS.Timeout | null = null;
 
   constructor(
@@ -1118,6 +1349,37 @@ export class NetbackSet {
         counters: { rxPackets: s.rxPackets, rxBytes: s.rxBytes, txPackets: s.txPackets, txBytes: s.txBytes, txDropped: s.txDropped, txErrors: s.txErrors },
       };
     });
+  }
+
+  /**
+   * From deferRx() to runDeferredRx(), while a vif forwards a TX batch,
+   * frames for guests wait in their queues (rxLater), and each such queue
+   * then gets one RX pass: the batch's frames for it copied in one hypercall.
+   */
+  deferRx(): void {
+    this.rxDeferred = true;
+  }
+
+  /** Whether q's RX pass waits for runDeferredRx (noted if so). */
+  rxLater(q: NetbackQueue, now: number): boolean {
+    if (!this.rxDeferred) return false;
+    q.rxLaterMs = now;
+    if (!q.rxLater) {
+      q.rxLater = true;
+      this.rxWaiting.push(q);
+    }
+    return true;
+  }
+
+  runDeferredRx(): void {
+    if (!this.rxDeferred) return;
+    this.rxDeferred = false;
+    for (let i = 0; i < this.rxWaiting.length; i++) {
+      const q = this.rxWaiting[i]!;
+      q.rxLater = false;
+      q.vif.rxAction(q, q.rxLaterMs);
+    }
+    this.rxWaiting.length = 0;
   }
 
   /** A queue answered something: push and signal once, after the work of this turn. */
