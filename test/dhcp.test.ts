@@ -165,6 +165,27 @@ t.test('leases are bound to the MAC: distinct clients, the same client again, an
   t.equal(ipv4Format(lease.address), '10.0.0.101');
 });
 
+t.test('a DISCOVER from a bound client offers its address and leaves the binding as it was', async (t) => {
+  const h = hub();
+  const d = server(h, { range: '10.0.0.100-10.0.0.100' });
+  const ip = new IpInterface(h.port(mac(1)), { name: 'c1' });
+  t.teardown(() => (ip.close(), d.close()));
+  await ip.configure('ip=dhcp', { ...FAST, timeoutMs: 3000 });
+  const [before] = d.leases();
+  t.equal(before?.state, 'bound');
+  // The same client (its MAC) starts over, as after a reboot that lost its lease file, and never follows up.
+  const again = new IpInterface(h.port(mac(1)), { name: 'c1-again' });
+  t.teardown(() => again.close());
+  const sock = again.bind(DHCP_CLIENT_PORT);
+  await sock.send('255.255.255.255', DHCP_SERVER_PORT, dhcpEncode({ ...dhcpMessage(BOOTREQUEST, DHCPDISCOVER, 7, mac(1)), flags: BOOTP_BROADCAST }));
+  const offer = dhcpDecode((await sock.receive({ timeoutMs: 500 })).data);
+  t.equal(offer.type, DHCPOFFER);
+  t.equal(ipv4Format(offer.yiaddr), '10.0.0.100', 'offered the address it holds');
+  const [after] = d.leases();
+  t.equal(after?.state, 'bound', 'still bound, not merely offered');
+  t.ok(after!.expiresInMs > 60_000, `the lease keeps its hour (${after!.expiresInMs} ms left), not an offer's minute`);
+});
+
 t.test('renewal at T1 by unicast; rebinding at T2; expiry drops the address', async (t) => {
   const h = hub();
   const wire: Array<{ f: Uint8Array; ms: number }> = [];

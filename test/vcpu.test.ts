@@ -2,17 +2,31 @@
 // a vCPU that announced its sleep, and the haltpoll window that lets the
 // work of the last upcall run while it polls. Wake-ups cross real threads.
 
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { Worker } from 'node:worker_threads';
 import t from 'tap';
-import { D, Domain, VCPU_WAKE, WAKE_IDLE, WAKE_KICKED, WAKE_SLEEPING, newControlBlock } from '../lib/hypervisor/domain.js';
+import { D, Domain, HOST_AWAKE, VCPU_WAKE, WAKE_IDLE, WAKE_KICKED, WAKE_SLEEPING, newControlBlock } from '../lib/hypervisor/domain.js';
 import { kickVcpu } from '../lib/hypervisor/evtchn.js';
 import { PAGE_SIZE } from '../lib/hypervisor/page.js';
-import { Vcpu } from '../lib/hypervisor/vcpu.js';
+import { CpuPressure, Vcpu, threadEnded } from '../lib/hypervisor/vcpu.js';
 
-function domain(): Domain {
-  const d = new Domain(1, newControlBlock(), new SharedArrayBuffer(PAGE_SIZE));
+function domain(host: Int32Array | null = null): Domain {
+  const d = new Domain(1, newControlBlock(), new SharedArrayBuffer(PAGE_SIZE), 0, host);
   d.ctl[D.maxVcpus] = 1;
   return d;
+}
+
+/** Keep the event loop alive through timed sleeps (a waitAsync alone does not; a domain's thread has its own timer). */
+function keepAlive(t: { teardown(fn: () => void): void }): void {
+  const timer = setInterval(() => undefined, 1000);
+  t.teardown(() => clearInterval(timer));
+}
+
+/** A host block with its awake count. */
+function hostBlock(): Int32Array {
+  return new Int32Array(new SharedArrayBuffer(64));
 }
 
 /** A thread that sleeps in Atomics.wait on the word while it holds `expect`, and says how the wait ended. */
@@ -110,4 +124,95 @@ t.test('while it polls, the vCPU lets promise continuations run; the one that ki
   t.ok(took < 100, `the halt ended with the kick, not with the window (${took.toFixed(1)} ms)`);
   t.equal(vcpu.polled, 1, 'the poll saw the kick');
   t.equal(vcpu.slept, 0);
+});
+
+t.test('the host counts awake vCPUs: a sleep leaves the count, the kick that wakes puts it back at once, an ended thread leaves it', async (t) => {
+  keepAlive(t);
+  const host = hostBlock();
+  const d = domain(host);
+  const vcpu = new Vcpu(d, 0, { haltPollMaxUs: 0, pressureFile: null });
+  t.equal(Atomics.load(host, HOST_AWAKE), 1, 'a vCPU starts awake');
+  const halted = vcpu.halt(5000);
+  t.equal(Atomics.load(host, HOST_AWAKE), 0, 'asleep');
+  kickVcpu(d, 0);
+  t.equal(Atomics.load(host, HOST_AWAKE), 1, 'counted by the kick, before the woken thread runs');
+  await halted;
+  t.equal(Atomics.load(host, HOST_AWAKE), 1, 'counted once');
+  await vcpu.halt(1);
+  t.equal(Atomics.load(host, HOST_AWAKE), 1, 'a sleep that timed out is awake again');
+  threadEnded(d.control, host);
+  t.equal(Atomics.load(host, HOST_AWAKE), 0, 'the ended thread holds no CPU');
+  threadEnded(d.control, host);
+  t.equal(Atomics.load(host, HOST_AWAKE), 0, 'and is taken out once');
+});
+
+/** Halt `n` times with no kick: each polls its window (1 ms) and then sleeps 1 ms. */
+async function idleHalts(vcpu: Vcpu, n: number): Promise<void> {
+  for (let i = 0; i < n; i++) {
+    vcpu.pollLimitUs = 1000;
+    await vcpu.halt(1);
+  }
+}
+
+t.test('windows that run out while every awake vCPU has a CPU do not stop polling; with the CPUs full, two do', async (t) => {
+  keepAlive(t);
+  const opts = { haltPollMaxUs: 20_000, preemptedGapUs: Infinity, eventLoopTurnMs: Infinity, cpus: 2, pressureFile: null };
+  const host = hostBlock();
+  const free = new Vcpu(domain(host), 0, opts);
+  await idleHalts(free, 4);
+  t.equal(free.ranOut, 4, 'each halt polled its window');
+  t.equal(free.backoffs, 0, 'and polling went on');
+
+  const full = hostBlock();
+  Atomics.add(full, HOST_AWAKE, 2); // two other vCPUs run: with this one, three on two CPUs
+  const crowded = new Vcpu(domain(full), 0, opts);
+  await idleHalts(crowded, 4);
+  t.equal(crowded.backoffs, 1, 'two windows that ran out stopped polling');
+  t.equal(crowded.ranOut, 2, 'and the halts after them did not poll');
+
+  const alone = new Vcpu(domain(null), 0, opts);
+  await idleHalts(alone, 4);
+  t.equal(alone.backoffs, 1, 'without a host count a CPU is never known to be free');
+});
+
+t.test('a poll that began with a CPU free ends when another vCPU wakes and fills the CPUs', async (t) => {
+  keepAlive(t);
+  const host = hostBlock();
+  const d = domain(host);
+  const vcpu = new Vcpu(d, 0, { haltPollMaxUs: 200_000, preemptedGapUs: Infinity, eventLoopTurnMs: Infinity, cpus: 1, pressureFile: null });
+  vcpu.pollLimitUs = 200_000;
+  const other = domain(host);
+  const wakeOther = (async () => {
+    for (let i = 0; i < 100; i++) await null;
+    other.setAwake(0, 1); // one CPU, two awake
+  })();
+  const t0 = performance.now();
+  await vcpu.halt(1);
+  const took = performance.now() - t0;
+  await wakeOther;
+  t.equal(vcpu.contended, 1, 'the poll ended as contended');
+  t.equal(vcpu.slept, 1, 'and the vCPU slept');
+  t.ok(took < 100, `long before its window ran out (${took.toFixed(1)} ms)`);
+});
+
+t.test('CPU pressure: high when tasks waited for a CPU more than a tenth of the time since the last look', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'xenpv-psi-'));
+  t.teardown(() => rmSync(dir, { recursive: true }));
+  const file = join(dir, 'cpu');
+  const write = (totalUs: number): void =>
+    writeFileSync(file, `some avg10=0.00 avg60=0.00 avg300=0.00 total=${totalUs}\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n`);
+  const pause = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 30));
+  write(1_000_000);
+  const p = new CpuPressure(file);
+  t.equal(p.high(), false, 'the first look has nothing to compare');
+  await pause();
+  write(1_000_500); // 0.5 ms of waiting in 30 ms or more
+  t.equal(p.high(), false, 'a little waiting is not pressure');
+  await pause();
+  write(1_100_000); // 99.5 ms of waiting: every CPU is wanted twice over
+  t.equal(p.high(), true);
+  write(9_000_000);
+  t.equal(p.high(), true, 'looked at no more than every 20 ms: the last answer stands');
+  t.equal(new CpuPressure(join(dir, 'missing')).high(), false, 'no file: never high');
+  t.equal(new CpuPressure(null).high(), false, 'not asked: never high');
 });

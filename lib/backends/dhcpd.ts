@@ -184,7 +184,12 @@ export class Dhcpd implements Disposable {
     this.counters.discovers++;
     const address = this.allocate(m.chaddr, m.requestedAddress);
     if (address === null) return 'pool-exhausted';
-    const l = this.bindLease(m.chaddr, address, 'offered', OFFER_HOLD_MS);
+    // RFC 2131 4.3.1: a client with a binding is offered its address, and the
+    // binding stands: an offer the client never takes up must not free an
+    // address it may go on using until the lease ends.
+    const held = this.byMac.get(m.chaddr);
+    const bound = held !== undefined && held.state === 'bound' && held.address === address && held.expiresMs > performance.now();
+    const l = bound ? held : this.bindLease(m.chaddr, address, 'offered', OFFER_HOLD_MS);
     this.counters.offers++;
     this.log('OFFER %s to %s', ipv4Format(l.address), macFormat(m.chaddr));
     this.reply(m, DHCPOFFER, l.address);

@@ -32,12 +32,12 @@ export const D = {
   pausedMs: 12,
   /** The frame a suspending guest named (HYPERVISOR_suspend's third argument), 0 for none. */
   suspendRecord: 13,
-  /** per vCPU: wake word, online, poll port (0 = not polling), blocked (halted, waiting for an event) */
+  /** per vCPU, VCPU_WORDS each: wake word, online, poll port (0 = not polling), blocked (halted, waiting for an event), awake */
   vcpus: 32,
   /** two words (lo, hi) per HVM param */
-  params: 32 + MAX_VCPUS * 4,
-  grantFrames: 32 + MAX_VCPUS * 4 + NR_HVM_PARAMS * 2,
-  virqs: 32 + MAX_VCPUS * 4 + NR_HVM_PARAMS * 2 + MAX_GRANT_FRAMES,
+  params: 32 + MAX_VCPUS * 5,
+  grantFrames: 32 + MAX_VCPUS * 5 + NR_HVM_PARAMS * 2,
+  virqs: 32 + MAX_VCPUS * 5 + NR_HVM_PARAMS * 2 + MAX_GRANT_FRAMES,
   /** per port: state, remote domid or virq, remote port, notify vCPU */
   evtchns: 1024,
   /** per grant ref of this domain: pins, readers in the low half, writers in the high */
@@ -51,6 +51,12 @@ export const VCPU_WAKE = 0;
 export const VCPU_ONLINE = 1;
 export const VCPU_POLL = 2;
 export const VCPU_BLOCKED = 3;
+/** 1 while the vCPU's thread runs or polls, 0 while it sleeps: what HOST.awake counts. */
+export const VCPU_AWAKE = 4;
+export const VCPU_WORDS = 5;
+
+/** The host block's word that counts awake vCPUs (HOST.awake). */
+export const HOST_AWAKE = 2;
 
 /**
  * Values of the wake word. A kick sets KICKED and calls Atomics.notify only
@@ -84,6 +90,8 @@ export class Domain {
     readonly memory: SharedArrayBuffer,
     /** Which domain of this domid it is: a domid is used again once its last domain is gone. */
     readonly generation = 0,
+    /** The host block, where this thread counts awake vCPUs; null where no one counts (one-thread tools). */
+    readonly host: Int32Array | null = null,
   ) {
     this.ctl = new Int32Array(control);
     this.mem = new MemoryViews(memory);
@@ -116,7 +124,19 @@ export class Domain {
   }
 
   vcpuWord(vcpu: number, which: number): number {
-    return D.vcpus + vcpu * 4 + which;
+    return D.vcpus + vcpu * VCPU_WORDS + which;
+  }
+
+  /**
+   * Mark a vCPU awake (1: its thread runs, polls, or was just woken) or
+   * asleep (0), keeping HOST_AWAKE the count of awake vCPUs that halt
+   * polling reads. A kick marks the vCPU it wakes, so a poller elsewhere
+   * sees the CPUs fill before the woken thread runs.
+   */
+  setAwake(vcpu: number, on: 0 | 1): void {
+    if (this.host !== null && Atomics.exchange(this.ctl, this.vcpuWord(vcpu, VCPU_AWAKE), on) !== on) {
+      Atomics.add(this.host, HOST_AWAKE, on === 1 ? 1 : -1);
+    }
   }
 
   /** First GFN of the builder's special pages (shared info, grant frame 0, xenstore, console). */

@@ -80,7 +80,10 @@ function unlockPair(a: Domain, b: Domain): void {
  */
 export function kickVcpu(d: Domain, vcpu: number): void {
   const w = d.vcpuWord(vcpu, VCPU_WAKE);
-  if (Atomics.exchange(d.ctl, w, WAKE_KICKED) === WAKE_SLEEPING) Atomics.notify(d.ctl, w);
+  if (Atomics.exchange(d.ctl, w, WAKE_KICKED) === WAKE_SLEEPING) {
+    d.setAwake(vcpu, 1);
+    Atomics.notify(d.ctl, w);
+  }
 }
 
 /** evtchn_2l_set_pending: mark `port` of `d` pending and tell its vCPU. */

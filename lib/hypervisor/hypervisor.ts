@@ -62,7 +62,7 @@ import {
 import { VCPUOP_down, VCPUOP_is_up, VCPUOP_up } from '../abi/vcpu.js';
 import { XENVER_extraversion, XENVER_get_features, XENVER_version } from '../abi/version.js';
 import { XEN_EBUSY, XEN_EINVAL, XEN_ENOENT, XEN_ENOSYS, XEN_EPERM, XEN_ESRCH, XEN_EFAULT } from '../abi/errno.js';
-import { D, Domain, DomainState, MAX_GRANT_FRAMES, NR_HVM_PARAMS, SpecialPage, VCPU_BLOCKED, VCPU_ONLINE, VCPU_POLL, VCPU_WAKE, WAKE_IDLE, WAKE_SLEEPING } from './domain.js';
+import { D, Domain, DomainState, HOST_AWAKE, MAX_GRANT_FRAMES, NR_HVM_PARAMS, SpecialPage, VCPU_BLOCKED, VCPU_ONLINE, VCPU_POLL, VCPU_WAKE, WAKE_IDLE, WAKE_SLEEPING } from './domain.js';
 import * as evtchn from './evtchn.js';
 import * as grant from './grant.js';
 import { lock, unlock } from './lock.js';
@@ -74,6 +74,8 @@ import { XenError } from '../errors.js';
 export const HOST = {
   lock: 0,
   nextDomid: 1,
+  /** vCPUs whose threads run or poll (VCPU_AWAKE set): a halting vCPU polls only while they fit the machine's CPUs. */
+  awake: HOST_AWAKE,
   /** per domid: 0 never existed, 2g+1 domain of generation g exists, 2g+2 it was destroyed */
   domains: 16,
 } as const;
@@ -117,7 +119,7 @@ export class Hypervisor {
   }
 
   add(h: DomainHandle): Domain {
-    const d = new Domain(h.domid, h.control, h.memory, h.generation);
+    const d = new Domain(h.domid, h.control, h.memory, h.generation, this.host);
     this.domains.set(h.domid, d);
     return d;
   }
@@ -440,7 +442,9 @@ export class Hypervisor {
     const w = d.vcpuWord(vcpu, VCPU_WAKE);
     // Announce the sleep so a kick notifies; a kick that came first leaves KICKED and we do not sleep.
     if (Atomics.compareExchange(d.ctl, w, WAKE_IDLE, WAKE_SLEEPING) === WAKE_IDLE) {
+      d.setAwake(vcpu, 0);
       Atomics.wait(d.ctl, w, WAKE_SLEEPING, timeoutMs);
+      d.setAwake(vcpu, 1);
       Atomics.compareExchange(d.ctl, w, WAKE_SLEEPING, WAKE_IDLE);
     }
     return 0;

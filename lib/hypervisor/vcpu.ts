@@ -11,16 +11,27 @@
 // longer than the most it would ever poll.
 //
 // Polling pays only while the peer that will kick us runs on another CPU.
+// KVM's host-side halt polling asks single_task_running(). Here the host
+// block counts the vCPUs that are awake (running, polling, or kicked awake),
+// and the machine's CPU pressure (Linux PSI) says whether any other task
+// waits for a CPU. While the awake vCPUs fit the CPUs and nothing waits, a
+// poll takes no one's CPU: a window that runs out counts against polling only
+// once it is the longest window, and the poll ends when the CPUs fill up.
+//
 // When the CPUs are oversubscribed the poll steals time from that peer: it
 // gets descheduled itself (a long gap in its clock), or its window runs out
 // while the peer waits for a CPU. After either, or two windows in a row that
 // ran out, the vCPU sleeps at once for a while, as a plain halt does, and
-// for twice as long each time it happens again soon after.
+// for twice as long each time it happens again soon after. A gap in the clock
+// counts even when the count said the CPUs were free: then someone outside
+// the host (another process) wants them.
 //
 // The wake word says whether anyone must be woken: a kick sets KICKED and
 // calls Atomics.notify only when the vCPU had announced SLEEPING.
 
-import { D, Domain, DomainState, VCPU_BLOCKED, VCPU_WAKE, WAKE_IDLE, WAKE_KICKED, WAKE_SLEEPING } from './domain.js';
+import { closeSync, openSync, readSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
+import { D, Domain, DomainState, HOST_AWAKE, MAX_VCPUS, VCPU_AWAKE, VCPU_BLOCKED, VCPU_WAKE, VCPU_WORDS, WAKE_IDLE, WAKE_KICKED, WAKE_SLEEPING } from './domain.js';
 
 /** guest_halt_poll_ns: the longest poll, and the idle time past which polling would not have paid. */
 export const HALTPOLL_MAX_US = 200;
@@ -41,6 +52,10 @@ const FAILED_POLLS_MAX = 2;
 /** How long polling stops; doubled, up to the most, while it keeps not paying. */
 const POLL_BACKOFF_MS = 20;
 const POLL_BACKOFF_MAX_MS = 1000;
+/** How often a vCPU looks at the machine's CPU pressure, and the share of waiting above which CPUs are not free. */
+const PRESSURE_FILE = '/proc/pressure/cpu';
+const PRESSURE_SAMPLE_MS = 20;
+const PRESSURE_HIGH = 0.25;
 /** While polling, at least one event-loop turn this often. */
 const EVENT_LOOP_TURN_MS = 1;
 
@@ -51,6 +66,10 @@ export type VcpuOptions = {
   eventLoopTurnMs?: number;
   /** A gap in the poll's clock that counts as being descheduled; Infinity never stops polling. */
   preemptedGapUs?: number;
+  /** The CPUs the awake vCPUs share (os.availableParallelism()). */
+  cpus?: number;
+  /** Where the machine's CPU pressure is read (Linux PSI); null never looks. */
+  pressureFile?: string | null;
 };
 
 export class Vcpu {
@@ -60,6 +79,9 @@ export class Vcpu {
   private readonly pollMaxUs: number;
   private readonly eventLoopTurnMs: number;
   private readonly preemptedGapMs: number;
+  private readonly domain: Domain;
+  private readonly cpus: number;
+  private readonly pressure: CpuPressure;
   /** The current poll window (haltpoll's poll_limit_ns). */
   pollLimitUs = 0;
   /** Halts that ended in the poll window, and halts that slept. */
@@ -67,6 +89,10 @@ export class Vcpu {
   slept = 0;
   /** Polls cut short because the thread was descheduled. */
   preempted = 0;
+  /** Poll windows that ran out; polls that ended when the CPUs filled up; times polling was stopped for a while. */
+  ranOut = 0;
+  contended = 0;
+  backoffs = 0;
   /** No polling before this performance.now(). */
   private pollOffUntil = 0;
   private backoffMs = POLL_BACKOFF_MS;
@@ -83,6 +109,16 @@ export class Vcpu {
     this.eventLoopTurnMs = opts.eventLoopTurnMs ?? EVENT_LOOP_TURN_MS;
     this.preemptedGapMs = (opts.preemptedGapUs ?? PREEMPTED_GAP_US) / 1000;
     if (id < 0 || id >= domain.maxVcpus) throw new RangeError(`vcpu ${id} does not exist`);
+    this.domain = domain;
+    this.cpus = opts.cpus ?? availableParallelism();
+    this.pressure = new CpuPressure(opts.pressureFile === undefined ? PRESSURE_FILE : opts.pressureFile);
+    domain.setAwake(id, 1);
+  }
+
+  /** Whether every awake vCPU, this one included, has a CPU of its own (unknown: no), and no one outside waits for one. */
+  private cpuFree(): boolean {
+    const host = this.domain.host;
+    return host !== null && Atomics.load(host, HOST_AWAKE) <= this.cpus && !this.pressure.high();
   }
 
   /**
@@ -107,7 +143,9 @@ export class Vcpu {
   holdWhilePaused(): void {
     if (Atomics.load(this.ctl, D.state) !== DomainState.paused) return;
     const since = performance.now();
+    this.domain.setAwake(this.id, 0);
     while (Atomics.load(this.ctl, D.state) === DomainState.paused) Atomics.wait(this.ctl, D.state, DomainState.paused);
+    this.domain.setAwake(this.id, 1);
     Atomics.add(this.ctl, D.pausedMs, Math.round(performance.now() - since));
   }
 
@@ -120,33 +158,45 @@ export class Vcpu {
         await new Promise<void>((resolve) => setImmediate(resolve));
         this.lastTurn = performance.now();
       }
-      const outcome = await this.poll(performance.now() + this.pollLimitUs / 1000);
+      const free = this.cpuFree();
+      const outcome = await this.poll(performance.now() + this.pollLimitUs / 1000, free);
       if (outcome === 'kicked') {
         this.polled++;
         this.failedPolls = 0;
         return;
       }
-      if (outcome === 'preempted' || ++this.failedPolls >= FAILED_POLLS_MAX) this.stopPolling();
+      // A window that ran out on a free CPU cost no one anything, unless polling longer is not an option.
+      const counts = !free || this.pollLimitUs >= this.pollMaxUs;
+      if (outcome === 'expired') this.ranOut++;
+      else if (outcome === 'contended') this.contended++;
+      if (outcome === 'preempted' || (outcome === 'expired' && counts && ++this.failedPolls >= FAILED_POLLS_MAX)) this.stopPolling();
     }
     // Announce the sleep so that a kick notifies; a kick that came first left KICKED.
     if (Atomics.compareExchange(this.ctl, this.wake, WAKE_IDLE, WAKE_SLEEPING) === WAKE_IDLE) {
       this.slept++;
+      this.domain.setAwake(this.id, 0);
       const r = Atomics.waitAsync(this.ctl, this.wake, WAKE_SLEEPING, timeoutMs);
       if (r.async) {
         await r.value;
         this.lastTurn = performance.now();
       }
+      this.domain.setAwake(this.id, 1);
     }
     this.adjust((performance.now() - t0) * 1000);
   }
 
-  /** Look at the wake word until it is set or `until` (performance.now()) passes, yielding to promise continuations. */
-  private async poll(until: number): Promise<'kicked' | 'expired' | 'preempted'> {
+  /**
+   * Look at the wake word until it is set or `until` (performance.now())
+   * passes, yielding to promise continuations. A poll that began on a free
+   * CPU ends as 'contended' once the awake vCPUs outnumber the CPUs.
+   */
+  private async poll(until: number, free: boolean): Promise<'kicked' | 'expired' | 'preempted' | 'contended'> {
     let last = performance.now();
     for (let i = 1; ; i++) {
       if (Atomics.load(this.ctl, this.wake) === WAKE_KICKED) return 'kicked';
       await null;
       if ((i & 15) !== 0) continue;
+      if (free && !this.cpuFree()) return Atomics.load(this.ctl, this.wake) === WAKE_KICKED ? 'kicked' : 'contended';
       const now = performance.now();
       if (now - last > this.preemptedGapMs) {
         this.preempted++;
@@ -159,6 +209,7 @@ export class Vcpu {
 
   /** Polling did not pay: sleep at once for a while, longer if it did not pay right after the last pause either. */
   private stopPolling(): void {
+    this.backoffs++;
     const now = performance.now();
     const again = now - this.pollOffUntil < this.backoffMs;
     this.backoffMs = again ? Math.min(POLL_BACKOFF_MAX_MS, this.backoffMs * 2) : POLL_BACKOFF_MS;
@@ -178,6 +229,74 @@ export class Vcpu {
 
   /** Kick this vCPU from outside, e.g. to make it notice a stop request (vcpu_kick). */
   kick(): void {
-    if (Atomics.exchange(this.ctl, this.wake, WAKE_KICKED) === WAKE_SLEEPING) Atomics.notify(this.ctl, this.wake);
+    if (Atomics.exchange(this.ctl, this.wake, WAKE_KICKED) === WAKE_SLEEPING) {
+      this.domain.setAwake(this.id, 1);
+      Atomics.notify(this.ctl, this.wake);
+    }
+  }
+}
+
+/** A vCPU thread that ended holds no CPU: take its domain's awake vCPUs out of the count. */
+export function threadEnded(control: SharedArrayBuffer, host: Int32Array): void {
+  const ctl = new Int32Array(control);
+  for (let v = 0; v < MAX_VCPUS; v++) {
+    if (Atomics.exchange(ctl, D.vcpus + v * VCPU_WORDS + VCPU_AWAKE, 0) === 1) Atomics.sub(host, HOST_AWAKE, 1);
+  }
+}
+
+/**
+ * The machine's CPU pressure (Linux PSI, /proc/pressure/cpu "some"): the
+ * share of time some task, in this process or another, waited for a CPU.
+ * HOST_AWAKE sees only xenpv's vCPUs; this sees everyone else. Where the
+ * file is missing, pressure is never high.
+ */
+export class CpuPressure {
+  private fd = -1;
+  private readonly buf = Buffer.alloc(128);
+  private lastMs = 0;
+  private lastTotalUs = 0;
+  private isHigh = false;
+
+  constructor(file: string | null) {
+    if (file === null) return;
+    try {
+      this.fd = openSync(file, 'r');
+    } catch {
+      this.fd = -1;
+    }
+  }
+
+  /** Whether tasks waited for a CPU more than PRESSURE_HIGH of the time since the last sample (at most every PRESSURE_SAMPLE_MS). */
+  high(): boolean {
+    if (this.fd < 0) return false;
+    const now = performance.now();
+    if (now - this.lastMs < PRESSURE_SAMPLE_MS) return this.isHigh;
+    const total = this.read();
+    if (total < 0) return false;
+    if (this.lastMs !== 0) this.isHigh = (total - this.lastTotalUs) / ((now - this.lastMs) * 1000) > PRESSURE_HIGH;
+    this.lastMs = now;
+    this.lastTotalUs = total;
+    return this.isHigh;
+  }
+
+  /** The "some" line's total=, in microseconds; -1 if unreadable. */
+  private read(): number {
+    let n: number;
+    try {
+      n = readSync(this.fd, this.buf, 0, this.buf.length, 0);
+    } catch {
+      closeSync(this.fd);
+      this.fd = -1;
+      return -1;
+    }
+    const at = this.buf.indexOf('total=');
+    if (at < 0 || at >= n) return -1;
+    let v = 0;
+    for (let i = at + 6; i < n; i++) {
+      const c = this.buf[i]! - 48;
+      if (c < 0 || c > 9) break;
+      v = v * 10 + c;
+    }
+    return v;
   }
 }
