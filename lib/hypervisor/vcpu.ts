@@ -22,9 +22,11 @@
 // gets descheduled itself (a long gap in its clock), or its window runs out
 // while the peer waits for a CPU. After either, or two windows in a row that
 // ran out, the vCPU sleeps at once for a while, as a plain halt does, and
-// for twice as long each time it happens again soon after. A gap in the clock
-// counts even when the count said the CPUs were free: then someone outside
-// the host (another process) wants them.
+// for twice as long each time it happens again soon after. On free CPUs a
+// gap in the clock is not taken for a starved peer: a collection or a long
+// continuation makes one too, and an outside task that wanted the CPU shows
+// in the pressure, which is judged over 100 ms so that a blip does not
+// stop polling.
 //
 // The wake word says whether anyone must be woken: a kick sets KICKED and
 // calls Atomics.notify only when the vCPU had announced SLEEPING.
@@ -52,9 +54,9 @@ const FAILED_POLLS_MAX = 2;
 /** How long polling stops; doubled, up to the most, while it keeps not paying. */
 const POLL_BACKOFF_MS = 20;
 const POLL_BACKOFF_MAX_MS = 1000;
-/** How often a vCPU looks at the machine's CPU pressure, and the share of waiting above which CPUs are not free. */
+/** How often a vCPU looks at the machine's CPU pressure (the span it judges), and the share of waiting above which CPUs are not free. */
 const PRESSURE_FILE = '/proc/pressure/cpu';
-const PRESSURE_SAMPLE_MS = 20;
+const PRESSURE_SAMPLE_MS = 100;
 const PRESSURE_HIGH = 0.25;
 /** While polling, at least one event-loop turn this often. */
 const EVENT_LOOP_TURN_MS = 1;
@@ -198,7 +200,8 @@ export class Vcpu {
       if ((i & 15) !== 0) continue;
       if (free && !this.cpuFree()) return Atomics.load(this.ctl, this.wake) === WAKE_KICKED ? 'kicked' : 'contended';
       const now = performance.now();
-      if (now - last > this.preemptedGapMs) {
+      // On free CPUs a long gap is a collection or a long continuation, not a peer starved: pressure would show one.
+      if (!free && now - last > this.preemptedGapMs) {
         this.preempted++;
         return Atomics.load(this.ctl, this.wake) === WAKE_KICKED ? 'kicked' : 'preempted';
       }
