@@ -10,7 +10,7 @@ import { EVTCHNOP_alloc_unbound } from '../lib/abi/event_channel.js';
 import { SCHEDOP_shutdown, SHUTDOWN_poweroff, SHUTDOWN_suspend } from '../lib/abi/sched.js';
 import { VCPUOP_down, VCPUOP_is_up, VCPUOP_up } from '../lib/abi/vcpu.js';
 import { XEN_EBUSY, XEN_EINVAL, XEN_ENOENT, XEN_EPERM, XEN_ESRCH } from '../lib/abi/errno.js';
-import { D, DomainState } from '../lib/hypervisor/domain.js';
+import { D, DomainState, HOST_AWAKE, VCPU_AWAKE } from '../lib/hypervisor/domain.js';
 import { openPorts } from '../lib/hypervisor/evtchn.js';
 import { grantCounts } from '../lib/hypervisor/grant.js';
 import { Host } from '../lib/hypervisor/host.js';
@@ -83,15 +83,25 @@ t.test('SCHEDOP_shutdown(suspend) records the frame and returns 1 once resumed; 
   const dom0 = host.domain(0);
   t.equal(hv.resumeDomain(dom0, a), -XEN_EINVAL, 'a running domain');
   const d = host.domain(a);
+  d.setAwake(0, 1);
+  const awakeWord = d.vcpuWord(0, VCPU_AWAKE);
   const { Worker } = await import('node:worker_threads');
-  const w = new Worker(`const { workerData } = require('node:worker_threads');
-    const ctl = new Int32Array(workerData);
+  const w = new Worker(`const { parentPort, workerData } = require('node:worker_threads');
+    const ctl = new Int32Array(workerData.control);
+    const hostWords = new Int32Array(workerData.host);
     const until = Date.now() + 5000;
     while (Atomics.load(ctl, ${D.state}) !== ${DomainState.shutdown} && Date.now() < until);
-    setTimeout(() => { Atomics.store(ctl, ${D.state}, ${DomainState.running}); Atomics.notify(ctl, ${D.state}); }, 50);`,
-  { eval: true, workerData: d.control });
+    setTimeout(() => {
+      parentPort.postMessage([Atomics.load(ctl, ${awakeWord}), Atomics.load(hostWords, ${HOST_AWAKE})]);
+      Atomics.store(ctl, ${D.state}, ${DomainState.running});
+      Atomics.notify(ctl, ${D.state});
+    }, 50);`,
+  { eval: true, workerData: { control: d.control, host: hv.host.buffer } });
+  const seen = new Promise((resolve) => w.once('message', resolve));
   // The hypercall blocks this thread until the worker resumes the domain as resumeDomain would.
   const rc = hv.hypercall(d, __HYPERVISOR_sched_op, SCHEDOP_shutdown, { reason: SHUTDOWN_suspend, srec: 77 });
+  t.same(await seen, [0, 0], 'while suspended the vCPU is not counted awake');
+  t.equal(Atomics.load(d.ctl, awakeWord), 1, 'and is again once resumed');
   await w.terminate();
   t.equal(rc, 1, 'cancelled: the guest runs on');
   t.equal(Atomics.load(d.ctl, D.suspendRecord), 77);

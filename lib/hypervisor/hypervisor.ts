@@ -493,7 +493,10 @@ export class Hypervisor {
   private suspended(d: Domain): number {
     // Nothing after the hypercall may run while the toolstack saves the domain; without a thread to block, unwind.
     if (!this.vcpusBlock) throw new XenError('EOPNOTSUPP', 'a suspended vCPU cannot wait for resume in the deterministic runner');
+    // Descheduled: it takes no CPU from the vCPUs that poll (vCPU 0 suspends, as block() is vCPU 0's).
+    d.setAwake(0, 0);
     while (Atomics.load(d.ctl, D.state) === DomainState.shutdown) Atomics.wait(d.ctl, D.state, DomainState.shutdown);
+    d.setAwake(0, 1);
     return 1;
   }
 
