@@ -2,7 +2,7 @@
 // a vCPU that announced its sleep, and the haltpoll window that lets the
 // work of the last upcall run while it polls. Wake-ups cross real threads.
 
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Worker } from 'node:worker_threads';
@@ -10,7 +10,7 @@ import t from 'tap';
 import { D, Domain, HOST_AWAKE, VCPU_WAKE, WAKE_IDLE, WAKE_KICKED, WAKE_SLEEPING, newControlBlock } from '../lib/hypervisor/domain.js';
 import { kickVcpu } from '../lib/hypervisor/evtchn.js';
 import { PAGE_SIZE } from '../lib/hypervisor/page.js';
-import { CpuPressure, Vcpu, threadEnded } from '../lib/hypervisor/vcpu.js';
+import { CpuPressure, Vcpu } from '../lib/hypervisor/vcpu.js';
 
 function domain(host: Int32Array | null = null): Domain {
   const d = new Domain(1, newControlBlock(), new SharedArrayBuffer(PAGE_SIZE), 0, host);
@@ -140,9 +140,9 @@ t.test('the host counts awake vCPUs: a sleep leaves the count, the kick that wak
   t.equal(Atomics.load(host, HOST_AWAKE), 1, 'counted once');
   await vcpu.halt(1);
   t.equal(Atomics.load(host, HOST_AWAKE), 1, 'a sleep that timed out is awake again');
-  threadEnded(d.control, host);
+  d.vcpusGone();
   t.equal(Atomics.load(host, HOST_AWAKE), 0, 'the ended thread holds no CPU');
-  threadEnded(d.control, host);
+  d.vcpusGone();
   t.equal(Atomics.load(host, HOST_AWAKE), 0, 'and is taken out once');
 });
 
@@ -227,6 +227,11 @@ t.test('CPU pressure: high when tasks waited for a CPU more than a quarter of th
   await pause();
   write(11_000_500); // 10 s of waiting: more than a quarter of any pause a loaded machine gives us
   t.equal(p.high(), true);
+  const fds = (): number => readdirSync('/proc/self/fd').length;
+  const before = fds();
+  const readers = Array.from({ length: 50 }, () => new CpuPressure(file));
+  for (const r of readers) r.high();
+  t.equal(fds(), before, 'a reader keeps no descriptor open (vCPU threads end, the process stays)');
   t.equal(new CpuPressure(join(dir, 'missing')).high(), false, 'no file: never high');
   t.equal(new CpuPressure(null).high(), false, 'not asked: never high');
 });

@@ -14,6 +14,15 @@ export const NR_HVM_PARAMS = 64;
 /** Pages at the top of a domain's memory for the builder's special pages. */
 export const SPECIAL_PAGES = 8;
 
+/** Each vCPU's words in the control block (D.vcpus + vcpu * VCPU_WORDS + which). */
+export const VCPU_WAKE = 0;
+export const VCPU_ONLINE = 1;
+export const VCPU_POLL = 2;
+export const VCPU_BLOCKED = 3;
+/** 1 while the vCPU's thread runs or polls, 0 while it sleeps: what HOST.awake counts. */
+export const VCPU_AWAKE = 4;
+export const VCPU_WORDS = 5;
+
 /** Word indices in the control block. */
 export const D = {
   lockEvtchn: 0,
@@ -35,9 +44,9 @@ export const D = {
   /** per vCPU, VCPU_WORDS each: wake word, online, poll port (0 = not polling), blocked (halted, waiting for an event), awake */
   vcpus: 32,
   /** two words (lo, hi) per HVM param */
-  params: 32 + MAX_VCPUS * 5,
-  grantFrames: 32 + MAX_VCPUS * 5 + NR_HVM_PARAMS * 2,
-  virqs: 32 + MAX_VCPUS * 5 + NR_HVM_PARAMS * 2 + MAX_GRANT_FRAMES,
+  params: 32 + MAX_VCPUS * VCPU_WORDS,
+  grantFrames: 32 + MAX_VCPUS * VCPU_WORDS + NR_HVM_PARAMS * 2,
+  virqs: 32 + MAX_VCPUS * VCPU_WORDS + NR_HVM_PARAMS * 2 + MAX_GRANT_FRAMES,
   /** per port: state, remote domid or virq, remote port, notify vCPU */
   evtchns: 1024,
   /** per grant ref of this domain: pins, readers in the low half, writers in the high */
@@ -47,13 +56,6 @@ export const D = {
   words: 1024 + MAX_EVTCHNS * 4 + MAX_GRANT_FRAMES * GRANT_ENTRIES_PER_FRAME + MAX_MAPTRACK * 4,
 } as const;
 
-export const VCPU_WAKE = 0;
-export const VCPU_ONLINE = 1;
-export const VCPU_POLL = 2;
-export const VCPU_BLOCKED = 3;
-/** 1 while the vCPU's thread runs or polls, 0 while it sleeps: what HOST.awake counts. */
-export const VCPU_AWAKE = 4;
-export const VCPU_WORDS = 5;
 
 /** The host block's word that counts awake vCPUs (HOST.awake). */
 export const HOST_AWAKE = 2;
@@ -137,6 +139,11 @@ export class Domain {
     if (this.host !== null && Atomics.exchange(this.ctl, this.vcpuWord(vcpu, VCPU_AWAKE), on) !== on) {
       Atomics.add(this.host, HOST_AWAKE, on === 1 ? 1 : -1);
     }
+  }
+
+  /** A thread that ended holds no CPU: each of its vCPUs is marked asleep. */
+  vcpusGone(): void {
+    for (let v = 0; v < MAX_VCPUS; v++) this.setAwake(v, 0);
   }
 
   /** First GFN of the builder's special pages (shared info, grant frame 0, xenstore, console). */

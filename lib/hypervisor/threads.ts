@@ -7,7 +7,6 @@ import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import { XenError } from '../errors.js';
 import { logger } from '../log.js';
 import { D } from './domain.js';
-import { threadEnded } from './vcpu.js';
 import type { DomainHandle, Hypervisor, RegistryMessage } from './hypervisor.js';
 import type { Runner, RunnerEvents, StartSpec } from './runner.js';
 import type { TraceFile, TraceThread } from '../trace/trace.js';
@@ -71,9 +70,9 @@ export class ThreadRunner implements Runner {
       log('domain %d crashed: %s', domid, err.message);
       this.events.exited(domid, err);
     });
-    const control = data.known.find((h) => h.domid === domid)?.control;
+    const domain = this.host.hv.domain(domid);
     worker.on('exit', () => {
-      if (control !== undefined) threadEnded(control, this.host.hv.host);
+      domain?.vcpusGone();
       if (trace !== null) this.trace?.threadDone(trace);
       this.workers.delete(domid);
       this.registries.get(domid)?.close();

@@ -33,7 +33,8 @@
 
 import { closeSync, openSync, readSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
-import { D, Domain, DomainState, HOST_AWAKE, MAX_VCPUS, VCPU_AWAKE, VCPU_BLOCKED, VCPU_WAKE, VCPU_WORDS, WAKE_IDLE, WAKE_KICKED, WAKE_SLEEPING } from './domain.js';
+import { D, Domain, DomainState, HOST_AWAKE, VCPU_BLOCKED, VCPU_WAKE, WAKE_IDLE, WAKE_KICKED, WAKE_SLEEPING } from './domain.js';
+import { kickVcpu } from './evtchn.js';
 
 /** guest_halt_poll_ns: the longest poll, and the idle time past which polling would not have paid. */
 export const HALTPOLL_MAX_US = 200;
@@ -232,18 +233,7 @@ export class Vcpu {
 
   /** Kick this vCPU from outside, e.g. to make it notice a stop request (vcpu_kick). */
   kick(): void {
-    if (Atomics.exchange(this.ctl, this.wake, WAKE_KICKED) === WAKE_SLEEPING) {
-      this.domain.setAwake(this.id, 1);
-      Atomics.notify(this.ctl, this.wake);
-    }
-  }
-}
-
-/** A vCPU thread that ended holds no CPU: take its domain's awake vCPUs out of the count. */
-export function threadEnded(control: SharedArrayBuffer, host: Int32Array): void {
-  const ctl = new Int32Array(control);
-  for (let v = 0; v < MAX_VCPUS; v++) {
-    if (Atomics.exchange(ctl, D.vcpus + v * VCPU_WORDS + VCPU_AWAKE, 0) === 1) Atomics.sub(host, HOST_AWAKE, 1);
+    kickVcpu(this.domain, this.id);
   }
 }
 
@@ -254,28 +244,28 @@ export function threadEnded(control: SharedArrayBuffer, host: Int32Array): void 
  * file is missing, pressure is never high.
  */
 export class CpuPressure {
-  private fd = -1;
   private readonly buf = Buffer.alloc(128);
   private lastMs = 0;
   private lastTotalUs = 0;
   private isHigh = false;
 
-  constructor(file: string | null) {
-    if (file === null) return;
-    try {
-      this.fd = openSync(file, 'r');
-    } catch {
-      this.fd = -1;
-    }
-  }
+  /**
+   * The file is opened for each look (every PRESSURE_SAMPLE_MS at most, a
+   * few microseconds): a descriptor kept per vCPU would outlive its thread,
+   * since descriptors belong to the process.
+   */
+  constructor(private file: string | null) {}
 
   /** Whether tasks waited for a CPU more than PRESSURE_HIGH of the time since the last sample (at most every PRESSURE_SAMPLE_MS). */
   high(): boolean {
-    if (this.fd < 0) return false;
+    if (this.file === null) return false;
     const now = performance.now();
     if (now - this.lastMs < PRESSURE_SAMPLE_MS) return this.isHigh;
-    const total = this.read();
-    if (total < 0) return false;
+    const total = this.read(this.file);
+    if (total < 0) {
+      this.file = null;
+      return false;
+    }
     if (this.lastMs !== 0) this.isHigh = (total - this.lastTotalUs) / ((now - this.lastMs) * 1000) > PRESSURE_HIGH;
     this.lastMs = now;
     this.lastTotalUs = total;
@@ -283,13 +273,16 @@ export class CpuPressure {
   }
 
   /** The "some" line's total=, in microseconds; -1 if unreadable. */
-  private read(): number {
+  private read(file: string): number {
     let n: number;
     try {
-      n = readSync(this.fd, this.buf, 0, this.buf.length, 0);
+      const fd = openSync(file, 'r');
+      try {
+        n = readSync(fd, this.buf, 0, this.buf.length, 0);
+      } finally {
+        closeSync(fd);
+      }
     } catch {
-      closeSync(this.fd);
-      this.fd = -1;
       return -1;
     }
     const at = this.buf.indexOf('total=');
