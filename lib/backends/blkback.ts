@@ -55,16 +55,6 @@ export const MAX_PERSISTENT_TOTAL = 4096;
 const MAX_QUEUES = 16;
 const CONNECT_TIMEOUT_MS = 5 * 60_000;
 const ZERO_CHUNK_BYTES = 64 * 1024;
-/**
- * Responses are pushed (and the frontend signalled, if it asked) after the
- * first request of a turn, so that a frontend asleep starts waking while the
- * backend goes on, then at least this often and at the end of each pass: one
- * index update per batch, not per request, and still one event (a frontend
- * asks for the next only once it has looked at the ring). Pushing every few
- * requests instead wakes a frontend that polls for a few answers at a time,
- * which costs more than it overlaps whenever the CPUs are busy.
- */
-const PUSH_EVERY = 32;
 
 const SEG_GREF = offsetOf(blkif_request_segment, 'gref');
 const SEG_FIRST = offsetOf(blkif_request_segment, 'first_sect');
@@ -487,28 +477,22 @@ export class Blkback {
 
   // --- datapath ----------------------------------------------------------------
 
-  // do_block_io_op: copy each request once, dispatch, answer; push and notify per batch (the first answer at once).
+  // do_block_io_op: copy each request once, dispatch, answer. Each answer is
+  // pushed at once (make_response's RING_PUSH_RESPONSES_AND_CHECK_NOTIFY),
+  // so a frontend on another CPU completes it and issues the next request
+  // while the rest are served: the two sides overlap instead of taking turns
+  // with batches. The frontend is signalled only when it asked (rsp_event).
   // False when the event brought nothing to do (the interrupt layer throttles
   // a frontend that keeps signalling for nothing, or on a ring it broke).
   private serve(r: BlkifRing): boolean {
     const ring = r.ring;
     if (ring === null || r.ih === null) return false;
     let took = false;
-    let unpushed = 0;
-    let pushAt = 1;
     do {
       ring.unconsumedRequests();
       while (ring.takeRequest(r.req)) {
         took = true;
         this.answer(r, this.dispatch(r));
-        if (++unpushed === pushAt) {
-          pushAt = PUSH_EVERY;
-          unpushed = 0;
-          if (ring.pushResponses()) this.intr.intrSignal(r.ih);
-        }
-      }
-      if (unpushed !== 0) {
-        unpushed = 0;
         if (ring.pushResponses()) this.intr.intrSignal(r.ih);
       }
     } while (ring.finalCheckForRequests());
