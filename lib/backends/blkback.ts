@@ -68,6 +68,8 @@ type BlkifWire = {
   ringType: RingType;
   sring: Layout;
   entryBytes: number;
+  /** sizeof(blkif_response): what an answer writes of its slot. */
+  rspBytes: number;
   reqId: number;
   reqSector: number;
   reqSeg: number;
@@ -90,6 +92,7 @@ function wireOf(ringType: RingType, req: Layout, discard: Layout, ind: Layout, r
     ringType,
     sring,
     entryBytes: entry.size,
+    rspBytes: rsp.size,
     reqId: offsetOf(req, 'id'),
     reqSector: offsetOf(req, 'sector_number'),
     reqSeg: offsetOf(req, 'seg'),
@@ -307,11 +310,12 @@ export class BlkifRing {
     readonly index: number,
     readonly name: string,
     entryBytes: number,
+    rspBytes: number,
     maxSegments: number,
   ) {
     this.req = new Uint8Array(entryBytes);
     this.reqView = new DataView(this.req.buffer);
-    this.rsp = new Uint8Array(entryBytes);
+    this.rsp = new Uint8Array(rspBytes);
     this.rspView = new DataView(this.rsp.buffer);
     this.grefs = new Uint32Array(maxSegments);
     this.first = new Uint8Array(maxSegments);
@@ -436,7 +440,7 @@ export class Blkback {
     try {
       for (const [index, q] of queues.entries()) {
         const name = `blkback${this.spec.domid}.${this.spec.devid}.${index}`;
-        const r = new BlkifRing(index, name, this.wire.entryBytes, this.maxSegments);
+        const r = new BlkifRing(index, name, this.wire.entryBytes, this.wire.rspBytes, this.maxSegments);
         this.rings.push(r);
         const pages = q.refs.map((ref) => {
           const map = mapGrant(this.hypercall, this.spec.domid, ref);

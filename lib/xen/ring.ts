@@ -112,29 +112,41 @@ class SharedRing {
     return this.ref;
   }
 
-  /** Copy slot `idx` into `into` (exactly entryBytes long), in two parts if it straddles. */
+  /**
+   * Copy slot `idx` into `into`, in two parts if it straddles a page. `into`
+   * may be shorter than the entry: a slot is a union of request and
+   * response, and each side copies only its own struct (a blkif response is
+   * 16 bytes of a 112-byte slot), as Linux's memcpy of sizeof(rsp) does.
+   */
   readSlot(idx: number, into: Uint8Array): void {
-    if (into.length !== this.entryBytes) this.badBuffer(into);
+    const n = into.length;
+    if (n > this.entryBytes) this.badBuffer(into);
     const s = this.slot(idx);
-    if (!s.straddles) {
+    if (s.offset + n <= PAGE_SIZE) {
       s.page.read(s.offset, into);
       return;
     }
     const p = this.refPage;
     s.page.read(s.offset, this.head[p]!);
     this.pages[p + 1]!.read(0, this.tail[p]!);
-    into.set(this.bounce);
+    for (let i = 0; i < n; i++) into[i] = this.bounce[i]!;
   }
 
-  /** Copy `from` (exactly entryBytes long) into slot `idx`. */
+  /** Copy `from` (at most entryBytes; see readSlot) into slot `idx`. */
   writeSlot(idx: number, from: Uint8Array): void {
-    if (from.length !== this.entryBytes) this.badBuffer(from);
+    const n = from.length;
+    if (n > this.entryBytes) this.badBuffer(from);
     const s = this.slot(idx);
-    if (!s.straddles) {
+    if (s.offset + n <= PAGE_SIZE) {
       s.page.write(s.offset, from);
       return;
     }
     const p = this.refPage;
+    // A shorter struct across the page boundary: the rest of the slot is written back as it was.
+    if (n < this.entryBytes) {
+      s.page.read(s.offset, this.head[p]!);
+      this.pages[p + 1]!.read(0, this.tail[p]!);
+    }
     this.bounce.set(from);
     s.page.write(s.offset, this.head[p]!);
     this.pages[p + 1]!.write(0, this.tail[p]!);
@@ -142,7 +154,7 @@ class SharedRing {
 
   // Out of line so the hot path builds no message string.
   private badBuffer(buf: Uint8Array): never {
-    throw new XenError('EINVAL', `ring ${this.name}: slot buffer is ${buf.length} bytes, entries are ${this.entryBytes}`);
+    throw new XenError('EINVAL', `ring ${this.name}: slot buffer of ${buf.length} bytes is longer than its ${this.entryBytes}-byte entries`);
   }
 
   /** Record slot `idx` as it is on the ring now (a slot written in place, then committed). */

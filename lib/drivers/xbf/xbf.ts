@@ -85,6 +85,8 @@ type XbfWire = {
   ringType: RingType;
   sring: Layout;
   entryBytes: number;
+  /** sizeof(blkif_response): what taking an answer copies of its slot. */
+  rspBytes: number;
   reqNrSegments: number;
   reqHandle: number;
   reqId: number;
@@ -108,7 +110,7 @@ type XbfWire = {
 
 function xbfWire(protocol: string, req: Layout, discard: Layout, ind: Layout, rsp: Layout, sring: Layout, entry: Layout): XbfWire {
   return {
-    protocol, ringType: protocol === XEN_IO_PROTO_ABI_X86_32 ? 'blkif_x86_32' : 'blkif', sring, entryBytes: entry.size,
+    protocol, ringType: protocol === XEN_IO_PROTO_ABI_X86_32 ? 'blkif_x86_32' : 'blkif', sring, entryBytes: entry.size, rspBytes: rsp.size,
     reqNrSegments: offsetOf(req, 'nr_segments'), reqHandle: offsetOf(req, 'handle'), reqId: offsetOf(req, 'id'),
     reqSector: offsetOf(req, 'sector_number'), reqSeg: offsetOf(req, 'seg'),
     discardFlag: offsetOf(discard, 'flag'), discardHandle: offsetOf(discard, 'handle'), discardId: offsetOf(discard, 'id'),
@@ -1020,7 +1022,7 @@ function xbfQueueCreate(xbf: XbfSoftc, index: number, order: number): XbfQueue {
   const ring = new FrontRing(pages, xbf.wire.entryBytes, __CONST_RING_SIZE(xbf.wire.sring, size), name, xbf.wire.ringType);
   ring.init();
   const req = new Uint8Array(xbf.wire.entryBytes);
-  const rsp = new Uint8Array(xbf.wire.entryBytes);
+  const rsp = new Uint8Array(xbf.wire.rspBytes);
   const q: XbfQueue = {
     index, name, ringSegs, ringKva, ringMap, ring, ih: null, ccbs: [], free: [], dirty: false,
     req, reqView: new DataView(req.buffer), rsp, rspView: new DataView(rsp.buffer),
