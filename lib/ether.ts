@@ -38,6 +38,18 @@ export function macKey(bytes: Uint8Array, at = 0): number {
   );
 }
 
+/**
+ * The first and the last three of the 6 bytes at `at`, each as a 24-bit
+ * number: a pair of small-integer keys, where macKey's 48-bit number is a
+ * heap number, made anew for each lookup on a hot path.
+ */
+export function macHigh(bytes: Uint8Array, at = 0): number {
+  return (bytes[at]! << 16) | (bytes[at + 1]! << 8) | bytes[at + 2]!;
+}
+export function macLow(bytes: Uint8Array, at = 0): number {
+  return (bytes[at + 3]! << 16) | (bytes[at + 4]! << 8) | bytes[at + 5]!;
+}
+
 /** Group bit of the first octet: multicast, broadcast included. */
 export function isMulticast(bytes: Uint8Array, at = 0): boolean {
   return (bytes[at]! & 1) !== 0;

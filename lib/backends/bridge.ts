@@ -20,7 +20,7 @@ import { __HYPERVISOR_grant_table_op, DOMID_SELF } from '../abi/xen.js';
 import { GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTST_okay, GNTTABOP_copy } from '../abi/grant_table.js';
 import { XEN_NETIF_MAX_TX_SIZE, XEN_NETIF_NR_SLOTS_MIN } from '../abi/netif.js';
 import { XenError } from '../errors.js';
-import { ETHER_ADDR_LEN, ETHER_HDR_LEN, fillChecksum, flowHash, formatMac, isMulticast, macKey, segmentTcp } from '../ether.js';
+import { ETHER_ADDR_LEN, ETHER_HDR_LEN, fillChecksum, flowHash, formatMac, isMulticast, macHigh, macKey, macLow, segmentTcp } from '../ether.js';
 import type { Hypercall, gnttab_copy } from '../hypervisor/hypercall.js';
 import { PAGE_SIZE, type MemoryViews } from '../hypervisor/page.js';
 import { logger, type Log } from '../log.js';
@@ -444,7 +444,9 @@ export type BridgeReport = {
 /** One learning bridge (struct net_bridge). */
 export class Bridge {
   readonly ports: BridgePort[] = [];
-  private readonly fdb = new Map<number, FdbEntry>();
+  /** br_fdb: by the address's first three bytes, then its last three (macHigh, macLow), so no key is a heap number. */
+  private readonly fdb = new Map<number, Map<number, FdbEntry>>();
+  private fdbSize = 0;
   private readonly log: Log;
   ageingMs: number;
   pcap: PcapWriter | null = null;
@@ -477,7 +479,7 @@ export class Bridge {
     const i = this.ports.indexOf(port);
     if (i < 0) return;
     this.ports.splice(i, 1);
-    for (const [key, e] of this.fdb) if (e.port === port) this.fdb.delete(key);
+    this.forget((e) => e.port === port);
     this.log('port %s removed', port.name);
   }
 
@@ -488,11 +490,12 @@ export class Bridge {
 
   /** Where `mac` was last seen, if still fresh (br_fdb_find). */
   lookup(mac: Uint8Array, at = 0, nowMs = performance.now()): BridgePort | null {
-    const key = macKey(mac, at);
-    const e = this.fdb.get(key);
+    const low = this.fdb.get(macHigh(mac, at));
+    const key = macLow(mac, at);
+    const e = low?.get(key);
     if (e === undefined) return null;
     if (nowMs - e.seenMs > this.ageingMs) {
-      this.fdb.delete(key);
+      this.remove(mac, at, low!, key);
       return null;
     }
     return e.port;
@@ -538,23 +541,45 @@ export class Bridge {
   }
 
   private learn(hdr: Uint8Array, port: BridgePort, now: number): void {
-    const key = macKey(hdr, ETHER_ADDR_LEN);
-    const e = this.fdb.get(key);
+    const high = macHigh(hdr, ETHER_ADDR_LEN);
+    const key = macLow(hdr, ETHER_ADDR_LEN);
+    const e = this.fdb.get(high)?.get(key);
     if (e !== undefined) {
       e.port = port;
       e.seenMs = now;
       return;
     }
     // A bounded table: a sender that invents addresses cannot grow it without end.
-    if (this.fdb.size >= FDB_MAX) this.expire(now);
-    if (this.fdb.size >= FDB_MAX) return;
-    this.fdb.set(key, { port, seenMs: now });
+    if (this.fdbSize >= FDB_MAX) this.expire(now);
+    if (this.fdbSize >= FDB_MAX) return;
+    let low = this.fdb.get(high);
+    if (low === undefined) this.fdb.set(high, (low = new Map()));
+    low.set(key, { port, seenMs: now });
+    this.fdbSize++;
     this.stats.learned++;
+  }
+
+  private remove(mac: Uint8Array, at: number, low: Map<number, FdbEntry>, key: number): void {
+    low.delete(key);
+    this.fdbSize--;
+    if (low.size === 0) this.fdb.delete(macHigh(mac, at));
+  }
+
+  /** Entries for which `stale` holds go. */
+  private forget(stale: (e: FdbEntry) => boolean): void {
+    for (const [high, low] of this.fdb) {
+      for (const [key, e] of low) {
+        if (!stale(e)) continue;
+        low.delete(key);
+        this.fdbSize--;
+      }
+      if (low.size === 0) this.fdb.delete(high);
+    }
   }
 
   /** br_fdb_cleanup */
   expire(now = performance.now()): void {
-    for (const [key, e] of this.fdb) if (now - e.seenMs > this.ageingMs) this.fdb.delete(key);
+    this.forget((e) => now - e.seenMs > this.ageingMs);
   }
 
   /** The learned table, for tools and tests. */
@@ -562,10 +587,14 @@ export class Bridge {
     const now = performance.now();
     const out: { mac: string; port: string; ageMs: number }[] = [];
     const b = new Uint8Array(ETHER_ADDR_LEN);
-    for (const [key, e] of this.fdb) {
-      let k = key;
-      for (let i = ETHER_ADDR_LEN - 1; i >= 0; i--, k = Math.floor(k / 256)) b[i] = k % 256;
-      out.push({ mac: formatMac(b), port: e.port.name, ageMs: now - e.seenMs });
+    for (const [high, low] of this.fdb) {
+      for (const [key, e] of low) {
+        for (let i = 0; i < 3; i++) {
+          b[i] = (high >> (16 - 8 * i)) & 0xff;
+          b[3 + i] = (key >> (16 - 8 * i)) & 0xff;
+        }
+        out.push({ mac: formatMac(b), port: e.port.name, ageMs: now - e.seenMs });
+      }
     }
     return out;
   }
