@@ -5,7 +5,7 @@
 // appeared: dom0 at boot, then each guest as it is created.
 //
 //   node dist/bench/profile.js net 64 [--sink] [--ms 1000] [--runs 3]
-//   node dist/bench/profile.js block memory|null [--write] [--ms 2000]
+//   node dist/bench/profile.js block memory|null|file [--write] [--ms 2000]
 //
 // Run it under `perf record -F 1999 -g -- node --perf-basic-prof ...` for
 // each thread's CPU-time profile (`perf report --sort pid`, then `--tid T
@@ -19,6 +19,7 @@ import { parseArgs } from 'node:util';
 import { loadDomainConfig } from '../lib/backends/xlcfg.js';
 import { Machine, type NetStats } from '../lib/machine.js';
 import { netGuest, RECEIVER_MAC, SENDER_MAC, SINK_MAC, writeNetImages } from './net.js';
+import { makeDataFile } from './peers.js';
 
 /** Clock ticks per second of /proc's utime and stime (USER_HZ, 100 on Linux). */
 const USER_HZ = 100;
@@ -148,10 +149,15 @@ export async function main(guest) {
 
 async function block(dir: string, format: string, write: boolean, ms: number): Promise<void> {
   writeFileSync(join(dir, 'blk.mjs'), BLOCK_GUEST);
-  const target = format === 'null' ? '1G' : '64M';
+  // file: a page-cached raw file of 64 MiB, as the benchmark's xvdc.
+  let target = format === 'null' ? '1G' : '64M';
+  if (format === 'file') {
+    target = join(dir, 'disk.img');
+    makeDataFile(target, 64 << 20);
+  }
   writeFileSync(join(dir, 'blk.cfg'), [
     'name = "blk"', 'memory = 64', 'kernel = "blk.mjs"', `extra = "${ms},${write ? 1 : 0}"`,
-    `disk = [ 'format=${format}, vdev=xvda, access=rw, target=${target}' ]`, '',
+    `disk = [ 'format=${format === 'file' ? 'raw' : format}, vdev=xvda, access=rw, target=${target}' ]`, '',
   ].join('\n'));
   const names = new ThreadNames();
   const m = await Machine.boot({});
@@ -182,7 +188,7 @@ async function main(): Promise<void> {
     } else if (positionals[0] === 'block') {
       await block(dir, positionals[1] ?? 'memory', values.write === true, Number(values.ms ?? 2000));
     } else {
-      throw new Error('usage: profile net SIZE [--sink] [--ms N] [--runs N] | profile block memory|null [--write] [--ms N]');
+      throw new Error('usage: profile net SIZE [--sink] [--ms N] [--runs N] | profile block memory|null|file [--write] [--ms N]');
     }
   } finally {
     rmSync(dir, { recursive: true, force: true });

@@ -371,22 +371,12 @@ function copyBytes(from: MemoryViews, at: number, to: MemoryViews, dest: number,
   }
 }
 
-/** GNTTABOP_copy of one op: both sides checked and claimed only while it runs. */
-export function copy(caller: Domain, op: gnttab_copy, lookup: DomainLookup): void {
-  try {
-    copyOne(caller, op, lookup);
-  } finally {
-    endCopies();
-  }
-  if (tracing) traceCopy(caller, op);
-}
-
 /**
  * GNTTABOP_copy of ops[0..count) (Xen's gnttab_copy): each op gets the
  * status it would get alone, in order; between ops the batch keeps the grant
- * locks and the domains the next op needs again.
+ * locks and the domains the next op needs again, and lets them go at the end.
  */
-export function copyBatch(caller: Domain, ops: readonly gnttab_copy[], count: number, lookup: DomainLookup): void {
+export function copy(caller: Domain, ops: readonly gnttab_copy[], count: number, lookup: DomainLookup): void {
   try {
     for (let i = 0; i < count; i++) {
       const op = ops[i]!;

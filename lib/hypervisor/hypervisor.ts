@@ -101,6 +101,7 @@ export class Hypervisor {
   readonly host: Int32Array;
   private readonly domains = new Map<number, Domain>();
   readonly lookup = (domid: number): Domain | undefined => this.domain(domid);
+  private readonly oneCopy: H.gnttab_copy[] = [];
   /**
    * Whether a hypercall may block its vCPU's thread (SCHEDOP_block, SCHEDOP_poll,
    * a suspend). The deterministic runner runs every domain in one thread and
@@ -239,11 +240,13 @@ export class Hypervisor {
     if (Array.isArray(arg)) {
       if (count === undefined) return -XEN_EINVAL;
       if (count > arg.length) return -XEN_EFAULT;
-      grant.copyBatch(caller, arg as H.gnttab_copy[], count, this.lookup);
+      grant.copy(caller, arg as H.gnttab_copy[], count, this.lookup);
       return 0;
     }
     if (count !== undefined && count !== 1) return -XEN_EFAULT;
-    grant.copy(caller, arg as H.gnttab_copy, this.lookup);
+    // A lone op goes the batch's way, as an array of one made once.
+    this.oneCopy[0] = arg as H.gnttab_copy;
+    grant.copy(caller, this.oneCopy, 1, this.lookup);
     return 0;
   }
 
