@@ -221,8 +221,10 @@ function loadRaw(map: DmaMap, mem: MemoryViews, segs: readonly DmaSegment[], siz
   loadEnd(map, size, flags);
 }
 
-// _bus_dmamap_sync: check the range and the direction, then a full barrier.
-function syncMap(map: DmaMap, fence: Int32Array, offset: number, len: number, ops: number): void {
+// _bus_dmamap_sync: check the range and the direction. On amd64 with no
+// bounce buffers OpenBSD does nothing more: the data is ordered by the ring
+// indices around it, which both sides read and write with Atomics.
+function syncMap(map: DmaMap, offset: number, len: number, ops: number): void {
   if (!Number.isInteger(ops) || ops === 0 || (ops & ~(SYNC_READ | SYNC_WRITE)) !== 0) throw new XenError('EINVAL', `bad sync ops ${ops}`);
   if (!Number.isInteger(offset) || !Number.isInteger(len) || offset < 0 || len < 0 || offset + len > map.dm_mapsize) {
     throw new XenError('EINVAL', `sync [${offset}, +${len}) outside the ${map.dm_mapsize} loaded bytes`);
@@ -230,8 +232,6 @@ function syncMap(map: DmaMap, fence: Int32Array, offset: number, len: number, op
   // A device may write only what was loaded for BUS_DMA_READ, read only what was loaded for BUS_DMA_WRITE.
   if ((ops & SYNC_READ) !== 0 && (map.dm_flags & BUS_DMA_WRITE) !== 0) throw new XenError('EINVAL', 'read sync on a BUS_DMA_WRITE load');
   if ((ops & SYNC_WRITE) !== 0 && (map.dm_flags & BUS_DMA_READ) !== 0) throw new XenError('EINVAL', 'write sync on a BUS_DMA_READ load');
-  // A locked read-modify-write is a full barrier (membar_sync); the ring indices the peer reads carry the rest.
-  Atomics.add(fence, 0, 0);
 }
 
 /** The mapped view of dmamem (bus_dmamem_map's kva): offsets in, bytes of guest memory out. */
@@ -290,7 +290,6 @@ export class DmaKva {
 /** The generic tag over the domain's page allocator. */
 export class BusDma implements DmaTag {
   readonly mem: MemoryViews;
-  private readonly fence = new Int32Array(new SharedArrayBuffer(4));
 
   constructor(
     private readonly physmem: PhysMem,
@@ -337,7 +336,7 @@ export class BusDma implements DmaTag {
   }
 
   dmamapSync(map: DmaMap, offset: number, len: number, ops: number): void {
-    syncMap(this.own(map), this.fence, offset, len, ops);
+    syncMap(this.own(map), offset, len, ops);
   }
 
   // _bus_dmamem_alloc: whole zeroed pages in at most `nsegs` segments, none crossing `boundary`.
@@ -623,8 +622,14 @@ export class XenDmaTag implements DmaTag {
     if (lost !== 0) throw new XenError(code, `${lost} segment(s) still mapped by the peer; their pages are quarantined`);
   }
 
+  // xen_bus_dmamap_sync: a full barrier (virtio_membar_sync) for the PRE and
+  // the POST pair only; one direction, as the drivers sync their data, needs none.
   dmamapSync(map: DmaMap, offset: number, len: number, ops: number): void {
-    syncMap(this.own(map), this.fence, offset, len, ops);
+    syncMap(this.own(map), offset, len, ops);
+    if (ops === (BUS_DMASYNC_PREREAD | BUS_DMASYNC_PREWRITE) || ops === (BUS_DMASYNC_POSTREAD | BUS_DMASYNC_POSTWRITE)) {
+      // A locked read-modify-write is a full barrier.
+      Atomics.add(this.fence, 0, 0);
+    }
   }
 
   dmamemAlloc(size: number, alignment: number, boundary: number, nsegs: number, flags: number): DmaSegment[] {
