@@ -9,7 +9,7 @@ import t from 'tap';
 import fc from 'fast-check';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createSocket } from 'node:dgram';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
@@ -20,6 +20,7 @@ import {
 } from '../lib/guest/ip.js';
 import { PcapWriter } from '../lib/pcap.js';
 import { hub, type Hub } from './ip-harness.js';
+import { netnsSkip, run } from './fixtures/netns.js';
 
 const MAC_A = 0x02_00_00_00_00_0a;
 const MAC_B = 0x02_00_00_00_00_0b;
@@ -498,29 +499,6 @@ t.test('tshark decodes ARP, ping and UDP with valid checksums', { skip: tshark.s
 });
 
 // ---- Linux in a network namespace -------------------------------------------------------
-
-function netnsSkip(): string | false {
-  if (process.getuid?.() !== 0) return 'needs root for a network namespace';
-  if (!existsSync('/dev/net/tun')) return 'no /dev/net/tun';
-  for (const tool of ['ip', 'socat', 'ping']) {
-    if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0) return `${tool} is not installed (Debian packages iproute2, socat, iputils-ping)`;
-  }
-  return false;
-}
-
-/** Run a command without blocking the event loop: the stack answers while Linux waits. */
-function run(args: string[], input?: string): Promise<{ status: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(args[0]!, args.slice(1), { stdio: ['pipe', 'pipe', 'pipe'], timeout: 20_000 });
-    let stdout = '';
-    let stderr = '';
-    p.stdout.on('data', (d) => (stdout += d));
-    p.stderr.on('data', (d) => (stderr += d));
-    p.stdin.on('error', () => {}); // a command that exits without reading its input
-    p.stdin.end(input ?? '');
-    p.on('close', (status) => resolve({ status, stdout, stderr }));
-  });
-}
 
 /** A Link over a UDP socket: one Ethernet frame per datagram, the format socat and QEMU's dgram use. */
 async function udpLink(localPort: number, remotePort: number, mac: number): Promise<Link & { close(): void }> {

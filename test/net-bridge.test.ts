@@ -4,7 +4,7 @@
 
 import t from 'tap';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { createSocket, type Socket } from 'node:dgram';
 import { join } from 'node:path';
 import { csumAdd, csumFold } from '../lib/ether.js';
@@ -12,6 +12,7 @@ import { loadDomainConfig } from '../lib/backends/xlcfg.js';
 import { Machine } from '../lib/machine.js';
 import { pathToFileURL } from 'node:url';
 import { guestImage, helloCode, root, runGuests, tempDir, udpFrameCode } from './net-fixtures.js';
+import { netnsSkip, run } from './fixtures/netns.js';
 
 const dir = tempDir('xenpv-bridge-');
 const tshark = spawnSync('tshark', ['--version'], { encoding: 'utf8' });
@@ -176,29 +177,6 @@ export async function main(guest) {
   t.match(e!.console, /^address 10\.0\.0\.1\d\d\/24$/m);
   t.match(e!.console, /^server answers ping: true$/m);
 });
-
-function netnsSkip(): string | false {
-  if (process.getuid?.() !== 0) return 'needs root for a network namespace';
-  if (!existsSync('/dev/net/tun')) return 'no /dev/net/tun';
-  for (const tool of ['ip', 'socat', 'ping']) {
-    if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0) return `${tool} is not installed (Debian packages iproute2, socat, iputils-ping)`;
-  }
-  return false;
-}
-
-/** A command run without blocking the event loop (dom0 and the guest answer meanwhile). */
-function run(args: string[], input?: string): Promise<{ status: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(args[0]!, args.slice(1), { stdio: ['pipe', 'pipe', 'pipe'], timeout: 20_000 });
-    let stdout = '';
-    let stderr = '';
-    p.stdout.on('data', (d) => (stdout += d));
-    p.stderr.on('data', (d) => (stderr += d));
-    p.stdin.on('error', () => {});
-    p.stdin.end(input ?? '');
-    p.on('close', (status) => resolve({ status, stdout, stderr }));
-  });
-}
 
 t.test('Linux in a network namespace, its TAP device bridged by socat to the UDP uplink, pings examples/netecho and gets its UDP echo', { skip: netnsSkip() }, async (t) => {
   const tag = `${process.pid % 100000}`;

@@ -10,15 +10,15 @@
 // connection stays; a line over MAX_LINE_BYTES gets EMSGSIZE and the
 // connection closes. Waits end when their client disconnects.
 
-import { mkdirSync, rmSync } from 'node:fs';
+import { rmSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
-import { dirname, isAbsolute } from 'node:path';
+import { isAbsolute } from 'node:path';
 import { XenError, errorShape } from '../errors.js';
 import { logger } from '../log.js';
 import type { Machine, DomainRow } from '../machine.js';
 import { consolePaths } from './concentrator.js';
 import { checkDomainFiles, loadDomainConfig, parseDiskSpec, parseNicSpec, vdevToDevid } from './xlcfg.js';
-import { removeStaleSocket } from './stale-socket.js';
+import { listenUnix } from './stale-socket.js';
 
 const log = logger('control');
 
@@ -164,22 +164,12 @@ export class ControlServer {
 
   /** Listen on `path`; a stale socket left by a dead host is replaced, a live one is EADDRINUSE. */
   static async listen(path: string, ops: Record<string, Op>): Promise<ControlServer> {
-    mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
-    await removeStaleSocket(path, 'host');
     // Half-open: a client may send its requests, end its side, and still read the replies.
     const server = createServer({ allowHalfOpen: true });
     const self = new ControlServer(path, server);
     server.maxConnections = MAX_CLIENTS;
     server.on('connection', (sock) => self.accept(sock, ops));
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(path, () => {
-        server.off('error', reject);
-        resolve();
-      });
-    });
-    server.on('error', (err) => log('server error: %s', err.message));
-    log('listening on %s', path);
+    await listenUnix(server, path, 'host', log);
     return self;
   }
 

@@ -3,13 +3,12 @@
 // as the ring, as privileged dom0. Each socket is one connection; a client
 // that breaks framing loses its socket, never the daemon.
 
-import { mkdirSync, rmSync } from 'node:fs';
+import { rmSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
-import { dirname } from 'node:path';
 import { logger } from '../log.js';
 import { XsDecoder, encodeMessage } from '../xenstore/wire.js';
 import type { Xenstored } from './xenstored.js';
-import { removeStaleSocket } from './stale-socket.js';
+import { listenUnix } from './stale-socket.js';
 import { TraceKind, traceDevice, traceXs, tracing } from '../trace/trace.js';
 
 const log = logger('xenstored', 'socket');
@@ -29,21 +28,11 @@ export class XenstoredSocket {
 
   /** Listen on `path` (its directory is created); a stale socket left by a dead host is replaced. */
   static async listen(xsd: Xenstored, path: string): Promise<XenstoredSocket> {
-    mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
-    await removeStaleSocket(path, 'xenstored');
     const server = createServer({ allowHalfOpen: false });
     const self = new XenstoredSocket(path, server);
     server.maxConnections = MAX_CLIENTS;
     server.on('connection', (sock) => self.accept(xsd, sock));
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(path, () => {
-        server.off('error', reject);
-        resolve();
-      });
-    });
-    server.on('error', (err) => log('server error: %s', err.message));
-    log('listening on %s', path);
+    await listenUnix(server, path, 'xenstored', log);
     return self;
   }
 
