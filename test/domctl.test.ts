@@ -135,3 +135,26 @@ t.test('the counters top shows: ports open, grants granted and pinned, mappings 
   t.same(grantCounts(d), { granted: 1, pinned: 0, mapped: 0 });
   t.equal(grantCounts(dom0).mapped, 0);
 });
+
+t.test('a destroy stops a domain only once its thread is out of the hypervisor, and a dying domain enters it no more', async (t) => {
+  const { host, a } = setup();
+  const d = host.domain(a);
+  const call = host.hv.entry(a);
+  const unbound = { dom: DOMID_SELF, remote_dom: 0, port: 0 };
+  t.equal(call(__HYPERVISOR_event_channel_op, EVTCHNOP_alloc_unbound, unbound), 0);
+  t.equal(Atomics.load(d.ctl, D.inHypercall), 0, 'the count is 0 between hypercalls');
+  // As if a's thread were inside a hypercall, holding the hypervisor's locks.
+  Atomics.add(d.ctl, D.inHypercall, 1);
+  let gone = false;
+  const destroying = host.destroy(a).then(() => (gone = true));
+  await new Promise((r) => setTimeout(r, 50));
+  t.equal(gone, false, 'the destroy waits');
+  t.equal(Atomics.load(d.ctl, D.state), DomainState.dying);
+  t.not(host.hv.domain(a), undefined, 'nothing torn down yet');
+  t.equal(call(__HYPERVISOR_event_channel_op, EVTCHNOP_alloc_unbound, { ...unbound }), -XEN_ESRCH, 'a new hypercall does not enter (outside its own thread: ESRCH)');
+  t.equal(Atomics.load(d.ctl, D.inHypercall), 1, 'and leaves the count as it was');
+  Atomics.sub(d.ctl, D.inHypercall, 1);
+  await destroying;
+  t.ok(gone, 'the destroy ends once the thread is out');
+  t.equal(host.hv.domain(a), undefined);
+});

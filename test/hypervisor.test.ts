@@ -93,7 +93,7 @@ import {
 } from '../lib/abi/sched.js';
 import { XENVER_extraversion, XENVER_get_features, XENVER_version } from '../lib/abi/version.js';
 import { XEN_EEXIST, XEN_EFAULT, XEN_EINVAL, XEN_ENOENT, XEN_ENOSPC, XEN_ENOSYS, XEN_EPERM, XEN_ESRCH } from '../lib/abi/errno.js';
-import { D, Domain, GRANT_ENTRIES_PER_FRAME, MAX_EVTCHNS, SPECIAL_PAGES, SpecialPage, VCPU_WAKE } from '../lib/hypervisor/domain.js';
+import { D, Domain, DomainState, GRANT_ENTRIES_PER_FRAME, MAX_EVTCHNS, SPECIAL_PAGES, SpecialPage, VCPU_WAKE } from '../lib/hypervisor/domain.js';
 import { Host, type DomainConfig } from '../lib/hypervisor/host.js';
 import type {
   evtchn_status,
@@ -295,9 +295,13 @@ class Guest {
     return op.frame_list;
   }
 
+  /** The grant frames as last seen: a dying domain makes no more hypercalls, and its frames stay where they were. */
+  private frames: number[] | null = null;
+
   /** Byte address of grant entry `ref` in this domain's memory. */
   entryAddr(ref: number): number {
-    const frame = this.grantFrames()[Math.floor(ref / GRANT_ENTRIES_PER_FRAME)];
+    if (Atomics.load(this.d.ctl, D.state) !== DomainState.dying || this.frames === null) this.frames = this.grantFrames();
+    const frame = this.frames[Math.floor(ref / GRANT_ENTRIES_PER_FRAME)];
     if (frame === undefined) throw new Error(`ref ${ref} is beyond the table`);
     return frame * PAGE_SIZE + (ref % GRANT_ENTRIES_PER_FRAME) * grant_entry_v1.size;
   }

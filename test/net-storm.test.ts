@@ -6,7 +6,7 @@
 
 import t from 'tap';
 import type { NetStats } from '../lib/machine.js';
-import { guestImage, helloCode, lib, runGuests, tempDir } from './net-fixtures.js';
+import { guestImage, helloCode, lib, rawFrontCode, runGuests, tempDir } from './net-fixtures.js';
 
 const dir = tempDir('xenpv-net-storm-');
 const ECHO = [0x00, 0x16, 0x3e, 0x00, 0x02, 0x01];
@@ -117,4 +117,56 @@ t.test('a guest storming its vif\'s event channel: netback holds the port masked
   t.ok(rounds >= 10, 'the other guests\' frames kept flowing');
   t.equal(lost, 0, 'no echo lost');
   t.ok(worst < BOUND_MS, `each echo within ${BOUND_MS} ms`);
+});
+
+// Keeps its TX ring full for FLOOD_MS: takes the answers and posts again straight
+// on the ring, in one synchronous loop, so netback never finds it empty.
+const FLOOD_MS = 5000;
+const flood = guestImage(dir, 'flood', `${helloCode}${rawFrontCode}
+import { xnfInterfaces } from '${lib('drivers/xnf/xnf.js')}';
+export async function main(guest) {
+  const sc = guest.sc;
+  const [x] = xnfInterfaces(sc);
+  const q = x.queues[0];
+  const ring = q.tx.ring;
+  const page = q.txBufs[0].page;
+  page.fill(0, 0, 60);
+  page.set([2, 0, 0, 0, 0, 9], 0);
+  page.set(x.mac, 6);
+  page[12] = 0x88; page[13] = 0xb5;
+  const req = new Uint8Array(12), v = new DataView(req.buffer);
+  v.setUint32(0, gref(q, 0), true);
+  v.setUint16(10, 60, true);
+  const rsp = new Uint8Array(12);
+  console.log('flooding');
+  let sent = 0;
+  for (const end = Date.now() + ${FLOOD_MS}; Date.now() < end;) {
+    ring.unconsumedResponses();
+    while (ring.takeResponse(rsp)) {}
+    while (ring.freeRequests() > 0) { ring.putRequest(req); sent++; }
+    if (ring.pushRequests()) sc.intr.intrSignal(q.txIh);
+  }
+  console.log('flooded ' + sent);
+}
+`, 'vif = [ \'mac=00:16:3e:00:02:03\' ]');
+
+t.test('a guest that keeps its TX ring full does not keep dom0\'s thread: the toolstack is answered meanwhile', async (t) => {
+  let worst = 0;
+  let asked = 0;
+  const exits = await runGuests([flood], {}, async (m) => {
+    // Ask dom0 for the domain list from the guest's start to past the flood's end.
+    for (const end = Date.now() + FLOOD_MS + 1000; Date.now() < end; asked++) {
+      const t0 = performance.now();
+      await m.list();
+      worst = Math.max(worst, performance.now() - t0);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  });
+  const f = exits[0]!;
+  t.equal(f.reason, 'poweroff', f.console);
+  const sent = Number(/^flooded (\d+)$/m.exec(f.console)?.[1] ?? 0);
+  t.comment(`${sent} requests posted; dom0 answered ${asked} requests of the toolstack, the slowest in ${worst.toFixed(1)} ms`);
+  t.ok(sent > 100_000, 'netback kept taking requests');
+  t.ok(asked >= 10, 'the toolstack kept asking');
+  t.ok(worst < BOUND_MS, `each answer within ${BOUND_MS} ms`);
 });

@@ -153,6 +153,7 @@ export class Host {
   async destroy(domid: number): Promise<void> {
     const d = this.domain(domid);
     Atomics.store(d.ctl, D.state, DomainState.dying);
+    await leaveHypervisor(d);
     await this.runner.destroy(domid);
     this.hv.teardown(d);
     Atomics.store(d.ctl, D.state, DomainState.dead);
@@ -167,4 +168,14 @@ export class Host {
   async shutdown(): Promise<void> {
     await this.runner.shutdown();
   }
+}
+
+/** How long a destroy waits for the dying domain's thread to leave the hypervisor (a hypercall takes microseconds). */
+const LEAVE_HYPERVISOR_MS = 5_000;
+
+/** Resolve once no hypercall of `d` is running (the dying state lets none start), or after LEAVE_HYPERVISOR_MS. */
+async function leaveHypervisor(d: Domain): Promise<void> {
+  const until = performance.now() + LEAVE_HYPERVISOR_MS;
+  while (Atomics.load(d.ctl, D.inHypercall) > 0 && performance.now() < until) await new Promise((r) => setTimeout(r, 1));
+  if (Atomics.load(d.ctl, D.inHypercall) > 0) log('domain %d still inside a hypercall after %d ms: stopped all the same', d.domid, LEAVE_HYPERVISOR_MS);
 }

@@ -109,6 +109,12 @@ export class Hypervisor {
    * wake-up, and a suspending vCPU stops (lib/sim/sim.ts).
    */
   vcpusBlock = true;
+  /**
+   * Set in a domain's own vCPU thread (thread.ts): a hypercall of the domain
+   * once it is dying stops the thread there until the host ends it. Elsewhere
+   * (the host's thread, the one-thread runners) it returns ESRCH.
+   */
+  parkDying = false;
 
   constructor(
     hostBlock: SharedArrayBuffer,
@@ -158,6 +164,33 @@ export class Hypervisor {
   }
 
   hypercall(caller: Domain, op: number, cmd: number, arg?: object, count?: number): number {
+    // Counted while inside, so that a destroy stops the thread only once it is
+    // out of the hypervisor and its locks: Xen pauses a dying domain's vCPUs
+    // first, and a vCPU is never descheduled holding a spinlock. Counted
+    // before the state is read, so a destroy that saw the count at 0 is never
+    // followed by a hypercall that did not see the domain dying.
+    const ctl = caller.ctl;
+    Atomics.add(ctl, D.inHypercall, 1);
+    if (Atomics.load(ctl, D.state) === DomainState.dying) {
+      Atomics.sub(ctl, D.inHypercall, 1);
+      return this.dying(caller);
+    }
+    try {
+      return this.dispatch(caller, op, cmd, arg, count);
+    } finally {
+      Atomics.sub(ctl, D.inHypercall, 1);
+    }
+  }
+
+  /** A dying domain's own thread stops here until the host ends it; anywhere else, ESRCH. */
+  private dying(caller: Domain): number {
+    if (this.parkDying) {
+      while (Atomics.load(caller.ctl, D.state) === DomainState.dying) Atomics.wait(caller.ctl, D.state, DomainState.dying, 100);
+    }
+    return -XEN_ESRCH;
+  }
+
+  private dispatch(caller: Domain, op: number, cmd: number, arg?: object, count?: number): number {
     switch (op) {
       case __HYPERVISOR_event_channel_op:
         return this.eventChannelOp(caller, cmd, arg);

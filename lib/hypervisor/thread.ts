@@ -15,6 +15,7 @@ export type { KernelContext, KernelModule } from './runner.js';
 const data = workerData as VcpuData;
 if (data.trace !== null) traceBegin(data.trace);
 const hv = new Hypervisor(data.hostBlock, data.registry, data.known);
+hv.parkDying = true;
 const port = parentPort!;
 const self = hv.domain(data.domid);
 if (self === undefined) throw new Error(`domain ${data.domid} is not known to its own thread`);
