@@ -41,8 +41,12 @@ export const D = {
   pausedMs: 12,
   /** The frame a suspending guest named (HYPERVISOR_suspend's third argument), 0 for none. */
   suspendRecord: 13,
-  /** Hypercalls the domain's thread is inside: a destroy waits for 0 before it stops the thread. */
-  inHypercall: 14,
+  /**
+   * Hypercalls the domain's thread is inside: a destroy waits for 0 before it
+   * stops the thread. On a cache line of its own (words 0-15 hold the locks
+   * other domains' threads take): only this domain's thread writes it.
+   */
+  inHypercall: 16,
   /** per vCPU, VCPU_WORDS each: wake word, online, poll port (0 = not polling), blocked (halted, waiting for an event), awake */
   vcpus: 32,
   /** two words (lo, hi) per HVM param */
