@@ -92,7 +92,7 @@ t.test('SCHEDOP_shutdown(suspend) records the frame and returns 1 once resumed; 
     const until = Date.now() + 5000;
     while (Atomics.load(ctl, ${D.state}) !== ${DomainState.shutdown} && Date.now() < until);
     setTimeout(() => {
-      parentPort.postMessage([Atomics.load(ctl, ${awakeWord}), Atomics.load(hostWords, ${HOST_AWAKE})]);
+      parentPort.postMessage([Atomics.load(ctl, ${awakeWord}), Atomics.load(hostWords, ${HOST_AWAKE}), Atomics.load(ctl, ${D.inHypercall})]);
       Atomics.store(ctl, ${D.state}, ${DomainState.running});
       Atomics.notify(ctl, ${D.state});
     }, 50);`,
@@ -100,7 +100,8 @@ t.test('SCHEDOP_shutdown(suspend) records the frame and returns 1 once resumed; 
   const seen = new Promise((resolve) => w.once('message', resolve));
   // The hypercall blocks this thread until the worker resumes the domain as resumeDomain would.
   const rc = hv.hypercall(d, __HYPERVISOR_sched_op, SCHEDOP_shutdown, { reason: SHUTDOWN_suspend, srec: 77 });
-  t.same(await seen, [0, 0], 'while suspended the vCPU is not counted awake');
+  t.same(await seen, [0, 0, 0], 'while suspended the vCPU is not counted awake, nor inside the hypervisor (a destroy need not wait for it)');
+  t.equal(Atomics.load(d.ctl, D.inHypercall), 0, 'out of the hypercall once resumed');
   t.equal(Atomics.load(d.ctl, awakeWord), 1, 'and is again once resumed');
   await w.terminate();
   t.equal(rc, 1, 'cancelled: the guest runs on');

@@ -182,6 +182,20 @@ export class Hypervisor {
     }
   }
 
+  /**
+   * A wait inside a hypercall (SCHEDOP_block and poll, a suspend) holds no
+   * lock: the vCPU is descheduled, as in Xen, so it leaves the count a destroy
+   * waits on for the length of the wait.
+   */
+  private descheduled(d: Domain, wait: () => void): void {
+    Atomics.sub(d.ctl, D.inHypercall, 1);
+    try {
+      wait();
+    } finally {
+      Atomics.add(d.ctl, D.inHypercall, 1);
+    }
+  }
+
   /** A dying domain's own thread stops here until the host ends it; anywhere else, ESRCH. */
   private dying(caller: Domain): number {
     if (this.parkDying) {
@@ -479,7 +493,7 @@ export class Hypervisor {
     // Announce the sleep so a kick notifies; a kick that came first leaves KICKED and we do not sleep.
     if (Atomics.compareExchange(d.ctl, w, WAKE_IDLE, WAKE_SLEEPING) === WAKE_IDLE) {
       d.setAwake(vcpu, 0);
-      Atomics.wait(d.ctl, w, WAKE_SLEEPING, timeoutMs);
+      this.descheduled(d, () => Atomics.wait(d.ctl, w, WAKE_SLEEPING, timeoutMs));
       d.setAwake(vcpu, 1);
       Atomics.compareExchange(d.ctl, w, WAKE_SLEEPING, WAKE_IDLE);
     }
@@ -531,7 +545,9 @@ export class Hypervisor {
     if (!this.vcpusBlock) throw new XenError('EOPNOTSUPP', 'a suspended vCPU cannot wait for resume in the deterministic runner');
     // Descheduled: it takes no CPU from the vCPUs that poll (vCPU 0 suspends, as block() is vCPU 0's).
     d.setAwake(0, 0);
-    while (Atomics.load(d.ctl, D.state) === DomainState.shutdown) Atomics.wait(d.ctl, D.state, DomainState.shutdown);
+    this.descheduled(d, () => {
+      while (Atomics.load(d.ctl, D.state) === DomainState.shutdown) Atomics.wait(d.ctl, D.state, DomainState.shutdown);
+    });
     d.setAwake(0, 1);
     return 1;
   }
