@@ -37,9 +37,14 @@ export type DomainTop = DomainRow & {
   devices: DeviceStats[];
 };
 
+/** A domain in `xenpv vcpu-list`: `cpus` the set it was given (null: none), `allowed` where its thread may run, `cpu` where it last ran (null without a thread). */
+export type VcpuRow = { domid: number; name: string; vcpus: number; timeS: number; cpus: number[] | null; allowed: number[] | null; cpu: number | null };
+
 export type MachineOptions = {
   /** dom0's memory in MiB. */
   dom0MemoryMiB?: number;
+  /** The host CPUs dom0 may run on (Xen's dom0_vcpus_pin, the host config's `dom0.cpus`); every CPU when absent. */
+  dom0Cpus?: number[];
   /** Console output of a guest as it arrives. */
   onConsole?: (domid: number, name: string, text: string) => void;
   /** A guest shut down and was destroyed. */
@@ -120,7 +125,7 @@ export class Machine {
     const m = new Machine(opts);
     const host = m.host;
     m.rpc = new Rpc((msg) => host.post(0, msg), m.platformHandlers(), (name, data) => m.event(name, data));
-    host.createDomain({ name: 'Domain-0', memoryMiB: opts.dom0MemoryMiB ?? 16, privileged: true }, 0);
+    host.createDomain({ name: 'Domain-0', memoryMiB: opts.dom0MemoryMiB ?? 16, privileged: true, cpus: opts.dom0Cpus }, 0);
     const args: Dom0Args = {
       socketPath: m.socketPath, limits: opts.xenstored, rundir: opts.rundir, net: { netback: opts.netback, bridges: opts.bridges },
     };
@@ -147,8 +152,8 @@ export class Machine {
   private platformHandlers(): Record<string, (args: unknown) => unknown> {
     return {
       createdomain: (args) => {
-        const a = args as { name: string; memoryMiB: number; vcpus: number };
-        return this.host.createDomain({ name: a.name, memoryMiB: a.memoryMiB, vcpus: a.vcpus }).domid;
+        const a = args as { name: string; memoryMiB: number; vcpus: number; cpus?: number[] };
+        return this.host.createDomain({ name: a.name, memoryMiB: a.memoryMiB, vcpus: a.vcpus, cpus: a.cpus }).domid;
       },
       unpause: (args) => {
         const a = args as { domid: number; kernel: string; args: unknown };
@@ -242,6 +247,17 @@ export class Machine {
   /** `xl pause` (true) and `xl unpause` (false). */
   async pause(domid: number, paused: boolean): Promise<void> {
     await this.rpc.call(paused ? 'pause' : 'unpause', { domid });
+  }
+
+  /** `xl vcpu-pin`: the host CPUs the domain may run on from now on (null: every CPU). */
+  async vcpuPin(domid: number, cpus: number[] | null): Promise<void> {
+    await this.host.pin(domid, cpus);
+  }
+
+  /** `xl vcpu-list`: each domain's vCPUs, the CPU its thread last ran on, and its affinity. */
+  async vcpuList(): Promise<VcpuRow[]> {
+    const rows = await this.list();
+    return rows.map((r) => ({ domid: r.domid, name: r.name, vcpus: r.vcpus, timeS: r.timeS, ...this.host.placement(r.domid) }));
   }
 
   /** `xl vcpu-set`: the guest brings vCPUs online or offline to match `count`. */

@@ -1,7 +1,7 @@
 // The xenpv CLI against a host daemon, end to end: a running guest. Its
 // console through the concentrator's unix socket and TCP port, several
-// readers at once and `create -c`; pause and unpause; vcpu-set; and `top`,
-// once as JSON and live. A host of its own (test/cli-host.ts).
+// readers at once and `create -c`; pause and unpause; vcpu-set; vcpu-pin
+// and vcpu-list; and `top`, once as JSON and live. A host of its own (test/cli-host.ts).
 
 import t from 'tap';
 import { spawn } from 'node:child_process';
@@ -9,6 +9,7 @@ import { existsSync, statSync } from 'node:fs';
 import { createConnection, createServer } from 'node:net';
 import { join } from 'node:path';
 import { CliHost, cli, until, type Top } from './cli-host.js';
+import { hostCpus } from '../lib/hypervisor/affinity.js';
 
 const h = new CliHost(t, 'xenpv-cli-guest-');
 
@@ -114,6 +115,36 @@ t.test('vcpu-set: the guest onlines and offlines vCPUs up to maxvcpus', async (t
   const bad = await h.xenpv(['vcpu-set', 'cpus', 'lots']);
   t.equal(bad.status, 2);
   await h.ok(['destroy', 'cpus']);
+});
+
+t.test('vcpu-pin and vcpu-list: the CPUs a domain may run on', { skip: hostCpus().length < 2 ? 'needs two CPUs' : false }, async (t) => {
+  const cpus = hostCpus();
+  const last = cpus[cpus.length - 1]!;
+  await h.ok(['create', h.cfg('pinned', '', `cpus = "${last}"\n`)]);
+  await h.waitLog('pinned', /boot pinned/);
+  const row = (table: string): string | undefined => table.split('\n').find((l) => l.startsWith('pinned '));
+  const table = await h.ok(['vcpu-list']);
+  t.equal(table.split('\n')[0], 'Name                                        ID VCPUs   CPU Affinity');
+  t.match(table, /^Domain-0 +0 +1 +\d+ all$/m);
+  t.match(row(table), new RegExp(`^pinned +\\d+ +1 +\\d+ ${last}$`));
+  await h.ok(['vcpu-pin', 'pinned', 'all', String(cpus[0])]);
+  t.match(row(await h.ok(['vcpu-list'])), new RegExp(` ${cpus[0]}$`));
+  await h.ok(['vcpu-pin', 'pinned', 'all']);
+  t.match(row(await h.ok(['vcpu-list', 'pinned'])), / all$/);
+  const json = JSON.parse(await h.ok(['vcpu-list', 'pinned', '--json'])) as { cpus: number[] | null; allowed: number[] }[];
+  t.equal(json[0]!.cpus, null, 'the set is gone');
+  t.same(json[0]!.allowed, cpus, 'the thread may run anywhere');
+  // Refusals: the host's (a CPU it lacks: 1), the command's own (2).
+  const missing = await h.xenpv(['vcpu-pin', 'pinned', '63']);
+  t.equal(missing.status, 1);
+  t.match(missing.stderr, /EINVAL: cpus: CPU 63 is not one this host may run on/);
+  for (const args of [['pinned', 'x'], ['pinned', '3-1'], ['pinned', '0', '1'], ['pinned']]) {
+    const bad = await h.xenpv(['vcpu-pin', ...args]);
+    t.equal(bad.status, 2, args.join(' '));
+    t.match(bad.stderr, /EINVAL/);
+  }
+  t.equal((await h.xenpv(['vcpu-pin', 'nobody', '0'])).status, 1);
+  await h.ok(['destroy', 'pinned']);
 });
 
 t.test('top --once --json and the live table', async (t) => {

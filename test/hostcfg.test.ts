@@ -1,5 +1,6 @@
-// The host config: xenstored's quotas from a JSON file, checked key by key,
-// and in force for guests of a host booted with it.
+// The host config: xenstored's quotas and dom0's CPUs from a JSON file,
+// checked key by key, and the quotas in force for guests of a host booted
+// with it (test/affinity.test.ts boots dom0 on its CPUs).
 
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
@@ -41,6 +42,10 @@ t.test('a host config is read key by key', async (t) => {
   t.match(failure(() => loadHostConfig(file('e.json', '{"xenstored": '))), /^ECONFIG .*e\.json: not JSON/);
   t.match(failure(() => loadHostConfig(file('f.json', '[]'))), /^ECONFIG .*must be a JSON object/);
   t.match(failure(() => loadHostConfig(join(dir, 'missing.json'))), /^ENOENT/);
+  t.same(loadHostConfig(file('g.json', '{"dom0": {"cpus": "0"}}')), { dom0Cpus: [0] });
+  t.match(failure(() => loadHostConfig(file('h.json', '{"dom0": {"cpu": "0"}}'))), /^ECONFIG .*h\.json: dom0\.cpu: unknown key; known: cpus/);
+  t.match(failure(() => loadHostConfig(file('i.json', '{"dom0": {"cpus": 0}}'))), /^ECONFIG .*dom0\.cpus: must be a CPU list/);
+  t.match(failure(() => loadHostConfig(file('j.json', '{"dom0": {"cpus": "1-0"}}'))), /^ECONFIG .*dom0\.cpus: cpus "1-0": range "1-0" runs backwards/);
 });
 
 t.test('xenpv host start refuses a bad config before starting anything', async (t) => {

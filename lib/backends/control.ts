@@ -19,6 +19,7 @@ import type { Machine, DomainRow } from '../machine.js';
 import { consolePaths } from './concentrator.js';
 import { checkDomainFiles, loadDomainConfig, parseDiskSpec, parseNicSpec, vdevToDevid } from './xlcfg.js';
 import { listenUnix } from './stale-socket.js';
+import { parseCpuList } from '../hypervisor/affinity.js';
 
 const log = logger('control');
 
@@ -114,6 +115,12 @@ export function controlOps(host: ControlHost): Record<string, Op> {
     pause: async (args) => void (await m.pause((await domain(host, args)).domid, true)),
     unpause: async (args) => void (await m.pause((await domain(host, args)).domid, false)),
     'vcpu-set': async (args) => void (await m.vcpuSet((await domain(host, args)).domid, int(args, 'count', 1, 1024))),
+    // dom0 too: pinning it away from the guests is what Xen's dom0_vcpus_pin is for.
+    'vcpu-pin': async (args) => {
+      const cpus = str(args, 'cpus');
+      await m.vcpuPin((await domain(host, args, true)).domid, cpus === 'all' ? null : parseCpuList(cpus));
+    },
+    'vcpu-list': () => m.vcpuList(),
     console: async (args) => {
       const d = await domain(host, args);
       return { domid: d.domid, name: d.name, ...consolePaths(host.rundir, d.name) };

@@ -1,13 +1,17 @@
 // The host config (`xenpv host start --config host.json`): JSON with the
-// settings of the host as a whole. Today that is xenstored's quotas:
-//   { "xenstored": { "maxNodes": 1000, "maxWatches": 128, ... } }
+// settings of the host as a whole: xenstored's quotas, and the CPUs dom0 may
+// run on (Xen's dom0_vcpus_pin; a CPU list in xl.cfg's `cpus` syntax):
+//   { "xenstored": { "maxNodes": 1000, "maxWatches": 128, ... },
+//     "dom0": { "cpus": "0" } }
 // Every error names the file and the key.
 
 import { readFileSync } from 'node:fs';
 import { XenError } from '../errors.js';
 import type { XenstoredLimits } from './xenstored.js';
+import { parseCpuList } from '../hypervisor/affinity.js';
 
-export type HostConfig = { xenstored?: Partial<XenstoredLimits> };
+/** The host config as Machine options. */
+export type HostConfig = { xenstored?: Partial<XenstoredLimits>; dom0Cpus?: number[] };
 
 const XENSTORED_KEYS: readonly (keyof XenstoredLimits)[] = [
   'maxNodes', 'maxNodeSizeBytes', 'maxPermsPerNode', 'maxWatches', 'maxTransactions', 'maxOutstanding', 'maxPendingEvents',
@@ -28,8 +32,20 @@ export function parseHostConfig(value: unknown, file: string): HostConfig {
   const top = value as Record<string, unknown>;
   const config: HostConfig = {};
   for (const [key, v] of Object.entries(top)) {
-    if (key !== 'xenstored') fail(key, 'unknown key');
+    if (key !== 'xenstored' && key !== 'dom0') fail(key, 'unknown key; known: xenstored, dom0');
     if (!isRecord(v)) fail(key, 'must be an object');
+    if (key === 'dom0') {
+      for (const [k, c] of Object.entries(v as Record<string, unknown>)) {
+        if (k !== 'cpus') fail(`dom0.${k}`, 'unknown key; known: cpus');
+        if (typeof c !== 'string') fail('dom0.cpus', 'must be a CPU list such as "0" or "0-1"');
+        try {
+          config.dom0Cpus = parseCpuList(c as string);
+        } catch (err) {
+          fail('dom0.cpus', (err as Error).message.replace(/^EINVAL: /, ''));
+        }
+      }
+      continue;
+    }
     const limits: Partial<XenstoredLimits> = {};
     for (const [k, n] of Object.entries(v as Record<string, unknown>)) {
       if (!(XENSTORED_KEYS as readonly string[]).includes(k)) fail(`xenstored.${k}`, `unknown key; known: ${XENSTORED_KEYS.join(', ')}`);

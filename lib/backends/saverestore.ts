@@ -183,6 +183,7 @@ function checkHeader(h: unknown, r: SaveReader): Header {
   if (typeof h !== 'object' || h === null || s === undefined || typeof s !== 'object') throw r.bad('no configuration');
   if (typeof s.name !== 'string' || !/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(s.name) || typeof s.kernel !== 'string' || typeof s.extra !== 'string') throw r.bad('configuration');
   if (!whole(s.memoryMiB, 1) || !whole(s.vcpus, 1) || !whole(o.nrPages, 1) || !whole(o.ramPages, 1) || !whole(o.record, 1)) throw r.bad('sizes');
+  if (s.cpus !== undefined && (!Array.isArray(s.cpus) || !s.cpus.every((c) => whole(c, 0)))) throw r.bad('cpus');
   if (o.ramPages! > o.nrPages! || o.record! >= o.ramPages!) throw r.bad('frames');
   return o as Header;
 }

@@ -43,6 +43,8 @@ export type DomainSpec = {
   vcpus: number;
   /** vCPUs `vcpu-set` may bring online (xl's maxvcpus); `vcpus` when absent. */
   maxVcpus?: number;
+  /** The host CPUs the domain may run on (xl's `cpus`); every CPU when absent. */
+  cpus?: number[];
   /** Path of the guest image module. */
   kernel: string;
   extra: string;
@@ -106,7 +108,7 @@ export type VifBackends = {
 
 /** What dom0 asks of the machine (domctls that need a thread created or ended). */
 export type Platform = {
-  createDomain(spec: { name: string; memoryMiB: number; vcpus: number }): Promise<number>;
+  createDomain(spec: { name: string; memoryMiB: number; vcpus: number; cpus?: number[] | undefined }): Promise<number>;
   unpause(domid: number, kernel: string, args: unknown): Promise<void>;
   destroy(domid: number): Promise<void>;
 };
@@ -288,7 +290,7 @@ export class Toolstack {
       if (other.spec.name === spec.name) throw new XenError('EEXIST', `a domain named ${spec.name} exists (domid ${other.domid})`);
     }
     const maxVcpus = Math.max(spec.vcpus, spec.maxVcpus ?? spec.vcpus);
-    const domid = await this.platform.createDomain({ name: spec.name, memoryMiB: spec.memoryMiB, vcpus: maxVcpus });
+    const domid = await this.platform.createDomain({ name: spec.name, memoryMiB: spec.memoryMiB, vcpus: maxVcpus, cpus: spec.cpus });
     try {
       const d = this.hv.domain(domid);
       if (d === undefined) throw new XenError('ESRCH', `new domain ${domid} unknown to dom0`);

@@ -8,13 +8,14 @@ import { XenError } from '../errors.js';
 import { createHash } from 'node:crypto';
 import { formatMac, parseMac } from '../ether.js';
 import type { DiskSpec, DomainSpec, NicSpec } from './toolstack.js';
+import { parseCpuList } from '../hypervisor/affinity.js';
 
 export type XlValue = string | number | XlValue[];
 export type XlEntry = { key: string; value: XlValue; line: number };
 
 const MAX_CONFIG_BYTES = 1 << 20;
-const IGNORED = new Set(['type', 'builder', 'uuid', 'maxmem', 'cpus', 'boot', 'serial', 'vnc', 'sdl', 'device_model_version']);
-const KNOWN = new Set(['name', 'memory', 'vcpus', 'maxvcpus', 'kernel', 'extra', 'on_poweroff', 'on_reboot', 'on_crash', 'disk', 'vif', 'console_port']);
+const IGNORED = new Set(['type', 'builder', 'uuid', 'maxmem', 'boot', 'serial', 'vnc', 'sdl', 'device_model_version']);
+const KNOWN = new Set(['name', 'memory', 'vcpus', 'maxvcpus', 'cpus', 'kernel', 'extra', 'on_poweroff', 'on_reboot', 'on_crash', 'disk', 'vif', 'console_port']);
 const ACTIONS = ['destroy', 'restart', 'preserve'] as const;
 
 class Parser {
@@ -127,6 +128,19 @@ function text(e: XlEntry, file: string): string {
   return e.value;
 }
 
+/**
+ * `cpus = "0-3,^2"`: the host CPUs the domain may run on. xl also takes a
+ * list, one set per vCPU; here a domain's vCPUs share one thread, so one set.
+ */
+function cpus(e: XlEntry, file: string): number[] {
+  if (Array.isArray(e.value)) throw new XenError('ECONFIG', `${file}:${e.line}: cpus: a domain's vCPUs share one thread, so give one CPU list ("0-1"), not a list per vCPU`);
+  try {
+    return parseCpuList(String(e.value));
+  } catch (err) {
+    throw new XenError('ECONFIG', `${file}:${e.line}: ${(err as XenError).message.replace(/^EINVAL: /, '')}`);
+  }
+}
+
 /** Read an xl config file into a DomainSpec; `kernel` is resolved against the file's folder. */
 export function loadDomainConfig(file: string): DomainSpec {
   let raw: Buffer;
@@ -173,6 +187,7 @@ function setKey(spec: Partial<DomainSpec>, e: XlEntry, file: string): void {
     case 'memory': spec.memoryMiB = positive(e, file, 65536); break;
     case 'vcpus': spec.vcpus = positive(e, file, 32); break;
     case 'maxvcpus': spec.maxVcpus = positive(e, file, 32); break;
+    case 'cpus': spec.cpus = cpus(e, file); break;
     case 'extra': spec.extra = text(e, file); break;
     case 'kernel': {
       const k = text(e, file);

@@ -89,6 +89,8 @@ commands that manage a running host (each takes --rundir DIR):
   reboot NAME                 ask the guest to reboot
   pause NAME / unpause NAME   stop and resume the domain's vCPU
   vcpu-set NAME N             bring vCPUs 0..N-1 online, the rest offline
+  vcpu-pin NAME [all] CPUS    the host CPUs the domain may run on ("0-1,^0"; "all": any)
+  vcpu-list [NAME] [--json]   the CPU each domain's thread last ran on, and its affinity
   console NAME                attach to the guest's console; Ctrl-] detaches
   top [--once] [--json] [-d S]
                               per-domain and per-device counters, refreshed

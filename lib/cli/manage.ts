@@ -1,5 +1,6 @@
 // The xl-like commands that manage a running host over its control socket:
 // create, list, destroy, shutdown, reboot, pause, unpause, vcpu-set,
+// vcpu-pin, vcpu-list,
 // block-attach, block-detach, block-list, network-attach, network-detach,
 // network-list (console and top have their own files). Each takes --rundir;
 // without it the default rundir of `host start`.
@@ -12,7 +13,8 @@ import { XenError } from '../errors.js';
 import { checkDomainFiles, loadDomainConfig } from '../backends/xlcfg.js';
 import type { DomainExit } from '../backends/toolstack.js';
 import type { DeviceInfo } from '../backends/devices.js';
-import type { DomainRow } from '../machine.js';
+import type { DomainRow, VcpuRow } from '../machine.js';
+import { formatCpuList, hostCpus, parseCpuList } from '../hypervisor/affinity.js';
 import { ControlClient } from './control-client.js';
 import { defaultRundir } from './host.js';
 import { consoleAttach } from './console.js';
@@ -51,6 +53,21 @@ export function formatList(rows: DomainRow[]): string {
   const lines = ['Name                                        ID   Mem VCPUs\tState\tTime(s)'];
   for (const r of rows) {
     lines.push(`${r.name.padEnd(40)} ${String(r.domid).padStart(5)} ${String(Math.round(r.memoryMiB)).padStart(5)} ${String(r.vcpus).padStart(5)}     ${r.state}  ${r.timeS.toFixed(1).padStart(8)}`);
+  }
+  return lines.join('\n') + '\n';
+}
+
+/**
+ * xl vcpu-list's columns, one row per domain (its vCPUs share one thread):
+ * the CPU the thread last ran on, and the CPUs it may run on, "all" when
+ * that is every CPU of the host.
+ */
+export function formatVcpuList(rows: VcpuRow[]): string {
+  const all = formatCpuList(hostCpus());
+  const lines = ['Name                                        ID VCPUs   CPU Affinity'];
+  for (const r of rows) {
+    const allowed = r.allowed === null ? '-' : formatCpuList(r.allowed);
+    lines.push(`${r.name.padEnd(40)} ${String(r.domid).padStart(5)} ${String(r.vcpus).padStart(5)} ${String(r.cpu ?? '-').padStart(5)} ${allowed === all ? 'all' : allowed}`);
   }
   return lines.join('\n') + '\n';
 }
@@ -130,6 +147,28 @@ export const manageCommands: Record<string, Command> = {
     const count = Number(p.positionals[1]);
     if (!Number.isInteger(count) || count < 1) throw new XenError('EINVAL', `vcpu-set: N must be a whole number from 1, not ${p.positionals[1]}`);
     return withHost(p.rundir, async (c) => void (await c.call('vcpu-set', { domain: p.positionals[0], count })));
+  },
+  // xl vcpu-pin DOMAIN VCPU CPUS; a domain's vCPUs share one thread, so VCPU, when given, is "all".
+  'vcpu-pin': (argv) => {
+    const p = parse('vcpu-pin', argv, ['NAME', '[all]', 'CPUS'], {}, 1);
+    if (p.positionals.length === 3 && p.positionals[1] !== 'all') {
+      throw new XenError('EINVAL', `vcpu-pin: a domain's vCPUs share one thread, so pin them all (VCPU "all"), not ${p.positionals[1]}`);
+    }
+    const cpus = p.positionals[p.positionals.length - 1]!;
+    parseCpuList(cpus); // the syntax is a usage error here; the host checks its CPUs
+    return withHost(p.rundir, async (c) => void (await c.call('vcpu-pin', { domain: p.positionals[0], cpus })));
+  },
+  'vcpu-list': (argv) => {
+    const p = parse('vcpu-list', argv, ['NAME'], { json: { type: 'boolean' } }, 1);
+    return withHost(p.rundir, async (c) => {
+      let rows = (await c.call('vcpu-list')) as VcpuRow[];
+      const name = p.positionals[0];
+      if (name !== undefined) {
+        rows = rows.filter((r) => r.name === name || String(r.domid) === name);
+        if (rows.length === 0) throw new XenError('ESRCH', `no domain ${name}`);
+      }
+      process.stdout.write(p.values['json'] === true ? JSON.stringify(rows, null, 2) + '\n' : formatVcpuList(rows));
+    });
   },
   'block-attach': (argv) => {
     const p = parse('block-attach', argv, ['NAME', 'SPEC']);

@@ -47,6 +47,10 @@ export const D = {
    * other domains' threads take): only this domain's thread writes it.
    */
   inHypercall: 16,
+  /** The Linux thread id of the domain's thread, 0 before it starts and after it ends (lib/hypervisor/affinity.ts). */
+  threadId: 17,
+  /** Two words: the CPUs 0-31 and 32-63 the domain may run on; 0 and 0 for every CPU. */
+  affinity: 18,
   /** per vCPU, VCPU_WORDS each: wake word, online, poll port (0 = not polling), blocked (halted, waiting for an event), awake */
   vcpus: 32,
   /** two words (lo, hi) per HVM param */

@@ -15,6 +15,7 @@ import { EVTCHNSTAT_interdomain, EVTCHNSTAT_unbound } from '../abi/event_channel
 import { PAGE_SIZE } from './page.js';
 import type { Runner } from './runner.js';
 import { ThreadRunner } from './threads.js';
+import { affinityOf, checkCpus, pinDomain, setAffinity, threadPlacement } from './affinity.js';
 
 const log = logger('host');
 
@@ -24,6 +25,8 @@ export type DomainConfig = {
   vcpus?: number;
   privileged?: boolean;
   maxGrantFrames?: number;
+  /** The host CPUs the domain's thread may run on (xl.cfg `cpus`); every CPU when absent. */
+  cpus?: readonly number[] | undefined;
 };
 
 export type HostEvents = {
@@ -66,6 +69,7 @@ export class Host {
     }
     const vcpus = cfg.vcpus ?? 1;
     if (!Number.isInteger(vcpus) || vcpus < 1 || vcpus > MAX_VCPUS) throw new XenError('EINVAL', `vcpus must be 1..${MAX_VCPUS}`);
+    if (cfg.cpus !== undefined) checkCpus(cfg.cpus);
     if (domid !== undefined && !this.reusable(domid)) throw new XenError('EEXIST', `domid ${domid} is in use`);
     const id = domid ?? this.allocDomid();
     const generation = (this.generations.get(id) ?? -1) + 1;
@@ -81,6 +85,7 @@ export class Host {
     ctl[D.grantFrames] = d.specialBase + SpecialPage.grantFrame0;
     ctl[D.nrGrantFrames] = 1;
     for (let v = 0; v < vcpus; v++) ctl[d.vcpuWord(v, VCPU_ONLINE)] = 1;
+    if (cfg.cpus !== undefined) setAffinity(ctl, cfg.cpus);
     // Every event starts masked, as Xen's shared_info does for an HVM guest.
     const mask = ctl[D.sharedInfoGfn]! * PAGE_SIZE + EVTCHN_MASK;
     d.mem.u8.fill(0xff, mask, mask + EVTCHN_MASK_BYTES);
@@ -138,6 +143,18 @@ export class Host {
     if (this.runner.running(domid)) throw new XenError('EEXIST', `domain ${domid} is already running`);
     Atomics.store(d.ctl, D.state, DomainState.running);
     this.runner.start({ domid, kernel, args });
+  }
+
+  /** `xl vcpu-pin`: the CPUs the domain may run on from now on (null: every CPU). */
+  pin(domid: number, cpus: readonly number[] | null): Promise<void> {
+    return pinDomain(this.domain(domid).ctl, cpus);
+  }
+
+  /** `xl vcpu-list`: the set the domain was given, and where its thread may run and last ran. */
+  placement(domid: number): { cpus: number[] | null; allowed: number[] | null; cpu: number | null } {
+    const ctl = this.domain(domid).ctl;
+    const { allowed, cpu } = threadPlacement(ctl);
+    return { cpus: affinityOf(ctl), allowed, cpu };
   }
 
   /** CPU time of a domain's vCPU. */

@@ -9,6 +9,7 @@ import type { KernelContext, KernelModule } from './runner.js';
 import type { VcpuData } from './threads.js';
 import { Vcpu } from './vcpu.js';
 import { traceBegin } from '../trace/trace.js';
+import { pinSelf } from './affinity.js';
 
 export type { KernelContext, KernelModule } from './runner.js';
 
@@ -19,6 +20,7 @@ hv.parkDying = true;
 const port = parentPort!;
 const self = hv.domain(data.domid);
 if (self === undefined) throw new Error(`domain ${data.domid} is not known to its own thread`);
+pinSelf(self.ctl);
 const vcpus = new Map<number, Vcpu>();
 
 const ctx: KernelContext = {

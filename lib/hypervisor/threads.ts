@@ -72,6 +72,8 @@ export class ThreadRunner implements Runner {
     });
     const domain = this.host.hv.domain(domid);
     worker.on('exit', () => {
+      // Its id may name another thread from now on: no pin must reach it.
+      if (domain !== undefined) Atomics.store(domain.ctl, D.threadId, 0);
       domain?.vcpusGone();
       if (trace !== null) this.trace?.threadDone(trace);
       this.workers.delete(domid);

@@ -32,9 +32,9 @@
 // calls Atomics.notify only when the vCPU had announced SLEEPING.
 
 import { closeSync, openSync, readSync } from 'node:fs';
-import { availableParallelism } from 'node:os';
 import { D, Domain, DomainState, HOST_AWAKE, VCPU_BLOCKED, VCPU_WAKE, WAKE_IDLE, WAKE_KICKED, WAKE_SLEEPING } from './domain.js';
 import { kickVcpu } from './evtchn.js';
+import { hostCpus } from './affinity.js';
 
 /** guest_halt_poll_ns: the longest poll, and the idle time past which polling would not have paid. */
 export const HALTPOLL_MAX_US = 200;
@@ -69,7 +69,12 @@ export type VcpuOptions = {
   eventLoopTurnMs?: number;
   /** A gap in the poll's clock that counts as being descheduled; Infinity never stops polling. */
   preemptedGapUs?: number;
-  /** The CPUs the awake vCPUs share (os.availableParallelism()). */
+  /**
+   * The CPUs the awake vCPUs share: the process's (hostCpus), not this
+   * thread's, which a pinned domain has narrowed (os.availableParallelism()
+   * asks the calling thread's affinity, and a domain pinned to one CPU would
+   * count one CPU for every vCPU of the host).
+   */
   cpus?: number;
   /** Where the machine's CPU pressure is read (Linux PSI); null never looks. */
   pressureFile?: string | null;
@@ -113,7 +118,7 @@ export class Vcpu {
     this.preemptedGapMs = (opts.preemptedGapUs ?? PREEMPTED_GAP_US) / 1000;
     if (id < 0 || id >= domain.maxVcpus) throw new RangeError(`vcpu ${id} does not exist`);
     this.domain = domain;
-    this.cpus = opts.cpus ?? availableParallelism();
+    this.cpus = opts.cpus ?? hostCpus().length;
     this.pressure = new CpuPressure(opts.pressureFile === undefined ? PRESSURE_FILE : opts.pressureFile);
     domain.setAwake(id, 1);
   }
