@@ -4,13 +4,15 @@
 // its ring takes frames; the figure is what dom0's counters say reached the
 // receiver over each window: the frames netback copied into the receiving
 // guest's RX ring, or those the sink port took. One host serves every run;
-// each metric gets a fresh pair of guests.
+// each metric gets a fresh pair of guests. dom0 and the guests run on CPUs
+// of their own (bench/placement.ts).
 
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { DomainSpec } from '../lib/backends/toolstack.js';
 import { Machine, type NetStats } from '../lib/machine.js';
+import { netPlacement } from './placement.js';
 
 export const NET_METRICS = ['net.g2g.64.mpps', 'net.g2g.1500.gbps', 'net.g2g.65536.gbps', 'net.g2d.1500.gbps'] as const;
 
@@ -64,10 +66,10 @@ export function writeNetImages(dir: string): void {
 }
 
 /** A guest running `image` (from writeNetImages) with one vif on xenbr0. */
-export function netGuest(dir: string, name: string, image: string, mac: string, extra: string): DomainSpec {
+export function netGuest(dir: string, name: string, image: string, mac: string, extra: string, cpus?: number[]): DomainSpec {
   const kernel = join(dir, `${image}.mjs`);
   return {
-    name, memoryMiB: 64, vcpus: 1, kernel, extra, onPoweroff: 'destroy', onReboot: 'destroy', onCrash: 'destroy',
+    name, memoryMiB: 64, vcpus: 1, ...(cpus === undefined ? {} : { cpus }), kernel, extra, onPoweroff: 'destroy', onReboot: 'destroy', onCrash: 'destroy',
     vifs: [{ devid: 0, mac, bridge: 'xenbr0', mtu: 65521, rate: null, trusted: true, pcap: null, backend: null }],
   };
 }
@@ -93,11 +95,11 @@ async function sample(m: Machine, count: Counter, runs: number, ms: number): Pro
 }
 
 /** One sender (and a receiving guest, unless the sink receives) for the length of `runs` windows. */
-async function measure(m: Machine, dir: string, tag: string, size: number, toSink: boolean, runs: number, ms: number): Promise<{ pps: number; bps: number }[]> {
+async function measure(m: Machine, dir: string, tag: string, size: number, toSink: boolean, runs: number, ms: number, cpus?: number[]): Promise<{ pps: number; bps: number }[]> {
   const domids: number[] = [];
   try {
-    if (!toSink) domids.push(await m.create(netGuest(dir, `bench-rx-${tag}`, 'receiver', RECEIVER_MAC, '')));
-    domids.push(await m.create(netGuest(dir, `bench-tx-${tag}`, 'sender', SENDER_MAC, `to=${toSink ? SINK_MAC : RECEIVER_MAC} size=${size}`)));
+    if (!toSink) domids.push(await m.create(netGuest(dir, `bench-rx-${tag}`, 'receiver', RECEIVER_MAC, '', cpus)));
+    domids.push(await m.create(netGuest(dir, `bench-tx-${tag}`, 'sender', SENDER_MAC, `to=${toSink ? SINK_MAC : RECEIVER_MAC} size=${size}`, cpus)));
     return await sample(m, toSink ? sinkPort : receiverVif(domids[0]!), runs, ms);
   } finally {
     for (const d of domids.reverse()) await m.destroy(d).catch(() => undefined);
@@ -108,12 +110,13 @@ async function measure(m: Machine, dir: string, tag: string, size: number, toSin
 export async function netBench(runs: number, ms: number): Promise<Record<NetMetric, number[]> | null> {
   const dir = mkdtempSync(join(tmpdir(), 'xenpv-bench-net-'));
   writeNetImages(dir);
-  const m = await Machine.boot({ bridges: { xenbr0: { sink: SINK_MAC } } });
+  const { dom0Cpus, guestCpus } = netPlacement();
+  const m = await Machine.boot({ bridges: { xenbr0: { sink: SINK_MAC } }, ...(dom0Cpus === undefined ? {} : { dom0Cpus }) });
   try {
-    const g64 = await measure(m, dir, '64', 64, false, runs, ms);
-    const g1500 = await measure(m, dir, '1500', 1500, false, runs, ms);
-    const g64k = await measure(m, dir, '65535', 65535, false, runs, ms);
-    const d1500 = await measure(m, dir, 'd1500', 1500, true, runs, ms);
+    const g64 = await measure(m, dir, '64', 64, false, runs, ms, guestCpus);
+    const g1500 = await measure(m, dir, '1500', 1500, false, runs, ms, guestCpus);
+    const g64k = await measure(m, dir, '65535', 65535, false, runs, ms, guestCpus);
+    const d1500 = await measure(m, dir, 'd1500', 1500, true, runs, ms, guestCpus);
     return {
       'net.g2g.64.mpps': g64.map((r) => r.pps / 1e6),
       'net.g2g.1500.gbps': g1500.map((r) => r.bps / 1e9),

@@ -4,8 +4,13 @@
 // (much). Threads are read from /proc/self/task and named by when they
 // appeared: dom0 at boot, then each guest as it is created.
 //
-//   node dist/bench/profile.js net 64 [--sink] [--ms 1000] [--runs 3]
-//   node dist/bench/profile.js block memory|null|file [--write] [--ms 2000]
+//   node dist/bench/profile.js net 64 [--sink] [--ms 1000] [--runs 3] [--no-pin]
+//   node dist/bench/profile.js block memory|null|file [--write] [--ms 2000] [--pin]
+//
+// Domains are placed as `npm run bench` places them (bench/placement.ts):
+// the network loads pinned, unless --no-pin; the block loads left to the
+// scheduler, unless --pin. Each network window also prints how long each
+// thread waited for a CPU (/proc's schedstat).
 //
 // Run it under `perf record -F 1999 -g -- node --perf-basic-prof ...` for
 // each thread's CPU-time profile (`perf report --sort pid`, then `--tid T
@@ -20,6 +25,8 @@ import { loadDomainConfig } from '../lib/backends/xlcfg.js';
 import { Machine, type NetStats } from '../lib/machine.js';
 import { netGuest, RECEIVER_MAC, SENDER_MAC, SINK_MAC, writeNetImages } from './net.js';
 import { makeDataFile } from './peers.js';
+import { netPlacement, type Placement } from './placement.js';
+import { formatCpuList } from '../lib/hypervisor/affinity.js';
 
 /** Clock ticks per second of /proc's utime and stime (USER_HZ, 100 on Linux). */
 const USER_HZ = 100;
@@ -49,6 +56,18 @@ class ThreadNames {
       this.known.add(tid);
     }
   }
+  /** Each named thread's time waiting for a CPU, in ms, so far (schedstat's second field). */
+  waits(): Map<string, number> {
+    const out = new Map<string, number>();
+    for (const [tid, name] of this.names) {
+      try {
+        out.set(name, Number(readFileSync(`/proc/self/task/${tid}/schedstat`, 'utf8').split(' ')[1]) / 1e6);
+      } catch {
+        // The thread has ended.
+      }
+    }
+    return out;
+  }
   /** Each named thread's CPU µs per unit between two samples. */
   per(a: Map<number, number>, b: Map<number, number>, units: number): string {
     const parts: string[] = [];
@@ -60,18 +79,23 @@ class ThreadNames {
   }
 }
 
-async function net(dir: string, size: number, toSink: boolean, ms: number, runs: number): Promise<void> {
+/** "; waited for a CPU: dom0 3 ms, ..." between two waits() samples. */
+function waited(a: Map<string, number>, b: Map<string, number>): string {
+  return `; waited for a CPU (ms): ${[...b].map(([n, v]) => `${n} ${(v - (a.get(n) ?? 0)).toFixed(0)}`).join(', ')}`;
+}
+
+async function net(dir: string, size: number, toSink: boolean, ms: number, runs: number, place: Placement): Promise<void> {
   writeNetImages(dir);
   const names = new ThreadNames();
-  const m = await Machine.boot({ bridges: { xenbr0: { sink: SINK_MAC } } });
+  const m = await Machine.boot({ bridges: { xenbr0: { sink: SINK_MAC } }, ...(place.dom0Cpus === undefined ? {} : { dom0Cpus: place.dom0Cpus }) });
   names.mark('dom0');
   try {
     let rx = -1;
     if (!toSink) {
-      rx = await m.create(netGuest(dir, 'rx', 'receiver', RECEIVER_MAC, ''));
+      rx = await m.create(netGuest(dir, 'rx', 'receiver', RECEIVER_MAC, '', place.guestCpus));
       names.mark('receiver');
     }
-    await m.create(netGuest(dir, 'tx', 'sender', SENDER_MAC, `to=${toSink ? SINK_MAC : RECEIVER_MAC} size=${size}`));
+    await m.create(netGuest(dir, 'tx', 'sender', SENDER_MAC, `to=${toSink ? SINK_MAC : RECEIVER_MAC} size=${size}`, place.guestCpus));
     names.mark('sender');
     const count = (s: NetStats): { packets: number; bytes: number; dropped: number } => {
       const p = toSink
@@ -88,16 +112,18 @@ async function net(dir: string, size: number, toSink: boolean, ms: number, runs:
       const sa = await m.netStats();
       const a = count(sa);
       const ta = threadCpuMs();
+      const wa = names.waits();
       const t0 = performance.now();
       await new Promise((r) => setTimeout(r, ms));
       const sb = await m.netStats();
       const b = count(sb);
       const tb = threadCpuMs();
+      const wb = names.waits();
       const s = (performance.now() - t0) / 1000;
       const frames = b.packets - a.packets;
       console.log(`net ${size} ${toSink ? 'g2d' : 'g2g'}: ${(frames / s / 1e6).toFixed(3)} Mpps ${(((b.bytes - a.bytes) * 8) / s / 1e9).toFixed(2)} Gbit/s, ` +
         `${b.dropped - a.dropped} dropped, ${(frames / Math.max(1, events(sb) - events(sa))).toFixed(1)} frames per dom0 event; ` +
-        `CPU us per frame: ${names.per(ta, tb, Math.max(1, frames))}`);
+        `CPU us per frame: ${names.per(ta, tb, Math.max(1, frames))}${waited(wa, wb)}`);
     }
   } finally {
     await m.stop();
@@ -147,7 +173,7 @@ export async function main(guest) {
   guest.print('PROFILE ' + JSON.stringify({ n, s, a, b: threads() }) + '\\n');
 }`;
 
-async function block(dir: string, format: string, write: boolean, ms: number): Promise<void> {
+async function block(dir: string, format: string, write: boolean, ms: number, place: Placement): Promise<void> {
   writeFileSync(join(dir, 'blk.mjs'), BLOCK_GUEST);
   // file: a page-cached raw file of 64 MiB, as the benchmark's xvdc.
   let target = format === 'null' ? '1G' : '64M';
@@ -157,10 +183,11 @@ async function block(dir: string, format: string, write: boolean, ms: number): P
   }
   writeFileSync(join(dir, 'blk.cfg'), [
     'name = "blk"', 'memory = 64', 'kernel = "blk.mjs"', `extra = "${ms},${write ? 1 : 0}"`,
+    ...(place.guestCpus === undefined ? [] : [`cpus = "${formatCpuList(place.guestCpus)}"`]),
     `disk = [ 'format=${format === 'file' ? 'raw' : format}, vdev=xvda, access=rw, target=${target}' ]`, '',
   ].join('\n'));
   const names = new ThreadNames();
-  const m = await Machine.boot({});
+  const m = await Machine.boot(place.dom0Cpus === undefined ? {} : { dom0Cpus: place.dom0Cpus });
   names.mark('dom0');
   try {
     const domid = await m.create(loadDomainConfig(join(dir, 'blk.cfg')));
@@ -179,16 +206,16 @@ async function block(dir: string, format: string, write: boolean, ms: number): P
 async function main(): Promise<void> {
   const { positionals, values } = parseArgs({
     allowPositionals: true,
-    options: { sink: { type: 'boolean' }, write: { type: 'boolean' }, ms: { type: 'string' }, runs: { type: 'string' } },
+    options: { sink: { type: 'boolean' }, write: { type: 'boolean' }, ms: { type: 'string' }, runs: { type: 'string' }, 'no-pin': { type: 'boolean' }, pin: { type: 'boolean' } },
   });
   const dir = mkdtempSync(join(tmpdir(), 'xenpv-profile-'));
   try {
     if (positionals[0] === 'net') {
-      await net(dir, Number(positionals[1] ?? 64), values.sink === true, Number(values.ms ?? 1000), Number(values.runs ?? 3));
+      await net(dir, Number(positionals[1] ?? 64), values.sink === true, Number(values.ms ?? 1000), Number(values.runs ?? 3), values['no-pin'] === true ? {} : netPlacement());
     } else if (positionals[0] === 'block') {
-      await block(dir, positionals[1] ?? 'memory', values.write === true, Number(values.ms ?? 2000));
+      await block(dir, positionals[1] ?? 'memory', values.write === true, Number(values.ms ?? 2000), values.pin === true ? netPlacement() : {});
     } else {
-      throw new Error('usage: profile net SIZE [--sink] [--ms N] [--runs N] | profile block memory|null|file [--write] [--ms N]');
+      throw new Error('usage: profile net SIZE [--sink] [--ms N] [--runs N] [--no-pin] | profile block memory|null|file [--write] [--ms N] [--pin]');
     }
   } finally {
     rmSync(dir, { recursive: true, force: true });
