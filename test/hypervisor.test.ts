@@ -1242,7 +1242,7 @@ t.test('property: port status and delivery follow a model of Xen', async (t) => 
   t.pass('300 random sequences of alloc/bind/send/mask/unmask/close/upcall');
 });
 
-t.test('FramePage.read copies short spans (byte loop) and long ones (subarray) exactly', async (t) => {
+t.test('FramePage.read copies short spans (byte loop) and long ones (words, or set()) exactly', async (t) => {
   const mem = new MemoryViews(new SharedArrayBuffer(PAGE_SIZE * 2));
   for (let i = 0; i < mem.u8.length; i++) mem.u8[i] = (i * 7 + 3) & 0xff;
   const page = new FramePage(mem, 1, false);
@@ -1253,4 +1253,32 @@ t.test('FramePage.read copies short spans (byte loop) and long ones (subarray) e
   }
   t.throws(() => page.read(PAGE_SIZE - 8, new Uint8Array(12)), { code: 'EFAULT' }, 'a short read past the page end');
   t.throws(() => page.read(PAGE_SIZE - 100, new Uint8Array(112)), { code: 'EFAULT' }, 'a long read past the page end');
+});
+
+t.test('property: FramePage.read and write move exactly the span, by words, bytes or set(), and reuse of one buffer stays exact', async (t) => {
+  const mem = new MemoryViews(new SharedArrayBuffer(PAGE_SIZE * 3));
+  const page = new FramePage(mem, 1, true);
+  const fill = (): void => {
+    for (let i = 0; i < mem.u8.length; i++) mem.u8[i] = (i * 13 + 5) & 0xff;
+  };
+  // One backing buffer, viewed at different offsets and lengths (word-aligned or not), and one view used again and again as a ring's user does.
+  const backing = new ArrayBuffer(PAGE_SIZE + 8);
+  const reused = new Uint8Array(backing, 4, 112);
+  const spanArb = fc.record({ offset: fc.integer({ min: 0, max: PAGE_SIZE }), at: fc.integer({ min: 0, max: 7 }), length: fc.integer({ min: 0, max: 300 }), reuse: fc.boolean() });
+  t.doesNotThrow(() => fc.assert(fc.property(spanArb, ({ offset, at, length, reuse }) => {
+    const len = reuse ? 112 : length;
+    if (offset + len > PAGE_SIZE) return true;
+    fill();
+    const buf = reuse ? reused : new Uint8Array(backing, at, len);
+    page.read(offset, buf);
+    if (String(buf) !== String(mem.u8.subarray(PAGE_SIZE + offset, PAGE_SIZE + offset + len))) return false;
+    for (let i = 0; i < len; i++) buf[i] = (i * 31 + 1) & 0xff;
+    page.write(offset, buf);
+    // The span holds the buffer, and no byte around it moved.
+    for (let i = 0; i < mem.u8.length; i++) {
+      const inSpan = i >= PAGE_SIZE + offset && i < PAGE_SIZE + offset + len;
+      if (mem.u8[i] !== (inSpan ? buf[i - PAGE_SIZE - offset] : (i * 13 + 5) & 0xff)) return false;
+    }
+    return true;
+  }), { numRuns: 300 }), 'random spans, offsets and buffer alignments');
 });
