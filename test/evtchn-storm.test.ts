@@ -121,6 +121,47 @@ t.test('a guest storming events at another guest and at dom0 starves neither', a
   }
 });
 
+t.test('intrResend: a handler that stops with work left runs again at the next upcall, with no event from the other end', async (t) => {
+  const host = new Host();
+  const a = host.createDomain({ name: 'a', memoryMiB: 1 }).domid;
+  const b = host.createDomain({ name: 'b', memoryMiB: 1 }).domid;
+  const db = host.domain(b);
+  const intr = new Interrupts(host.hv.entry(b), db.mem, db.sharedInfoGfn, new Vcpu(db, 0), 'b', new VirtualClock());
+  // Work comes in chunks of 5; the handler takes 2 per run, as a pass that stops at its budget.
+  let left = 0;
+  let runs = 0;
+  const ih = intr.intrEstablish(0, a, () => {
+    runs++;
+    left = Math.max(0, left - 2);
+    if (left > 0) intr.intrResend(ih);
+    return true;
+  }, 'budgeted');
+  intr.intrUnmask(ih);
+  const bind = { remote_dom: b, remote_port: ih.port, local_port: 0 };
+  t.equal(host.hv.entry(a)(__HYPERVISOR_event_channel_op, EVTCHNOP_bind_interdomain, bind), 0);
+  left = 5;
+  host.hv.entry(a)(__HYPERVISOR_event_channel_op, EVTCHNOP_send, { port: bind.local_port });
+  intr.upcall();
+  intr.upcall();
+  t.equal([runs, left].join(), '1,3', 'one event, one run: the upcall does not run it again by itself');
+  await setImmediate();
+  intr.upcall();
+  t.equal([runs, left].join(), '2,1', 'after a turn of the event loop the port is pending again, and runs');
+  await setImmediate();
+  intr.upcall();
+  t.equal([runs, left].join(), '3,0', 'and again, until the work is done');
+  await setImmediate();
+  intr.upcall();
+  t.equal(runs, 3, 'done: no more runs');
+  t.notOk(intr.isPortMasked(ih.port), 'the port is open for the next event');
+  // Outside the handler, on an unmasked port: delivered after the turn too.
+  left = 1;
+  intr.intrResend(ih);
+  await setImmediate();
+  intr.upcall();
+  t.equal([runs, left].join(), '4,0', 'a resend from outside the handler is delivered too');
+});
+
 t.test('the throttle: masked after 8 events for nothing in a row, for 1 ms doubling to 1 s; one event with work resets it', async (t) => {
   const host = new Host();
   const a = host.createDomain({ name: 'a', memoryMiB: 1 }).domid;

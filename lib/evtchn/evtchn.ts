@@ -182,6 +182,23 @@ export class Interrupts {
     this.evtchnOp(EVTCHNOP_send, h.sendOp, 'send');
   }
 
+  /**
+   * resend_irq_on_evtchn, after the thread's event loop has had a turn: mark
+   * the port pending again and, once it is unmasked, have it delivered. A
+   * handler that stops at its budget with work left calls this, so the work
+   * goes on in a later upcall with no event needed from the other end, and
+   * the thread's timers, messages and other devices run first. (Marked at
+   * once, the upcall's own loop would run the handler again before it
+   * returns.)
+   */
+  intrResend(h: IntrHandle): void {
+    setImmediate(() => {
+      if (h.closed || this.handles.get(h.port) !== h) return;
+      Atomics.or(this.mem.u32, bitWord(this.pending, h.port), 1 << (h.port & 31));
+      if (!this.isMasked(h.port) && h.running === null) this.intrUnmask(h);
+    });
+  }
+
   /** xen_intr_barrier: resolve once a handler that is running has returned. */
   async intrBarrier(h: IntrHandle): Promise<void> {
     while (h.running !== null) await h.running;

@@ -162,10 +162,7 @@ export class Vcpu {
     const t0 = performance.now();
     if (this.pollLimitUs > 0 && t0 >= this.pollOffUntil) {
       // Polling never passes through the event loop; make sure timers, I/O and messages get a turn.
-      if (t0 - this.lastTurn > this.eventLoopTurnMs) {
-        await new Promise<void>((resolve) => setImmediate(resolve));
-        this.lastTurn = performance.now();
-      }
+      if (t0 - this.lastTurn > this.eventLoopTurnMs) await this.turn();
       const free = this.cpuFree();
       const outcome = await this.poll(performance.now() + this.pollLimitUs / 1000, free);
       if (outcome === 'kicked') {
@@ -189,8 +186,19 @@ export class Vcpu {
         this.lastTurn = performance.now();
       }
       this.domain.setAwake(this.id, 1);
+    } else if (performance.now() - this.lastTurn > this.eventLoopTurnMs) {
+      // A kick came first, so no sleep passed through the event loop either:
+      // a kernel whose events keep coming (a handler that stopped at its
+      // budget marks its port pending again) would never give it a turn.
+      await this.turn();
     }
     this.adjust((performance.now() - t0) * 1000);
+  }
+
+  /** One pass through the event loop: timers, I/O and messages run. */
+  private async turn(): Promise<void> {
+    await new Promise<void>((resolve) => setImmediate(resolve));
+    this.lastTurn = performance.now();
   }
 
   /**
