@@ -99,6 +99,22 @@ function formatNetworkList(rows: { name: string; devices: DeviceInfo[] }[]): str
 
 type Command = (argv: string[]) => Promise<number>;
 
+/** `list` and `vcpu-list`: the host's rows, only NAME's when given (ESRCH when none), as a table or --json. */
+function rows<R extends { name: string; domid: number }>(command: string, format: (rows: R[]) => string): Command {
+  return (argv) => {
+    const p = parse(command, argv, ['NAME'], { json: { type: 'boolean' } }, 1);
+    return withHost(p.rundir, async (c) => {
+      let all = (await c.call(command)) as R[];
+      const name = p.positionals[0];
+      if (name !== undefined) {
+        all = all.filter((r) => r.name === name || String(r.domid) === name);
+        if (all.length === 0) throw new XenError('ESRCH', `no domain ${name}`);
+      }
+      process.stdout.write(p.values['json'] === true ? JSON.stringify(all, null, 2) + '\n' : format(all));
+    });
+  };
+}
+
 /** A command that names one domain and calls one operation with it. */
 function simple(command: string, op: string): Command {
   return (argv) => {
@@ -118,18 +134,7 @@ export const manageCommands: Record<string, Command> = {
       if (p.values['console'] === true) return consoleAttach(c, r.name);
     });
   },
-  list: (argv) => {
-    const p = parse('list', argv, ['NAME'], { json: { type: 'boolean' } }, 1);
-    return withHost(p.rundir, async (c) => {
-      let rows = (await c.call('list')) as DomainRow[];
-      const name = p.positionals[0];
-      if (name !== undefined) {
-        rows = rows.filter((r) => r.name === name || String(r.domid) === name);
-        if (rows.length === 0) throw new XenError('ESRCH', `no domain ${name}`);
-      }
-      process.stdout.write(p.values['json'] === true ? JSON.stringify(rows, null, 2) + '\n' : formatList(rows));
-    });
-  },
+  list: rows('list', formatList),
   destroy: simple('destroy', 'destroy'),
   reboot: simple('reboot', 'reboot'),
   pause: simple('pause', 'pause'),
@@ -158,18 +163,7 @@ export const manageCommands: Record<string, Command> = {
     parseCpuList(cpus); // the syntax is a usage error here; the host checks its CPUs
     return withHost(p.rundir, async (c) => void (await c.call('vcpu-pin', { domain: p.positionals[0], cpus })));
   },
-  'vcpu-list': (argv) => {
-    const p = parse('vcpu-list', argv, ['NAME'], { json: { type: 'boolean' } }, 1);
-    return withHost(p.rundir, async (c) => {
-      let rows = (await c.call('vcpu-list')) as VcpuRow[];
-      const name = p.positionals[0];
-      if (name !== undefined) {
-        rows = rows.filter((r) => r.name === name || String(r.domid) === name);
-        if (rows.length === 0) throw new XenError('ESRCH', `no domain ${name}`);
-      }
-      process.stdout.write(p.values['json'] === true ? JSON.stringify(rows, null, 2) + '\n' : formatVcpuList(rows));
-    });
-  },
+  'vcpu-list': rows('vcpu-list', formatVcpuList),
   'block-attach': (argv) => {
     const p = parse('block-attach', argv, ['NAME', 'SPEC']);
     return withHost(p.rundir, async (c) => void (await c.call('block-attach', { domain: p.positionals[0], spec: p.positionals[1], cwd: process.cwd() })));
