@@ -257,7 +257,9 @@ export class Machine {
   /** `xl vcpu-list`: each domain's vCPUs, the CPU its thread last ran on, and its affinity. */
   async vcpuList(): Promise<VcpuRow[]> {
     const rows = await this.list();
-    return rows.map((r) => ({ domid: r.domid, name: r.name, vcpus: r.vcpus, timeS: r.timeS, ...this.host.placement(r.domid) }));
+    // A domain destroyed since the list has no placement: it is left out, as a list made a moment later would.
+    return rows.filter((r) => this.host.hv.domain(r.domid) !== undefined)
+      .map((r) => ({ domid: r.domid, name: r.name, vcpus: r.vcpus, timeS: r.timeS, ...this.host.placement(r.domid) }));
   }
 
   /** `xl vcpu-set`: the guest brings vCPUs online or offline to match `count`. */
