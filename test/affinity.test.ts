@@ -143,6 +143,11 @@ t.test('dom0 and a guest run on the CPUs they were given; vcpu-pin moves the gue
   await m.vcpuPin(domid, null);
   t.same(linux(tid).allowed, cpus, 'unpinned: every CPU of the host');
   t.match((await m.vcpuList()).find((r) => r.domid === domid), { cpus: null, allowed: cpus });
+  // A set naming every CPU ("all") is the same as no pin.
+  await m.vcpuPin(domid, [first]);
+  await m.vcpuPin(domid, parseCpuList('all'));
+  t.same(linux(tid).allowed, cpus, '"all" frees the thread');
+  t.match((await m.vcpuList()).find((r) => r.domid === domid), { cpus: null, allowed: cpus }, 'and records no set');
 
   t.match(await rejection(m.create({ ...spec, name: 'nowhere', cpus: [63] })), /EINVAL: cpus: CPU 63/);
 

@@ -117,8 +117,7 @@ export function controlOps(host: ControlHost): Record<string, Op> {
     'vcpu-set': async (args) => void (await m.vcpuSet((await domain(host, args)).domid, int(args, 'count', 1, 1024))),
     // dom0 too: pinning it away from the guests is what Xen's dom0_vcpus_pin is for.
     'vcpu-pin': async (args) => {
-      const cpus = str(args, 'cpus');
-      await m.vcpuPin((await domain(host, args, true)).domid, cpus === 'all' ? null : parseCpuList(cpus));
+      await m.vcpuPin((await domain(host, args, true)).domid, parseCpuList(str(args, 'cpus')));
     },
     'vcpu-list': () => m.vcpuList(),
     console: async (args) => {

@@ -561,15 +561,12 @@ export class Netback implements BridgePort {
     const ring = q.txRing;
     if (ring === null || !this.serving()) return;
     const start = ring.reqConsumed;
-    try {
-      this.txPass(q, ring, start);
-    } finally {
-      const took = (ring.reqConsumed - start) >>> 0;
-      if (took > q.txPassMax) q.txPassMax = took;
-    }
+    this.txPass(q, ring);
+    const took = (ring.reqConsumed - start) >>> 0;
+    if (took > q.txPassMax) q.txPassMax = took;
   }
 
-  private txPass(q: NetbackQueue, ring: BackRing, start: number): void {
+  private txPass(q: NetbackQueue, ring: BackRing): void {
     const pool = this.set.pool;
     // Every half ring of requests taken: one clock reading, which the
     // bridge stamps on each frame, and a push of what was answered so far,

@@ -1,7 +1,8 @@
 // vCPU affinity (xl.cfg's `cpus`, `xl vcpu-pin`, Xen's dom0_vcpus_pin): the
 // host CPUs a domain's thread may run on. A domain's vCPUs share one worker
 // thread, so the set is the domain's. It lives in the control block as a
-// mask (D.affinity, CPUs 0-63; 0 = every CPU) with the thread's Linux thread
+// mask (D.affinity, CPUs 0-63; 0 = every CPU, which is also what a set naming
+// every CPU of the host is stored as) with the thread's Linux thread
 // id (D.threadId). As it starts, the thread applies the mask, publishes its
 // id, and reads the mask again; `xl vcpu-pin` writes the mask and then reads
 // the id. Sequentially consistent atomics on both sides mean at least one of
@@ -110,9 +111,13 @@ export function affinityOf(ctl: Int32Array): number[] | null {
   return lo === 0 && hi === 0 ? null : fromMask(lo, hi);
 }
 
-/** Write the set of a domain whose thread has not started (it applies the set as it starts). */
+/**
+ * Write the set of a domain whose thread has not started (it applies the set
+ * as it starts). A set naming every CPU of the host ("all") is no pin at all.
+ */
 export function setAffinity(ctl: Int32Array, cpus: readonly number[] | null): void {
-  const [lo, hi] = cpus === null ? [0, 0] : toMask(cpus);
+  const all = cpus !== null && hostCpus().every((c) => cpus.includes(c));
+  const [lo, hi] = cpus === null || all ? [0, 0] : toMask(cpus);
   Atomics.store(ctl, D.affinity, lo);
   Atomics.store(ctl, D.affinity + 1, hi);
 }
@@ -142,8 +147,7 @@ export function pinSelf(ctl: Int32Array): void {
   } catch {
     return; // Not Linux: no thread ids, and no pinning.
   }
-  const set = (cpus: number[] | null): void => {
-    if (cpus === null) return;
+  const apply = (cpus: number[] | null): void => {
     try {
       execFileSync('taskset', tasksetArgs(cpus, tid), { stdio: ['ignore', 'ignore', 'pipe'], encoding: 'utf8' });
     } catch (err) {
@@ -151,10 +155,10 @@ export function pinSelf(ctl: Int32Array): void {
     }
   };
   const first = affinityOf(ctl);
-  set(first);
+  if (first !== null) apply(first);
   Atomics.store(ctl, D.threadId, tid);
   const now = affinityOf(ctl);
-  if (String(now) !== String(first)) set(now ?? hostCpus());
+  if (String(now) !== String(first)) apply(now);
 }
 
 /**
