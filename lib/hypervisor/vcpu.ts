@@ -186,11 +186,6 @@ export class Vcpu {
         this.lastTurn = performance.now();
       }
       this.domain.setAwake(this.id, 1);
-    } else if (performance.now() - this.lastTurn > this.eventLoopTurnMs) {
-      // A kick came first, so no sleep passed through the event loop either:
-      // a kernel whose events never stop coming (a peer that signals without
-      // pause) would never give it a turn.
-      await this.turn();
     }
     this.adjust((performance.now() - t0) * 1000);
   }
