@@ -126,7 +126,7 @@ t.test('a kick of a vCPU that announced its sleep notifies', async (t) => {
 t.test('while it polls, the vCPU lets promise continuations run; the one that kicks ends the halt', async (t) => {
   const d = domain();
   // No event-loop turn before the poll: the continuations can only run inside it. And no giving up on a pause.
-  const vcpu = new Vcpu(d, 0, { eventLoopTurnMs: Infinity, preemptedGapUs: Infinity });
+  const vcpu = new Vcpu(d, 0, { eventLoopTurnMs: Infinity, preemptedGapUs: Infinity, haltPollMaxUs: 200_000 });
   vcpu.pollLimitUs = 200_000; // a window far longer than the continuations take
   let hops = 0;
   const chain = (async () => {
@@ -190,6 +190,27 @@ t.test('windows that run out while every awake vCPU has a CPU do not stop pollin
   const alone = new Vcpu(domain(null), 0, opts);
   await idleHalts(alone, 4);
   t.equal(alone.backoffs, 1, 'without a host count a CPU is never known to be free');
+});
+
+t.test('on free CPUs the window grows past haltPollMaxUs, up to haltPollFreeMaxUs; on full ones idling that long shrinks it', async (t) => {
+  keepAlive(t);
+  // Each halt idles its window and then 10 ms: within the free limit, past the other.
+  const opts = { haltPollMaxUs: 2000, haltPollFreeMaxUs: 50_000, preemptedGapUs: Infinity, eventLoopTurnMs: Infinity, cpus: 2, pressureFile: null };
+  const free = new Vcpu(domain(hostBlock()), 0, opts);
+  for (let i = 0; i < 8; i++) await free.halt(10);
+  t.ok(free.pollLimitUs > 2000, `the window grew to ${free.pollLimitUs} µs`);
+  t.ok(free.pollLimitUs <= 50_000);
+  t.equal(free.backoffs, 0, 'windows that ran out on free CPUs did not stop polling');
+  const full = hostBlock();
+  Atomics.add(full, HOST_AWAKE, 2);
+  const crowded = new Vcpu(domain(full), 0, opts);
+  crowded.pollLimitUs = 40_000;
+  const t0 = performance.now();
+  await crowded.halt(0);
+  const took = performance.now() - t0;
+  t.ok(took < 30, `the poll stopped at haltPollMaxUs, not at its 40 ms window (${took.toFixed(1)} ms)`);
+  for (let i = 0; i < 6; i++) await crowded.halt(10);
+  t.ok(crowded.pollLimitUs <= 2000, `and idling 10 ms shrank the window (${crowded.pollLimitUs} µs)`);
 });
 
 t.test('on free CPUs a gap in the poll\'s clock does not stop polling; on full ones it does', async (t) => {

@@ -15,8 +15,9 @@
 // block counts the vCPUs that are awake (running, polling, or kicked awake),
 // and the machine's CPU pressure (Linux PSI) says whether any other task
 // waits for a CPU. While the awake vCPUs fit the CPUs and nothing waits, a
-// poll takes no one's CPU: a window that runs out counts against polling only
-// once it is the longest window, and the poll ends when the CPUs fill up.
+// poll takes no one's CPU: the window may grow to 1 ms instead of 200 µs, a
+// window that runs out counts against polling only once it is the longest
+// window, and the poll ends when the CPUs fill up.
 //
 // When the CPUs are oversubscribed the poll steals time from that peer: it
 // gets descheduled itself (a long gap in its clock), or its window runs out
@@ -38,6 +39,14 @@ import { hostCpus } from './affinity.js';
 
 /** guest_halt_poll_ns: the longest poll, and the idle time past which polling would not have paid. */
 export const HALTPOLL_MAX_US = 200;
+/**
+ * The longest poll while every awake vCPU has a CPU of its own: such a poll
+ * takes no one's time. Under a block load dom0's vCPU found gaps of 200 µs
+ * to 1 ms thousands of times a second; with the shorter window each cost a
+ * sleep and a wake-up (bench/profile.ts block memory: 9,000-12,000 sleeps a
+ * second with 200 µs, 200-700 with 1 ms).
+ */
+export const HALTPOLL_FREE_MAX_US = 1000;
 /** guest_halt_poll_grow_start */
 const HALTPOLL_GROW_START_US = 50;
 /** guest_halt_poll_grow, guest_halt_poll_shrink */
@@ -65,6 +74,8 @@ const EVENT_LOOP_TURN_MS = 1;
 export type VcpuOptions = {
   /** The longest poll before sleeping, in microseconds; 0 turns polling off. */
   haltPollMaxUs?: number;
+  /** The longest poll while the CPUs are free (at least haltPollMaxUs). */
+  haltPollFreeMaxUs?: number;
   /** While it keeps polling, the vCPU gives the thread's event loop a turn at least this often. */
   eventLoopTurnMs?: number;
   /** A gap in the poll's clock that counts as being descheduled; Infinity never stops polling. */
@@ -85,6 +96,7 @@ export class Vcpu {
   private readonly wake: number;
   private readonly blocked: number;
   private readonly pollMaxUs: number;
+  private readonly pollFreeMaxUs: number;
   private readonly eventLoopTurnMs: number;
   private readonly preemptedGapMs: number;
   private readonly domain: Domain;
@@ -114,6 +126,7 @@ export class Vcpu {
     this.wake = domain.vcpuWord(id, VCPU_WAKE);
     this.blocked = domain.vcpuWord(id, VCPU_BLOCKED);
     this.pollMaxUs = opts.haltPollMaxUs ?? HALTPOLL_MAX_US;
+    this.pollFreeMaxUs = this.pollMaxUs === 0 ? 0 : Math.max(this.pollMaxUs, opts.haltPollFreeMaxUs ?? HALTPOLL_FREE_MAX_US);
     this.eventLoopTurnMs = opts.eventLoopTurnMs ?? EVENT_LOOP_TURN_MS;
     this.preemptedGapMs = (opts.preemptedGapUs ?? PREEMPTED_GAP_US) / 1000;
     if (id < 0 || id >= domain.maxVcpus) throw new RangeError(`vcpu ${id} does not exist`);
@@ -164,14 +177,15 @@ export class Vcpu {
       // Polling never passes through the event loop; make sure timers, I/O and messages get a turn.
       if (t0 - this.lastTurn > this.eventLoopTurnMs) await this.turn();
       const free = this.cpuFree();
-      const outcome = await this.poll(performance.now() + this.pollLimitUs / 1000, free);
+      const window = Math.min(this.pollLimitUs, free ? this.pollFreeMaxUs : this.pollMaxUs);
+      const outcome = await this.poll(performance.now() + window / 1000, free);
       if (outcome === 'kicked') {
         this.polled++;
         this.failedPolls = 0;
         return;
       }
       // A window that ran out on a free CPU cost no one anything, unless polling longer is not an option.
-      const counts = !free || this.pollLimitUs >= this.pollMaxUs;
+      const counts = !free || window >= this.pollFreeMaxUs;
       if (outcome === 'expired') this.ranOut++;
       else if (outcome === 'contended') this.contended++;
       if (outcome === 'preempted' || (outcome === 'expired' && counts && ++this.failedPolls >= FAILED_POLLS_MAX)) this.stopPolling();
@@ -187,7 +201,7 @@ export class Vcpu {
       }
       this.domain.setAwake(this.id, 1);
     }
-    this.adjust((performance.now() - t0) * 1000);
+    this.adjust((performance.now() - t0) * 1000, this.cpuFree() ? this.pollFreeMaxUs : this.pollMaxUs);
   }
 
   /** One pass through the event loop: timers, I/O and messages run. */
@@ -229,11 +243,11 @@ export class Vcpu {
     this.failedPolls = 0;
   }
 
-  /** haltpoll's adjust_poll_limit: grow when a longer poll would have caught the kick, shrink when none would. */
-  private adjust(idleUs: number): void {
-    if (idleUs > this.pollLimitUs && idleUs <= this.pollMaxUs) {
-      this.pollLimitUs = Math.min(this.pollMaxUs, Math.max(HALTPOLL_GROW_START_US, this.pollLimitUs * HALTPOLL_GROW));
-    } else if (idleUs > this.pollMaxUs) {
+  /** haltpoll's adjust_poll_limit: grow when a longer poll (up to `maxUs`) would have caught the kick, shrink when none would. */
+  private adjust(idleUs: number, maxUs: number): void {
+    if (idleUs > this.pollLimitUs && idleUs <= maxUs) {
+      this.pollLimitUs = Math.min(maxUs, Math.max(HALTPOLL_GROW_START_US, this.pollLimitUs * HALTPOLL_GROW));
+    } else if (idleUs > maxUs) {
       const shrunk = this.pollLimitUs / HALTPOLL_SHRINK;
       this.pollLimitUs = shrunk < HALTPOLL_GROW_START_US ? 0 : shrunk;
     }
