@@ -21,12 +21,11 @@ import {
   BLKIF_DISCARD_SECURE, BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD,
   BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
   BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE,
-  blkif_request, blkif_request_discard, blkif_request_discard_x86_32, blkif_request_indirect,
-  blkif_request_indirect_x86_32, blkif_request_segment, blkif_request_x86_32, blkif_response, blkif_response_x86_32,
+  blkif_request_segment,
 } from '../abi/blkif.js';
-import { __CONST_RING_SIZE, blkif_sring, blkif_sring_entry, blkif_sring_entry_x86_32, blkif_sring_x86_32 } from '../abi/ring.js';
-import { offsetOf, type Layout } from '../abi/layout.js';
-import { XEN_IO_PROTO_ABI_X86_32, XEN_IO_PROTO_ABI_X86_64 } from '../abi/protocols.js';
+import { __CONST_RING_SIZE } from '../abi/ring.js';
+import { offsetOf } from '../abi/layout.js';
+import { XEN_IO_PROTO_ABI_X86_64 } from '../abi/protocols.js';
 import {
   XenbusStateClosed, XenbusStateClosing, XenbusStateConnected, XenbusStateInitWait, XenbusStateInitialised,
 } from '../abi/xenbus.js';
@@ -34,8 +33,8 @@ import { XenError } from '../errors.js';
 import type { Interrupts, IntrHandle } from '../evtchn/evtchn.js';
 import type { Hypercall } from '../hypervisor/hypercall.js';
 import { PAGE_SIZE, pageBytes } from '../hypervisor/page.js';
+import { BLKIF_WIRES, getU64, type BlkifWire } from '../xen/blkif.js';
 import { BackRing } from '../xen/ring.js';
-import type { RingType } from '../trace/trace.js';
 import type { XenStore } from '../xenstore/xenstore.js';
 import { logger, type Log } from '../log.js';
 import { bindInterdomain, mapGrant, mapGrantReadonly, unmapGrant } from './xenbus.js';
@@ -59,65 +58,6 @@ const ZERO_CHUNK_BYTES = 64 * 1024;
 const SEG_GREF = offsetOf(blkif_request_segment, 'gref');
 const SEG_FIRST = offsetOf(blkif_request_segment, 'first_sect');
 const SEG_LAST = offsetOf(blkif_request_segment, 'last_sect');
-
-// --- wire layouts ------------------------------------------------------------
-
-/** Where the fields sit under one `protocol` (Linux blkif_common.h: native and x86_32). */
-type BlkifWire = {
-  /** What a trace decodes the slots as. */
-  ringType: RingType;
-  sring: Layout;
-  entryBytes: number;
-  /** sizeof(blkif_response): what an answer writes of its slot. */
-  rspBytes: number;
-  reqId: number;
-  reqSector: number;
-  reqSeg: number;
-  discardFlag: number;
-  discardId: number;
-  discardSector: number;
-  discardNrSectors: number;
-  indOp: number;
-  indNrSegments: number;
-  indId: number;
-  indSector: number;
-  indGrefs: number;
-  rspId: number;
-  rspOperation: number;
-  rspStatus: number;
-};
-
-function wireOf(ringType: RingType, req: Layout, discard: Layout, ind: Layout, rsp: Layout, sring: Layout, entry: Layout): BlkifWire {
-  return {
-    ringType,
-    sring,
-    entryBytes: entry.size,
-    rspBytes: rsp.size,
-    reqId: offsetOf(req, 'id'),
-    reqSector: offsetOf(req, 'sector_number'),
-    reqSeg: offsetOf(req, 'seg'),
-    discardFlag: offsetOf(discard, 'flag'),
-    discardId: offsetOf(discard, 'id'),
-    discardSector: offsetOf(discard, 'sector_number'),
-    discardNrSectors: offsetOf(discard, 'nr_sectors'),
-    indOp: offsetOf(ind, 'indirect_op'),
-    indNrSegments: offsetOf(ind, 'nr_segments'),
-    indId: offsetOf(ind, 'id'),
-    indSector: offsetOf(ind, 'sector_number'),
-    indGrefs: offsetOf(ind, 'indirect_grefs'),
-    rspId: offsetOf(rsp, 'id'),
-    rspOperation: offsetOf(rsp, 'operation'),
-    rspStatus: offsetOf(rsp, 'status'),
-  };
-}
-
-const WIRES: ReadonlyMap<string, BlkifWire> = new Map([
-  [XEN_IO_PROTO_ABI_X86_64, wireOf('blkif', blkif_request, blkif_request_discard, blkif_request_indirect, blkif_response, blkif_sring, blkif_sring_entry)],
-  [XEN_IO_PROTO_ABI_X86_32, wireOf(
-    'blkif_x86_32', blkif_request_x86_32, blkif_request_discard_x86_32, blkif_request_indirect_x86_32, blkif_response_x86_32,
-    blkif_sring_x86_32, blkif_sring_entry_x86_32,
-  )],
-]);
 
 // --- storage -------------------------------------------------------------------
 
@@ -327,11 +267,6 @@ export class BlkifRing {
   }
 }
 
-/** A u64 field read as a Number (sector numbers and counts below 2^53; larger fails the range checks). */
-function u64(view: DataView, at: number): number {
-  return view.getUint32(at, true) + view.getUint32(at + 4, true) * 0x1_0000_0000;
-}
-
 // --- the backend -------------------------------------------------------------------
 
 export class Blkback {
@@ -340,7 +275,7 @@ export class Blkback {
   private readonly log: Log;
   private storage: Storage | null = null;
   private rings: BlkifRing[] = [];
-  private wire: BlkifWire = WIRES.get(XEN_IO_PROTO_ABI_X86_64)!;
+  private wire: BlkifWire = BLKIF_WIRES.get(XEN_IO_PROTO_ABI_X86_64)!;
   /** Negotiated at connect: the frontend asked for persistent grants and we offer them. */
   private persistent = false;
   private readonly abort = new AbortController();
@@ -409,7 +344,7 @@ export class Blkback {
     const f = this.frontendPath;
     await this.xs.awaitState(`${f}/state`, XenbusStateInitialised, { signal, timeoutMs: CONNECT_TIMEOUT_MS });
     const protocol = await this.xs.read(`${f}/protocol`, { signal }).catch(() => XEN_IO_PROTO_ABI_X86_64);
-    const wire = WIRES.get(protocol);
+    const wire = BLKIF_WIRES.get(protocol);
     if (wire === undefined) throw new XenError('EOPNOTSUPP', `protocol ${protocol}`);
     const nrQueues = Number(await this.xs.read(`${f}/multi-queue-num-queues`, { signal }).catch(() => '1'));
     const order = Number(await this.xs.read(`${f}/ring-page-order`, { signal }).catch(() => '0'));
@@ -526,9 +461,9 @@ export class Blkback {
         case BLKIF_OP_WRITE:
         case BLKIF_OP_WRITE_BARRIER:
         case BLKIF_OP_FLUSH_DISKCACHE:
-          return this.rw(r, op, r.req[1]!, u64(r.reqView, w.reqSector), false);
+          return this.rw(r, op, r.req[1]!, getU64(r.reqView, w.reqSector), false);
         case BLKIF_OP_INDIRECT:
-          return this.rw(r, r.req[w.indOp]!, r.reqView.getUint16(w.indNrSegments, true), u64(r.reqView, w.indSector), true);
+          return this.rw(r, r.req[w.indOp]!, r.reqView.getUint16(w.indNrSegments, true), getU64(r.reqView, w.indSector), true);
         case BLKIF_OP_DISCARD:
           return this.discard(r);
         default:
@@ -719,8 +654,8 @@ export class Blkback {
     const w = this.wire;
     const s = this.storage!;
     const secure = (r.req[w.discardFlag]! & BLKIF_DISCARD_SECURE) !== 0;
-    const sector = u64(r.reqView, w.discardSector);
-    const count = u64(r.reqView, w.discardNrSectors);
+    const sector = getU64(r.reqView, w.discardSector);
+    const count = getU64(r.reqView, w.discardNrSectors);
     if (this.spec.readOnly) return this.bad(r, 'discard on a read-only disk');
     if (s.discardGranularity === 0 || (secure && !s.discardSecure)) return BLKIF_RSP_EOPNOTSUPP;
     if (!Number.isSafeInteger(sector) || !Number.isSafeInteger(count) || sector > s.sectors || count > s.sectors - sector) {

@@ -28,13 +28,10 @@
 import {
   BLKIF_DISCARD_SECURE, BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT,
   BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY,
-  VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE, blkif_request, blkif_request_discard, blkif_request_discard_x86_32,
-  blkif_request_indirect, blkif_request_indirect_x86_32, blkif_request_segment, blkif_request_x86_32, blkif_response,
-  blkif_response_x86_32,
+  VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE, blkif_request_segment,
 } from '../../abi/blkif.js';
-import { __CONST_RING_SIZE, blkif_sring, blkif_sring_entry, blkif_sring_entry_x86_32, blkif_sring_x86_32 } from '../../abi/ring.js';
-import { offsetOf, type Layout } from '../../abi/layout.js';
-import { XEN_IO_PROTO_ABI_X86_32, XEN_IO_PROTO_ABI_X86_64 } from '../../abi/protocols.js';
+import { __CONST_RING_SIZE } from '../../abi/ring.js';
+import { XEN_IO_PROTO_ABI_X86_64 } from '../../abi/protocols.js';
 import {
   XenbusStateClosed, XenbusStateClosing, XenbusStateConnected, XenbusStateInitWait, XenbusStateInitialised,
 } from '../../abi/xenbus.js';
@@ -46,8 +43,8 @@ import { XenError } from '../../errors.js';
 import type { IntrHandle } from '../../evtchn/evtchn.js';
 import { FramePage, PAGE_SIZE } from '../../hypervisor/page.js';
 import { logger, type Log } from '../../log.js';
+import { BLKIF_WIRES, putU64, type BlkifWire } from '../../xen/blkif.js';
 import { FrontRing } from '../../xen/ring.js';
-import type { RingType } from '../../trace/trace.js';
 import type { XenDevice, XenDriver, XenSoftc } from '../../xen/xen.js';
 import type { XsWatch } from '../../xenstore/xenstore.js';
 
@@ -77,65 +74,6 @@ const XBF_ZERO_PAGE = new Uint8Array(PAGE_SIZE);
 const RESOLVED: Promise<void> = Promise.resolve();
 /** Frontend nodes of a connection, removed before the next one publishes its own. */
 const XBF_TRANSPORT_NODE = /^(ring-ref\d*|event-channel|queue-\d+|ring-page-order|multi-queue-num-queues|protocol|feature-persistent)$/;
-
-/** Where the fields sit under one `protocol`: the native layout or the i386 one. */
-type XbfWire = {
-  protocol: string;
-  /** What a trace decodes the slots as. */
-  ringType: RingType;
-  sring: Layout;
-  entryBytes: number;
-  /** sizeof(blkif_response): what taking an answer copies of its slot. */
-  rspBytes: number;
-  reqNrSegments: number;
-  reqHandle: number;
-  reqId: number;
-  reqSector: number;
-  reqSeg: number;
-  discardFlag: number;
-  discardHandle: number;
-  discardId: number;
-  discardSector: number;
-  discardNrSectors: number;
-  indOp: number;
-  indNrSegments: number;
-  indId: number;
-  indSector: number;
-  indHandle: number;
-  indGrefs: number;
-  rspId: number;
-  rspOperation: number;
-  rspStatus: number;
-};
-
-function xbfWire(protocol: string, req: Layout, discard: Layout, ind: Layout, rsp: Layout, sring: Layout, entry: Layout): XbfWire {
-  return {
-    protocol, ringType: protocol === XEN_IO_PROTO_ABI_X86_32 ? 'blkif_x86_32' : 'blkif', sring, entryBytes: entry.size, rspBytes: rsp.size,
-    reqNrSegments: offsetOf(req, 'nr_segments'), reqHandle: offsetOf(req, 'handle'), reqId: offsetOf(req, 'id'),
-    reqSector: offsetOf(req, 'sector_number'), reqSeg: offsetOf(req, 'seg'),
-    discardFlag: offsetOf(discard, 'flag'), discardHandle: offsetOf(discard, 'handle'), discardId: offsetOf(discard, 'id'),
-    discardSector: offsetOf(discard, 'sector_number'), discardNrSectors: offsetOf(discard, 'nr_sectors'),
-    indOp: offsetOf(ind, 'indirect_op'), indNrSegments: offsetOf(ind, 'nr_segments'), indId: offsetOf(ind, 'id'),
-    indSector: offsetOf(ind, 'sector_number'), indHandle: offsetOf(ind, 'handle'), indGrefs: offsetOf(ind, 'indirect_grefs'),
-    rspId: offsetOf(rsp, 'id'), rspOperation: offsetOf(rsp, 'operation'), rspStatus: offsetOf(rsp, 'status'),
-  };
-}
-
-const XBF_WIRES: ReadonlyMap<string, XbfWire> = new Map([
-  [XEN_IO_PROTO_ABI_X86_64, xbfWire(
-    XEN_IO_PROTO_ABI_X86_64, blkif_request, blkif_request_discard, blkif_request_indirect, blkif_response, blkif_sring, blkif_sring_entry,
-  )],
-  [XEN_IO_PROTO_ABI_X86_32, xbfWire(
-    XEN_IO_PROTO_ABI_X86_32, blkif_request_x86_32, blkif_request_discard_x86_32, blkif_request_indirect_x86_32,
-    blkif_response_x86_32, blkif_sring_x86_32, blkif_sring_entry_x86_32,
-  )],
-]);
-
-/** A u64 on the wire as two little-endian words (no BigInt on the data path). */
-function putU64(view: DataView, at: number, value: number): void {
-  view.setUint32(at, value >>> 0, true);
-  view.setUint32(at + 4, Math.floor(value / 0x1_0000_0000), true);
-}
 
 function putU32(bytes: Uint8Array, at: number, value: number): void {
   bytes[at] = value & 0xff;
@@ -193,7 +131,7 @@ function setParam(p: XbfParams, key: string, value: string): boolean {
     case 'trusted':
       return setInt(value, 0, 1, (n) => (p.trusted = n === 1));
     case 'protocol':
-      if (!XBF_WIRES.has(value)) return false;
+      if (!BLKIF_WIRES.has(value)) return false;
       p.protocol = value;
       return true;
     default:
@@ -318,7 +256,7 @@ export class XbfSoftc {
   readonly log: Log;
   readonly devid: number;
   readonly params: XbfParams;
-  wire: XbfWire;
+  wire: BlkifWire;
   /** In sectorSize units. */
   sectors = 0;
   sectorSize = XBF_SEC_SIZE;
@@ -364,7 +302,7 @@ export class XbfSoftc {
     this.log = logger('xbf', this.name);
     this.devid = Number(dev.unit);
     this.params = xbfParams(sc.cmdline, this.log);
-    this.wire = XBF_WIRES.get(this.params.protocol)!;
+    this.wire = BLKIF_WIRES.get(this.params.protocol)!;
     this.features = {
       protocol: this.wire.protocol, ringPageOrder: 0, queues: 0, indirectSegments: 0, persistent: false, trusted: true,
       flushCache: false, barrier: false, discard: false, discardGranularity: 0, discardAlignment: 0, discardSecure: false,
