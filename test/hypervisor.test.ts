@@ -1282,3 +1282,34 @@ t.test('property: FramePage.read and write move exactly the span, by words, byte
     return true;
   }), { numRuns: 300 }), 'random spans, offsets and buffer alignments');
 });
+
+t.test('property: FramePage.read and write of a part [start, end) of the buffer move exactly it, and nothing else of the buffer or the page', async (t) => {
+  const mem = new MemoryViews(new SharedArrayBuffer(PAGE_SIZE * 3));
+  const page = new FramePage(mem, 1, true);
+  const pageByte = (i: number): number => (i * 13 + 5) & 0xff;
+  const bufByte = (i: number): number => (i * 31 + 1) & 0xff;
+  // As a ring's user: one 112-byte request buffer, its head copied first and the rest after.
+  const buf = new Uint8Array(new ArrayBuffer(120), 4, 112);
+  const arb = fc.record({ offset: fc.integer({ min: 0, max: PAGE_SIZE }), a: fc.integer({ min: 0, max: 112 }), b: fc.integer({ min: 0, max: 112 }) });
+  t.doesNotThrow(() => fc.assert(fc.property(arb, ({ offset, a, b }) => {
+    const start = Math.min(a, b);
+    const end = Math.max(a, b);
+    const n = end - start;
+    if (offset + n > PAGE_SIZE) return true;
+    for (let i = 0; i < mem.u8.length; i++) mem.u8[i] = pageByte(i);
+    for (let i = 0; i < buf.length; i++) buf[i] = bufByte(i);
+    page.read(offset, buf, start, end);
+    for (let i = 0; i < buf.length; i++) {
+      if (buf[i] !== (i >= start && i < end ? pageByte(PAGE_SIZE + offset + i - start) : bufByte(i))) return false;
+    }
+    for (let i = 0; i < buf.length; i++) buf[i] = bufByte(i);
+    page.write(offset, buf, start, end);
+    for (let i = 0; i < mem.u8.length; i++) {
+      const inSpan = i >= PAGE_SIZE + offset && i < PAGE_SIZE + offset + n;
+      if (mem.u8[i] !== (inSpan ? bufByte(start + i - PAGE_SIZE - offset) : pageByte(i))) return false;
+    }
+    return true;
+  }), { numRuns: 500 }), 'random parts of one buffer at random page offsets');
+  t.throws(() => page.read(0, buf, 8, 113), { code: 'EINVAL' }, 'a part past the buffer');
+  t.throws(() => page.write(0, buf, 9, 8), { code: 'EINVAL' }, 'a part that ends before it starts');
+});

@@ -44,14 +44,14 @@ class HookPage implements Page {
     this.fire('load', o);
     return v;
   }
-  read(o: number, into: Uint8Array): void { this.page.read(o, into); }
+  read(o: number, into: Uint8Array, start?: number, end?: number): void { this.page.read(o, into, start, end); }
   store8(o: number, v: number): void { this.page.store8(o, v); }
   store16(o: number, v: number): void { this.page.store16(o, v); }
   store32(o: number, v: number): void {
     this.page.store32(o, v);
     this.fire('store', o);
   }
-  write(o: number, from: Uint8Array): void { this.page.write(o, from); }
+  write(o: number, from: Uint8Array, start?: number, end?: number): void { this.page.write(o, from, start, end); }
 }
 
 function pages(gfns: number[]): FramePage[] {
@@ -615,6 +615,50 @@ t.test('a response shorter than the slot: only its bytes are copied, on a page o
     if (!Buffer.from(rsp).equals(entry(RSP, i))) wrong++;
   }
   t.equal(wrong, 0, 'every response read back whole through an 80-byte buffer');
+});
+
+t.test('a request that uses part of its slot: the front writes that part, the back copies its head and then the rest, on a page or across one', async (t) => {
+  const size = __CONST_RING_SIZE(blkif_sring, 4 * PAGE_SIZE);
+  const gfns = [42, 25, 33, 19];
+  const p = pages(gfns);
+  const { front, back } = pair(p, BLK_BYTES, size);
+  // A first round leaves whole entries in every slot; the second writes 40 bytes of each.
+  for (let i = 0; i < size; i++) front.putRequest(entry(BLK_BYTES, 0xcde00 + i));
+  front.pushRequests();
+  back.unconsumedRequests();
+  const req = new Uint8Array(BLK_BYTES);
+  for (let i = 0; i < size; i++) {
+    back.takeRequest(req);
+    back.putResponse(entry(16, i));
+  }
+  back.pushResponses();
+  front.unconsumedResponses();
+  for (let i = 0; i < size; i++) front.takeResponse(new Uint8Array(16));
+  const USED = 40;
+  const HEAD = 32;
+  for (let i = 0; i < size; i++) front.putRequest(entry(BLK_BYTES, 0xdef00 + i), USED);
+  front.pushRequests();
+  const area = new Uint8Array(4 * PAGE_SIZE);
+  gfns.forEach((gfn, k) => area.set(mem.u8.subarray(gfn * PAGE_SIZE, (gfn + 1) * PAGE_SIZE), k * PAGE_SIZE));
+  for (const i of [0, 71, 72, 73, 108, 109, 127]) {
+    const at = SRING_RING_OFFSET + i * BLK_BYTES;
+    t.same(area.subarray(at, at + USED), entry(BLK_BYTES, 0xdef00 + i).subarray(0, USED), `slot ${i}: the part written`);
+    t.same(area.subarray(at + USED, at + BLK_BYTES), entry(BLK_BYTES, 0xcde00 + i).subarray(USED), `slot ${i}: the rest as it was`);
+  }
+  t.throws(() => back.takeRequestRest(req, HEAD, USED), /no request taken/, 'no rest before a request is taken');
+  back.unconsumedRequests();
+  let wrong = 0;
+  for (let i = 0; i < size; i++) {
+    req.fill(0x55);
+    back.takeRequest(req, HEAD);
+    const headOnly = req.subarray(HEAD).every((b) => b === 0x55);
+    back.takeRequestRest(req, HEAD, USED);
+    const want = entry(BLK_BYTES, 0xdef00 + i);
+    if (!headOnly || !Buffer.from(req.subarray(0, USED)).equals(want.subarray(0, USED)) || !req.subarray(USED).every((b) => b === 0x55)) wrong++;
+    back.putResponse(entry(16, i));
+  }
+  t.equal(wrong, 0, 'each request: the head alone, then exactly the rest, and nothing past it');
+  t.throws(() => back.takeRequestRest(req, HEAD, USED), /no request taken/, 'nor once its response is put');
 });
 
 t.test('100,000 requests between two domains in two threads through a granted page', async (t) => {

@@ -33,7 +33,7 @@ import { XenError } from '../errors.js';
 import type { Interrupts, IntrHandle } from '../evtchn/evtchn.js';
 import type { Hypercall } from '../hypervisor/hypercall.js';
 import { PAGE_SIZE, pageBytes } from '../hypervisor/page.js';
-import { BLKIF_WIRES, getU64, type BlkifWire } from '../xen/blkif.js';
+import { BLKIF_WIRES, getU64, requestBytes, type BlkifWire } from '../xen/blkif.js';
 import { BackRing } from '../xen/ring.js';
 import type { XenStore } from '../xenstore/xenstore.js';
 import { logger, type Log } from '../log.js';
@@ -416,7 +416,11 @@ export class Blkback {
 
   // --- datapath ----------------------------------------------------------------
 
-  // do_block_io_op: copy each request once, dispatch, answer. Each answer is
+  // do_block_io_op: copy each request once, dispatch, answer. The copy takes
+  // what the operation uses: its head first (a read or write of one page is
+  // all there, 32 of the slot's 112 bytes), then the segments or the struct
+  // the head says it has. The frontend's CPU wrote the slot last, so each
+  // cache line of it not copied is one less to take from there. Each answer is
   // pushed at once (make_response's RING_PUSH_RESPONSES_AND_CHECK_NOTIFY),
   // so a frontend on another CPU completes it and issues the next request
   // while the rest are served: the two sides overlap instead of taking turns
@@ -429,7 +433,9 @@ export class Blkback {
     let took = false;
     do {
       ring.unconsumedRequests();
-      while (ring.takeRequest(r.req)) {
+      while (ring.takeRequest(r.req, this.wire.reqHeadBytes)) {
+        const bytes = requestBytes(this.wire, r.req);
+        if (bytes > this.wire.reqHeadBytes) ring.takeRequestRest(r.req, this.wire.reqHeadBytes, bytes);
         took = true;
         this.answer(r, this.dispatch(r));
         if (ring.pushResponses()) this.intr.intrSignal(r.ih);

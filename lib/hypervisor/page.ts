@@ -15,8 +15,8 @@ export interface ReadPage {
   load8(offset: number): number;
   load16(offset: number): number;
   load32(offset: number): number;
-  /** Copy `into.length` bytes out of the page from `offset`. */
-  read(offset: number, into: Uint8Array): void;
+  /** Copy bytes out of the page from `offset` into `into[start, end)` (all of `into` by default). */
+  read(offset: number, into: Uint8Array, start?: number, end?: number): void;
 }
 
 export interface Page extends ReadPage {
@@ -24,8 +24,8 @@ export interface Page extends ReadPage {
   store8(offset: number, value: number): void;
   store16(offset: number, value: number): void;
   store32(offset: number, value: number): void;
-  /** Copy `from` into the page at `offset`. */
-  write(offset: number, from: Uint8Array): void;
+  /** Copy `from[start, end)` (all of `from` by default) into the page at `offset`. */
+  write(offset: number, from: Uint8Array, start?: number, end?: number): void;
 }
 
 /** Views on one SharedArrayBuffer, made once per domain and shared by its pages. */
@@ -46,6 +46,11 @@ export class MemoryViews {
 
 /** Reads and writes up to this long copy byte by byte; past about 32 bytes one subarray and set() is faster. */
 const SHORT_COPY_BYTES = 24;
+
+/** `[start, end)` must lie within `buf`: a typed array would drop the bytes outside silently. */
+function checkBuffer(buf: Uint8Array, start: number, end: number): void {
+  if (!(start >= 0 && start <= end && end <= buf.length)) throw new XenError('EINVAL', `bytes [${start}, ${end}) of a ${buf.length}-byte buffer`);
+}
 
 function checkSpan(offset: number, length: number): void {
   if (!Number.isInteger(offset) || offset < 0 || length < 0 || offset + length > PAGE_SIZE) {
@@ -115,33 +120,35 @@ export class FramePage implements Page {
   store32(offset: number, value: number): void {
     Atomics.store(this.mem.u32, this.word(offset, 4, true) >> 2, value);
   }
-  read(offset: number, into: Uint8Array): void {
-    const n = into.length;
+  read(offset: number, into: Uint8Array, start = 0, end = into.length): void {
+    checkBuffer(into, start, end);
+    const n = end - start;
     const at = this.enter(offset, n, false);
     const u8 = this.mem.u8;
     // A netif slot is 8 or 12 bytes: copying them costs less than the view set() needs.
     if (n <= SHORT_COPY_BYTES) {
-      for (let i = 0; i < n; i++) into[i] = u8[at + i]!;
+      for (let i = 0; i < n; i++) into[start + i] = u8[at + i]!;
       return;
     }
-    const w = (at & 3) === 0 ? this.wordsOf(into) : null;
-    if (w === null) return into.set(u8.subarray(at, at + n));
+    const w = ((at | start | n) & 3) === 0 ? this.wordsOf(into) : null;
+    if (w === null) return into.set(u8.subarray(at, at + n), start);
     const u32 = this.mem.u32;
-    for (let i = 0, j = at >> 2; i < w.length; i++, j++) w[i] = u32[j]!;
+    for (let i = start >> 2, j = at >> 2, e = end >> 2; i < e; i++, j++) w[i] = u32[j]!;
   }
-  write(offset: number, from: Uint8Array): void {
-    const n = from.length;
+  write(offset: number, from: Uint8Array, start = 0, end = from.length): void {
+    checkBuffer(from, start, end);
+    const n = end - start;
     const at = this.enter(offset, n, true);
     const u8 = this.mem.u8;
     // A netif response is 4 or 8 bytes: as read(), a loop beats set() there.
     if (n <= SHORT_COPY_BYTES) {
-      for (let i = 0; i < n; i++) u8[at + i] = from[i]!;
+      for (let i = 0; i < n; i++) u8[at + i] = from[start + i]!;
       return;
     }
-    const w = (at & 3) === 0 ? this.wordsOf(from) : null;
-    if (w === null) return u8.set(from, at);
+    const w = ((at | start | n) & 3) === 0 ? this.wordsOf(from) : null;
+    if (w === null) return u8.set(start === 0 && end === from.length ? from : from.subarray(start, end), at);
     const u32 = this.mem.u32;
-    for (let i = 0, j = at >> 2; i < w.length; i++, j++) u32[j] = w[i]!;
+    for (let i = start >> 2, j = at >> 2, e = end >> 2; i < e; i++, j++) u32[j] = w[i]!;
   }
   /**
    * `b` as 32-bit words, or null when it is not whole words. The view of the
@@ -181,8 +188,8 @@ export class ReadOnlyPage implements ReadPage {
   load32(offset: number): number {
     return this.page.load32(offset);
   }
-  read(offset: number, into: Uint8Array): void {
-    this.page.read(offset, into);
+  read(offset: number, into: Uint8Array, start?: number, end?: number): void {
+    this.page.read(offset, into, start, end);
   }
   bytes(): Uint8Array {
     return this.page.bytes();

@@ -5,8 +5,8 @@
 // reading of the header (lib/fuzz/blkwire.ts), apart from this one.
 
 import {
-  blkif_request, blkif_request_discard, blkif_request_discard_x86_32, blkif_request_indirect,
-  blkif_request_indirect_x86_32, blkif_request_x86_32, blkif_response, blkif_response_x86_32,
+  BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_INDIRECT, blkif_request, blkif_request_discard, blkif_request_discard_x86_32, blkif_request_indirect,
+  blkif_request_indirect_x86_32, blkif_request_segment, blkif_request_x86_32, blkif_response, blkif_response_x86_32,
 } from '../abi/blkif.js';
 import { offsetOf, type Layout } from '../abi/layout.js';
 import { XEN_IO_PROTO_ABI_X86_32, XEN_IO_PROTO_ABI_X86_64 } from '../abi/protocols.js';
@@ -22,6 +22,15 @@ export type BlkifWire = {
   entryBytes: number;
   /** sizeof(blkif_response): what an answer takes of its slot. */
   rspBytes: number;
+  /**
+   * A request's fixed part and its first segment: all of a read or write of
+   * one page and all of a discard, and enough of any request to know how
+   * long it is (its operation and nr_segments).
+   */
+  reqHeadBytes: number;
+  /** sizeof(blkif_request_discard), sizeof(blkif_request_indirect). */
+  discardBytes: number;
+  indBytes: number;
   reqNrSegments: number;
   reqHandle: number;
   reqId: number;
@@ -48,6 +57,7 @@ function wireOf(
 ): BlkifWire {
   return {
     protocol, ringType, sring, entryBytes: entry.size, rspBytes: rsp.size,
+    reqHeadBytes: offsetOf(req, 'seg') + blkif_request_segment.size, discardBytes: discard.size, indBytes: ind.size,
     reqNrSegments: offsetOf(req, 'nr_segments'), reqHandle: offsetOf(req, 'handle'), reqId: offsetOf(req, 'id'),
     reqSector: offsetOf(req, 'sector_number'), reqSeg: offsetOf(req, 'seg'),
     discardFlag: offsetOf(discard, 'flag'), discardHandle: offsetOf(discard, 'handle'), discardId: offsetOf(discard, 'id'),
@@ -69,6 +79,19 @@ export const BLKIF_WIRES: ReadonlyMap<string, BlkifWire> = new Map([
     blkif_response_x86_32, blkif_sring_x86_32, blkif_sring_entry_x86_32,
   )],
 ]);
+
+/**
+ * How many bytes of the request whose head is in `req` its operation uses:
+ * the segments it names (at most BLKIF_MAX_SEGMENTS_PER_REQUEST; more is a
+ * malformed request, which needs none of them), or the whole indirect or
+ * discard struct. Never less than reqHeadBytes.
+ */
+export function requestBytes(w: BlkifWire, req: Uint8Array): number {
+  const op = req[0]!;
+  if (op === BLKIF_OP_INDIRECT) return Math.max(w.reqHeadBytes, w.indBytes);
+  if (op === BLKIF_OP_DISCARD) return Math.max(w.reqHeadBytes, w.discardBytes);
+  return w.reqSeg + Math.max(1, Math.min(req[w.reqNrSegments]!, BLKIF_MAX_SEGMENTS_PER_REQUEST)) * blkif_request_segment.size;
+}
 
 /** A u64 field read as a Number: sector numbers and counts are below 2^53 (larger fail the range checks). */
 export function getU64(view: DataView, at: number): number {

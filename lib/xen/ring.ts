@@ -113,48 +113,47 @@ class SharedRing {
   }
 
   /**
-   * Copy slot `idx` into `into`, in two parts if it straddles a page. `into`
-   * may be shorter than the entry: a slot is a union of request and
+   * Copy bytes [start, end) of slot `idx` into the same bytes of `into`
+   * (all of it by default), in two parts if the slot straddles a page.
+   * `into` may be shorter than the entry: a slot is a union of request and
    * response, and each side copies only its own struct (a blkif response is
    * 16 bytes of a 112-byte slot), as Linux's memcpy of sizeof(rsp) does.
    */
-  readSlot(idx: number, into: Uint8Array): void {
-    const n = into.length;
-    if (n > this.entryBytes) this.badBuffer(into);
+  readSlot(idx: number, into: Uint8Array, start = 0, end = into.length): void {
+    if (end > this.entryBytes || end > into.length) this.badBuffer(end);
     const s = this.slot(idx);
-    if (s.offset + n <= PAGE_SIZE) {
-      s.page.read(s.offset, into);
+    if (s.offset + end <= PAGE_SIZE) {
+      s.page.read(s.offset + start, into, start, end);
       return;
     }
     const p = this.refPage;
     s.page.read(s.offset, this.head[p]!);
     this.pages[p + 1]!.read(0, this.tail[p]!);
-    for (let i = 0; i < n; i++) into[i] = this.bounce[i]!;
+    for (let i = start; i < end; i++) into[i] = this.bounce[i]!;
   }
 
-  /** Copy `from` (at most entryBytes; see readSlot) into slot `idx`. */
-  writeSlot(idx: number, from: Uint8Array): void {
-    const n = from.length;
-    if (n > this.entryBytes) this.badBuffer(from);
+  /** Copy the first `end` bytes of `from` (all of it by default, at most entryBytes; see readSlot) into slot `idx`. */
+  writeSlot(idx: number, from: Uint8Array, end = from.length): void {
+    if (end > this.entryBytes || end > from.length) this.badBuffer(end);
     const s = this.slot(idx);
-    if (s.offset + n <= PAGE_SIZE) {
-      s.page.write(s.offset, from);
+    if (s.offset + end <= PAGE_SIZE) {
+      s.page.write(s.offset, from, 0, end);
       return;
     }
     const p = this.refPage;
     // A shorter struct across the page boundary: the rest of the slot is written back as it was.
-    if (n < this.entryBytes) {
+    if (end < this.entryBytes) {
       s.page.read(s.offset, this.head[p]!);
       this.pages[p + 1]!.read(0, this.tail[p]!);
     }
-    this.bounce.set(from);
+    for (let i = 0; i < end; i++) this.bounce[i] = from[i]!;
     s.page.write(s.offset, this.head[p]!);
     this.pages[p + 1]!.write(0, this.tail[p]!);
   }
 
   // Out of line so the hot path builds no message string.
-  private badBuffer(buf: Uint8Array): never {
-    throw new XenError('EINVAL', `ring ${this.name}: slot buffer of ${buf.length} bytes is longer than its ${this.entryBytes}-byte entries`);
+  private badBuffer(bytes: number): never {
+    throw new XenError('EINVAL', `ring ${this.name}: a copy of ${bytes} bytes does not fit its buffer or the ${this.entryBytes}-byte entries`);
   }
 
   /** Record slot `idx` as it is on the ring now (a slot written in place, then committed). */
@@ -239,12 +238,21 @@ export class FrontRing extends SharedRing {
     return this.freeRequests() === 0;
   }
 
-  /** Copy `from` into the next request slot (RING_GET_REQUEST + req_prod_pvt++); false when broken. */
-  putRequest(from: Uint8Array): boolean {
+  /**
+   * Copy the first `bytes` of `from` (all of it by default) into the next
+   * request slot (RING_GET_REQUEST + req_prod_pvt++): a request that uses
+   * less of its struct than the whole (a blkif read of one page: 32 of 112
+   * bytes) writes what it uses, as a driver filling the slot in place does.
+   * False when broken.
+   */
+  putRequest(from: Uint8Array, bytes = from.length): boolean {
     if (this.error !== undefined) return false;
     assert(!this.full(), 'putRequest on a full ring');
-    this.writeSlot(this.reqProdPvt, from);
-    if (tracing) traceSlot(TraceKind.ringRequestPut, this.traceDev, this.reqProdPvt, from);
+    this.writeSlot(this.reqProdPvt, from, bytes);
+    if (tracing) {
+      if (bytes === from.length) traceSlot(TraceKind.ringRequestPut, this.traceDev, this.reqProdPvt, from);
+      else this.traceInPlace(TraceKind.ringRequestPut, this.reqProdPvt);
+    }
     this.reqProdPvt = (this.reqProdPvt + 1) >>> 0;
     return true;
   }
@@ -359,13 +367,32 @@ export class BackRing extends SharedRing {
     return ((cons - this.rspProdPvt) >>> 0) >= this.size;
   }
 
-  /** RING_COPY_REQUEST + req_cons++: false when none is left of the last unconsumedRequests(). */
-  takeRequest(into: Uint8Array): boolean {
+  /**
+   * RING_COPY_REQUEST + req_cons++ of the first `bytes` of the request (all
+   * of `into` by default): false when none is left of the last
+   * unconsumedRequests(). A backend whose requests say how long they are
+   * copies the head first, then the rest it needs with takeRequestRest.
+   */
+  takeRequest(into: Uint8Array, bytes = into.length): boolean {
     if (this.error !== undefined || this.reqCons === this.reqProdSeen || this.consOverflow(this.reqCons)) return false;
-    this.readSlot(this.reqCons, into);
-    if (tracing) traceSlot(TraceKind.ringRequestTake, this.traceDev, this.reqCons, into);
+    this.readSlot(this.reqCons, into, 0, bytes);
+    if (tracing) {
+      if (bytes === into.length) traceSlot(TraceKind.ringRequestTake, this.traceDev, this.reqCons, into);
+      else this.traceInPlace(TraceKind.ringRequestTake, this.reqCons);
+    }
     this.reqCons = (this.reqCons + 1) >>> 0;
     return true;
+  }
+
+  /**
+   * Bytes [start, end) of the request takeRequest took last, into the same
+   * bytes of `into`. Each byte is still copied once: the head decided how
+   * much more to copy, and nothing copied is read from the ring again. The
+   * slot is ours until its response is put.
+   */
+  takeRequestRest(into: Uint8Array, start: number, end: number): void {
+    assert(this.rspProdPvt !== this.reqCons, 'takeRequestRest with no request taken');
+    this.readSlot((this.reqCons - 1) >>> 0, into, start, end);
   }
 
   /** Copy `from` into the next response slot (rsp_prod_pvt++); false when broken. */

@@ -43,7 +43,7 @@ import { XenError } from '../../errors.js';
 import type { IntrHandle } from '../../evtchn/evtchn.js';
 import { FramePage, PAGE_SIZE } from '../../hypervisor/page.js';
 import { logger, type Log } from '../../log.js';
-import { BLKIF_WIRES, putU64, type BlkifWire } from '../../xen/blkif.js';
+import { BLKIF_WIRES, putU64, requestBytes, type BlkifWire } from '../../xen/blkif.js';
 import { FrontRing } from '../../xen/ring.js';
 import type { XenDevice, XenDriver, XenSoftc } from '../../xen/xen.js';
 import type { XsWatch } from '../../xenstore/xenstore.js';
@@ -527,7 +527,9 @@ export class XbfSoftc {
       this.load(q, ccb, bio);
     }
     bio.inflight++;
-    q.ring.putRequest(q.req);
+    // The slot gets what the request uses (OpenBSD's xbf fills only those
+    // fields in place), and a raw request all its caller gave.
+    q.ring.putRequest(q.req, bio.raw !== null ? q.req.length : requestBytes(w, q.req));
     q.dirty = true;
   }
 
