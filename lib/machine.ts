@@ -37,8 +37,14 @@ export type DomainTop = DomainRow & {
   devices: DeviceStats[];
 };
 
-/** A domain in `xenpv vcpu-list`: `cpus` the set it was given (null: none), `allowed` where its thread may run, `cpu` where it last ran (null without a thread). */
-export type VcpuRow = { domid: number; name: string; vcpus: number; timeS: number; cpus: number[] | null; allowed: number[] | null; cpu: number | null };
+/**
+ * A domain in `xenpv vcpu-list`: `cpus` the set it was given (null: none),
+ * `allowed` where its thread may run and `everyCpu` whether that is every
+ * CPU of the host, `cpu` where it last ran (null without a thread).
+ */
+export type VcpuRow = {
+  domid: number; name: string; vcpus: number; timeS: number; cpus: number[] | null; allowed: number[] | null; everyCpu: boolean; cpu: number | null;
+};
 
 export type MachineOptions = {
   /** dom0's memory in MiB. */

@@ -4,7 +4,7 @@
 // and vcpu-list; and `top`, once as JSON and live. A host of its own (test/cli-host.ts).
 
 import t from 'tap';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, statSync } from 'node:fs';
 import { createConnection, createServer } from 'node:net';
 import { join } from 'node:path';
@@ -131,9 +131,14 @@ t.test('vcpu-pin and vcpu-list: the CPUs a domain may run on', { skip: hostCpus(
   t.match(row(await h.ok(['vcpu-list'])), new RegExp(` ${cpus[0]}$`));
   await h.ok(['vcpu-pin', 'pinned', 'all']);
   t.match(row(await h.ok(['vcpu-list', 'pinned'])), / all$/);
-  const json = JSON.parse(await h.ok(['vcpu-list', 'pinned', '--json'])) as { cpus: number[] | null; allowed: number[] }[];
+  const json = JSON.parse(await h.ok(['vcpu-list', 'pinned', '--json'])) as { cpus: number[] | null; allowed: number[]; everyCpu: boolean }[];
   t.equal(json[0]!.cpus, null, 'the set is gone');
   t.same(json[0]!.allowed, cpus, 'the thread may run anywhere');
+  t.equal(json[0]!.everyCpu, true);
+  // "all" is the host's judgement: a CLI that itself may run on one CPU still says it.
+  const narrow = spawnSync('taskset', ['-c', String(cpus[0]), process.execPath, cli, 'vcpu-list', 'pinned', '--rundir', h.rundir], { encoding: 'utf8' });
+  t.equal(narrow.status, 0, narrow.stderr);
+  t.match(row(narrow.stdout), / all$/, 'a CLI under taskset');
   // Refusals: the host's (a CPU it lacks: 1), the command's own (2).
   const missing = await h.xenpv(['vcpu-pin', 'pinned', '63']);
   t.equal(missing.status, 1);

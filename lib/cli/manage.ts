@@ -14,7 +14,7 @@ import { checkDomainFiles, loadDomainConfig } from '../backends/xlcfg.js';
 import type { DomainExit } from '../backends/toolstack.js';
 import type { DeviceInfo } from '../backends/devices.js';
 import type { DomainRow, VcpuRow } from '../machine.js';
-import { formatCpuList, hostCpus, parseCpuList } from '../hypervisor/affinity.js';
+import { formatCpuList, parseCpuList } from '../hypervisor/affinity.js';
 import { ControlClient } from './control-client.js';
 import { defaultRundir } from './host.js';
 import { consoleAttach } from './console.js';
@@ -63,11 +63,10 @@ export function formatList(rows: DomainRow[]): string {
  * that is every CPU of the host.
  */
 export function formatVcpuList(rows: VcpuRow[]): string {
-  const all = formatCpuList(hostCpus());
   const lines = ['Name                                        ID VCPUs   CPU Affinity'];
   for (const r of rows) {
-    const allowed = r.allowed === null ? '-' : formatCpuList(r.allowed);
-    lines.push(`${r.name.padEnd(40)} ${String(r.domid).padStart(5)} ${String(r.vcpus).padStart(5)} ${String(r.cpu ?? '-').padStart(5)} ${allowed === all ? 'all' : allowed}`);
+    const allowed = r.allowed === null ? '-' : r.everyCpu ? 'all' : formatCpuList(r.allowed);
+    lines.push(`${r.name.padEnd(40)} ${String(r.domid).padStart(5)} ${String(r.vcpus).padStart(5)} ${String(r.cpu ?? '-').padStart(5)} ${allowed}`);
   }
   return lines.join('\n') + '\n';
 }

@@ -15,7 +15,7 @@ import { EVTCHNSTAT_interdomain, EVTCHNSTAT_unbound } from '../abi/event_channel
 import { PAGE_SIZE } from './page.js';
 import type { Runner } from './runner.js';
 import { ThreadRunner } from './threads.js';
-import { affinityOf, checkCpus, pinDomain, setAffinity, threadPlacement } from './affinity.js';
+import { affinityOf, checkCpus, formatCpuList, hostCpus, pinDomain, setAffinity, threadPlacement } from './affinity.js';
 
 const log = logger('host');
 
@@ -151,10 +151,12 @@ export class Host {
   }
 
   /** `xl vcpu-list`: the set the domain was given, and where its thread may run and last ran. */
-  placement(domid: number): { cpus: number[] | null; allowed: number[] | null; cpu: number | null } {
+  placement(domid: number): { cpus: number[] | null; allowed: number[] | null; everyCpu: boolean; cpu: number | null } {
     const ctl = this.domain(domid).ctl;
     const { allowed, cpu } = threadPlacement(ctl);
-    return { cpus: affinityOf(ctl), allowed, cpu };
+    // Judged here, against the CPUs of the process that runs the threads (a CLI under taskset sees fewer).
+    const everyCpu = allowed !== null && formatCpuList(allowed) === formatCpuList(hostCpus());
+    return { cpus: affinityOf(ctl), allowed, everyCpu, cpu };
   }
 
   /** CPU time of a domain's vCPU. */
