@@ -543,12 +543,24 @@ t.test('random header scribbles never make a side read outside, throw or spin (p
   t.pass('bounded, in range, no throw');
 });
 
-t.test('a multi-page blkif ring (ring-page-order 2): 128 slots of 112 bytes over 4 pages', async (t) => {
+/** A blkif ring of ring-page-order 2 over four pages granted separately (not contiguous). */
+function blkRing(gfns: number[]): { size: number; p: Page[]; front: FrontRing; back: BackRing } {
   const size = __CONST_RING_SIZE(blkif_sring, 4 * PAGE_SIZE);
-  t.equal(size, 128);
-  const gfns = [40, 23, 31, 17]; // granted separately, not contiguous
   const p = pages(gfns);
-  const { front, back } = pair(p, BLK_BYTES, size);
+  return { size, p, ...pair(p, BLK_BYTES, size) };
+}
+
+/** The ring's pages end to end, as a vmap'd C ring would see them. */
+function areaOf(gfns: number[]): Uint8Array {
+  const area = new Uint8Array(gfns.length * PAGE_SIZE);
+  gfns.forEach((gfn, k) => area.set(mem.u8.subarray(gfn * PAGE_SIZE, (gfn + 1) * PAGE_SIZE), k * PAGE_SIZE));
+  return area;
+}
+
+t.test('a multi-page blkif ring (ring-page-order 2): 128 slots of 112 bytes over 4 pages', async (t) => {
+  const gfns = [40, 23, 31, 17];
+  const { size, p, front, back } = blkRing(gfns);
+  t.equal(size, 128);
   const straddling: number[] = [];
   for (let i = 0; i < size; i++) {
     const at = SRING_RING_OFFSET + i * BLK_BYTES;
@@ -561,8 +573,7 @@ t.test('a multi-page blkif ring (ring-page-order 2): 128 slots of 112 bytes over
   for (let i = 0; i < size; i++) front.putRequest(entry(BLK_BYTES, 0xabc00 + i));
   front.pushRequests();
   // The bytes sit in the concatenated area exactly as a vmap'd C ring would have them.
-  const area = new Uint8Array(4 * PAGE_SIZE);
-  gfns.forEach((gfn, k) => area.set(mem.u8.subarray(gfn * PAGE_SIZE, (gfn + 1) * PAGE_SIZE), k * PAGE_SIZE));
+  const area = areaOf(gfns);
   for (const i of [0, 35, 36, 71, 72, 73, 109, 127]) {
     const at = SRING_RING_OFFSET + i * BLK_BYTES;
     t.same(area.subarray(at, at + BLK_BYTES), entry(BLK_BYTES, 0xabc00 + i), `slot ${i} in the concatenated area`);
@@ -585,10 +596,8 @@ t.test('a multi-page blkif ring (ring-page-order 2): 128 slots of 112 bytes over
 });
 
 t.test('a response shorter than the slot: only its bytes are copied, on a page or across one', async (t) => {
-  const size = __CONST_RING_SIZE(blkif_sring, 4 * PAGE_SIZE);
   const gfns = [41, 24, 32, 18];
-  const p = pages(gfns);
-  const { front, back } = pair(p, BLK_BYTES, size);
+  const { size, front, back } = blkRing(gfns);
   for (let i = 0; i < size; i++) front.putRequest(entry(BLK_BYTES, 0xbcd00 + i));
   front.pushRequests();
   t.equal(back.unconsumedRequests(), size);
@@ -600,8 +609,7 @@ t.test('a response shorter than the slot: only its bytes are copied, on a page o
     back.putResponse(entry(RSP, i));
   }
   back.pushResponses();
-  const area = new Uint8Array(4 * PAGE_SIZE);
-  gfns.forEach((gfn, k) => area.set(mem.u8.subarray(gfn * PAGE_SIZE, (gfn + 1) * PAGE_SIZE), k * PAGE_SIZE));
+  const area = areaOf(gfns);
   for (const i of [0, 71, 72, 73, 108, 109, 127]) {
     const at = SRING_RING_OFFSET + i * BLK_BYTES;
     t.same(area.subarray(at, at + RSP), entry(RSP, i), `slot ${i}: the response`);
@@ -618,10 +626,8 @@ t.test('a response shorter than the slot: only its bytes are copied, on a page o
 });
 
 t.test('a request that uses part of its slot: the front writes that part, the back copies its head and then the rest, on a page or across one', async (t) => {
-  const size = __CONST_RING_SIZE(blkif_sring, 4 * PAGE_SIZE);
   const gfns = [42, 25, 33, 19];
-  const p = pages(gfns);
-  const { front, back } = pair(p, BLK_BYTES, size);
+  const { size, front, back } = blkRing(gfns);
   // A first round leaves whole entries in every slot; the second writes 40 bytes of each.
   for (let i = 0; i < size; i++) front.putRequest(entry(BLK_BYTES, 0xcde00 + i));
   front.pushRequests();
@@ -638,8 +644,7 @@ t.test('a request that uses part of its slot: the front writes that part, the ba
   const HEAD = 32;
   for (let i = 0; i < size; i++) front.putRequest(entry(BLK_BYTES, 0xdef00 + i), USED);
   front.pushRequests();
-  const area = new Uint8Array(4 * PAGE_SIZE);
-  gfns.forEach((gfn, k) => area.set(mem.u8.subarray(gfn * PAGE_SIZE, (gfn + 1) * PAGE_SIZE), k * PAGE_SIZE));
+  const area = areaOf(gfns);
   for (const i of [0, 71, 72, 73, 108, 109, 127]) {
     const at = SRING_RING_OFFSET + i * BLK_BYTES;
     t.same(area.subarray(at, at + USED), entry(BLK_BYTES, 0xdef00 + i).subarray(0, USED), `slot ${i}: the part written`);
