@@ -56,6 +56,8 @@ t.test('xenpv bench --quick --only limit.memcpy writes the report it prints', as
   const report = JSON.parse(readFileSync(out, 'utf8')) as BenchReport;
   t.same(JSON.parse(r.stdout), report, '--json prints the report it wrote');
   t.match(report.machine, { cores: Number, node: process.version, date: String, cpu: String });
+  // This machine has PSI: the share is a fraction, and the table says it.
+  t.ok(report.machine.cpuPressure !== null && report.machine.cpuPressure >= 0 && report.machine.cpuPressure <= 1, `cpuPressure ${report.machine.cpuPressure}`);
   t.equal(report.metrics.length, 1);
   const m = report.metrics[0]!;
   t.equal(m.name, 'limit.memcpy.65536.gbps');

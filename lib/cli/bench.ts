@@ -5,7 +5,7 @@
 // measurements live in bench/; this file runs them, prints the table,
 // evaluates the targets and writes the JSON.
 
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg, release, tmpdir, totalmem, type } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -31,6 +31,14 @@ export type MachineInfo = {
   cpu: string; cores: number; node: string; os: string; memoryGiB: number; date: string;
   /** 1, 5 and 15 minute load averages when the run started and ended: other work skews the figures. */
   loadStart: number[]; loadEnd: number[];
+  /**
+   * The share of the half second before the run in which some task waited
+   * for a CPU (Linux PSI, /proc/pressure/cpu "some"); null where the kernel
+   * has no PSI. Under a VM it also shows the host taking the CPUs away,
+   * which the load average does not: the figures of a run that began above
+   * a few per cent are low.
+   */
+  cpuPressure: number | null;
 };
 export type BenchReport = { machine: MachineInfo; runs: number; runMs: number; metrics: Metric[]; targets: TargetResult[] };
 
@@ -218,19 +226,42 @@ export function evaluateTargets(metrics: readonly Metric[]): TargetResult[] {
   });
 }
 
-function machineInfo(): MachineInfo {
+async function machineInfo(): Promise<MachineInfo> {
   return {
     cpu: cpus()[0]?.model ?? 'unknown', cores: cpus().length, node: process.version, os: `${type()} ${release()}`,
     memoryGiB: Math.round((totalmem() / (1 << 30)) * 10) / 10, date: new Date().toISOString(),
     loadStart: loadavg().map((l) => Math.round(l * 100) / 100), loadEnd: [],
+    cpuPressure: await cpuPressure(PRESSURE_SAMPLE_MS),
   };
+}
+
+const PRESSURE_SAMPLE_MS = 500;
+
+/** PSI's "some" total for the CPU, in microseconds; null without PSI. */
+function pressureTotalUs(): number | null {
+  try {
+    const m = /^some .*total=(\d+)/m.exec(readFileSync('/proc/pressure/cpu', 'utf8'));
+    return m === null ? null : Number(m[1]);
+  } catch {
+    return null;
+  }
+}
+
+/** The share of the next `ms` in which some task waited for a CPU. */
+async function cpuPressure(ms: number): Promise<number | null> {
+  const a = pressureTotalUs();
+  const t0 = performance.now();
+  await new Promise((resolve) => setTimeout(resolve, ms));
+  const b = pressureTotalUs();
+  if (a === null || b === null) return null;
+  return Math.round(((b - a) / ((performance.now() - t0) * 1000)) * 1000) / 1000;
 }
 
 export type BenchOptions = { quick: boolean; only: string[] | undefined; progress: (line: string) => void };
 
 /** Run the suites (those with a metric matching `only`, when given) and evaluate the targets. */
 export async function runBench(opts: BenchOptions): Promise<BenchReport> {
-  const machine = machineInfo();
+  const machine = await machineInfo();
   const ms = opts.quick ? QUICK_RUN_MS : RUN_MS;
   const wanted = (name: string): boolean => opts.only === undefined || opts.only.some((p) => name.startsWith(p));
   const dir = mkdtempSync(join(tmpdir(), 'xenpv-bench-'));
@@ -271,7 +302,9 @@ export function formatReport(r: BenchReport): string {
   const m = r.machine;
   const lines = [
     `xenpv bench: ${m.cores} x ${m.cpu}, ${m.memoryGiB} GiB, node ${m.node}, ${m.os}, ${m.date}`,
-    `load average ${m.loadStart.join(' ')} at start, ${m.loadEnd.join(' ')} at end; each value the median of ${r.runs} runs of ${r.runMs} ms`,
+    `load average ${m.loadStart.join(' ')} at start, ${m.loadEnd.join(' ')} at end; ` +
+      `CPU pressure before the run ${m.cpuPressure === null ? 'unknown' : `${Math.round(m.cpuPressure * 100)}%`}; ` +
+      `each value the median of ${r.runs} runs of ${r.runMs} ms`,
     '',
     `${'metric'.padEnd(38)} ${'value'.padStart(12)}  ${'unit'.padEnd(7)} runs`,
   ];
