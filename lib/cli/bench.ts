@@ -35,8 +35,7 @@ export type MachineInfo = {
    * The share of the half second before the run in which some task waited
    * for a CPU (Linux PSI, /proc/pressure/cpu "some"); null where the kernel
    * has no PSI. Under a VM it also shows the host taking the CPUs away,
-   * which the load average does not: the figures of a run that began above
-   * a few per cent are low.
+   * which the load average does not.
    */
   cpuPressure: number | null;
 };
