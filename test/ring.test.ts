@@ -13,6 +13,8 @@ import { Host } from '../lib/hypervisor/host.js';
 import { FramePage, PAGE_SIZE } from '../lib/hypervisor/page.js';
 import type { MemoryViews, Page } from '../lib/hypervisor/page.js';
 import { BackRing, FrontRing, SRING_RING_OFFSET } from '../lib/xen/ring.js';
+import { BLKIF_WIRES, requestBytes } from '../lib/xen/blkif.js';
+import { BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE } from '../lib/abi/blkif.js';
 import { runPair } from '../bench/ring.js';
 
 const REQ_PROD = offsetOf(sring_header, 'req_prod');
@@ -664,6 +666,25 @@ t.test('a request that uses part of its slot: the front writes that part, the ba
   }
   t.equal(wrong, 0, 'each request: the head alone, then exactly the rest, and nothing past it');
   t.throws(() => back.takeRequestRest(req, HEAD, USED), /no request taken/, 'nor once its response is put');
+});
+
+t.test('requestBytes: what each blkif operation uses of its slot, under both protocols', async (t) => {
+  const req = new Uint8Array(BLK_BYTES);
+  for (const [protocol, w] of BLKIF_WIRES) {
+    const used = (op: number, nr: number): number => {
+      req.fill(0);
+      req[0] = op;
+      req[w.reqNrSegments] = nr;
+      return requestBytes(w, req);
+    };
+    t.equal(used(BLKIF_OP_READ, 1), w.reqHeadBytes, `${protocol}: a read of one page is the head`);
+    t.equal(used(BLKIF_OP_WRITE, 11), w.reqSeg + 11 * 8, `${protocol}: eleven segments`);
+    t.equal(used(BLKIF_OP_READ, 200), w.reqSeg + 11 * 8, `${protocol}: more than eleven copies eleven (the request is refused)`);
+    t.equal(used(BLKIF_OP_FLUSH_DISKCACHE, 0), w.reqSeg, `${protocol}: a flush without data`);
+    t.equal(used(BLKIF_OP_INDIRECT, 0), w.indBytes, `${protocol}: the indirect struct`);
+    t.equal(used(BLKIF_OP_DISCARD, 0), w.discardBytes, `${protocol}: the discard struct`);
+    t.ok(w.discardBytes <= w.reqHeadBytes && w.indBytes <= w.entryBytes, `${protocol}: a discard fits the head, an indirect request the slot`);
+  }
 });
 
 t.test('100,000 requests between two domains in two threads through a granted page', async (t) => {

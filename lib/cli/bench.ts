@@ -5,11 +5,12 @@
 // measurements live in bench/; this file runs them, prints the table,
 // evaluates the targets and writes the JSON.
 
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg, release, tmpdir, totalmem, type } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { XenError } from '../errors.js';
+import { CpuPressure, PRESSURE_FILE } from '../hypervisor/vcpu.js';
 import { atomicsPingPong, memcpyLimit, ringLimit } from '../../bench/limits.js';
 import { fioRandRead, makeDataFile, messagePort, readSyncRandom } from '../../bench/peers.js';
 import { runPair } from '../../bench/ring.js';
@@ -236,23 +237,14 @@ async function machineInfo(): Promise<MachineInfo> {
 
 const PRESSURE_SAMPLE_MS = 500;
 
-/** PSI's "some" total for the CPU, in microseconds; null without PSI. */
-function pressureTotalUs(): number | null {
-  try {
-    const m = /^some .*total=(\d+)/m.exec(readFileSync('/proc/pressure/cpu', 'utf8'));
-    return m === null ? null : Number(m[1]);
-  } catch {
-    return null;
-  }
-}
-
-/** The share of the next `ms` in which some task waited for a CPU. */
+/** The share of the next `ms` in which some task waited for a CPU (read as the vCPUs read it). */
 async function cpuPressure(ms: number): Promise<number | null> {
-  const a = pressureTotalUs();
+  const psi = new CpuPressure(PRESSURE_FILE);
+  const a = psi.totalUs();
   const t0 = performance.now();
   await new Promise((resolve) => setTimeout(resolve, ms));
-  const b = pressureTotalUs();
-  if (a === null || b === null) return null;
+  const b = psi.totalUs();
+  if (a < 0 || b < 0) return null;
   return Math.round(((b - a) / ((performance.now() - t0) * 1000)) * 1000) / 1000;
 }
 

@@ -82,6 +82,11 @@ export function hostCpus(): number[] {
 }
 
 /** Check a set against the host's CPUs; EINVAL names the first it lacks. */
+/** Whether `cpus` names every CPU this process may run on (xl's "all"). */
+export function everyHostCpu(cpus: readonly number[]): boolean {
+  return hostCpus().every((c) => cpus.includes(c));
+}
+
 export function checkCpus(cpus: readonly number[]): void {
   const have = hostCpus();
   const missing = cpus.find((c) => !have.includes(c));
@@ -116,8 +121,7 @@ export function affinityOf(ctl: Int32Array): number[] | null {
  * as it starts). A set naming every CPU of the host ("all") is no pin at all.
  */
 export function setAffinity(ctl: Int32Array, cpus: readonly number[] | null): void {
-  const all = cpus !== null && hostCpus().every((c) => cpus.includes(c));
-  const [lo, hi] = cpus === null || all ? [0, 0] : toMask(cpus);
+  const [lo, hi] = cpus === null || everyHostCpu(cpus) ? [0, 0] : toMask(cpus);
   Atomics.store(ctl, D.affinity, lo);
   Atomics.store(ctl, D.affinity + 1, hi);
 }

@@ -15,7 +15,7 @@ import { EVTCHNSTAT_interdomain, EVTCHNSTAT_unbound } from '../abi/event_channel
 import { PAGE_SIZE } from './page.js';
 import type { Runner } from './runner.js';
 import { ThreadRunner } from './threads.js';
-import { affinityOf, checkCpus, formatCpuList, hostCpus, pinDomain, setAffinity, threadPlacement } from './affinity.js';
+import { affinityOf, checkCpus, everyHostCpu, pinDomain, setAffinity, threadPlacement } from './affinity.js';
 
 const log = logger('host');
 
@@ -155,7 +155,7 @@ export class Host {
     const ctl = this.domain(domid).ctl;
     const { allowed, cpu } = threadPlacement(ctl);
     // Judged here, against the CPUs of the process that runs the threads (a CLI under taskset sees fewer).
-    const everyCpu = allowed !== null && formatCpuList(allowed) === formatCpuList(hostCpus());
+    const everyCpu = allowed !== null && everyHostCpu(allowed);
     return { cpus: affinityOf(ctl), allowed, everyCpu, cpu };
   }
 

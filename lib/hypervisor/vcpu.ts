@@ -65,7 +65,7 @@ const FAILED_POLLS_MAX = 2;
 const POLL_BACKOFF_MS = 20;
 const POLL_BACKOFF_MAX_MS = 1000;
 /** How often a vCPU looks at the machine's CPU pressure (the span it judges), and the share of waiting above which CPUs are not free. */
-const PRESSURE_FILE = '/proc/pressure/cpu';
+export const PRESSURE_FILE = '/proc/pressure/cpu';
 const PRESSURE_SAMPLE_MS = 100;
 const PRESSURE_HIGH = 0.25;
 /** While polling, at least one event-loop turn this often. */
@@ -294,7 +294,11 @@ export class CpuPressure {
     return this.isHigh;
   }
 
-  /** The "some" line's total=, in microseconds; -1 if unreadable. */
+  /** The "some" line's total= now, in microseconds; -1 if unreadable. */
+  totalUs(): number {
+    return this.file === null ? -1 : this.read(this.file);
+  }
+
   private read(file: string): number {
     let n: number;
     try {

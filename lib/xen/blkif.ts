@@ -5,8 +5,9 @@
 // reading of the header (lib/fuzz/blkwire.ts), apart from this one.
 
 import {
-  BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_INDIRECT, blkif_request, blkif_request_discard, blkif_request_discard_x86_32, blkif_request_indirect,
-  blkif_request_indirect_x86_32, blkif_request_segment, blkif_request_x86_32, blkif_response, blkif_response_x86_32,
+  BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_INDIRECT, blkif_request, blkif_request_discard,
+  blkif_request_discard_x86_32, blkif_request_indirect, blkif_request_indirect_x86_32, blkif_request_segment,
+  blkif_request_x86_32, blkif_response, blkif_response_x86_32,
 } from '../abi/blkif.js';
 import { offsetOf, type Layout } from '../abi/layout.js';
 import { XEN_IO_PROTO_ABI_X86_32, XEN_IO_PROTO_ABI_X86_64 } from '../abi/protocols.js';
@@ -84,13 +85,13 @@ export const BLKIF_WIRES: ReadonlyMap<string, BlkifWire> = new Map([
  * How many bytes of the request whose head is in `req` its operation uses:
  * the segments it names (at most BLKIF_MAX_SEGMENTS_PER_REQUEST; more is a
  * malformed request, which needs none of them), or the whole indirect or
- * discard struct. Never less than reqHeadBytes.
+ * discard struct.
  */
 export function requestBytes(w: BlkifWire, req: Uint8Array): number {
   const op = req[0]!;
-  if (op === BLKIF_OP_INDIRECT) return Math.max(w.reqHeadBytes, w.indBytes);
-  if (op === BLKIF_OP_DISCARD) return Math.max(w.reqHeadBytes, w.discardBytes);
-  return w.reqSeg + Math.max(1, Math.min(req[w.reqNrSegments]!, BLKIF_MAX_SEGMENTS_PER_REQUEST)) * blkif_request_segment.size;
+  if (op === BLKIF_OP_INDIRECT) return w.indBytes;
+  if (op === BLKIF_OP_DISCARD) return w.discardBytes;
+  return w.reqSeg + Math.min(req[w.reqNrSegments]!, BLKIF_MAX_SEGMENTS_PER_REQUEST) * blkif_request_segment.size;
 }
 
 /** A u64 field read as a Number: sector numbers and counts are below 2^53 (larger fail the range checks). */
