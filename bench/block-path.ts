@@ -30,7 +30,7 @@ async function load(world: World, disk: Disk, requests: number, write: boolean):
   const spb = 4096 / disk.sectorSize;
   let left = requests;
   const caller = async (seed: number): Promise<void> => {
-    const buf = new Uint8Array(4096).fill(0x5a);
+    const buf = disk.buffer(4096).fill(0x5a);
     const next = xorshift(seed);
     while (left-- > 0) {
       const lba = (next() % blocks) * spb;

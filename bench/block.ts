@@ -6,8 +6,10 @@
 // raw file (the file the peer fs and fio figures read). Random loads keep
 // QUEUE_DEPTH requests outstanding; sequential loads one 1 MiB transfer at a
 // time (xbf splits it into ring requests of up to 11 pages and issues them
-// together). Reads go into a buffer each caller reuses (disk.readInto), as
-// fio's do.
+// together). Each caller reads into and writes from one array it reuses,
+// as fio's do: an array from disk.buffer(), guest memory whose pages the
+// backend reads and writes itself, as a kernel's buffer pages are (a plain
+// array would be copied through xbf's request pages).
 
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -38,6 +40,16 @@ function xorshift(seed) {
   return () => { x ^= x << 13; x ^= x >>> 17; x ^= x << 5; return x >>> 0; };
 }
 // Operations per second (4k loads) or MB/s (1m loads) over ms milliseconds.
+// Each disk's arrays, made once: disk.buffer() memory lasts as long as the disk.
+const arrays = new Map();
+function arraysOf(disk) {
+  let a = arrays.get(disk.path);
+  if (a === undefined) {
+    a = { page: Array.from({ length: ${QUEUE_DEPTH} }, () => disk.buffer(4096).fill(0x5a)), mib: disk.buffer(1 << 20).fill(0xa5) };
+    arrays.set(disk.path, a);
+  }
+  return a;
+}
 async function load(disk, kind, ms) {
   const spb = 4096 / disk.sectorSize;
   const blocks = Math.floor(disk.sectors / spb);
@@ -47,7 +59,7 @@ async function load(disk, kind, ms) {
     let n = 0;
     // The clock once per CLOCK_EVERY operations: a reading (~60 ns) would count against the disk.
     const caller = async (seed) => {
-      const buf = new Uint8Array(4096).fill(0x5a);
+      const buf = arraysOf(disk).page[seed - 1];
       const next = xorshift(seed);
       while (performance.now() < end) {
         for (let i = 0; i < ${CLOCK_EVERY}; i++) {
@@ -63,7 +75,7 @@ async function load(disk, kind, ms) {
   }
   const spm = (1 << 20) / disk.sectorSize;
   const mbs = Math.floor(disk.sectors / spm);
-  const buf = new Uint8Array(1 << 20).fill(0xa5);
+  const buf = arraysOf(disk).mib;
   let n = 0;
   while (performance.now() < end) {
     const lba = (n % mbs) * spm;

@@ -151,7 +151,7 @@ async function load(disk, write, ms) {
   const end = performance.now() + ms;
   let n = 0;
   const caller = async (seed) => {
-    const buf = new Uint8Array(4096);
+    const buf = disk.buffer(4096);
     const next = xorshift(seed);
     while (performance.now() < end) {
       const lba = (next() % blocks) * spb;

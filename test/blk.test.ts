@@ -109,6 +109,11 @@ t.test('random reads and writes (512 B..4 MiB, unaligned) match the backing file
     t.ok(m !== null, `${v.name}: finished`);
     if (m === null) continue;
     t.equal(Number(m[1]), 80, `${v.name}: every operation done`);
+    const b = /^buffers ops=(\d+) granted=(\d+)$/m.exec(exit.console);
+    t.ok(b !== null && Number(b[1]) > 0, `${v.name}: transfers through disk.buffer() arrays`);
+    // With persistent grants xbf names the buffers' own pages (and grants them); otherwise it copies them as any array.
+    const direct = /persistent=true trusted=true/.test(exit.console);
+    if (b !== null) t.ok(direct ? Number(b[2]) > 0 : Number(b[2]) === 0, `${v.name}: buffers granted ${b[2]}`);
     t.equal(m[3], 'true', `${v.name}: a final read of the whole disk matches`);
     t.equal(m[4], sha256(join(dir, `${v.name}.img`)), `${v.name}: the file is what the guest wrote`);
   }
@@ -162,6 +167,50 @@ t.test('discard zeroes exactly the range; FUA writes; secure discard only where 
   t.ok(file.subarray(100 * 512, 103 * 512).every((b) => b === 0xcd), 'the FUA write');
   t.ok(file.subarray(103 * 512, (2048 - 9) * 512).every((b) => b === 0x11), 'untouched sectors');
   t.ok(file.subarray((2048 - 9) * 512).every((b) => b === 0), 'the tail: zeros');
+});
+
+t.test('disk.buffer(): with persistent grants the backend reads and writes the buffer\'s own pages; without, they are copied', async (t) => {
+  // Sectors 64..71 hold 0xb7, written by the host: the guest has never had them in any page of its own.
+  const img = join(dir, 'direct.img');
+  const bytes = new Uint8Array(1 << 20).fill(0x11);
+  bytes.fill(0xb7, 64 * 512, 72 * 512);
+  writeFileSync(img, bytes);
+  writeFileSync(join(dir, 'direct.mjs'), `import { xbfDisks } from '${xbfModule}';
+export async function main(guest) {
+  const [disk] = guest.disks();
+  const x = xbfDisks(guest.sc)[0];
+  // Whether any of xbf's request pages holds a whole page of this byte.
+  const inRequestPages = (v) => x.queues.some((q) => q.ccbs.some((c) => c.pages.some((p) => p.every((b) => b === v))));
+  const buf = disk.buffer(4096);
+  await disk.readInto(64, buf);
+  console.log('read ' + buf.every((b) => b === 0xb7) + ' via request pages ' + inRequestPages(0xb7));
+  buf.fill(0xc9);
+  await disk.write(128, buf);
+  console.log('wrote via request pages ' + inRequestPages(0xc9) + ' granted ' + [...x.directs.values()].filter((d) => d.granted).length);
+  const part = buf.subarray(0, 1024);
+  part.fill(0xd4);
+  await disk.write(256, part);
+  console.log('subarray via request pages ' + (x.queues.some((q) => q.ccbs.some((c) => c.pages.some((p) => p.subarray(0, 1024).every((b) => b === 0xd4))))));
+  for (const [what, n] of [['zero', 0], ['odd', 100], ['huge', 5 << 20]]) {
+    try { disk.buffer(n); console.log(what + ' ok'); } catch (err) { console.log(what + ' ' + err.code + ' ' + err.op); }
+  }
+}
+`);
+  const disk = `disk = ['format=raw, vdev=xvda, target=direct.img']`;
+  const [direct, copied] = await runGuests(cfg('direct', `kernel = "direct.mjs"\n${disk}`), cfg('copied', `kernel = "direct.mjs"\nextra = "xbf.feature_persistent=0"\n${disk}`));
+  t.equal(direct!.reason, 'poweroff', direct!.console);
+  t.match(direct!.console, /^read true via request pages false$/m, 'a read lands in the buffer, not in a request page');
+  t.match(direct!.console, /^wrote via request pages false granted 1$/m, 'a write goes from the buffer\'s own (granted) page');
+  t.match(direct!.console, /^subarray via request pages true$/m, 'a subarray of a buffer is copied');
+  t.match(direct!.console, /^zero EINVAL buffer$/m);
+  t.match(direct!.console, /^odd EINVAL buffer$/m);
+  t.match(direct!.console, /^huge ENOMEM buffer$/m);
+  t.equal(copied!.reason, 'poweroff', copied!.console);
+  t.match(copied!.console, /^read true via request pages true$/m, 'without persistent grants the read is copied out of a request page');
+  t.match(copied!.console, /^wrote via request pages true granted 0$/m, 'and the write copied into one');
+  const file = readFileSync(img);
+  t.ok(file.subarray(128 * 512, 136 * 512).every((b) => b === 0xc9), 'the buffer\'s write is in the file');
+  t.ok(file.subarray(256 * 512, 258 * 512).every((b) => b === 0xd4), 'and the subarray\'s');
 });
 
 t.test('read-only disks and a CD-ROM: EROFS in the guest, BLKIF_RSP_ERROR from blkback, the file unchanged', async (t) => {

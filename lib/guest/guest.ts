@@ -14,16 +14,17 @@ import { vcpusOnline } from '../xen/cpu.js';
 
 /**
  * Why a disk operation failed:
- * - EINVAL: a range outside the disk, or data that is not whole sectors;
+ * - EINVAL: a range outside the disk, or data (or a buffer() size) that is not whole sectors;
  * - EROFS: a write or discard to a read-only disk;
  * - EOPNOTSUPP: the backend offers no (secure) discard, or withdrew a feature;
  * - EIO: the backend refused the request, broke the protocol, or did not come back;
  * - ENXIO: the disk was detached;
- * - EAGAIN: too many transfers queued.
+ * - EAGAIN: too many transfers queued;
+ * - ENOMEM: no room for another buffer().
  */
-export type DiskErrorCode = 'EINVAL' | 'EROFS' | 'EOPNOTSUPP' | 'EIO' | 'ENXIO' | 'EAGAIN';
-export type DiskOp = 'read' | 'write' | 'flush' | 'discard';
-const DISK_ERROR_CODES = new Set<string>(['EINVAL', 'EROFS', 'EOPNOTSUPP', 'EIO', 'ENXIO', 'EAGAIN']);
+export type DiskErrorCode = 'EINVAL' | 'EROFS' | 'EOPNOTSUPP' | 'EIO' | 'ENXIO' | 'EAGAIN' | 'ENOMEM';
+export type DiskOp = 'read' | 'write' | 'flush' | 'discard' | 'buffer';
+const DISK_ERROR_CODES = new Set<string>(['EINVAL', 'EROFS', 'EOPNOTSUPP', 'EIO', 'ENXIO', 'EAGAIN', 'ENOMEM']);
 
 /** A failed disk operation: `code` says why; `op`, `lba` and `count` say what was asked. */
 export class DiskError extends XenError {
@@ -89,6 +90,20 @@ export class Disk {
   }
   read(lba: number, count: number): Promise<Uint8Array> {
     return this.xbf.read(lba, count).catch((err: unknown) => Promise.reject(diskError(err, 'read', lba, count)));
+  }
+  /**
+   * `bytes` (whole sectors) of the guest's own memory, zeroed, to read into
+   * and write from: while the backend maps grants persistently, the
+   * requests name its pages and xbf copies nothing (a subarray of it is
+   * copied as any array is). It lasts as long as the disk; a disk hands out
+   * at most 4 MiB of them. EINVAL, ENOMEM.
+   */
+  buffer(bytes: number): Uint8Array {
+    try {
+      return this.xbf.buffer(bytes);
+    } catch (err) {
+      throw diskError(err, 'buffer', 0, bytes / this.sectorSize);
+    }
   }
   /** Read into `into` (whole sectors) instead of a new array. */
   readInto(lba: number, into: Uint8Array): Promise<void> {

@@ -16,6 +16,11 @@
 // backend that is not trusted (`trusted` = 0, XSA-403) gets no persistent
 // grants and pages zeroed around the data.
 //
+// An array from buffer() is guest memory, as the buffers OpenBSD's xbf
+// loads into its maps are: with persistent grants its pages are granted
+// once per connection and the requests name them, so its data is not
+// copied at all.
+//
 // Responses are copied once off the ring and checked (id outstanding,
 // operation matches, status known, grants given back); a violation breaks
 // the disk with a logged reason and never throws out of the interrupt.
@@ -63,6 +68,8 @@ const XBF_MAX_INDIRECT_SEGS = 256;
 const XBF_MAX_CCBS_PER_QUEUE = 64;
 /** Request pages one disk may take: at most 16 MiB and a quarter of free memory. */
 const XBF_MAX_BUFFER_PAGES = 4096;
+/** Pages of buffer() arrays one disk may hand out: at most 4 MiB and a quarter of free memory. */
+const XBF_MAX_DIRECT_PAGES = 1024;
 const XBF_CONNECT_TIMEOUT_MS = 30_000;
 const XBF_RECONNECT_TIMEOUT_MS = 30_000;
 const XBF_MAX_QUEUED = 4096;
@@ -192,6 +199,12 @@ function bioIssued(bio: XbfBio): boolean {
   return bio.data === null ? bio.next > 0 : bio.next >= bio.data.length;
 }
 
+/**
+ * An array of guest memory from buffer(), its pages granted to the backend
+ * while a connection with persistent grants uses it (`granted`).
+ */
+type XbfDirect = { bytes: Uint8Array; segs: DmaSegment[]; map: XenDmaMap; npages: number; granted: boolean; lost: boolean };
+
 /** One request slot (OpenBSD's struct xbf_ccb, Linux's blk_shadow): its id on the ring is its index in its queue. */
 type XbfCcb = {
   id: number;
@@ -206,6 +219,8 @@ type XbfCcb = {
   indPages: Uint8Array[];
   /** The transfer this request carries a piece of; null when the slot is free. */
   bio: XbfBio | null;
+  /** The buffer() array whose own pages the piece names, or null when it uses the ccb's pages. */
+  direct: XbfDirect | null;
   /** The operation the response must carry. */
   rspOp: number;
   /** The piece: first 512-byte sector, byte offset in bio.data, bytes, and its order of issue. */
@@ -287,6 +302,9 @@ export class XbfSoftc {
   private nextQueue = 0;
   /** Settled io() transfers, for reuse. */
   private readonly ioPool: XbfIo[] = [];
+  /** The arrays buffer() made, by the array itself; their pages are counted in directPages. */
+  readonly directs = new Map<Uint8Array, XbfDirect>();
+  private directPages = 0;
   /** A push of the rings is queued as a microtask (see strategy). */
   private pushQueued = false;
   private readonly pushLater = (): void => {
@@ -337,6 +355,35 @@ export class XbfSoftc {
       return Promise.reject(mapError === null ? err : mapError(err as XenError, lba, into.length / this.sectorSize));
     }
     return into.length > 0 ? this.io(BLKIF_OP_READ, lba * this.ratio, into, 0, 0, mapError) : RESOLVED;
+  }
+
+  /**
+   * `bytes` (whole sectors) of the guest's own memory, zeroed, for readInto
+   * and write. While the backend grants persistently, the requests name its
+   * pages and nothing is copied; otherwise it goes through the request
+   * pages as any array does. A subarray of it is copied too. It lives as
+   * long as the disk: the backend keeps persistent grants mapped for the
+   * whole connection, so its pages are never handed back. EINVAL for a
+   * size that is not whole sectors, ENOMEM past XBF_MAX_DIRECT_PAGES a disk
+   * or a quarter of the free memory.
+   */
+  buffer(bytes: number): Uint8Array {
+    if (!Number.isSafeInteger(bytes) || bytes <= 0 || bytes % this.sectorSize !== 0) {
+      throw new XenError('EINVAL', `${this.name}: a buffer is whole sectors of ${this.sectorSize} bytes, not ${bytes}`);
+    }
+    const npages = Math.ceil(bytes / PAGE_SIZE);
+    const limit = Math.min(XBF_MAX_DIRECT_PAGES, this.directPages + Math.floor(this.sc.physmem.freePages / 4));
+    if (this.directPages + npages > limit) {
+      throw new XenError('ENOMEM', `${this.name}: ${npages} more buffer pages would exceed ${limit}`);
+    }
+    const { dmat } = this.sc;
+    // One segment: the pages are contiguous, so the array is one view of them.
+    const segs = dmat.dmamemAlloc(npages * PAGE_SIZE, PAGE_SIZE, 0, 1, 0);
+    const map = dmat.dmamapCreate(npages * PAGE_SIZE, npages, PAGE_SIZE, PAGE_SIZE, 0);
+    const bytesView = this.sc.mem.u8.subarray(segs[0]!.ds_addr, segs[0]!.ds_addr + bytes);
+    this.directs.set(bytesView, { bytes: bytesView, segs, map, npages, granted: false, lost: false });
+    this.directPages += npages;
+    return bytesView;
   }
 
   // xbf_scsi_cmd WRITE. FUA: a barrier write when the backend only has
@@ -536,6 +583,9 @@ export class XbfSoftc {
   /** A READ/WRITE/barrier piece: fill and grant the pages, describe them directly or through indirect pages. */
   private load(q: XbfQueue, ccb: XbfCcb, bio: XbfBio): void {
     const data = bio.data!;
+    const direct = this.directs.size === 0 || !this.features.persistent ? undefined : this.directs.get(data);
+    if (direct !== undefined && !direct.lost) return this.loadDirect(q, ccb, bio, direct);
+    ccb.direct = null;
     const sector = bio.sector + bio.next / XBF_SEC_SIZE;
     const pageOff = (sector % XBF_SECS_PER_PAGE) * XBF_SEC_SIZE;
     const maxSegs = bio.op === BLKIF_OP_WRITE_BARRIER ? BLKIF_MAX_SEGMENTS_PER_REQUEST : this.segsPerRequest;
@@ -554,19 +604,52 @@ export class XbfSoftc {
     ccb.offset = bio.next;
     ccb.len = len;
     bio.next += len;
+    this.encodeSegments(q, ccb, bio.op, sector, ccb.dataMap, 0, pageOff, len, npages);
+  }
+
+  /**
+   * A piece of a buffer() array: its own pages, granted for the connection
+   * the first time one is used, from the page that holds byte bio.next on.
+   * Trusted or not, the backend only sees the pages the caller put there.
+   */
+  private loadDirect(q: XbfQueue, ccb: XbfCcb, bio: XbfBio, d: XbfDirect): void {
+    const dmat = this.sc.dmat;
+    const first = Math.floor(bio.next / PAGE_SIZE);
+    const pageOff = bio.next - first * PAGE_SIZE;
+    const maxSegs = bio.op === BLKIF_OP_WRITE_BARRIER ? BLKIF_MAX_SEGMENTS_PER_REQUEST : this.segsPerRequest;
+    const cap = Math.floor((maxSegs * PAGE_SIZE - pageOff) / this.sectorSize) * this.sectorSize;
+    const len = Math.min(d.bytes.length - bio.next, cap);
+    const npages = Math.ceil((pageOff + len) / PAGE_SIZE);
+    const write = bio.op !== BLKIF_OP_READ;
+    if (!d.granted) {
+      dmat.dmamapLoadRaw(d.map, d.segs, d.npages * PAGE_SIZE, busDmaDomid(this.dev.backendId));
+      d.granted = true;
+    }
+    dmat.dmamapSync(d.map, first * PAGE_SIZE, npages * PAGE_SIZE, write ? BUS_DMASYNC_PREWRITE : BUS_DMASYNC_PREREAD);
+    const sector = bio.sector + bio.next / XBF_SEC_SIZE;
+    ccb.direct = d;
+    ccb.sector = sector;
+    ccb.offset = bio.next;
+    ccb.len = len;
+    bio.next += len;
+    this.encodeSegments(q, ccb, bio.op, sector, d.map, first, pageOff, len, npages);
+  }
+
+  /** The piece's `npages` pages, from page `base` of `map` on: in the request, or through indirect pages. */
+  private encodeSegments(q: XbfQueue, ccb: XbfCcb, op: number, sector: number, map: XenDmaMap, base: number, pageOff: number, len: number, npages: number): void {
     if (npages <= BLKIF_MAX_SEGMENTS_PER_REQUEST) {
-      this.encodeDirect(q, ccb, bio.op, npages, sector);
-      for (let i = 0; i < npages; i++) this.putSegment(q.req, this.wire.reqSeg + i * XBF_SEG_BYTES, ccb, i, pageOff, len, npages);
+      this.encodeDirect(q, ccb, op, npages, sector);
+      for (let i = 0; i < npages; i++) this.putSegment(q.req, this.wire.reqSeg + i * XBF_SEG_BYTES, map, base, i, pageOff, len, npages);
     } else {
-      this.encodeIndirect(q, ccb, bio.op, npages, sector, pageOff, len);
+      this.encodeIndirect(q, ccb, op, npages, sector, map, base, pageOff, len);
     }
   }
 
-  /** blkif_request_segment `i` of the piece: its page's grant and the sectors used in it. */
-  private putSegment(into: Uint8Array, at: number, ccb: XbfCcb, i: number, pageOff: number, len: number, npages: number): void {
+  /** blkif_request_segment `i` of the piece: its page's grant (page base + i of `map`) and the sectors used in it. */
+  private putSegment(into: Uint8Array, at: number, map: XenDmaMap, base: number, i: number, pageOff: number, len: number, npages: number): void {
     const first = i === 0 ? pageOff >> XBF_SEC_SHIFT : 0;
     const last = i === npages - 1 ? ((pageOff + len - 1 - i * PAGE_SIZE) >> XBF_SEC_SHIFT) : XBF_SECS_PER_PAGE - 1;
-    putU32(into, at, ccb.dataMap.dm_segs[i]!.ds_addr);
+    putU32(into, at, map.dm_segs[base + i]!.ds_addr);
     into[at + 4] = first;
     into[at + 5] = last;
   }
@@ -582,13 +665,13 @@ export class XbfSoftc {
   }
 
   // blkif_setup_rw_req with indirect grants: the segments go in the ccb's indirect pages.
-  private encodeIndirect(q: XbfQueue, ccb: XbfCcb, op: number, npages: number, sector: number, pageOff: number, len: number): void {
+  private encodeIndirect(q: XbfQueue, ccb: XbfCcb, op: number, npages: number, sector: number, map: XenDmaMap, base: number, pageOff: number, len: number): void {
     const w = this.wire;
     const nind = Math.ceil(npages / XBF_SEGS_PER_INDIRECT_PAGE);
     if (!this.features.trusted) for (let p = 0; p < nind; p++) ccb.indPages[p]!.set(XBF_ZERO_PAGE);
     for (let i = 0; i < npages; i++) {
       const page = ccb.indPages[Math.floor(i / XBF_SEGS_PER_INDIRECT_PAGE)]!;
-      this.putSegment(page, (i % XBF_SEGS_PER_INDIRECT_PAGE) * XBF_SEG_BYTES, ccb, i, pageOff, len, npages);
+      this.putSegment(page, (i % XBF_SEGS_PER_INDIRECT_PAGE) * XBF_SEG_BYTES, map, base, i, pageOff, len, npages);
     }
     const indMap = ccb.indMap!;
     if (!this.features.persistent) this.sc.dmat.dmamapLoadRaw(indMap, ccb.indSegs!, nind * PAGE_SIZE, busDmaDomid(this.dev.backendId) | BUS_DMA_WRITE);
@@ -663,12 +746,13 @@ export class XbfSoftc {
   // xbf_complete_cmd + xbf_reclaim_cmd: revoke, copy a read out, free the ccb, account the piece.
   private complete(q: XbfQueue, ccb: XbfCcb, status: number): string | null {
     const bio = ccb.bio!;
+    const direct = ccb.direct !== null;
     ccb.bio = null;
     if (!this.reclaim(ccb, bio)) {
       this.settle(bio, new XenError('EIO', `${this.name}: backend kept a grant mapped`));
       return `queue ${q.index}: the backend still maps the pages of id ${ccb.id} after answering it`;
     }
-    if (status === BLKIF_RSP_OKAY && bio.op === BLKIF_OP_READ && bio.data !== null && bio.raw === null) {
+    if (status === BLKIF_RSP_OKAY && bio.op === BLKIF_OP_READ && bio.data !== null && bio.raw === null && !direct) {
       copyPages(ccb.pages, (ccb.sector % XBF_SECS_PER_PAGE) * XBF_SEC_SIZE, bio.data, ccb.offset, ccb.len, false);
     }
     q.free.push(ccb);
@@ -680,6 +764,15 @@ export class XbfSoftc {
 
   /** Revoke a non-persistent request's grants; false if the backend still maps one (the ccb is then lost). */
   private reclaim(ccb: XbfCcb, bio: XbfBio): boolean {
+    const d = ccb.direct;
+    if (d !== null) {
+      // A buffer() array's grants stay for the connection (they are only used with persistent grants).
+      ccb.direct = null;
+      const first = Math.floor(ccb.offset / PAGE_SIZE);
+      const npages = Math.ceil((ccb.offset - first * PAGE_SIZE + ccb.len) / PAGE_SIZE);
+      this.sc.dmat.dmamapSync(d.map, first * PAGE_SIZE, npages * PAGE_SIZE, bio.op === BLKIF_OP_READ ? BUS_DMASYNC_POSTREAD : BUS_DMASYNC_POSTWRITE);
+      return ccb.indMap === null || this.reclaimMap(ccb, ccb.indMap, false);
+    }
     const data = this.reclaimMap(ccb, ccb.dataMap, bio.op === BLKIF_OP_READ);
     return (ccb.indMap === null || this.reclaimMap(ccb, ccb.indMap, false)) && data;
   }
@@ -973,8 +1066,19 @@ function xbfQueueCreate(xbf: XbfSoftc, index: number, order: number): XbfQueue {
 }
 
 // xbf_ring_destroy and xbf_free_ccbs for every queue; tolerates half-built ones.
+// The buffer() arrays' grants go with the connection; their pages stay, as
+// the caller may still hold the arrays.
 async function xbfQueuesDestroy(xbf: XbfSoftc): Promise<void> {
   const { dmat, intr } = xbf.sc;
+  for (const d of xbf.directs.values()) {
+    if (!d.granted) continue;
+    d.granted = false;
+    // A backend that keeps them mapped leaves them to the tag's quarantine: the array is then only ever copied.
+    await dmat.dmamapUnload(d.map).catch((err: Error) => {
+      d.lost = true;
+      xbf.log('buffer at %d: %s', d.segs[0]!.ds_addr, err.message);
+    });
+  }
   for (const q of xbf.queues.splice(0)) {
     if (q.ih !== null) await intr.intrDisestablish(q.ih).catch(() => undefined);
     q.ih = null;
@@ -1017,7 +1121,7 @@ function xbfCcbsCreate(xbf: XbfSoftc, q: XbfQueue, count: number): void {
     const ccb: XbfCcb = {
       id, dataSegs: data.segs, dataKva: data.kva, dataMap: data.map, pages: data.pages,
       indSegs: ind?.segs ?? null, indKva: ind?.kva ?? null, indMap: ind?.map ?? null, indPages: ind?.pages ?? [],
-      bio: null, rspOp: -1, sector: 0, offset: 0, len: 0, seq: 0,
+      bio: null, direct: null, rspOp: -1, sector: 0, offset: 0, len: 0, seq: 0,
     };
     q.ccbs.push(ccb);
     if (xbf.features.persistent) {
