@@ -363,9 +363,12 @@ export class XbfSoftc {
    * pages and nothing is copied; otherwise it goes through the request
    * pages as any array does. A subarray of it is copied too. It lives as
    * long as the disk: the backend keeps persistent grants mapped for the
-   * whole connection, so its pages are never handed back. EINVAL for a
-   * size that is not whole sectors, ENOMEM past XBF_MAX_DIRECT_PAGES a disk
-   * or a quarter of the free memory.
+   * whole connection, so its pages are never handed back. Only a trusted
+   * backend gets persistent grants; one that keeps a buffer mapped after
+   * its connection can still write into it, and xbf copies that buffer
+   * from then on (xbfQueuesDestroy). EINVAL for a size that is not whole
+   * sectors, ENOMEM past XBF_MAX_DIRECT_PAGES a disk or a quarter of the
+   * free memory.
    */
   buffer(bytes: number): Uint8Array {
     if (!Number.isSafeInteger(bytes) || bytes <= 0 || bytes % this.sectorSize !== 0) {
