@@ -23,6 +23,7 @@ t.test('50,000 seeded steps against xbf break no invariant; every malicious answ
     t.ok((r.actions[action] ?? 0) > 0, `the run included ${action}`);
   }
   for (const io of ['read', 'write', 'fua', 'flush', 'discard']) t.ok((r.actions[`io ${io}`] ?? 0) > 0, `the guest did ${io}`);
+  t.ok((r.actions['io read into a buffer'] ?? 0) > 0, 'the guest read into disk.buffer() arrays');
   t.ok(Object.keys(r.actions).some((a) => /^episode order [12] queues [23] indirect 64 sector 4096/.test(a)), 'multi-page rings, queues, indirect segments, 4 KiB sectors');
   t.ok(Object.keys(r.actions).some((a) => / persistent$/.test(a)), 'persistent grants');
   t.ok((r.actions['pages still mapped by the backend'] ?? 0) > 0, 'the backend ended the run holding mappings, checked all along');

@@ -465,6 +465,8 @@ export class XbfFuzz extends Harness {
   private other!: XbfSoftc;
   private backend!: HostileBlkBackend;
   private xbf: XbfSoftc | null = null;
+  /** The current disk's buffer() arrays not in use, by size: reads go into them now and then. */
+  private buffers = new Map<number, Uint8Array[]>();
   private ioSeq = 0;
   private ios: Io[] = [];
   private held: TakenRequest[] = [];
@@ -544,6 +546,7 @@ export class XbfFuzz extends Harness {
     await this.world.run(this.backend.create(), 'disk nodes');
     await this.world.run(Promise.all([this.backend.connect(offer), probeDevices(this.sc)]), 'plug');
     this.xbf = xbfDisks(this.sc).find((x) => x.devid === XVDB) ?? null;
+    this.buffers = new Map();
     if (this.xbf === null) {
       this.violation('xbf did not attach to an honest backend');
       await this.world.run(this.backend.unplug(false, false), 'unplug');
@@ -583,7 +586,7 @@ export class XbfFuzz extends Harness {
       const io: Io = { n: this.ioSeq++, op, sector, count: op === 'flush' ? 0 : sectors, data, step: this.step, done: false, err: null, result: null };
       this.ios.push(io);
       this.count(`io ${op}`);
-      const p = op === 'read' ? x.read(lba, sectors / ratio).then((d) => void (io.result = d))
+      const p = op === 'read' ? this.read(x, lba, sectors, io)
         : op === 'write' || op === 'fua' ? x.write(lba, data!, { fua: op === 'fua' })
         : op === 'flush' ? x.flush()
         : x.discard(lba, sectors / ratio, { secure: this.rng.chance(0.2) });
@@ -592,6 +595,41 @@ export class XbfFuzz extends Harness {
         io.err = err;
       });
     }
+  }
+
+  /**
+   * A read into a new array, or now and then into a buffer() array of its
+   * size (guest memory the backend writes itself while it grants
+   * persistently), copied out when it completes. Only reads: a backend that
+   * keeps a buffer's pages mapped past its connection may write into them
+   * at any time, so what a write took from there would not be the guest's
+   * data (the price of trusting a backend with persistent grants).
+   */
+  private read(x: XbfSoftc, lba: number, sectors: number, io: Io): Promise<void> {
+    const bytes = sectors * SECTOR;
+    let buf = this.rng.chance(0.3) ? this.buffers.get(bytes)?.pop() : undefined;
+    if (buf === undefined && this.rng.chance(0.1)) {
+      try {
+        buf = x.buffer(bytes);
+        this.count('buffer made');
+      } catch {
+        this.count('buffer refused');
+      }
+    }
+    if (buf === undefined) return x.read(lba, sectors / (x.sectorSize / SECTOR)).then((d) => void (io.result = d));
+    this.count('io read into a buffer');
+    const done = (): void => {
+      const pool = this.buffers.get(bytes) ?? [];
+      pool.push(buf);
+      this.buffers.set(bytes, pool);
+    };
+    return x.readInto(lba, buf).then(() => {
+      io.result = buf.slice();
+      done();
+    }, (err: unknown) => {
+      done();
+      throw err;
+    });
   }
 
   /** Data for `sectors` sectors: each a random word repeated, its sector's own (cheap, and no two writes alike). */

@@ -95,8 +95,9 @@ export class Disk {
    * `bytes` (whole sectors) of the guest's own memory, zeroed, to read into
    * and write from: while the backend maps grants persistently, the
    * requests name its pages and xbf copies nothing (a subarray of it is
-   * copied as any array is). It lasts as long as the disk; a disk hands out
-   * at most 4 MiB of them. EINVAL, ENOMEM.
+   * copied as any array is). Its memory is never freed, even when the
+   * disk is detached; the disks of a guest hand out at most 4 MiB of it in
+   * all. EINVAL, ENOMEM.
    */
   buffer(bytes: number): Uint8Array {
     try {

@@ -68,7 +68,12 @@ const XBF_MAX_INDIRECT_SEGS = 256;
 const XBF_MAX_CCBS_PER_QUEUE = 64;
 /** Request pages one disk may take: at most 16 MiB and a quarter of free memory. */
 const XBF_MAX_BUFFER_PAGES = 4096;
-/** Pages of buffer() arrays one disk may hand out: at most 4 MiB and a quarter of free memory. */
+/**
+ * Pages of buffer() arrays the disks of one kernel may hand out in its whole
+ * life (a detached disk's arrays are never freed, so this bounds what a
+ * guest that plugs disks again and again can lose): 4 MiB, and no more than
+ * a quarter of the free memory at a time.
+ */
 const XBF_MAX_DIRECT_PAGES = 1024;
 const XBF_CONNECT_TIMEOUT_MS = 30_000;
 const XBF_RECONNECT_TIMEOUT_MS = 30_000;
@@ -302,9 +307,8 @@ export class XbfSoftc {
   private nextQueue = 0;
   /** Settled io() transfers, for reuse. */
   private readonly ioPool: XbfIo[] = [];
-  /** The arrays buffer() made, by the array itself; their pages are counted in directPages. */
+  /** The arrays buffer() made, by the array itself. */
   readonly directs = new Map<Uint8Array, XbfDirect>();
-  private directPages = 0;
   /** A push of the rings is queued as a microtask (see strategy). */
   private pushQueued = false;
   private readonly pushLater = (): void => {
@@ -362,8 +366,9 @@ export class XbfSoftc {
    * and write. While the backend grants persistently, the requests name its
    * pages and nothing is copied; otherwise it goes through the request
    * pages as any array does. A subarray of it is copied too. It lives as
-   * long as the disk: the backend keeps persistent grants mapped for the
-   * whole connection, so its pages are never handed back. Only a trusted
+   * long as the kernel: the backend keeps persistent grants mapped for the
+   * whole connection, so its pages are never handed back, even when the
+   * disk is detached (the caller may still hold the array). Only a trusted
    * backend gets persistent grants; one that keeps a buffer mapped after
    * its connection can still write into it, and xbf copies that buffer
    * from then on (xbfQueuesDestroy). EINVAL for a size that is not whole
@@ -375,9 +380,9 @@ export class XbfSoftc {
       throw new XenError('EINVAL', `${this.name}: a buffer is whole sectors of ${this.sectorSize} bytes, not ${bytes}`);
     }
     const npages = Math.ceil(bytes / PAGE_SIZE);
-    const limit = Math.min(XBF_MAX_DIRECT_PAGES, this.directPages + Math.floor(this.sc.physmem.freePages / 4));
-    if (this.directPages + npages > limit) {
-      throw new XenError('ENOMEM', `${this.name}: ${npages} more buffer pages would exceed ${limit}`);
+    const made = directPages.get(this.sc) ?? 0;
+    if (made + npages > XBF_MAX_DIRECT_PAGES || npages > Math.floor(this.sc.physmem.freePages / 4)) {
+      throw new XenError('ENOMEM', `${this.name}: ${npages} buffer pages more than the ${XBF_MAX_DIRECT_PAGES - made} left (or a quarter of free memory)`);
     }
     const { dmat } = this.sc;
     // One segment: the pages are contiguous, so the array is one view of them.
@@ -385,7 +390,7 @@ export class XbfSoftc {
     const map = dmat.dmamapCreate(npages * PAGE_SIZE, npages, PAGE_SIZE, PAGE_SIZE, 0);
     const bytesView = this.sc.mem.u8.subarray(segs[0]!.ds_addr, segs[0]!.ds_addr + bytes);
     this.directs.set(bytesView, { bytes: bytesView, segs, map, npages, granted: false, lost: false });
-    this.directPages += npages;
+    directPages.set(this.sc, made + npages);
     return bytesView;
   }
 
@@ -971,6 +976,8 @@ async function xbfRecover(xbf: XbfSoftc): Promise<void> {
 // --- attach/detach -------------------------------------------------------------
 
 const softcs = new WeakMap<XenSoftc, Map<string, XbfSoftc>>();
+/** Pages each kernel's disks have handed out as buffer() arrays (XBF_MAX_DIRECT_PAGES). */
+const directPages = new WeakMap<XenSoftc, number>();
 
 /** The attached disks of this kernel, in device order. */
 export function xbfDisks(sc: XenSoftc): XbfSoftc[] {
