@@ -194,9 +194,13 @@ export async function main(guest) {
   for (const [what, n] of [['zero', 0], ['odd', 100], ['huge', 5 << 20]]) {
     try { disk.buffer(n); console.log(what + ' ok'); } catch (err) { console.log(what + ' ' + err.code + ' ' + err.op); }
   }
+  // 4 MiB for all the disks of the guest: the other disk takes what is left, then nothing is.
+  for (const [what, d, n] of [['rest on the other disk', guest.disks()[1], (1 << 20) * 4 - 4096], ['one page more', disk, 4096]]) {
+    try { d.buffer(n); console.log(what + ' ok'); } catch (err) { console.log(what + ' ' + err.code); }
+  }
 }
 `);
-  const disk = `disk = ['format=raw, vdev=xvda, target=direct.img']`;
+  const disk = `disk = ['format=raw, vdev=xvda, target=direct.img', 'format=memory, vdev=xvdb, target=1M']`;
   const [direct, copied] = await runGuests(cfg('direct', `kernel = "direct.mjs"\n${disk}`), cfg('copied', `kernel = "direct.mjs"\nextra = "xbf.feature_persistent=0"\n${disk}`));
   t.equal(direct!.reason, 'poweroff', direct!.console);
   t.match(direct!.console, /^read true via request pages false$/m, 'a read lands in the buffer, not in a request page');
@@ -205,6 +209,8 @@ export async function main(guest) {
   t.match(direct!.console, /^zero EINVAL buffer$/m);
   t.match(direct!.console, /^odd EINVAL buffer$/m);
   t.match(direct!.console, /^huge ENOMEM buffer$/m);
+  t.match(direct!.console, /^rest on the other disk ok$/m);
+  t.match(direct!.console, /^one page more ENOMEM$/m, 'the 4 MiB are the guest\'s, not each disk\'s');
   t.equal(copied!.reason, 'poweroff', copied!.console);
   t.match(copied!.console, /^read true via request pages true$/m, 'without persistent grants the read is copied out of a request page');
   t.match(copied!.console, /^wrote via request pages true granted 0$/m, 'and the write copied into one');
