@@ -372,8 +372,8 @@ export class XbfSoftc {
    * backend gets persistent grants; one that keeps a buffer mapped after
    * its connection can still write into it, and xbf copies that buffer
    * from then on (xbfQueuesDestroy). EINVAL for a size that is not whole
-   * sectors, ENOMEM past XBF_MAX_DIRECT_PAGES a disk or a quarter of the
-   * free memory.
+   * sectors, ENOMEM past XBF_MAX_DIRECT_PAGES for the kernel's disks
+   * together, or a quarter of the free memory.
    */
   buffer(bytes: number): Uint8Array {
     if (!Number.isSafeInteger(bytes) || bytes <= 0 || bytes % this.sectorSize !== 0) {
@@ -387,7 +387,13 @@ export class XbfSoftc {
     const { dmat } = this.sc;
     // One segment: the pages are contiguous, so the array is one view of them.
     const segs = dmat.dmamemAlloc(npages * PAGE_SIZE, PAGE_SIZE, 0, 1, 0);
-    const map = dmat.dmamapCreate(npages * PAGE_SIZE, npages, PAGE_SIZE, PAGE_SIZE, 0);
+    let map: XenDmaMap;
+    try {
+      map = dmat.dmamapCreate(npages * PAGE_SIZE, npages, PAGE_SIZE, PAGE_SIZE, 0);
+    } catch (err) {
+      dmat.dmamemFree(segs);
+      throw err;
+    }
     const bytesView = this.sc.mem.u8.subarray(segs[0]!.ds_addr, segs[0]!.ds_addr + bytes);
     this.directs.set(bytesView, { bytes: bytesView, segs, map, npages, granted: false, lost: false });
     directPages.set(this.sc, made + npages);
@@ -618,7 +624,8 @@ export class XbfSoftc {
   /**
    * A piece of a buffer() array: its own pages, granted for the connection
    * the first time one is used, from the page that holds byte bio.next on.
-   * Trusted or not, the backend only sees the pages the caller put there.
+   * The backend sees those pages whole, as it sees a ccb's persistent ones:
+   * only a trusted backend gets persistent grants (XSA-403).
    */
   private loadDirect(q: XbfQueue, ccb: XbfCcb, bio: XbfBio, d: XbfDirect): void {
     const dmat = this.sc.dmat;
