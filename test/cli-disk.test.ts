@@ -40,7 +40,7 @@ t.test('block-attach and block-detach while the guest writes; every grant, port 
   await h.ok(['block-attach', 'disks', 'format=memory, vdev=xvdb, target=1M']);
   await until('xvdb attached again', () => (h.log('disks').match(/device\/vbd\/51728 verified/g) ?? []).length === 2);
   const plugged = await held();
-  t.ok(plugged.every((v, i) => v > base[i]!), `ring grants pinned by blkback, a port each side: ${base} -> ${plugged}`);
+  t.ok(plugged.every((v, i) => v > base[i]!), `ring grants (and the guest's buffer) pinned by blkback, a port each side: ${base} -> ${plugged}`);
   const stats = (await h.topOnce()).find((r) => r.name === 'disks')!.devices;
   t.match(stats.find((d) => d.type === 'vbd' && d.devid === 51728)?.counters, { wr_req: 1, rd_req: 1, wr_sect: 64, rd_sect: 64 });
   t.ok((stats.find((d) => d.type === 'vbd' && d.devid === 51712)?.counters['wr_req'] ?? 0) >= writes, 'xvda counted every write');

@@ -33,7 +33,8 @@ export async function until<T>(what: string, fn: () => T | undefined | false | P
 
 // The guest image; `extra` says what it does besides echoing console input:
 // `writer` writes a pattern to its first disk until told `stop`, `tick`
-// prints a tick every 20 ms; a disk that appears is written, read back and
+// prints a tick every 20 ms; a disk that appears is written from a
+// disk.buffer() array (so its own pages are granted too), read back and
 // checked; `crash` on the console throws, `vcpus` prints the online count.
 const GUEST_IMAGE = `
 const pattern = (lba) => { const b = new Uint8Array(512); b.fill((lba * 7 + 1) & 255); new DataView(b.buffer).setUint32(0, lba, true); return b; };
@@ -64,7 +65,7 @@ export async function main(guest) {
       if (known.has(d.path)) continue;
       known.add(d.path);
       console.log('attached ' + d.path + ' ' + d.sectors);
-      const data = new Uint8Array(64 * 512);
+      const data = d.buffer(64 * 512);
       for (let i = 0; i < 64; i++) data.set(pattern(i), i * 512);
       await d.write(0, data);
       const back = await d.read(0, 64);
