@@ -58,12 +58,12 @@ export async function main(guest) {
     console.log('stopped after ' + ops + ' writes');
   });
   if (writing) stopped = writer();
-  const known = new Set(guest.disks().map((d) => d.path));
+  const known = new Map(guest.disks().map((d) => [d.path, d]));
   guest.onDevicesChanged(async () => {
     const now = guest.disks();
     for (const d of now) {
       if (known.has(d.path)) continue;
-      known.add(d.path);
+      known.set(d.path, d);
       console.log('attached ' + d.path + ' ' + d.sectors);
       const data = d.buffer(64 * 512);
       for (let i = 0; i < 64; i++) data.set(pattern(i), i * 512);
@@ -71,7 +71,13 @@ export async function main(guest) {
       const back = await d.read(0, 64);
       console.log(d.path + (Buffer.compare(Buffer.from(back), Buffer.from(data)) === 0 ? ' verified' : ' MISMATCH'));
     }
-    for (const p of [...known]) if (!now.some((d) => d.path === p)) { known.delete(p); console.log('detached ' + p); }
+    for (const [p, gone] of [...known]) {
+      if (now.some((d) => d.path === p)) continue;
+      known.delete(p);
+      let again = 'ok';
+      try { gone.buffer(512); } catch (err) { again = err.code; }
+      console.log('detached ' + p + ' buffer ' + again);
+    }
   });
   let buf = '';
   guest.onInput((text) => {

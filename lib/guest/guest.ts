@@ -97,7 +97,7 @@ export class Disk {
    * requests name its pages and xbf copies nothing (a subarray of it is
    * copied as any array is). Its memory is never freed, even when the
    * disk is detached; the disks of a guest hand out at most 4 MiB of it in
-   * all. EINVAL, ENOMEM.
+   * all. EINVAL, ENOMEM; ENXIO once the disk is detached.
    */
   buffer(bytes: number): Uint8Array {
     try {

@@ -373,9 +373,11 @@ export class XbfSoftc {
    * its connection can still write into it, and xbf copies that buffer
    * from then on (xbfQueuesDestroy). EINVAL for a size that is not whole
    * sectors, ENOMEM past XBF_MAX_DIRECT_PAGES for the kernel's disks
-   * together, or a quarter of the free memory.
+   * together, or a quarter of the free memory; a detached or broken disk's
+   * error (ENXIO, EIO), as its transfers get.
    */
   buffer(bytes: number): Uint8Array {
+    if (this.error !== null) throw this.error;
     if (!Number.isSafeInteger(bytes) || bytes <= 0 || bytes % this.sectorSize !== 0) {
       throw new XenError('EINVAL', `${this.name}: a buffer is whole sectors of ${this.sectorSize} bytes, not ${bytes}`);
     }
