@@ -81,12 +81,12 @@ export function hostCpus(): number[] {
   return Array.from({ length: Math.min(availableParallelism(), MAX_CPUS) }, (_, i) => i);
 }
 
-/** Check a set against the host's CPUs; EINVAL names the first it lacks. */
 /** Whether `cpus` names every CPU this process may run on (xl's "all"). */
 export function everyHostCpu(cpus: readonly number[]): boolean {
   return hostCpus().every((c) => cpus.includes(c));
 }
 
+/** Check a set against the host's CPUs; EINVAL names the first it lacks. */
 export function checkCpus(cpus: readonly number[]): void {
   const have = hostCpus();
   const missing = cpus.find((c) => !have.includes(c));

@@ -604,9 +604,7 @@ export class XbfSoftc {
     ccb.direct = null;
     const sector = bio.sector + bio.next / XBF_SEC_SIZE;
     const pageOff = (sector % XBF_SECS_PER_PAGE) * XBF_SEC_SIZE;
-    const maxSegs = bio.op === BLKIF_OP_WRITE_BARRIER ? BLKIF_MAX_SEGMENTS_PER_REQUEST : this.segsPerRequest;
-    const cap = Math.floor((maxSegs * PAGE_SIZE - pageOff) / this.sectorSize) * this.sectorSize;
-    const len = Math.min(data.length - bio.next, cap);
+    const len = this.pieceBytes(bio, pageOff);
     const npages = Math.ceil((pageOff + len) / PAGE_SIZE);
     const write = bio.op !== BLKIF_OP_READ;
     if (!this.features.trusted) for (let i = 0; i < npages; i++) ccb.pages[i]!.set(XBF_ZERO_PAGE);
@@ -633,16 +631,14 @@ export class XbfSoftc {
     const dmat = this.sc.dmat;
     const first = Math.floor(bio.next / PAGE_SIZE);
     const pageOff = bio.next - first * PAGE_SIZE;
-    const maxSegs = bio.op === BLKIF_OP_WRITE_BARRIER ? BLKIF_MAX_SEGMENTS_PER_REQUEST : this.segsPerRequest;
-    const cap = Math.floor((maxSegs * PAGE_SIZE - pageOff) / this.sectorSize) * this.sectorSize;
-    const len = Math.min(d.bytes.length - bio.next, cap);
+    const len = this.pieceBytes(bio, pageOff);
     const npages = Math.ceil((pageOff + len) / PAGE_SIZE);
-    const write = bio.op !== BLKIF_OP_READ;
     if (!d.granted) {
       dmat.dmamapLoadRaw(d.map, d.segs, d.npages * PAGE_SIZE, busDmaDomid(this.dev.backendId));
       d.granted = true;
     }
-    dmat.dmamapSync(d.map, first * PAGE_SIZE, npages * PAGE_SIZE, write ? BUS_DMASYNC_PREWRITE : BUS_DMASYNC_PREREAD);
+    // The whole map, as a ccb's is synced (and the POST sync in reclaim is).
+    dmat.dmamapSync(d.map, 0, d.map.dm_mapsize, bio.op !== BLKIF_OP_READ ? BUS_DMASYNC_PREWRITE : BUS_DMASYNC_PREREAD);
     const sector = bio.sector + bio.next / XBF_SEC_SIZE;
     ccb.direct = d;
     ccb.sector = sector;
@@ -650,6 +646,13 @@ export class XbfSoftc {
     ccb.len = len;
     bio.next += len;
     this.encodeSegments(q, ccb, bio.op, sector, d.map, first, pageOff, len, npages);
+  }
+
+  /** Bytes of the transfer from bio.next that one request carries, its first page used from `pageOff`: whole sectors, at most its segments' pages. */
+  private pieceBytes(bio: XbfBio, pageOff: number): number {
+    const maxSegs = bio.op === BLKIF_OP_WRITE_BARRIER ? BLKIF_MAX_SEGMENTS_PER_REQUEST : this.segsPerRequest;
+    const cap = Math.floor((maxSegs * PAGE_SIZE - pageOff) / this.sectorSize) * this.sectorSize;
+    return Math.min(bio.data!.length - bio.next, cap);
   }
 
   /** The piece's `npages` pages, from page `base` of `map` on: in the request, or through indirect pages. */
@@ -785,9 +788,7 @@ export class XbfSoftc {
     if (d !== null) {
       // A buffer() array's grants stay for the connection (they are only used with persistent grants).
       ccb.direct = null;
-      const first = Math.floor(ccb.offset / PAGE_SIZE);
-      const npages = Math.ceil((ccb.offset - first * PAGE_SIZE + ccb.len) / PAGE_SIZE);
-      this.sc.dmat.dmamapSync(d.map, first * PAGE_SIZE, npages * PAGE_SIZE, bio.op === BLKIF_OP_READ ? BUS_DMASYNC_POSTREAD : BUS_DMASYNC_POSTWRITE);
+      this.sc.dmat.dmamapSync(d.map, 0, d.map.dm_mapsize, bio.op === BLKIF_OP_READ ? BUS_DMASYNC_POSTREAD : BUS_DMASYNC_POSTWRITE);
       return ccb.indMap === null || this.reclaimMap(ccb, ccb.indMap, false);
     }
     const data = this.reclaimMap(ccb, ccb.dataMap, bio.op === BLKIF_OP_READ);
