@@ -54,6 +54,14 @@ export const MAX_PERSISTENT_TOTAL = 4096;
 const MAX_QUEUES = 16;
 const CONNECT_TIMEOUT_MS = 5 * 60_000;
 const ZERO_CHUNK_BYTES = 64 * 1024;
+/**
+ * Answers a pass pushes together, and the data they may have moved: a
+ * frontend that keeps a deep queue gets its answers in eights, which it
+ * completes and refills together, and dom0 writes rsp_prod and signals an
+ * eighth as often (see serve).
+ */
+const PUSH_ANSWERS = 8;
+const PUSH_BYTES = 64 * 1024;
 
 const SEG_GREF = offsetOf(blkif_request_segment, 'gref');
 const SEG_FIRST = offsetOf(blkif_request_segment, 'first_sect');
@@ -245,6 +253,9 @@ export class BlkifRing {
   /** The descriptors copied out of the indirect pages. */
   readonly indirect: Uint8Array;
   readonly indirectView: DataView;
+  /** Answers put since the last push, and the bytes they moved. */
+  unpushed = 0;
+  unpushedBytes = 0;
 
   constructor(
     readonly index: number,
@@ -420,13 +431,19 @@ export class Blkback {
   // what the operation uses: its head first (a read or write of one page is
   // all there, 32 of the slot's 112 bytes), then the segments or the struct
   // the head says it has. The frontend's CPU wrote the slot last, so each
-  // cache line of it not copied is one less to take from there. Each answer is
-  // pushed at once (make_response's RING_PUSH_RESPONSES_AND_CHECK_NOTIFY),
-  // so a frontend on another CPU completes it and issues the next request
-  // while the rest are served: the two sides overlap instead of taking turns
-  // with batches. The frontend is signalled only when it asked (rsp_event).
-  // False when the event brought nothing to do (the interrupt layer throttles
-  // a frontend that keeps signalling for nothing, or on a ring it broke).
+  // cache line of it not copied is one less to take from there.
+  //
+  // Answers are pushed (make_response's RING_PUSH_RESPONSES_AND_CHECK_NOTIFY)
+  // PUSH_ANSWERS at a time, or once they moved PUSH_BYTES, before a flush or
+  // a discard (which can take long), and whenever the pass runs out of
+  // requests: a lone request is answered at once, and a deep queue in
+  // batches. Linux's make_response pushes each answer; here that kept a
+  // polling frontend completing and refilling one request at a time, and
+  // dom0 writing rsp_prod and signalling for each: `profile.js block file`,
+  // dom0 1.55-1.74 us a request against 1.32-1.51 in eights. The frontend is
+  // signalled only when it asked (rsp_event). False when the event brought
+  // nothing to do (the interrupt layer throttles a frontend that keeps
+  // signalling for nothing, or on a ring it broke).
   private serve(r: BlkifRing): boolean {
     const ring = r.ring;
     if (ring === null || r.ih === null) return false;
@@ -438,11 +455,19 @@ export class Blkback {
         if (bytes > this.wire.reqHeadBytes) ring.takeRequestRest(r.req, this.wire.reqHeadBytes, bytes);
         took = true;
         this.answer(r, this.dispatch(r));
-        if (ring.pushResponses()) this.intr.intrSignal(r.ih);
+        if (++r.unpushed >= PUSH_ANSWERS || r.unpushedBytes >= PUSH_BYTES) this.push(r);
       }
+      this.push(r);
     } while (ring.finalCheckForRequests());
     if (ring.error !== undefined) this.log('queue %d: ring broken: %s', r.index, ring.error.message);
     return took;
+  }
+
+  /** The answers put since the last push, pushed; the frontend signalled if it asked. */
+  private push(r: BlkifRing): void {
+    if (r.unpushed === 0) return;
+    r.unpushed = r.unpushedBytes = 0;
+    if (r.ring!.pushResponses()) this.intr.intrSignal(r.ih!);
   }
 
   /** make_response: id and operation echoed (an indirect request's indirect_op), and `status`. */
@@ -501,13 +526,17 @@ export class Blkback {
     const unmapped = this.mapSegments(r, write);
     if (unmapped !== null) return this.bad(r, unmapped);
     try {
-      if (flush) this.storage!.flush();
+      if (flush) {
+        this.push(r);
+        this.storage!.flush();
+      }
       this.move(r, write, sector);
       if (flush && r.nrSegments !== 0) this.storage!.flush();
     } finally {
       this.unmapTransient(r);
     }
     if (flush) this.stats.f_req++;
+    r.unpushedBytes += sectors * SECTOR_SIZE;
     if (r.nrSegments !== 0 && write) {
       this.stats.wr_req++;
       this.stats.wr_sect += sectors;
@@ -667,6 +696,7 @@ export class Blkback {
     if (!Number.isSafeInteger(sector) || !Number.isSafeInteger(count) || sector > s.sectors || count > s.sectors - sector) {
       return this.bad(r, `discard ${sector}+${count} beyond ${s.sectors}`);
     }
+    this.push(r);
     s.discard(sector * SECTOR_SIZE, count * SECTOR_SIZE, secure);
     this.stats.ds_req++;
     return BLKIF_RSP_OKAY;
