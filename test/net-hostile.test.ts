@@ -369,3 +369,33 @@ t.test('netback batches: a bad grant among good ones blames its own side, as cop
     await reconnect(world, rx);
   });
 });
+
+// A sender whose vif goes away (its domain shuts down and the toolstack
+// stops its backends first, or its backend restarts) while frames it sent
+// wait in a receiver's queue, pointing at its grants: each is copied into
+// dom0 while pool buffers last and still reaches the receiver; the rest are
+// dropped and counted.
+t.test('frames queued for a receiver outlive their sender\'s vif: copied into dom0 while buffers last, the rest dropped and counted', async (t) => {
+  for (const [size, queued, copied] of [[1000, 44, 44], [9000, 30, 16]] as const) {
+    const { world, tx, rx, got } = await batchWorld();
+    // The receiver takes nothing while the frames are sent: its posted buffers fill, the rest queue in dom0.
+    const rq = rx.queues[0]!;
+    rx.sc.intr.intrMask(rq.rxIh!);
+    const slots = size <= 4096 ? 1 : Math.ceil(size / 4096);
+    const fit = Math.floor(rq.rx!.ring.size / slots);
+    const frames = Array.from({ length: fit + queued }, (_, k) => batchFrame(tx, rx, k, size));
+    for (const f of frames) void tx.send(f).catch(() => undefined);
+    await world.settle();
+    t.equal(vifOf(world, rx).rings[0]!.rxQueued, queued, `${size} bytes: ${queued} frames wait in dom0 for the receiver`);
+    const before = vifOf(world, rx);
+    // The old backend goes (and a new one comes, so that the sender's xnf is left waiting for nothing).
+    await reconnect(world, tx);
+    rx.sc.intr.intrUnmask(rq.rxIh!);
+    await world.settle();
+    const after = vifOf(world, rx);
+    t.equal(after.released - before.released, copied, `${size} bytes: ${copied} copied into dom0 (16 buffers of 17 pages for frames over a page)`);
+    t.equal(after.txDropped - before.txDropped, queued - copied, 'the rest dropped and counted');
+    t.equal(got.length, fit + copied, 'the receiver got every frame sent before, and every one copied');
+    t.ok(got.every((f, i) => f.length === size && f.every((b, j) => b === frames[i]![j])), 'in order and intact');
+  }
+});

@@ -57,6 +57,9 @@ export async function main(guest) {
   const timer = setTimeout(() => finished(), 180000);
   await done;
   clearTimeout(timer);
+  // Powering off with frames still on the ring, or in dom0 pointing at this
+  // guest's pages, would lose them for the peer that still waits for them.
+  await n.drain();
   const c = n.counters();
   console.log('received ' + recv + ' bad ' + bad + ' gso ' + (gso > 0) + ' blank ' + (blank > 0) + ' rxErrors ' + c.rxErrors + ' rxDropped ' + c.rxDropped);
 }

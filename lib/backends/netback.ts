@@ -119,12 +119,12 @@ export type VifStats = {
   queues: number;
   /** Frames from the guest into the bridge / from the bridge to the guest. */
   rxPackets: number; rxBytes: number; txPackets: number; txBytes: number;
-  /** Frames for the guest dropped (queue full, stalled, expired, cannot be taken). */
+  /** Frames for the guest dropped (queue full, stalled, expired, cannot be taken, or their sender's vif went and no dom0 buffer was free). */
   txDropped: number;
   /** Malformed but survivable guest requests, answered NETIF_RSP_ERROR. */
   txErrors: number;
   expired: number;
-  /** Frames copied into dom0 so as to let their sender go (they waited longer than holdMs). */
+  /** Frames copied into dom0 so as to let their sender go (they waited longer than holdMs, or its vif went). */
   released: number;
   stalls: number;
   /** Per queue, the rings as xenvif_read_io_ring shows them. */
@@ -1239,13 +1239,29 @@ export class Netback implements BridgePort {
     }
   }
 
+  /**
+   * The vif that sent some of the queued frames is going away, and its
+   * grants with it: each such frame is copied into dom0 while pool buffers
+   * last, and stays queued, as Linux netback's skbs outlive their sender's
+   * disconnect; one that cannot be copied is dropped and counted.
+   */
   purge(origin: PacketOrigin): void {
+    const pool = this.set.pool;
     for (const q of this.queues) {
       const keep: Packet[] = [];
       while (q.rxqCount > 0) {
         const pkt = this.rxqPop(q);
-        if (pkt.origin === origin) this.set.pool.release(pkt);
-        else keep.push(pkt);
+        if (pkt.origin === origin && pool.materialize(pkt) !== null) {
+          pool.fragsFromBuffer(pkt);
+          pkt.origin = null;
+          origin.packetDone(pkt);
+          this.released++;
+        }
+        if (pkt.origin !== origin) keep.push(pkt);
+        else {
+          this.stats.txDropped++;
+          pool.release(pkt);
+        }
       }
       for (const pkt of keep) {
         q.rxq[(q.rxqHead + q.rxqCount) % q.rxq.length] = pkt;
