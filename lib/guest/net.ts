@@ -154,9 +154,10 @@ export class NetInterface {
   }
 
   /**
-   * Resolve once the backend has taken every frame sent so far; call it
-   * before powering off, or frames still on the ring are lost with the
-   * domain. ETIMEDOUT after `timeoutMs` (10 s), ENETDOWN if the interface stops.
+   * Resolve once the backend has taken every frame sent so far. A clean
+   * poweroff or reboot does it for every interface (for up to 5 s), so a
+   * frame sent just before main returns still goes. ETIMEDOUT after
+   * `timeoutMs` (10 s), ENETDOWN if the interface stops.
    */
   drain(timeoutMs?: number): Promise<void> {
     return this.xnf.drain(timeoutMs);

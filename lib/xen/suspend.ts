@@ -19,7 +19,7 @@ import { __HYPERVISOR_sched_op } from '../abi/xen.js';
 import { SCHEDOP_shutdown, SHUTDOWN_suspend } from '../abi/sched.js';
 import { XenError } from '../errors.js';
 import { PAGE_SIZE, type MemoryViews } from '../hypervisor/page.js';
-import { xenDrivers, type XenSoftc } from './xen.js';
+import { eachDriver, type XenSoftc } from './xen.js';
 
 const MAGIC = 'XPVRESUM';
 /** Magic, then the JSON's length in bytes (u32 LE). */
@@ -58,15 +58,6 @@ export function readResumeRecord(mem: MemoryViews, gfn: number): ResumeRecord {
   const record = JSON.parse(Buffer.from(mem.u8.subarray(at + HEADER_BYTES, at + HEADER_BYTES + len)).toString('utf8')) as ResumeRecord;
   if (record.version !== RECORD_VERSION) throw new XenError('EINVAL', `resume record version ${String(record.version)}`);
   return record;
-}
-
-/** Every attached device whose driver has the hook, in attach order. */
-async function eachDriver(sc: XenSoftc, hook: 'suspend' | 'resume'): Promise<void> {
-  for (const dev of sc.devices.values()) {
-    const drv = dev.driver === null ? undefined : xenDrivers.get(dev.type);
-    const fn = drv?.[hook];
-    if (fn !== undefined) await fn(sc, dev);
-  }
 }
 
 // do_suspend: image, drivers, record, hypercall; and on a cancelled suspend, the reverse.

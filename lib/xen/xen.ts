@@ -63,6 +63,8 @@ export type XenDriver = {
   suspend?(sc: XenSoftc, dev: XenDevice): Promise<void>;
   /** After a suspend the toolstack cancelled: the backend is as it was; let held I/O go. */
   resume?(sc: XenSoftc, dev: XenDevice): Promise<void>;
+  /** Before a clean poweroff or reboot: let the backend finish what it was handed (bounded), as Linux's device_shutdown. */
+  shutdown?(sc: XenSoftc, dev: XenDevice): Promise<void>;
 };
 
 /** Everything the nexus set up, handed to drivers and to the guest layer. */
@@ -408,10 +410,24 @@ export async function watchShutdown(sc: XenSoftc, onRequest: (reason: string) =>
   });
 }
 
-/** SCHEDOP_shutdown after the console has drained; the vCPU does not run again. */
+/** Every attached device whose driver has the hook, in attach order. */
+export async function eachDriver(sc: XenSoftc, hook: 'suspend' | 'resume' | 'shutdown'): Promise<void> {
+  for (const dev of sc.devices.values()) {
+    const drv = dev.driver === null ? undefined : xenDrivers.get(dev.type);
+    const fn = drv?.[hook];
+    if (fn !== undefined) await fn(sc, dev);
+  }
+}
+
+/**
+ * SCHEDOP_shutdown after the drivers (on a clean poweroff or reboot) and
+ * the console have drained: a frame the image sent just before returning
+ * still goes. The vCPU does not run again.
+ */
 export async function shutdown(sc: XenSoftc, reason: string): Promise<never> {
   const code = shutdownReasons[reason];
   if (code === undefined) throw new XenError('EINVAL', `unknown shutdown reason ${reason}`);
+  if (code === SHUTDOWN_poweroff || code === SHUTDOWN_reboot) await eachDriver(sc, 'shutdown');
   await sc.console.drained(2000);
   check(sc.hypercall(__HYPERVISOR_sched_op, SCHEDOP_shutdown, { reason: code }), 'SCHEDOP_shutdown');
   sc.intr.stop();

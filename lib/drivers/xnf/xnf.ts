@@ -54,7 +54,8 @@ const XNF_MAX_WAITERS = 1024;
 /** RX buffers go back to the ring every this many responses taken, not only at the end of a batch. */
 const XNF_RX_REFILL_BATCH = 64;
 const XNF_CONNECT_TIMEOUT_MS = 30_000;
-const XNF_SUSPEND_DRAIN_MS = 5_000;
+/** How long a suspend or a clean shutdown waits for the TX rings to be answered (Linux's xenbus_dev_shutdown waits 5 s for its backend). */
+const XNF_DRAIN_MS = 5_000;
 /** How long all rounds of reconnecting to a restarted backend may take together. */
 const XNF_RECONNECT_TIMEOUT_MS = 60_000;
 const ETH_DATA_LEN = 1500;
@@ -442,9 +443,10 @@ export class XnfSoftc {
   }
 
   /**
-   * Resolve once the backend has answered every frame sent so far (a guest
-   * that powers off right after sending would lose what is still on the
-   * ring). ETIMEDOUT after `timeoutMs`; ENETDOWN if the interface stops.
+   * Resolve once the backend has answered every frame sent so far (what is
+   * still on the ring is lost with the domain; a suspend and a clean
+   * shutdown wait for it, xnfDrain). ETIMEDOUT after `timeoutMs`; ENETDOWN
+   * if the interface stops.
    */
   drain(timeoutMs = 10_000): Promise<void> {
     if (this.error !== null) return Promise.reject(this.error);
@@ -753,12 +755,14 @@ async function xnfRelease(xnf: XnfSoftc): Promise<void> {
   for (const q of xnf.queues.splice(0).reverse()) await xnfQueueDestroy(xnf, q);
 }
 
-// Before a suspend: what is on the TX rings is answered first (bounded), so no frame is lost with the old backend.
-async function xnfSuspend(sc: XenSoftc, dev: XenDevice): Promise<void> {
-  await softcs.get(sc)?.get(dev.path)?.drain(XNF_SUSPEND_DRAIN_MS).catch(() => undefined);
+// Before a suspend or a clean shutdown: what is on the TX rings is answered
+// first (bounded), so no frame is lost with the old backend, or with the
+// domain.
+async function xnfDrain(sc: XenSoftc, dev: XenDevice): Promise<void> {
+  await softcs.get(sc)?.get(dev.path)?.drain(XNF_DRAIN_MS).catch(() => undefined);
 }
 
-export const xnfDriver: XenDriver = { name: 'xnf', attach: xnfAttach, detach: xnfDetach, suspend: xnfSuspend };
+export const xnfDriver: XenDriver = { name: 'xnf', attach: xnfAttach, detach: xnfDetach, suspend: xnfDrain, shutdown: xnfDrain };
 
 // xnf_lladdr: the MAC the toolstack gave (Linux reads the frontend's node, OpenBSD the backend's).
 async function xnfLladdr(xnf: XnfSoftc): Promise<void> {
