@@ -1251,13 +1251,7 @@ export class Netback implements BridgePort {
       const keep: Packet[] = [];
       while (q.rxqCount > 0) {
         const pkt = this.rxqPop(q);
-        if (pkt.origin === origin && pool.materialize(pkt) !== null) {
-          pool.fragsFromBuffer(pkt);
-          pkt.origin = null;
-          origin.packetDone(pkt);
-          this.released++;
-        }
-        if (pkt.origin !== origin) keep.push(pkt);
+        if (pkt.origin !== origin || this.letSenderGo(pkt)) keep.push(pkt);
         else {
           this.stats.txDropped++;
           pool.release(pkt);
@@ -1282,16 +1276,23 @@ export class Netback implements BridgePort {
       const pkt = q.rxq[(q.rxqHead + i) % q.rxq.length]!;
       if (now - pkt.queuedAtMs <= this.set.opts.holdMs) return;
       if (pkt.origin === null) continue;
-      if (pool.materialize(pkt) === null) {
+      if (!this.letSenderGo(pkt)) {
         if (pool.failedFrag >= 0) pkt.origin.packetFault(pkt, 'a TX grant could not be copied');
         return;
       }
-      pool.fragsFromBuffer(pkt);
-      const origin = pkt.origin;
-      pkt.origin = null;
-      origin.packetDone(pkt);
-      this.released++;
     }
+  }
+
+  /** The frame copied into a pool buffer of dom0's and its sender's requests answered; false when it could not be. */
+  private letSenderGo(pkt: Packet): boolean {
+    const pool = this.set.pool;
+    const origin = pkt.origin!;
+    if (pool.materialize(pkt) === null) return false;
+    pool.fragsFromBuffer(pkt);
+    pkt.origin = null;
+    origin.packetDone(pkt);
+    this.released++;
+    return true;
   }
 
   /**
