@@ -9,9 +9,10 @@
 // (feature-sg: up to XEN_NETIF_NR_SLOTS_MIN slots, 65535 bytes), the first
 // slot carrying the total size and the checksum flags, a GSO extra slot after
 // it. RX: slot i always holds buffer i (netif.h: a response sits in the slot
-// of its request), so a response's id must be its slot's; a frame of one
-// slot is handed up as a view of the page, a longer one is gathered into a
-// buffer of the queue. Every response is copied once off the ring and
+// of its request), so a response's id must be its slot's; a frame is handed
+// up as a view of its page, or of its pages when they lie one after another
+// (attach allocates the buffers in order), else gathered into a buffer of
+// the queue. Every response is copied once off the ring and
 // checked; a violation breaks the interface (logged, ENETDOWN from then on),
 // never throws out of the interrupt.
 //
@@ -148,6 +149,14 @@ export class XnfQueue {
   rxMoreAfterExtras = false;
   rxGsoType = 0;
   rxGsoSize = 0;
+  /** The frame's data pieces so far: buffer (slot), offset and length. */
+  readonly pieceSlot = new Int32Array(XNF_FRAG);
+  readonly pieceOffset = new Int32Array(XNF_FRAG);
+  readonly pieceLen = new Int32Array(XNF_FRAG);
+  rxPieces = 0;
+  /** Pieces already copied into gather, and their bytes (see rxFrame). */
+  rxCopied = 0;
+  rxCopiedBytes = 0;
   readonly gather = new Uint8Array(XEN_NETIF_MAX_TX_SIZE + 1);
   readonly txReq = new Uint8Array(TX_BYTES);
   readonly txReqView = new DataView(this.txReq.buffer);
@@ -534,6 +543,8 @@ export class XnfSoftc {
       }
     } while (ring.finalCheckForResponses());
     if (ring.error !== undefined) return this.broken(ring.error.message);
+    // A frame that goes on in a later batch: its buffers go back to the ring now, so its bytes so far are copied first.
+    if (q.rxSlots > 0) this.rxGather(q);
     this.rxFill(q);
   }
 
@@ -568,7 +579,9 @@ export class XnfSoftc {
     }
     if (status > 0) {
       if (q.rxLen + status > XEN_NETIF_MAX_TX_SIZE) return `rx frame longer than ${XEN_NETIF_MAX_TX_SIZE} bytes`;
-      q.gather.set(this.rxView(buf, offset, status), q.rxLen);
+      q.pieceSlot[q.rxPieces] = slot;
+      q.pieceOffset[q.rxPieces] = offset;
+      q.pieceLen[q.rxPieces++] = status;
       q.rxLen += status;
     }
     if (!q.rxExtras && (flags & NETRXF_more_data) === 0) this.rxDeliver(q);
@@ -612,11 +625,59 @@ export class XnfSoftc {
   }
 
   private rxDeliver(q: XnfQueue): void {
-    if (!q.rxBad) this.rxUp(q, q.gather.subarray(0, q.rxLen), q.rxFlags);
+    if (!q.rxBad) this.rxUp(q, this.rxFrame(q), q.rxFlags);
     this.rxReset(q);
   }
 
+  /**
+   * A frame of several slots: a view of its buffers' pages when each piece
+   * starts where the one before ends (full pages from offset 0 in buffers
+   * that lie one after another, as attach allocates them), else its pieces
+   * gathered into one array. A GSO frame's extra slot used up the buffer
+   * between its first piece and the rest, with no data in it: the first
+   * piece is copied there, and the frame is a view from it on. Either way
+   * the view is valid until the buffers go back to the ring, after the
+   * handler returns.
+   */
+  private rxFrame(q: XnfQueue): Uint8Array {
+    const n = q.rxPieces;
+    if (q.rxCopied === 0 && n > 1) {
+      const first = this.pieceAddress(q, 0);
+      const second = this.pieceAddress(q, 1);
+      let end = second + q.pieceLen[1]!;
+      let i = 2;
+      for (; i < n && this.pieceAddress(q, i) === end; i++) end += q.pieceLen[i]!;
+      if (i === n) {
+        const len = q.pieceLen[0]!;
+        const mem = this.sc.mem.u8;
+        if (first + len === second) return mem.subarray(first, end);
+        const extra = q.rxBufs[(q.pieceSlot[0]! + 1) & (XNF_RX_DESC - 1)]!;
+        if (q.rxGsoType !== 0 && q.pieceSlot[1] === ((q.pieceSlot[0]! + 2) & (XNF_RX_DESC - 1)) && extra.segs[0]!.ds_addr + PAGE_SIZE === second && q.pieceOffset[1] === 0) {
+          mem.copyWithin(second - len, first, first + len);
+          return mem.subarray(second - len, end);
+        }
+      }
+    }
+    this.rxGather(q);
+    return q.gather.subarray(0, q.rxLen);
+  }
+
+  private pieceAddress(q: XnfQueue, i: number): number {
+    return q.rxBufs[q.pieceSlot[i]!]!.segs[0]!.ds_addr + q.pieceOffset[i]!;
+  }
+
+  /** Copy the pieces not copied yet into gather. */
+  private rxGather(q: XnfQueue): void {
+    for (let i = q.rxCopied; i < q.rxPieces; i++) {
+      const len = q.pieceLen[i]!;
+      q.gather.set(this.rxView(q.rxBufs[q.pieceSlot[i]!]!, q.pieceOffset[i]!, len), q.rxCopiedBytes);
+      q.rxCopiedBytes += len;
+    }
+    q.rxCopied = q.rxPieces;
+  }
+
   private rxReset(q: XnfQueue): void {
+    q.rxPieces = q.rxCopied = q.rxCopiedBytes = 0;
     q.rxSlots = q.rxExtraSlots = q.rxLen = q.rxFlags = 0;
     q.rxBad = q.rxExtras = q.rxMoreAfterExtras = false;
   }
