@@ -87,20 +87,20 @@ async function load(disk, kind, ms) {
   return (n * 1.048576 / (performance.now() - t0)) * 1000;
 }
 export async function main(guest) {
-  const [runs, ms] = guest.extra.split(',').map(Number);
+  const [runs, ms, warmupMs] = guest.extra.split(',').map(Number);
   const disks = guest.disks();
   const out = {};
   for (const [name, at, kind] of LOADS) {
     out[name] = [];
-    await load(disks[at], kind, Math.min(ms, 200)); // warm-up: compiled code, haltpoll windows
+    await load(disks[at], kind, warmupMs); // compiled code, haltpoll windows
     for (let i = 0; i < runs; i++) out[name].push(await load(disks[at], kind, ms));
   }
   console.log('BENCH ' + JSON.stringify(out));
 }
 `;
 
-/** Boot a host with one guest and its three disks; every load `runs` times for `ms` each. */
-export async function blockBench(file: string, runs: number, ms: number): Promise<Record<string, number[]>> {
+/** Boot a host with one guest and its three disks; every load `runs` times for `ms` each, after `warmupMs` of it. */
+export async function blockBench(file: string, runs: number, ms: number, warmupMs: number): Promise<Record<string, number[]>> {
   const dir = mkdtempSync(join(tmpdir(), 'xenpv-bench-blk-'));
   const m = await Machine.boot({});
   try {
@@ -110,13 +110,13 @@ export async function blockBench(file: string, runs: number, ms: number): Promis
       'name = "blkbench"',
       'memory = 64',
       'kernel = "bench.mjs"',
-      `extra = "${runs},${ms}"`,
+      `extra = "${runs},${ms},${warmupMs}"`,
       `disk = [ 'format=null, vdev=xvda, access=rw, target=${NULL_DISK_BYTES}',`,
       `         'format=memory, vdev=xvdb, access=rw, target=${MEMORY_DISK_BYTES}',`,
       `         'format=raw, vdev=xvdc, access=rw, target=${file}' ]`,
       '',
     ].join('\n'));
-    const budgetMs = 60_000 + BLOCK_LOADS.length * runs * ms * 3;
+    const budgetMs = 60_000 + BLOCK_LOADS.length * (runs * ms + warmupMs) * 3;
     const exit = await m.waitExit(await m.create(loadDomainConfig(cfg)), AbortSignal.timeout(budgetMs));
     const line = /BENCH (.*)/.exec(exit.console)?.[1];
     if (exit.reason !== 'poweroff' || line === undefined) throw new Error(`block bench guest: ${exit.reason}\n${exit.console}`);

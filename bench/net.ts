@@ -24,7 +24,6 @@ export const NET_PENDING = 'pending: needs the netfront (xnf) and netback';
 export const SENDER_MAC = '00:16:3e:00:be:01';
 export const RECEIVER_MAC = '00:16:3e:00:be:02';
 export const SINK_MAC = '02:00:00:00:be:03';
-const WARMUP_MS = 300;
 const START_TIMEOUT_MS = 30_000;
 
 // Sends frames of `size` to `to` until destroyed; a 64 KiB frame goes as TCPv4 GSO.
@@ -74,14 +73,14 @@ export function netGuest(dir: string, name: string, image: string, mac: string, 
   };
 }
 
-/** Runs of (packets, bytes) per second over `ms` each, once traffic flows and has warmed up. */
-async function sample(m: Machine, count: Counter, runs: number, ms: number): Promise<{ pps: number; bps: number }[]> {
+/** Runs of (packets, bytes) per second over `ms` each, once traffic flows and has run `warmupMs`. */
+async function sample(m: Machine, count: Counter, runs: number, ms: number, warmupMs: number): Promise<{ pps: number; bps: number }[]> {
   const deadline = Date.now() + START_TIMEOUT_MS;
   while (count(await m.netStats()).packets === 0) {
     if (Date.now() > deadline) throw new Error('no frame reached the receiver');
     await new Promise((r) => setTimeout(r, 20));
   }
-  await new Promise((r) => setTimeout(r, WARMUP_MS));
+  await new Promise((r) => setTimeout(r, warmupMs));
   const out: { pps: number; bps: number }[] = [];
   for (let i = 0; i < runs; i++) {
     const a = count(await m.netStats());
@@ -95,28 +94,28 @@ async function sample(m: Machine, count: Counter, runs: number, ms: number): Pro
 }
 
 /** One sender (and a receiving guest, unless the sink receives) for the length of `runs` windows. */
-async function measure(m: Machine, dir: string, tag: string, size: number, toSink: boolean, runs: number, ms: number, cpus?: number[]): Promise<{ pps: number; bps: number }[]> {
+async function measure(m: Machine, dir: string, tag: string, size: number, toSink: boolean, runs: number, ms: number, warmupMs: number, cpus?: number[]): Promise<{ pps: number; bps: number }[]> {
   const domids: number[] = [];
   try {
     if (!toSink) domids.push(await m.create(netGuest(dir, `bench-rx-${tag}`, 'receiver', RECEIVER_MAC, '', cpus)));
     domids.push(await m.create(netGuest(dir, `bench-tx-${tag}`, 'sender', SENDER_MAC, `to=${toSink ? SINK_MAC : RECEIVER_MAC} size=${size}`, cpus)));
-    return await sample(m, toSink ? sinkPort : receiverVif(domids[0]!), runs, ms);
+    return await sample(m, toSink ? sinkPort : receiverVif(domids[0]!), runs, ms, warmupMs);
   } finally {
     for (const d of domids.reverse()) await m.destroy(d).catch(() => undefined);
   }
 }
 
-/** Each metric's `runs` values, measured for `ms` each. */
-export async function netBench(runs: number, ms: number): Promise<Record<NetMetric, number[]> | null> {
+/** Each metric's `runs` values, measured for `ms` each after `warmupMs` of the load. */
+export async function netBench(runs: number, ms: number, warmupMs: number): Promise<Record<NetMetric, number[]> | null> {
   const dir = mkdtempSync(join(tmpdir(), 'xenpv-bench-net-'));
   writeNetImages(dir);
   const { dom0Cpus, guestCpus } = netPlacement();
   const m = await Machine.boot({ bridges: { xenbr0: { sink: SINK_MAC } }, ...(dom0Cpus === undefined ? {} : { dom0Cpus }) });
   try {
-    const g64 = await measure(m, dir, '64', 64, false, runs, ms, guestCpus);
-    const g1500 = await measure(m, dir, '1500', 1500, false, runs, ms, guestCpus);
-    const g64k = await measure(m, dir, '65535', 65535, false, runs, ms, guestCpus);
-    const d1500 = await measure(m, dir, 'd1500', 1500, true, runs, ms, guestCpus);
+    const g64 = await measure(m, dir, '64', 64, false, runs, ms, warmupMs, guestCpus);
+    const g1500 = await measure(m, dir, '1500', 1500, false, runs, ms, warmupMs, guestCpus);
+    const g64k = await measure(m, dir, '65535', 65535, false, runs, ms, warmupMs, guestCpus);
+    const d1500 = await measure(m, dir, 'd1500', 1500, true, runs, ms, warmupMs, guestCpus);
     return {
       'net.g2g.64.mpps': g64.map((r) => r.pps / 1e6),
       'net.g2g.1500.gbps': g1500.map((r) => r.bps / 1e9),

@@ -68,6 +68,20 @@ class ThreadNames {
     }
     return out;
   }
+  /** Each named thread's sleeps and preemptions so far (/proc's voluntary and nonvoluntary context switches). */
+  switches(): Map<string, [number, number]> {
+    const out = new Map<string, [number, number]>();
+    for (const [tid, name] of this.names) {
+      try {
+        const st = readFileSync(`/proc/self/task/${tid}/status`, 'utf8');
+        const field = (key: string): number => Number(new RegExp(`^${key}:\\s+(\\d+)`, 'm').exec(st)?.[1] ?? 0);
+        out.set(name, [field('voluntary_ctxt_switches'), field('nonvoluntary_ctxt_switches')]);
+      } catch {
+        // The thread has ended.
+      }
+    }
+    return out;
+  }
   /** Each named thread's CPU µs per unit between two samples. */
   per(a: Map<number, number>, b: Map<number, number>, units: number): string {
     const parts: string[] = [];
@@ -77,6 +91,12 @@ class ThreadNames {
     }
     return parts.join(', ');
   }
+}
+
+/** "; sleeps/preemptions per 1000 frames: dom0 12/3, ..." between two switches() samples. */
+function switched(a: Map<string, [number, number]>, b: Map<string, [number, number]>, units: number): string {
+  const per = (n: number): string => ((n * 1000) / Math.max(1, units)).toFixed(1);
+  return `; sleeps/preemptions per 1000 frames: ${[...b].map(([n, [v, i]]) => `${n} ${per(v - (a.get(n)?.[0] ?? 0))}/${per(i - (a.get(n)?.[1] ?? 0))}`).join(', ')}`;
 }
 
 /** "; waited for a CPU: dom0 3 ms, ..." between two waits() samples. */
@@ -113,17 +133,19 @@ async function net(dir: string, size: number, toSink: boolean, ms: number, runs:
       const a = count(sa);
       const ta = threadCpuMs();
       const wa = names.waits();
+      const xa = names.switches();
       const t0 = performance.now();
       await new Promise((r) => setTimeout(r, ms));
       const sb = await m.netStats();
       const b = count(sb);
       const tb = threadCpuMs();
       const wb = names.waits();
+      const xb = names.switches();
       const s = (performance.now() - t0) / 1000;
       const frames = b.packets - a.packets;
       console.log(`net ${size} ${toSink ? 'g2d' : 'g2g'}: ${(frames / s / 1e6).toFixed(3)} Mpps ${(((b.bytes - a.bytes) * 8) / s / 1e9).toFixed(2)} Gbit/s, ` +
         `${b.dropped - a.dropped} dropped, ${(frames / Math.max(1, events(sb) - events(sa))).toFixed(1)} frames per dom0 event; ` +
-        `CPU us per frame: ${names.per(ta, tb, Math.max(1, frames))}${waited(wa, wb)}`);
+        `CPU us per frame: ${names.per(ta, tb, Math.max(1, frames))}${waited(wa, wb)}${switched(xa, xb, frames)}`);
     }
   } finally {
     await m.stop();

@@ -21,7 +21,7 @@ const VALUE = 'x'.repeat(16);
 
 const GUEST = `export async function main(guest) {
   const xs = guest.xenstore;
-  const [runs, ms] = guest.extra.split(',').map(Number);
+  const [runs, ms, warmupMs] = guest.extra.split(',').map(Number);
   await xs.write('data/bench', ${JSON.stringify(VALUE)});
   const time = async (op, runMs = ms) => {
     let n = 0;
@@ -32,7 +32,7 @@ const GUEST = `export async function main(guest) {
     return (n / (performance.now() - t0)) * 1000;
   };
   const out = { reads: [], writes: [] };
-  await time(() => xs.read('data/bench'), Math.min(ms, 200)); // warm-up: compiled code, haltpoll windows
+  await time(() => xs.read('data/bench'), warmupMs); // compiled code, haltpoll windows
   for (let i = 0; i < runs; i++) {
     out.reads.push(await time(() => xs.read('data/bench')));
     out.writes.push(await time((i) => xs.write('data/bench', String(i & 0xffff))));
@@ -43,9 +43,9 @@ const GUEST = `export async function main(guest) {
 
 export type XenstoreResult = { ringRead: number[]; ringWrite: number[]; socketRead: number[] };
 
-async function ringRuns(m: Machine, cfg: string, runs: number, ms: number): Promise<{ reads: number[]; writes: number[] }> {
+async function ringRuns(m: Machine, cfg: string, runs: number, ms: number, warmupMs: number): Promise<{ reads: number[]; writes: number[] }> {
   const spec = loadDomainConfig(cfg);
-  const exit = await m.waitExit(await m.create({ ...spec, extra: `${runs},${ms}` }), AbortSignal.timeout(60_000 + runs * ms * 4));
+  const exit = await m.waitExit(await m.create({ ...spec, extra: `${runs},${ms},${warmupMs}` }), AbortSignal.timeout(60_000 + (runs * ms + warmupMs) * 4));
   const line = /BENCH (.*)/.exec(exit.console)?.[1];
   if (exit.reason !== 'poweroff' || line === undefined) throw new Error(`xenstore bench guest: ${exit.reason}\n${exit.console}`);
   return JSON.parse(line) as { reads: number[]; writes: number[] };
@@ -87,15 +87,15 @@ async function socketRun(path: string, ms: number): Promise<number> {
   }
 }
 
-/** Boot a host, run the guest's ring loops and the socket loops `runs` times each. */
-export async function xenstoreBench(runs: number, ms: number): Promise<XenstoreResult> {
+/** Boot a host, run the guest's ring loops (after `warmupMs` of reads) and the socket loops `runs` times each. */
+export async function xenstoreBench(runs: number, ms: number, warmupMs: number): Promise<XenstoreResult> {
   const dir = mkdtempSync(join(tmpdir(), 'xenpv-bench-xs-'));
   const m = await Machine.boot({ rundir: dir });
   try {
     writeFileSync(join(dir, 'bench.mjs'), GUEST);
     const cfg = join(dir, 'bench.cfg');
     writeFileSync(cfg, `name = "xsbench"\nmemory = 8\nkernel = "bench.mjs"\n`);
-    const ring = await ringRuns(m, cfg, runs, ms);
+    const ring = await ringRuns(m, cfg, runs, ms, warmupMs);
     const socketRead: number[] = [];
     for (let i = 0; i < runs; i++) socketRead.push(await socketRun(m.socketPath!, ms));
     return { ringRead: ring.reads, ringWrite: ring.writes, socketRead };

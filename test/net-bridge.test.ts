@@ -227,7 +227,7 @@ t.test('Linux in a network namespace, its TAP device bridged by socat to the UDP
 
 t.test('the network benchmark (bench/net.ts) measures frames reaching a guest and a dom0 sink', async (t) => {
   const { NET_METRICS, netBench } = await import('../bench/net.js');
-  const r = await netBench(1, 100);
+  const r = await netBench(1, 100, 100);
   t.ok(r !== null);
   for (const name of NET_METRICS) {
     t.equal(r![name].length, 1, name);

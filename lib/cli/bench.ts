@@ -23,6 +23,18 @@ import { NET_METRICS, NET_PENDING, netBench } from '../../bench/net.js';
 const RUNS = 3;
 const RUN_MS = 1000;
 const QUICK_RUN_MS = 250;
+/**
+ * How long the network, block and xenstore loads run before their first
+ * measured run. Each domain is an isolate of its own that compiles its hot
+ * paths while the load runs, on compiler threads that share the two CPUs
+ * with the busy domains: on a machine where that takes long, the rate was
+ * still climbing for two to three seconds (bench/profile.ts net 64, ten runs
+ * of 700 ms: 0.46, 0.70, 0.69, 0.74, 0.72, 0.79, 0.79 ... Mpps), and a short
+ * warm-up made the first of three runs, and sometimes the median, a figure
+ * of code not yet compiled.
+ */
+const WARMUP_MS = 3000;
+const QUICK_WARMUP_MS = 200;
 /** The file the file-backed disk serves and the fs/fio peers read: page-cached, data in every block. */
 const DATA_FILE_BYTES = 64 << 20;
 
@@ -92,7 +104,7 @@ const TARGETS: readonly Target[] = [
   { metric: 'scale.boot32.s', op: '<=', bound: 10 },
 ];
 
-type Ctx = { runs: number; ms: number; file: string; progress: (what: string) => void };
+type Ctx = { runs: number; ms: number; warmupMs: number; file: string; progress: (what: string) => void };
 /** A suite's runs per metric; a metric it could not measure gets a note instead. */
 type SuiteResult = { runs: Record<string, number[]>; notes?: Record<string, string> };
 type Suite = { name: string; metrics: readonly string[]; run: (ctx: Ctx) => Promise<SuiteResult> };
@@ -153,8 +165,8 @@ const SUITES: readonly Suite[] = [
   {
     name: 'net',
     metrics: NET_METRICS,
-    run: async ({ runs, ms }) => {
-      const r = await netBench(runs, ms);
+    run: async ({ runs, ms, warmupMs }) => {
+      const r = await netBench(runs, ms, warmupMs);
       if (r === null) return { runs: {}, notes: Object.fromEntries(NET_METRICS.map((n) => [n, NET_PENDING])) };
       return { runs: r };
     },
@@ -171,15 +183,15 @@ const SUITES: readonly Suite[] = [
   {
     name: 'xenstore',
     metrics: ['xenstore.ring.read.ops', 'xenstore.ring.write.ops', 'xenstore.socket.read.ops'],
-    run: async ({ runs, ms }) => {
-      const r = await xenstoreBench(runs, ms);
+    run: async ({ runs, ms, warmupMs }) => {
+      const r = await xenstoreBench(runs, ms, warmupMs);
       return { runs: { 'xenstore.ring.read.ops': r.ringRead, 'xenstore.ring.write.ops': r.ringWrite, 'xenstore.socket.read.ops': r.socketRead } };
     },
   },
   {
     name: 'block',
     metrics: BLOCK_LOADS.map(([n]) => n),
-    run: async ({ runs, ms, file }) => ({ runs: await blockBench(file, runs, ms) }),
+    run: async ({ runs, ms, warmupMs, file }) => ({ runs: await blockBench(file, runs, ms, warmupMs) }),
   },
   {
     name: 'scale',
@@ -266,7 +278,7 @@ export async function runBench(opts: BenchOptions): Promise<BenchReport> {
       opts.progress(`bench: ${suite.name}`);
       const t0 = performance.now();
       try {
-        const r = await suite.run({ runs: RUNS, ms, file, progress: opts.progress });
+        const r = await suite.run({ runs: RUNS, ms, warmupMs: opts.quick ? QUICK_WARMUP_MS : WARMUP_MS, file, progress: opts.progress });
         for (const [name, runs] of Object.entries(r.runs)) got.set(name, { runs });
         for (const [name, note] of Object.entries(r.notes ?? {})) got.set(name, { runs: [], note });
       } catch (err) {
