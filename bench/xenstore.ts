@@ -14,10 +14,10 @@ import { XS_READ, XS_WRITE } from '../lib/abi/xs_wire.js';
 import { Machine } from '../lib/machine.js';
 import { XsDecoder, encodeMessage, joinStrings, joinWrite } from '../lib/xenstore/wire.js';
 
-const CALLERS = 32;
+export const CALLERS = 32;
 const SOCKET_DEPTH = 16;
 /** A node's value as drivers read them: a ring-ref, a state, a feature flag. */
-const VALUE = 'x'.repeat(16);
+export const VALUE = 'x'.repeat(16);
 
 const GUEST = `export async function main(guest) {
   const xs = guest.xenstore;
