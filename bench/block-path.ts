@@ -20,6 +20,7 @@ import { World } from '../lib/fuzz/world.js';
 import { Disk } from '../lib/guest/guest.js';
 import { makeDataFile, xorshift } from './peers.js';
 import { QUEUE_DEPTH } from './block.js';
+import { cpuNsPerUnit, describeNs } from './path-cpu.js';
 
 const XVDA = 51712;
 const DISK_BYTES = 64 << 20;
@@ -50,15 +51,7 @@ export async function blockPathCpu(type: 'memory' | 'null' | 'file', write: bool
     const world = new World({ dom0MemoryMiB: 64 });
     const sc = await world.createGuest({ name: 'path', memoryMiB: 64, disks: [{ vdev: 'xvda', devid: XVDA, type, params, readOnly: false, trusted }] });
     const disk = new Disk(xbfDisks(sc)[0]!);
-    await load(world, disk, requests, write);
-    const out: number[] = [];
-    for (let i = 0; i < runs; i++) {
-      const before = process.cpuUsage();
-      await load(world, disk, requests, write);
-      const used = process.cpuUsage(before);
-      out.push(((used.user + used.system) * 1000) / requests);
-    }
-    return out;
+    return await cpuNsPerUnit(() => load(world, disk, requests, write), requests, runs);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -74,9 +67,7 @@ async function main(): Promise<void> {
   const write = values.write === true;
   const trusted = values.untrusted !== true;
   const ns = await blockPathCpu(type, write, trusted, Number(values.requests ?? 300_000), Number(values.runs ?? 5));
-  const sorted = [...ns].sort((a, b) => a - b);
-  console.log(`block path ${type}${trusted ? '' : ' untrusted'} rand${write ? 'write' : 'read'}4k, one thread: CPU ns per request median ${sorted[sorted.length >> 1]!.toFixed(0)}, ` +
-    `min ${sorted[0]!.toFixed(0)} (${ns.map((x) => x.toFixed(0)).join(' ')})`);
+  console.log(`block path ${type}${trusted ? '' : ' untrusted'} rand${write ? 'write' : 'read'}4k, one thread: CPU ns per request ${describeNs(ns)}`);
 }
 
 await main();

@@ -17,6 +17,7 @@ import type { NicSpec } from '../lib/backends/toolstack.js';
 import { xnfInterfaces, type XnfSoftc, type XnfTxOffload } from '../lib/drivers/xnf/xnf.js';
 import { World } from '../lib/fuzz/world.js';
 import { RECEIVER_MAC, SENDER_MAC } from './net.js';
+import { cpuNsPerUnit, describeNs } from './path-cpu.js';
 
 const NEVER_MS = 1e9;
 
@@ -50,15 +51,7 @@ export async function netPathCpu(size: number, frames: number, runs: number): Pr
   const world = new World({ net: { netback, ageingMs: NEVER_MS }, dom0MemoryMiB: 32 });
   const tx = xnfInterfaces(await world.createGuest({ name: 'sender', memoryMiB: 32, vifs: [nic(SENDER_MAC)] }))[0]!;
   const rx = xnfInterfaces(await world.createGuest({ name: 'receiver', memoryMiB: 32, vifs: [nic(RECEIVER_MAC)] }))[0]!;
-  await load(world, tx, rx, size, frames);
-  const out: number[] = [];
-  for (let i = 0; i < runs; i++) {
-    const before = process.cpuUsage();
-    await load(world, tx, rx, size, frames);
-    const used = process.cpuUsage(before);
-    out.push(((used.user + used.system) * 1000) / frames);
-  }
-  return out;
+  return await cpuNsPerUnit(() => load(world, tx, rx, size, frames), frames, runs);
 }
 
 async function main(): Promise<void> {
@@ -67,9 +60,7 @@ async function main(): Promise<void> {
   if (![64, 1500, 65535].includes(size)) throw new Error('usage: net-path 64|1500|65535 [--frames N] [--runs N]');
   const frames = Number(values.frames ?? (size > 1514 ? 20_000 : 300_000));
   const ns = await netPathCpu(size, frames, Number(values.runs ?? 5));
-  const sorted = [...ns].sort((a, b) => a - b);
-  console.log(`net path ${size}-byte frames guest to guest, one thread: CPU ns per frame median ${sorted[sorted.length >> 1]!.toFixed(0)}, ` +
-    `min ${sorted[0]!.toFixed(0)} (${ns.map((x) => x.toFixed(0)).join(' ')})`);
+  console.log(`net path ${size}-byte frames guest to guest, one thread: CPU ns per frame ${describeNs(ns)}`);
 }
 
 await main();

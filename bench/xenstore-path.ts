@@ -10,6 +10,7 @@ import { parseArgs } from 'node:util';
 import { World } from '../lib/fuzz/world.js';
 import type { XenStore } from '../lib/xenstore/xenstore.js';
 import { CALLERS, VALUE } from './xenstore.js';
+import { cpuNsPerUnit, describeNs } from './path-cpu.js';
 
 /** `requests` reads (or writes) of data/bench by CALLERS loops, pumped to the end. */
 async function load(world: World, xs: XenStore, requests: number, write: boolean): Promise<void> {
@@ -28,24 +29,14 @@ export async function xenstorePathCpu(write: boolean, requests: number, runs: nu
   const world = new World({});
   const sc = await world.createGuest({ name: 'path' });
   await world.run(sc.xs.write('data/bench', VALUE), 'setup');
-  await load(world, sc.xs, requests, write);
-  const out: number[] = [];
-  for (let i = 0; i < runs; i++) {
-    const before = process.cpuUsage();
-    await load(world, sc.xs, requests, write);
-    const used = process.cpuUsage(before);
-    out.push(((used.user + used.system) * 1000) / requests);
-  }
-  return out;
+  return await cpuNsPerUnit(() => load(world, sc.xs, requests, write), requests, runs);
 }
 
 async function main(): Promise<void> {
   const { values } = parseArgs({ options: { write: { type: 'boolean' }, requests: { type: 'string' }, runs: { type: 'string' } } });
   const write = values.write === true;
   const ns = await xenstorePathCpu(write, Number(values.requests ?? 200_000), Number(values.runs ?? 5));
-  const sorted = [...ns].sort((a, b) => a - b);
-  console.log(`xenstore path ${write ? 'writes' : 'reads'}, one thread: CPU ns per request median ${sorted[sorted.length >> 1]!.toFixed(0)}, ` +
-    `min ${sorted[0]!.toFixed(0)} (${ns.map((x) => x.toFixed(0)).join(' ')})`);
+  console.log(`xenstore path ${write ? 'writes' : 'reads'}, one thread: CPU ns per request ${describeNs(ns)}`);
 }
 
 await main();

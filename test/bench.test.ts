@@ -74,3 +74,19 @@ t.test('bench refuses an unknown metric prefix and stray arguments with EINVAL, 
     t.match(r.stderr, /EINVAL/);
   }
 });
+
+t.test('the path benchmarks: CPU per unit after an unmeasured load, printed as median, min and every run', async (t) => {
+  const { cpuNsPerUnit, describeNs } = await import('../bench/path-cpu.js');
+  let loads = 0;
+  const ns = await cpuNsPerUnit(async () => {
+    loads++;
+    let x = 0;
+    for (let i = 0; i < 200_000; i++) x += Math.sqrt(i);
+    t.ok(x > 0);
+  }, 1000, 3);
+  t.equal(loads, 4, 'one warm-up load, then one per run');
+  t.equal(ns.length, 3);
+  for (const v of ns) t.ok(v > 0, 'a load that computes costs CPU');
+  t.equal(describeNs([1356.4, 1183, 1161.2]), 'median 1183, min 1161 (1356 1183 1161)');
+  t.equal(describeNs([]), 'no runs');
+});
