@@ -20,7 +20,7 @@ import { World } from '../lib/fuzz/world.js';
 import { Disk } from '../lib/guest/guest.js';
 import { makeDataFile, xorshift } from './peers.js';
 import { QUEUE_DEPTH } from './block.js';
-import { cpuNsPerUnit, describeNs } from './path-cpu.js';
+import { countOption, cpuNsPerUnit, describeNs } from './path-cpu.js';
 
 const XVDA = 51712;
 const DISK_BYTES = 64 << 20;
@@ -66,7 +66,7 @@ async function main(): Promise<void> {
   if (type !== 'memory' && type !== 'null' && type !== 'file') throw new Error('usage: block-path memory|null|file [--write] [--untrusted] [--requests N] [--runs N]');
   const write = values.write === true;
   const trusted = values.untrusted !== true;
-  const ns = await blockPathCpu(type, write, trusted, Number(values.requests ?? 300_000), Number(values.runs ?? 5));
+  const ns = await blockPathCpu(type, write, trusted, countOption(values.requests, 300_000, 'requests'), countOption(values.runs, 5, 'runs'));
   console.log(`block path ${type}${trusted ? '' : ' untrusted'} rand${write ? 'write' : 'read'}4k, one thread: CPU ns per request ${describeNs(ns)}`);
 }
 

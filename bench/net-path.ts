@@ -17,7 +17,7 @@ import type { NicSpec } from '../lib/backends/toolstack.js';
 import { xnfInterfaces, type XnfSoftc, type XnfTxOffload } from '../lib/drivers/xnf/xnf.js';
 import { World } from '../lib/fuzz/world.js';
 import { RECEIVER_MAC, SENDER_MAC } from './net.js';
-import { cpuNsPerUnit, describeNs } from './path-cpu.js';
+import { countOption, cpuNsPerUnit, describeNs } from './path-cpu.js';
 
 const NEVER_MS = 1e9;
 
@@ -58,8 +58,8 @@ async function main(): Promise<void> {
   const { positionals, values } = parseArgs({ allowPositionals: true, options: { frames: { type: 'string' }, runs: { type: 'string' } } });
   const size = Number(positionals[0] ?? 64);
   if (![64, 1500, 65535].includes(size)) throw new Error('usage: net-path 64|1500|65535 [--frames N] [--runs N]');
-  const frames = Number(values.frames ?? (size > 1514 ? 20_000 : 300_000));
-  const ns = await netPathCpu(size, frames, Number(values.runs ?? 5));
+  const frames = countOption(values.frames, size > 1514 ? 20_000 : 300_000, 'frames');
+  const ns = await netPathCpu(size, frames, countOption(values.runs, 5, 'runs'));
   console.log(`net path ${size}-byte frames guest to guest, one thread: CPU ns per frame ${describeNs(ns)}`);
 }
 

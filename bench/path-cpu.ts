@@ -2,6 +2,7 @@
 // share: the CPU a load costs per unit of work, and how they print it.
 
 import { median } from '../lib/cli/bench.js';
+import { XenError } from '../lib/errors.js';
 
 /**
  * CPU nanoseconds per unit of `units`-unit loads, `runs` of them after one
@@ -25,4 +26,12 @@ export function describeNs(ns: readonly number[]): string {
   const mid = median(ns);
   if (mid === null) return 'no runs';
   return `median ${mid.toFixed(0)}, min ${Math.min(...ns).toFixed(0)} (${ns.map((x) => x.toFixed(0)).join(' ')})`;
+}
+
+/** A count option (--requests, --frames, --runs): `fallback` when absent, EINVAL unless a whole number from 1 up. */
+export function countOption(text: string | undefined, fallback: number, name: string): number {
+  if (text === undefined) return fallback;
+  const n = Number(text);
+  if (!/^\d+$/.test(text) || !Number.isSafeInteger(n) || n < 1) throw new XenError('EINVAL', `--${name} ${JSON.stringify(text)}: a whole number from 1 up`);
+  return n;
 }

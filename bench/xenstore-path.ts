@@ -10,7 +10,7 @@ import { parseArgs } from 'node:util';
 import { World } from '../lib/fuzz/world.js';
 import type { XenStore } from '../lib/xenstore/xenstore.js';
 import { CALLERS, VALUE } from './xenstore.js';
-import { cpuNsPerUnit, describeNs } from './path-cpu.js';
+import { countOption, cpuNsPerUnit, describeNs } from './path-cpu.js';
 
 /** `requests` reads (or writes) of data/bench by CALLERS loops, pumped to the end. */
 async function load(world: World, xs: XenStore, requests: number, write: boolean): Promise<void> {
@@ -35,7 +35,7 @@ export async function xenstorePathCpu(write: boolean, requests: number, runs: nu
 async function main(): Promise<void> {
   const { values } = parseArgs({ options: { write: { type: 'boolean' }, requests: { type: 'string' }, runs: { type: 'string' } } });
   const write = values.write === true;
-  const ns = await xenstorePathCpu(write, Number(values.requests ?? 200_000), Number(values.runs ?? 5));
+  const ns = await xenstorePathCpu(write, countOption(values.requests, 200_000, 'requests'), countOption(values.runs, 5, 'runs'));
   console.log(`xenstore path ${write ? 'writes' : 'reads'}, one thread: CPU ns per request ${describeNs(ns)}`);
 }
 

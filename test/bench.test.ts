@@ -90,3 +90,12 @@ t.test('the path benchmarks: CPU per unit after an unmeasured load, printed as m
   t.equal(describeNs([1356.4, 1183, 1161.2]), 'median 1183, min 1161 (1356 1183 1161)');
   t.equal(describeNs([]), 'no runs');
 });
+
+t.test('the path benchmarks refuse a count that is not a whole number from 1 up with EINVAL', async (t) => {
+  const { countOption } = await import('../bench/path-cpu.js');
+  t.equal(countOption(undefined, 300_000, 'requests'), 300_000);
+  t.equal(countOption('7', 5, 'runs'), 7);
+  for (const bad of ['abc', '0', '-3', '1.5', '', '1e3', ' 4']) {
+    t.throws(() => countOption(bad, 5, 'runs'), { code: 'EINVAL', message: /--runs/ }, JSON.stringify(bad));
+  }
+});
