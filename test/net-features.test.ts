@@ -126,14 +126,16 @@ export async function main(guest) {
 });
 
 /**
- * Guest 2 counts the 100 frames guest 1 sends it through a limited vif.
- * The sender waits for netback's answers (drain) and reports how long that
- * took, or with `extra = "off"` powers off as soon as the last frame is on
- * its ring.
+ * Guest 2 counts the frames guest 1 sends it through a limited vif, as many
+ * as `extra` says. The sender waits for netback's answers (drain) and
+ * reports how long that took, or with "off" after the count powers off as
+ * soon as the last frame is on its ring.
  */
 const rateImage = `${helloCode}
 export async function main(guest) {
   const [n] = guest.nets();
+  const [count, mode] = guest.extra.split(' ');
+  const frames = Number(count);
   const me = n.mac[5];
   const peer = Uint8Array.from([0x00, 0x16, 0x3e, 0, n.mac[4], me === 1 ? 2 : 1]);
   if (me === 2) {
@@ -141,7 +143,7 @@ export async function main(guest) {
     const done = new Promise((resolve) => n.onFrame((f) => {
       if (f[13] !== 0xb5) return;
       if (got++ === 0) first = Date.now();
-      if (got === 100) resolve();
+      if (got === frames) resolve();
     }));
     await meet(n, peer);
     await Promise.race([done, new Promise((r) => setTimeout(r, 60000))]);
@@ -150,31 +152,35 @@ export async function main(guest) {
   }
   await meet(n, peer);
   const start = Date.now();
-  for (let i = 0; i < 100; i++) { const f = new Uint8Array(1000); f.set(peer, 0); f.set(n.mac, 6); f[12] = 0x88; f[13] = 0xb5; await n.send(f); }
-  if (guest.extra === 'off') return;
+  for (let i = 0; i < frames; i++) { const f = new Uint8Array(1000); f.set(peer, 0); f.set(n.mac, 6); f[12] = 0x88; f[13] = 0xb5; await n.send(f); }
+  if (mode === 'off') return;
   // netback answers a frame once it passed the credit check: drain() waits for the last.
   await n.drain(30000);
-  console.log('sent 100 in ' + (Date.now() - start) + ' ms');
+  console.log('sent ' + frames + ' in ' + (Date.now() - start) + ' ms');
   await new Promise((r) => setTimeout(r, 500));
 }
 `;
 
 t.test('rate: the credit scheduler holds a vif to its bytes per interval', async (t) => {
-  const a = guestImage(dir, 'rate1', rateImage, `vif = [ 'mac=00:16:3e:00:07:01,rate=800Kb/s@50ms' ]`);
-  const b = guestImage(dir, 'rate2', rateImage, `vif = [ 'mac=00:16:3e:00:07:02' ]`);
+  // 800Kb/s@50ms: 5,000 bytes of credit every 50 ms.
+  const a = guestImage(dir, 'rate1', rateImage, `extra = "250"\nvif = [ 'mac=00:16:3e:00:07:01,rate=800Kb/s@50ms' ]`);
+  const b = guestImage(dir, 'rate2', rateImage, `extra = "250"\nvif = [ 'mac=00:16:3e:00:07:02' ]`);
   const [rx, tx] = await runGuests([b, a]);
-  t.match(rx!.console, /^received 100 over \d+ ms$/m, rx!.console);
-  const m = /^sent 100 in (\d+) ms$/m.exec(tx!.console);
+  t.match(rx!.console, /^received 250 over \d+ ms$/m, rx!.console);
+  const m = /^sent 250 in (\d+) ms$/m.exec(tx!.console);
   t.ok(m !== null, tx!.console);
-  // 100,000 bytes at 100,000 bytes/s, of which at most three intervals' credit (15,000 bytes) pass at once:
-  // about 0.85 s at least, measured where load can only make it longer (unlimited it takes a few ms).
-  t.ok(Number(m![1]) >= 750, `the limit spread the frames over ${m![1]} ms`);
+  // Credit left unspent adds up, as in Linux's tx_add_credit, to at most 131,072 bytes: the hellos
+  // sent while the peer boots (60 bytes every 20 ms) add 5,000 each interval and spend little. So
+  // 131,072 of the 250,000 bytes may pass at once, the other 118,928 need 24 more refills at least
+  // 50 ms apart: 1,200 ms at least, however long the peer took (unlimited it takes a few ms).
+  // Less 10 ms for the rounding of the two clocks (dom0 times the credit, the guest the send).
+  t.ok(Number(m![1]) >= 1190, `the limit spread the frames over ${m![1]} ms`);
 });
 
 t.test('a guest that powers off right after sending: the kernel lets netback answer its TX ring first, so the frames still go', async (t) => {
-  // The sender's limit keeps its frames on the ring for about a second; it returns as soon as the last is on it.
-  const a = guestImage(dir, 'off1', rateImage, `extra = "off"\nvif = [ 'mac=00:16:3e:00:08:01,rate=800Kb/s@50ms' ]`);
-  const b = guestImage(dir, 'off2', rateImage, `vif = [ 'mac=00:16:3e:00:08:02' ]`);
+  // The sender's limit keeps its frames on the ring for up to a second; it returns as soon as the last is on it.
+  const a = guestImage(dir, 'off1', rateImage, `extra = "100 off"\nvif = [ 'mac=00:16:3e:00:08:01,rate=800Kb/s@50ms' ]`);
+  const b = guestImage(dir, 'off2', rateImage, `extra = "100"\nvif = [ 'mac=00:16:3e:00:08:02' ]`);
   const [rx, tx] = await runGuests([b, a]);
   t.equal(tx!.reason, 'poweroff', tx!.console);
   t.match(rx!.console, /^received 100 over \d+ ms$/m, 'every frame reached the peer');
