@@ -1242,11 +1242,11 @@ t.test('property: port status and delivery follow a model of Xen', async (t) => 
   t.pass('300 random sequences of alloc/bind/send/mask/unmask/close/upcall');
 });
 
-t.test('FramePage.read copies short spans (byte loop) and long ones (words, or set()) exactly', async (t) => {
+t.test('FramePage.read copies short spans and unaligned ones up to 64 bytes (byte loop) and long ones (words, or set()) exactly', async (t) => {
   const mem = new MemoryViews(new SharedArrayBuffer(PAGE_SIZE * 2));
   for (let i = 0; i < mem.u8.length; i++) mem.u8[i] = (i * 7 + 3) & 0xff;
   const page = new FramePage(mem, 1, false);
-  for (const [offset, length] of [[0, 0], [5, 1], [100, 12], [PAGE_SIZE - 24, 24], [40, 25], [PAGE_SIZE - 112, 112], [0, PAGE_SIZE]] as const) {
+  for (const [offset, length] of [[0, 0], [5, 1], [100, 12], [PAGE_SIZE - 24, 24], [40, 25], [41, 60], [PAGE_SIZE - 65, 65], [PAGE_SIZE - 112, 112], [0, PAGE_SIZE]] as const) {
     const into = new Uint8Array(length);
     page.read(offset, into);
     t.same(into, mem.u8.subarray(PAGE_SIZE + offset, PAGE_SIZE + offset + length), `${length} bytes at ${offset}`);

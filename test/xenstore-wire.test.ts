@@ -112,6 +112,37 @@ t.test('property: any chunking of any message stream round-trips', async (t) => 
   );
 });
 
+t.test('property: take() fed wanted() bytes at a time, as a ring reads, gives each message as feed() does, with no array', async (t) => {
+  fc.assert(
+    fc.property(fc.array(arbMessage, { maxLength: 12 }), fc.integer({ min: 0, max: 7 }), (msgs, lead) => {
+      const stream = concat(msgs.map(encodeMessage));
+      // The bytes sit at an offset in a bigger buffer, as in a ring reader's scratch.
+      const scratch = new Uint8Array(lead + XS_HDR_SIZE + 300);
+      const d = new XsDecoder();
+      const got: XsMessage[] = [];
+      for (let at = 0; at < stream.length; ) {
+        const n = Math.min(d.wanted(), stream.length - at);
+        scratch.set(stream.subarray(at, at + n), lead);
+        const m = d.take(scratch, lead, lead + n);
+        if (d.took !== n) return false;
+        if (m !== undefined) got.push(m);
+        at += n;
+      }
+      t.same(got, msgs);
+      return d.buffered === 0 && d.error === undefined && got.length === msgs.length;
+    }),
+    { numRuns: 200 },
+  );
+  const d = new XsDecoder();
+  const hdr = new Uint8Array(16);
+  new DataView(hdr.buffer).setUint32(12, XENSTORE_PAYLOAD_MAX + 1, true);
+  t.equal(d.take(hdr, 0, 16), undefined);
+  t.equal(d.error?.code, 'E2BIG', 'an oversized header stops take() as it stops feed()');
+  const next = encodeMessage(msg(XS_READ, 1, 0, 'x\0'));
+  t.equal(d.take(next, 0, next.length), undefined, 'and nothing after it is framed');
+  t.equal(d.took, next.length, 'though the bytes count as used');
+});
+
 t.test('property: strings survive join and split', async (t) => {
   const arbPart = fc.string({ unit: fc.constantFrom('a', 'b', '/', '-', '_', '@', '0', '9'), maxLength: 20 });
   fc.assert(

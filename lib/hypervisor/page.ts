@@ -46,6 +46,12 @@ export class MemoryViews {
 
 /** Reads and writes up to this long copy byte by byte; past about 32 bytes one subarray and set() is faster. */
 const SHORT_COPY_BYTES = 24;
+/**
+ * Unaligned ones (a xenstore message at its ring index) up to this long too:
+ * the view set() needs is garbage, and the scavenger's time is not in the
+ * timing that put the crossover at 32.
+ */
+const SHORT_UNALIGNED_BYTES = 64;
 
 /** `[start, end)` must lie within `buf`: a typed array would drop the bytes outside silently. */
 function checkBuffer(buf: Uint8Array, start: number, end: number): void {
@@ -131,6 +137,10 @@ export class FramePage implements Page {
       return;
     }
     const w = ((at | start | n) & 3) === 0 ? this.wordsOf(into) : null;
+    if (w === null && n <= SHORT_UNALIGNED_BYTES) {
+      for (let i = 0; i < n; i++) into[start + i] = u8[at + i]!;
+      return;
+    }
     if (w === null) return into.set(u8.subarray(at, at + n), start);
     const u32 = this.mem.u32;
     for (let i = start >> 2, j = at >> 2, e = end >> 2; i < e; i++, j++) w[i] = u32[j]!;
@@ -146,6 +156,10 @@ export class FramePage implements Page {
       return;
     }
     const w = ((at | start | n) & 3) === 0 ? this.wordsOf(from) : null;
+    if (w === null && n <= SHORT_UNALIGNED_BYTES) {
+      for (let i = 0; i < n; i++) u8[at + i] = from[start + i]!;
+      return;
+    }
     if (w === null) return u8.set(start === 0 && end === from.length ? from : from.subarray(start, end), at);
     const u32 = this.mem.u32;
     for (let i = start >> 2, j = at >> 2, e = end >> 2; i < e; i++, j++) u32[j] = w[i]!;

@@ -147,7 +147,7 @@ export class XsRing {
       throw new XenError('ENOSPC', `xenstore ring output queue over ${this.maxQueued} bytes`);
     }
     // Behind queued output the message waits its turn; otherwise what fits goes on the ring now.
-    const put = this.queueHead === this.queue.length ? this.put(this.outScratch.subarray(0, length)) : 0;
+    const put = this.queueHead === this.queue.length ? this.put(this.outScratch, length) : 0;
     if (this.error !== undefined) return false;
     if (put < length) {
       this.queue.push(this.outScratch.slice(put, length));
@@ -199,16 +199,18 @@ export class XsRing {
   private pump(): void {
     this.flush();
     while (this.error === undefined && !this.overHighWater()) {
+      // At most the rest of one header or payload: each turn completes at most one message.
       const n = this.get(this.decoder.wanted());
       if (n === 0) break;
-      const msgs = this.decoder.feed(this.scratch, n);
+      const msg = this.decoder.take(this.scratch, 0, n);
       if (this.decoder.error !== undefined) {
         this.fail(this.decoder.error, XENSTORE_ERROR_PROTO);
         return;
       }
-      for (const msg of msgs) this.deliverOne(msg);
+      if (msg === undefined) continue;
+      this.deliverOne(msg);
       this.flush();
-      if (msgs.length > 0) this.kick();
+      this.kick();
     }
   }
 
@@ -226,7 +228,7 @@ export class XsRing {
     while (this.error === undefined && this.queueHead < this.queue.length) {
       const head = this.queue[this.queueHead];
       if (head === undefined) break;
-      const n = this.put(head);
+      const n = this.put(head, head.length);
       if (n === head.length) {
         this.queueHead++;
       } else if (n > 0) {
@@ -260,20 +262,20 @@ export class XsRing {
     }
   }
 
-  /** Copy as much of `bytes` as fits into the out ring (OpenBSD xs_ring_put; xenstored writechn). */
-  private put(bytes: Uint8Array): number {
+  /** Copy as much of `bytes` [0, length) as fits into the out ring (OpenBSD xs_ring_put; xenstored writechn). */
+  private put(bytes: Uint8Array, length: number): number {
     const cons = this.page.load32(this.geo.outCons);
     const used = (this.outProd - cons) >>> 0;
     if (used > XENSTORE_RING_SIZE) {
       this.fail(new XenError('EPROTO', `peer consumer index ${cons} is ${used} bytes behind producer ${this.outProd}`), XENSTORE_ERROR_RINGIDX);
       return 0;
     }
-    const size = Math.min(bytes.length, XENSTORE_RING_SIZE - used);
+    const size = Math.min(length, XENSTORE_RING_SIZE - used);
     if (size === 0) return 0;
     const at = this.outProd & RING_MASK;
     const first = Math.min(size, XENSTORE_RING_SIZE - at);
-    this.page.write(this.geo.out + at, bytes.subarray(0, first));
-    if (size > first) this.page.write(this.geo.out, bytes.subarray(first, size));
+    this.page.write(this.geo.out + at, bytes, 0, first);
+    if (size > first) this.page.write(this.geo.out, bytes, first, size);
     this.outProd = (this.outProd + size) >>> 0;
     // The bytes are in place before the index that publishes them (seq-cst store).
     this.page.store32(this.geo.outProd, this.outProd);
@@ -293,8 +295,8 @@ export class XsRing {
     if (size === 0) return 0;
     const at = this.inCons & RING_MASK;
     const first = Math.min(size, XENSTORE_RING_SIZE - at);
-    this.page.read(this.geo.in + at, this.scratch.subarray(0, first));
-    if (size > first) this.page.read(this.geo.in, this.scratch.subarray(first, size));
+    this.page.read(this.geo.in + at, this.scratch, 0, first);
+    if (size > first) this.page.read(this.geo.in, this.scratch, first, size);
     this.inCons = (this.inCons + size) >>> 0;
     this.page.store32(this.geo.inCons, this.inCons);
     this.moved = true;

@@ -15,6 +15,8 @@ export type XsMessage = {
 };
 
 export const XS_HDR_SIZE = xsd_sockmsg.size;
+/** Copies up to this long go byte by byte (see takePayload). */
+const SHORT_COPY_BYTES = 64;
 const TYPE_OFF = offsetOf(xsd_sockmsg, 'type');
 const REQ_ID_OFF = offsetOf(xsd_sockmsg, 'req_id');
 const TX_ID_OFF = offsetOf(xsd_sockmsg, 'tx_id');
@@ -34,6 +36,7 @@ export class XsDecoder {
   private hdrUsed = 0;
   private payload: Uint8Array | undefined;
   private payloadUsed = 0;
+  private used = 0;
 
   constructor(private readonly maxPayload: number = XENSTORE_PAYLOAD_MAX) {}
 
@@ -55,11 +58,30 @@ export class XsDecoder {
   /** Messages completed by `chunk` up to `end` (its length by default). */
   feed(chunk: Uint8Array, end = chunk.length): XsMessage[] {
     const out: XsMessage[] = [];
-    let at = 0;
-    while (at < end && this.error === undefined) {
-      at = this.payload === undefined ? this.takeHeader(chunk, at, end, out) : this.takePayload(chunk, at, end, out);
+    for (let at = 0; at < end && this.error === undefined; at += this.used) {
+      const msg = this.take(chunk, at, end);
+      if (msg !== undefined) out.push(msg);
     }
     return out;
+  }
+
+  /**
+   * The message that bytes [at, end) of `chunk` complete, if they complete
+   * one; `took` says how many of them it used (all, or up to the end of that
+   * message). A reader that feeds at most wanted() bytes at a time takes
+   * every message this way with no array to hold them.
+   */
+  take(chunk: Uint8Array, at: number, end: number): XsMessage | undefined {
+    if (this.error !== undefined) {
+      this.used = end - at;
+      return undefined;
+    }
+    return this.payload === undefined ? this.takeHeader(chunk, at, end) : this.takePayload(chunk, at, end);
+  }
+
+  /** Bytes the last take() used. */
+  get took(): number {
+    return this.used;
   }
 
   reset(): void {
@@ -69,43 +91,46 @@ export class XsDecoder {
     this.payloadUsed = 0;
   }
 
-  private takeHeader(chunk: Uint8Array, at: number, end: number, out: XsMessage[]): number {
+  private takeHeader(chunk: Uint8Array, at: number, end: number): XsMessage | undefined {
     const n = Math.min(XS_HDR_SIZE - this.hdrUsed, end - at);
     for (let i = 0; i < n; i++) this.hdr[this.hdrUsed + i] = chunk[at + i]!;
     this.hdrUsed += n;
-    if (this.hdrUsed < XS_HDR_SIZE) return at + n;
+    this.used = n;
+    if (this.hdrUsed < XS_HDR_SIZE) return undefined;
     const len = this.hdrView.getUint32(LEN_OFF, true);
     if (len > this.maxPayload) {
       this.error = new XenError('E2BIG', `message announces ${len} payload bytes, at most ${this.maxPayload} allowed`);
-      return end;
+      this.used = end - at;
+      return undefined;
     }
     this.payload = new Uint8Array(len);
     this.payloadUsed = 0;
-    if (len === 0) this.finish(out);
-    return at + n;
+    return len === 0 ? this.finish() : undefined;
   }
 
-  private takePayload(chunk: Uint8Array, at: number, end: number, out: XsMessage[]): number {
-    const payload = this.payload;
-    if (payload === undefined) return at;
+  private takePayload(chunk: Uint8Array, at: number, end: number): XsMessage | undefined {
+    const payload = this.payload!;
     const n = Math.min(payload.length - this.payloadUsed, end - at);
-    payload.set(chunk.subarray(at, at + n), this.payloadUsed);
+    // Most payloads are a path or a short value: a loop costs less than the view set() needs.
+    if (n <= SHORT_COPY_BYTES) for (let i = 0; i < n; i++) payload[this.payloadUsed + i] = chunk[at + i]!;
+    else payload.set(chunk.subarray(at, at + n), this.payloadUsed);
     this.payloadUsed += n;
-    if (this.payloadUsed === payload.length) this.finish(out);
-    return at + n;
+    this.used = n;
+    return this.payloadUsed === payload.length ? this.finish() : undefined;
   }
 
-  private finish(out: XsMessage[]): void {
+  private finish(): XsMessage {
     const v = this.hdrView;
-    out.push({
+    const msg = {
       type: v.getUint32(TYPE_OFF, true),
       req_id: v.getUint32(REQ_ID_OFF, true),
       tx_id: v.getUint32(TX_ID_OFF, true),
-      payload: this.payload ?? new Uint8Array(0),
-    });
+      payload: this.payload!,
+    };
     this.hdrUsed = 0;
     this.payload = undefined;
     this.payloadUsed = 0;
+    return msg;
   }
 }
 
@@ -173,16 +198,19 @@ export function fromBytes(bytes: Uint8Array): string {
   return utf8Decoder.decode(bytes);
 }
 
+/** Character codes of the string decodeRange is making, reused: one string comes out, not one per character. */
+const codes: number[] = [];
+
 /** The text of bytes [start, end): short ASCII without a view or a call into TextDecoder. */
 function decodeRange(bytes: Uint8Array, start: number, end: number): string {
   if (end - start > ASCII_FAST_MAX) return utf8Decoder.decode(bytes.subarray(start, end));
-  let s = '';
+  codes.length = 0;
   for (let i = start; i < end; i++) {
     const c = bytes[i]!;
     if (c >= 0x80) return utf8Decoder.decode(bytes.subarray(start, end));
-    s += String.fromCharCode(c);
+    codes.push(c);
   }
-  return s;
+  return String.fromCharCode.apply(null, codes);
 }
 
 /**
