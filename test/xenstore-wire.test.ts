@@ -141,6 +141,10 @@ t.test('property: take() fed wanted() bytes at a time, as a ring reads, gives ea
   const next = encodeMessage(msg(XS_READ, 1, 0, 'x\0'));
   t.equal(d.take(next, 0, next.length), undefined, 'and nothing after it is framed');
   t.equal(d.took, next.length, 'though the bytes count as used');
+  const fresh = new XsDecoder();
+  for (const [at, end] of [[-1, 4], [5, 4], [0, 17]]) t.throws(() => fresh.take(hdr, at!, end!), { code: 'EINVAL' }, `bytes [${at}, ${end}) of 16`);
+  t.throws(() => fresh.feed(hdr, 17), { code: 'EINVAL' }, 'feed() with an end past the chunk');
+  t.equal(fresh.buffered, 0, 'and the refused calls took nothing');
 });
 
 t.test('property: strings survive join and split', async (t) => {

@@ -55,7 +55,7 @@ export class XsDecoder {
     return this.payload.length - this.payloadUsed;
   }
 
-  /** Messages completed by `chunk` up to `end` (its length by default). */
+  /** Messages completed by `chunk` up to `end` (its length by default); EINVAL for an `end` past the chunk. */
   feed(chunk: Uint8Array, end = chunk.length): XsMessage[] {
     const out: XsMessage[] = [];
     for (let at = 0; at < end && this.error === undefined; at += this.used) {
@@ -72,6 +72,7 @@ export class XsDecoder {
    * every message this way with no array to hold them.
    */
   take(chunk: Uint8Array, at: number, end: number): XsMessage | undefined {
+    if (!(at >= 0 && at <= end && end <= chunk.length)) throw new XenError('EINVAL', `bytes [${at}, ${end}) of a ${chunk.length}-byte chunk`);
     if (this.error !== undefined) {
       this.used = end - at;
       return undefined;
