@@ -30,17 +30,32 @@ function hostBlock(): Int32Array {
 }
 
 /** A thread that sleeps in Atomics.wait on the word while it holds `expect`, and says how the wait ended. */
-function sleeper(ctl: Int32Array, word: number, expect: number, timeoutMs: number): Promise<string> {
+function sleeper(ctl: Int32Array, word: number, expect: number, timeoutMs: number): { waiting: Promise<void>; ended: Promise<string> } {
   const src = `const { parentPort, workerData: w } = require('node:worker_threads');
     parentPort.postMessage('waiting');
     parentPort.postMessage(Atomics.wait(new Int32Array(w.sab), w.word, w.expect, w.timeoutMs));`;
   const worker = new Worker(src, { eval: true, workerData: { sab: ctl.buffer, word, expect, timeoutMs } });
-  return new Promise((resolve, reject) => {
+  let waiting: () => void = () => undefined;
+  const started = new Promise<void>((resolve) => (waiting = resolve));
+  const ended = new Promise<string>((resolve, reject) => {
     worker.on('message', (m: string) => {
-      if (m !== 'waiting') resolve(m);
+      if (m === 'waiting') waiting();
+      else resolve(m);
     });
     worker.once('error', reject);
   });
+  return { waiting: started, ended };
+}
+
+/**
+ * The kick of the two tests below, once the sleeper said it is about to
+ * wait and 20 ms more have passed: a fixed delay from the worker's creation
+ * lost the race on a loaded machine (the worker took longer to start).
+ */
+async function kickWhenWaiting(d: Domain, s: { waiting: Promise<void> }): Promise<void> {
+  await s.waiting;
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  kickVcpu(d, 0);
 }
 
 t.test('a kick before the halt ends it at once, without sleeping, and is consumed', async (t) => {
@@ -95,10 +110,9 @@ t.test('a kick of a vCPU that did not announce a sleep sets the word and wakes n
   // A thread waiting on the word while it reads IDLE sees the change only if someone notifies.
   for (let attempt = 0; attempt < 5; attempt++) {
     Atomics.store(d.ctl, w, WAKE_IDLE);
-    const ended = sleeper(d.ctl, w, WAKE_IDLE, 300);
-    await new Promise((resolve) => setTimeout(resolve, 50));
-    kickVcpu(d, 0);
-    const how = await ended;
+    const s = sleeper(d.ctl, w, WAKE_IDLE, 300);
+    await kickWhenWaiting(d, s);
+    const how = await s.ended;
     if (how === 'not-equal') continue; // the kick came before the wait began; try again
     t.equal(how, 'timed-out', 'no notify for a vCPU that is not asleep');
     t.equal(Atomics.load(d.ctl, w), WAKE_KICKED);
@@ -112,10 +126,9 @@ t.test('a kick of a vCPU that announced its sleep notifies', async (t) => {
   const w = d.vcpuWord(0, VCPU_WAKE);
   for (let attempt = 0; attempt < 5; attempt++) {
     Atomics.store(d.ctl, w, WAKE_SLEEPING);
-    const ended = sleeper(d.ctl, w, WAKE_SLEEPING, 5000);
-    await new Promise((resolve) => setTimeout(resolve, 50));
-    kickVcpu(d, 0);
-    const how = await ended;
+    const s = sleeper(d.ctl, w, WAKE_SLEEPING, 5000);
+    await kickWhenWaiting(d, s);
+    const how = await s.ended;
     if (how === 'not-equal') continue; // the kick came before the wait began; try again
     t.equal(how, 'ok');
     return;
