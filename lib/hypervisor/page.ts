@@ -44,12 +44,15 @@ export class MemoryViews {
   }
 }
 
-/** Reads and writes up to this long copy byte by byte; past about 32 bytes one subarray and set() is faster. */
+/**
+ * Reads and writes up to this long copy byte by byte (a netif slot is 8 or
+ * 12 bytes, a response 4 or 8): less than the view set() needs.
+ */
 const SHORT_COPY_BYTES = 24;
 /**
- * Unaligned ones (a xenstore message at its ring index) up to this long too:
- * the view set() needs is garbage, and the scavenger's time is not in the
- * timing that put the crossover at 32.
+ * Those that cannot go by words (a xenstore message at its ring index) do
+ * up to this long: timed alone, set() is faster past about 32 bytes, but its
+ * view is garbage, and the scavenger's time was not in that timing.
  */
 const SHORT_UNALIGNED_BYTES = 64;
 
@@ -131,12 +134,7 @@ export class FramePage implements Page {
     const n = end - start;
     const at = this.enter(offset, n, false);
     const u8 = this.mem.u8;
-    // A netif slot is 8 or 12 bytes: copying them costs less than the view set() needs.
-    if (n <= SHORT_COPY_BYTES) {
-      for (let i = 0; i < n; i++) into[start + i] = u8[at + i]!;
-      return;
-    }
-    const w = ((at | start | n) & 3) === 0 ? this.wordsOf(into) : null;
+    const w = n > SHORT_COPY_BYTES && ((at | start | n) & 3) === 0 ? this.wordsOf(into) : null;
     if (w === null && n <= SHORT_UNALIGNED_BYTES) {
       for (let i = 0; i < n; i++) into[start + i] = u8[at + i]!;
       return;
@@ -150,12 +148,7 @@ export class FramePage implements Page {
     const n = end - start;
     const at = this.enter(offset, n, true);
     const u8 = this.mem.u8;
-    // A netif response is 4 or 8 bytes: as read(), a loop beats set() there.
-    if (n <= SHORT_COPY_BYTES) {
-      for (let i = 0; i < n; i++) u8[at + i] = from[start + i]!;
-      return;
-    }
-    const w = ((at | start | n) & 3) === 0 ? this.wordsOf(from) : null;
+    const w = n > SHORT_COPY_BYTES && ((at | start | n) & 3) === 0 ? this.wordsOf(from) : null;
     if (w === null && n <= SHORT_UNALIGNED_BYTES) {
       for (let i = 0; i < n; i++) u8[at + i] = from[start + i]!;
       return;
