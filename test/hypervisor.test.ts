@@ -108,7 +108,7 @@ import type {
   xen_hvm_param,
   xen_memory_map,
 } from '../lib/hypervisor/hypercall.js';
-import { FramePage, MemoryViews, PAGE_SIZE, writablePage } from '../lib/hypervisor/page.js';
+import { copyBytes, FramePage, MemoryViews, MEMCPY_BYTES, PAGE_SIZE, writablePage } from '../lib/hypervisor/page.js';
 
 // ---------------------------------------------------------------------------
 // Layouts, from lib/abi
@@ -1255,7 +1255,7 @@ t.test('FramePage.read copies short spans and unaligned ones up to 64 bytes (byt
   t.throws(() => page.read(PAGE_SIZE - 100, new Uint8Array(112)), { code: 'EFAULT' }, 'a long read past the page end');
 });
 
-t.test('property: FramePage.read and write move exactly the span, by words, bytes or set(), and reuse of one buffer stays exact', async (t) => {
+t.test('property: FramePage.read and write move exactly the span, by words, bytes, set() or memcpy, and reuse of one buffer stays exact', async (t) => {
   const mem = new MemoryViews(new SharedArrayBuffer(PAGE_SIZE * 3));
   const page = new FramePage(mem, 1, true);
   const fill = (): void => {
@@ -1264,7 +1264,8 @@ t.test('property: FramePage.read and write move exactly the span, by words, byte
   // One backing buffer, viewed at different offsets and lengths (word-aligned or not), and one view used again and again as a ring's user does.
   const backing = new ArrayBuffer(PAGE_SIZE + 8);
   const reused = new Uint8Array(backing, 4, 112);
-  const spanArb = fc.record({ offset: fc.integer({ min: 0, max: PAGE_SIZE }), at: fc.integer({ min: 0, max: 7 }), length: fc.integer({ min: 0, max: 300 }), reuse: fc.boolean() });
+  const lengthArb = fc.oneof(fc.integer({ min: 0, max: 300 }), fc.integer({ min: MEMCPY_BYTES - 8, max: PAGE_SIZE }));
+  const spanArb = fc.record({ offset: fc.integer({ min: 0, max: PAGE_SIZE }), at: fc.integer({ min: 0, max: 7 }), length: lengthArb, reuse: fc.boolean() });
   t.doesNotThrow(() => fc.assert(fc.property(spanArb, ({ offset, at, length, reuse }) => {
     const len = reuse ? 112 : length;
     if (offset + len > PAGE_SIZE) return true;
@@ -1281,6 +1282,47 @@ t.test('property: FramePage.read and write move exactly the span, by words, byte
     }
     return true;
   }), { numRuns: 300 }), 'random spans, offsets and buffer alignments');
+});
+
+t.test('property: copyBytes does what set() of the same span does, memcpy or not, between buffers or within one', async (t) => {
+  const SIZE = 3 * MEMCPY_BYTES;
+  const byte = (i: number, seed: number): number => (i * 29 + seed) & 0xff;
+  const arb = fc.record({
+    shared: fc.boolean(), same: fc.boolean(), seed: fc.nat(255),
+    start: fc.integer({ min: 0, max: SIZE }), length: fc.oneof(fc.integer({ min: 0, max: 64 }), fc.integer({ min: MEMCPY_BYTES - 4, max: SIZE }), fc.constant(MEMCPY_BYTES)),
+    at: fc.integer({ min: 0, max: SIZE }),
+  });
+  const make = (shared: boolean, seed: number): Uint8Array => {
+    const b = new Uint8Array(shared ? new SharedArrayBuffer(SIZE) : new ArrayBuffer(SIZE));
+    for (let i = 0; i < SIZE; i++) b[i] = byte(i, seed);
+    return b;
+  };
+  t.doesNotThrow(() => fc.assert(fc.property(arb, ({ shared, same, seed, start, length, at }) => {
+    const end = Math.min(SIZE, start + length);
+    // What set() does with the same arguments, on copies of the two buffers.
+    const to = make(true, seed);
+    const from = same ? to : make(shared, seed + 101);
+    const wantTo = Uint8Array.from(to);
+    const wantFrom = same ? wantTo : Uint8Array.from(from);
+    let wantError: unknown = null;
+    try {
+      wantTo.set(wantFrom.subarray(start, end), at);
+    } catch (e) {
+      wantError = e;
+    }
+    let error: unknown = null;
+    try {
+      copyBytes(to, at, from, start, end);
+    } catch (e) {
+      error = e;
+    }
+    if ((wantError === null) !== (error === null)) return false;
+    if (error !== null && !(error instanceof RangeError)) return false;
+    return String(to) === String(wantTo) && String(from) === String(wantFrom);
+  }), { numRuns: 500 }), 'random spans, past the end too, across the memcpy threshold');
+  const to = new Uint8Array(new SharedArrayBuffer(PAGE_SIZE));
+  t.throws(() => copyBytes(to, 1, new Uint8Array(PAGE_SIZE), 0, PAGE_SIZE), RangeError, 'a long span one byte past the end');
+  t.equal(to[0], 0, 'and nothing written');
 });
 
 t.test('property: FramePage.read and write of a part [start, end) of the buffer move exactly it, and nothing else of the buffer or the page', async (t) => {

@@ -32,7 +32,7 @@ import {
 import { XenError } from '../errors.js';
 import type { Interrupts, IntrHandle } from '../evtchn/evtchn.js';
 import type { Hypercall } from '../hypervisor/hypercall.js';
-import { PAGE_SIZE, pageBytes } from '../hypervisor/page.js';
+import { copyBytes, PAGE_SIZE, pageBytes } from '../hypervisor/page.js';
 import { BLKIF_WIRES, getU64, requestBytes, type BlkifWire } from '../xen/blkif.js';
 import { BackRing } from '../xen/ring.js';
 import type { XenStore } from '../xenstore/xenstore.js';
@@ -182,10 +182,10 @@ class MemoryStorage implements Storage {
     this.bytes = new Uint8Array(this.sectors * SECTOR_SIZE);
   }
   read(buf: Uint8Array, at: number, len: number, pos: number): void {
-    buf.set(this.bytes.subarray(pos, pos + len), at);
+    copyBytes(buf, at, this.bytes, pos, pos + len);
   }
   write(buf: Uint8Array, at: number, len: number, pos: number): void {
-    this.bytes.set(buf.subarray(at, at + len), pos);
+    copyBytes(this.bytes, pos, buf, at, at + len);
   }
   flush(): void {}
   discard(pos: number, len: number): void {
@@ -205,7 +205,7 @@ class NullStorage implements Storage {
   constructor(readonly sectors: number) {}
   read(buf: Uint8Array, at: number, len: number): void {
     const zeros = this.zeros[len / SECTOR_SIZE];
-    if (zeros !== undefined) buf.set(zeros, at);
+    if (zeros !== undefined) copyBytes(buf, at, zeros, 0, zeros.length);
     else buf.fill(0, at, at + len);
   }
   write(): void {}
@@ -586,7 +586,7 @@ export class Blkback {
   private copyIndirect(r: BlkifRing, gref: number, at: number, len: number): string | null {
     const pg = this.persistent ? r.pgrants.get(gref) : undefined;
     if (pg !== undefined) {
-      r.indirect.set(pg.bytes.subarray(0, len), at);
+      copyBytes(r.indirect, at, pg.bytes, 0, len);
       return null;
     }
     let map;
@@ -596,7 +596,7 @@ export class Blkback {
       return `gref ${gref} not mappable`;
     }
     try {
-      r.indirect.set(pageBytes(map.page).subarray(0, len), at);
+      copyBytes(r.indirect, at, pageBytes(map.page), 0, len);
     } finally {
       unmapGrant(this.hypercall, map.handle);
     }

@@ -22,7 +22,7 @@ import { XEN_NETIF_MAX_TX_SIZE, XEN_NETIF_NR_SLOTS_MIN } from '../abi/netif.js';
 import { XenError } from '../errors.js';
 import { ETHER_ADDR_LEN, ETHER_HDR_LEN, fillChecksum, flowHash, formatMac, isMulticast, macHigh, macKey, macLow, segmentTcp } from '../ether.js';
 import type { Hypercall, gnttab_copy } from '../hypervisor/hypercall.js';
-import { PAGE_SIZE, type MemoryViews } from '../hypervisor/page.js';
+import { copyBytes, PAGE_SIZE, type MemoryViews } from '../hypervisor/page.js';
 import { logger, type Log } from '../log.js';
 import { PcapWriter } from '../pcap.js';
 import type { PhysMem } from '../xen/physmem.js';
@@ -658,7 +658,7 @@ export class LocalPort implements BridgePort {
       return RESOLVED;
     }
     pkt.len = frame.length;
-    pkt.buf!.bytes.set(frame);
+    copyBytes(pkt.buf!.bytes, 0, frame, 0, frame.length);
     pool.fragsFromBuffer(pkt);
     pkt.headerLen = Math.min(HEADER_BYTES, frame.length);
     pkt.header.set(frame.subarray(0, pkt.headerLen));

@@ -34,7 +34,7 @@ import { XenError } from '../errors.js';
 import { ETHER_ADDR_LEN, ETHER_HDR_LEN, ETHERTYPE_IPV6, formatMac, isBroadcast, isMulticast, macKey, parseMac } from '../ether.js';
 import type { Interrupts, IntrHandle } from '../evtchn/evtchn.js';
 import type { Hypercall } from '../hypervisor/hypercall.js';
-import { PAGE_SIZE } from '../hypervisor/page.js';
+import { copyBytes, PAGE_SIZE } from '../hypervisor/page.js';
 import { logger, type Log } from '../log.js';
 import { PcapWriter } from '../pcap.js';
 import { BackRing } from '../xen/ring.js';
@@ -963,7 +963,7 @@ export class Netback implements BridgePort {
       return;
     }
     p.len = frame.length;
-    p.buf!.bytes.set(frame);
+    copyBytes(p.buf!.bytes, 0, frame, 0, frame.length);
     pool.fragsFromBuffer(p);
     p.headerLen = Math.min(HEADER_BYTES, frame.length);
     p.header.set(frame.subarray(0, p.headerLen));

@@ -20,7 +20,7 @@ import { DOMID_FIRST_RESERVED } from '../abi/xen.js';
 import { GTF_readonly } from '../abi/grant_table.js';
 import { XenError } from '../errors.js';
 import type { GrantTable } from '../gnttab/gnttab.js';
-import { PAGE_SIZE, type MemoryViews } from '../hypervisor/page.js';
+import { copyBytes, PAGE_SIZE, type MemoryViews } from '../hypervisor/page.js';
 import { logger, type Log } from '../log.js';
 import type { PhysMem } from '../xen/physmem.js';
 
@@ -272,7 +272,7 @@ export class DmaKva {
     for (let done = 0; done < into.length; ) {
       const at = this.paddr(offset + done);
       const n = Math.min(into.length - done, PAGE_SIZE - (at % PAGE_SIZE));
-      into.set(this.mem.u8.subarray(at, at + n), done);
+      copyBytes(into, done, this.mem.u8, at, at + n);
       done += n;
     }
   }
@@ -281,7 +281,7 @@ export class DmaKva {
     for (let done = 0; done < from.length; ) {
       const at = this.paddr(offset + done);
       const n = Math.min(from.length - done, PAGE_SIZE - (at % PAGE_SIZE));
-      this.mem.u8.set(from.subarray(done, done + n), at);
+      copyBytes(this.mem.u8, at, from, done, done + n);
       done += n;
     }
   }

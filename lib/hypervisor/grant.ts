@@ -30,7 +30,7 @@ import {
 import { DOMID_SELF } from '../abi/xen.js';
 import { D, Domain, GRANT_ENTRIES_PER_FRAME, MAX_MAPTRACK } from './domain.js';
 import { lock, unlock } from './lock.js';
-import { FramePage, PAGE_SIZE, ReadOnlyPage, type MemoryViews } from './page.js';
+import { copyBytes, FramePage, PAGE_SIZE, ReadOnlyPage, type MemoryViews } from './page.js';
 import type { DomainLookup } from './evtchn.js';
 import type { gnttab_copy, gnttab_copy_ptr, gnttab_map_grant_ref, gnttab_unmap_grant_ref } from './hypercall.js';
 import { TraceKind, traceGrant, traceGrantCopy, tracing } from '../trace/trace.js';
@@ -359,7 +359,7 @@ function endCopies(): void {
  */
 const SHORT_COPY_BYTES = 256;
 
-function copyBytes(from: MemoryViews, at: number, to: MemoryViews, dest: number, len: number): void {
+function copyMemory(from: MemoryViews, at: number, to: MemoryViews, dest: number, len: number): void {
   if (len <= SHORT_COPY_BYTES && ((at | dest | len) & 3) === 0) {
     const src = from.u32;
     const dst = to.u32;
@@ -367,7 +367,7 @@ function copyBytes(from: MemoryViews, at: number, to: MemoryViews, dest: number,
   } else if (from === to) {
     to.u8.copyWithin(dest, at, at + len);
   } else {
-    to.u8.set(from.u8.subarray(at, at + len), dest);
+    copyBytes(to.u8, dest, from.u8, at, at + len);
   }
 }
 
@@ -423,7 +423,7 @@ function copyOne(caller: Domain, op: gnttab_copy, lookup: DomainLookup): void {
   let status = claim(src, caller.domid);
   if (status === GNTST_okay) status = dstStatus;
   if (status === GNTST_okay) status = claim(dst, caller.domid);
-  if (status === GNTST_okay) copyBytes(src.d!.mem, src.frame * PAGE_SIZE + source.offset, dst.d!.mem, dst.frame * PAGE_SIZE + dest.offset, len);
+  if (status === GNTST_okay) copyMemory(src.d!.mem, src.frame * PAGE_SIZE + source.offset, dst.d!.mem, dst.frame * PAGE_SIZE + dest.offset, len);
   unclaim(dst);
   unclaim(src);
   op.status = status;

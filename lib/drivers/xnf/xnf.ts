@@ -37,7 +37,7 @@ import {
 import { XenError } from '../../errors.js';
 import { ETHER_ADDR_LEN, ETHER_HDR_LEN, ETHERTYPE_IPV6, fillChecksum, flowHash, formatMac, parseMac } from '../../ether.js';
 import type { IntrHandle } from '../../evtchn/evtchn.js';
-import { FramePage, PAGE_SIZE } from '../../hypervisor/page.js';
+import { copyBytes, FramePage, PAGE_SIZE } from '../../hypervisor/page.js';
 import { logger, type Log } from '../../log.js';
 import { TraceKind, traceBytes, traceDevice, tracing, type RingType } from '../../trace/trace.js';
 import { FrontRing } from '../../xen/ring.js';
@@ -339,7 +339,7 @@ export class XnfSoftc {
   /** It does not: complete the checksum on a private copy (the caller's frame stays as it was). */
   private softChecksum(frame: Uint8Array): Uint8Array {
     const copy = this.txScratch.subarray(0, frame.length);
-    copy.set(frame);
+    copyBytes(copy, 0, frame, 0, frame.length);
     fillChecksum(copy);
     return copy;
   }
@@ -348,8 +348,7 @@ export class XnfSoftc {
   private txLoad(q: XnfQueue, frame: Uint8Array, off: number, n: number): XnfBuf {
     const id = q.txFree[--q.txFreeCount]!;
     const buf = q.txBufs[id]!;
-    if (off === 0 && n === frame.length) buf.page.set(frame);
-    else buf.page.set(frame.subarray(off, off + n));
+    copyBytes(buf.page, 0, frame, off, off + n);
     const dmat = this.sc.dmat;
     if (!this.trusted) {
       buf.page.fill(0, n);
@@ -670,7 +669,8 @@ export class XnfSoftc {
   private rxGather(q: XnfQueue): void {
     for (let i = q.rxCopied; i < q.rxPieces; i++) {
       const len = q.pieceLen[i]!;
-      q.gather.set(this.rxView(q.rxBufs[q.pieceSlot[i]!]!, q.pieceOffset[i]!, len), q.rxCopiedBytes);
+      const piece = this.rxView(q.rxBufs[q.pieceSlot[i]!]!, q.pieceOffset[i]!, len);
+      copyBytes(q.gather, q.rxCopiedBytes, piece, 0, len);
       q.rxCopiedBytes += len;
     }
     q.rxCopied = q.rxPieces;
