@@ -108,7 +108,7 @@ import type {
   xen_hvm_param,
   xen_memory_map,
 } from '../lib/hypervisor/hypercall.js';
-import { copyBytes, FramePage, MemoryViews, MEMCPY_BYTES, PAGE_SIZE, writablePage } from '../lib/hypervisor/page.js';
+import { copyBytes, FramePage, MemoryViews, MEMCPY_BYTES, PAGE_SIZE, writablePage, zeroBytes } from '../lib/hypervisor/page.js';
 
 // ---------------------------------------------------------------------------
 // Layouts, from lib/abi
@@ -1323,6 +1323,23 @@ t.test('property: copyBytes does what set() of the same span does, memcpy or not
   const to = new Uint8Array(new SharedArrayBuffer(PAGE_SIZE));
   t.throws(() => copyBytes(to, 1, new Uint8Array(PAGE_SIZE), 0, PAGE_SIZE), RangeError, 'a long span one byte past the end');
   t.equal(to[0], 0, 'and nothing written');
+});
+
+t.test('property: zeroBytes zeroes exactly its span, within a page or across pages', async (t) => {
+  const SIZE = 3 * PAGE_SIZE;
+  const to = new Uint8Array(new SharedArrayBuffer(SIZE));
+  const arb = fc.record({ a: fc.integer({ min: 0, max: SIZE }), b: fc.integer({ min: 0, max: SIZE }) });
+  t.doesNotThrow(() => fc.assert(fc.property(arb, ({ a, b }) => {
+    const start = Math.min(a, b);
+    const end = Math.max(a, b);
+    for (let i = 0; i < SIZE; i++) to[i] = (i % 255) + 1;
+    zeroBytes(to, start, end);
+    for (let i = 0; i < SIZE; i++) if (to[i] !== (i >= start && i < end ? 0 : (i % 255) + 1)) return false;
+    return true;
+  }), { numRuns: 300 }), 'random spans of a three-page buffer');
+  to.fill(7);
+  t.throws(() => zeroBytes(to, 0, SIZE + 1), RangeError, 'a span past the end');
+  t.ok(to.every((x) => x === 7), 'and nothing zeroed');
 });
 
 t.test('property: FramePage.read and write of a part [start, end) of the buffer move exactly it, and nothing else of the buffer or the page', async (t) => {

@@ -84,6 +84,20 @@ export function copyBytes(to: Uint8Array, at: number, from: Uint8Array, start: n
   else to.set(src, at);
 }
 
+/** A page of zeros, the source zeroBytes copies from. */
+const ZERO_PAGE = new Uint8Array(PAGE_SIZE);
+
+/**
+ * Zero `to[start, end)` by copying from a page of zeros: fill() on shared
+ * memory goes a byte at a time with relaxed stores, 1.3-1.9 µs per 4 KiB
+ * on these machines, where the copy takes 0.1-0.25 µs.
+ */
+export function zeroBytes(to: Uint8Array, start: number, end: number): void {
+  // Before any byte changes: a span past the end would be zeroed up to the page that fails.
+  if (!(start >= 0 && start <= end && end <= to.length)) throw new RangeError(`zeroing [${start}, ${end}) of ${to.length} bytes`);
+  for (let at = start; at < end; at += PAGE_SIZE) copyBytes(to, at, ZERO_PAGE, 0, Math.min(PAGE_SIZE, end - at));
+}
+
 /** `[start, end)` must lie within `buf`: a typed array would drop the bytes outside silently. */
 function checkBuffer(buf: Uint8Array, start: number, end: number): void {
   if (!(start >= 0 && start <= end && end <= buf.length)) throw new XenError('EINVAL', `bytes [${start}, ${end}) of a ${buf.length}-byte buffer`);

@@ -37,7 +37,7 @@ import {
 import { XenError } from '../../errors.js';
 import { ETHER_ADDR_LEN, ETHER_HDR_LEN, ETHERTYPE_IPV6, fillChecksum, flowHash, formatMac, parseMac } from '../../ether.js';
 import type { IntrHandle } from '../../evtchn/evtchn.js';
-import { copyBytes, FramePage, PAGE_SIZE } from '../../hypervisor/page.js';
+import { copyBytes, FramePage, PAGE_SIZE, zeroBytes } from '../../hypervisor/page.js';
 import { logger, type Log } from '../../log.js';
 import { TraceKind, traceBytes, traceDevice, tracing, type RingType } from '../../trace/trace.js';
 import { FrontRing } from '../../xen/ring.js';
@@ -351,7 +351,7 @@ export class XnfSoftc {
     copyBytes(buf.page, 0, frame, off, off + n);
     const dmat = this.sc.dmat;
     if (!this.trusted) {
-      buf.page.fill(0, n);
+      zeroBytes(buf.page, n, PAGE_SIZE);
       dmat.dmamapLoadRaw(buf.map, buf.segs, PAGE_SIZE, this.dmaDomid | BUS_DMA_WRITE);
     }
     dmat.dmamapSync(buf.map, 0, PAGE_SIZE, BUS_DMASYNC_PREWRITE);
@@ -720,7 +720,7 @@ export class XnfSoftc {
       const slot = ring.reqProd & (XNF_RX_DESC - 1);
       const buf = q.rxBufs[slot]!;
       if (!this.trusted) {
-        buf.page.fill(0);
+        zeroBytes(buf.page, 0, PAGE_SIZE);
         dmat.dmamapLoadRaw(buf.map, buf.segs, PAGE_SIZE, this.dmaDomid | BUS_DMA_READ);
       }
       dmat.dmamapSync(buf.map, 0, PAGE_SIZE, BUS_DMASYNC_PREREAD);
