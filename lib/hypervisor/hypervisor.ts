@@ -66,7 +66,7 @@ import { D, Domain, DomainState, HOST_AWAKE, MAX_GRANT_FRAMES, NR_HVM_PARAMS, Sp
 import * as evtchn from './evtchn.js';
 import * as grant from './grant.js';
 import { lock, unlock } from './lock.js';
-import { FramePage, PAGE_SIZE } from './page.js';
+import { FramePage, PAGE_SIZE, zeroBytes } from './page.js';
 import type * as H from './hypercall.js';
 import { XenError } from '../errors.js';
 
@@ -361,7 +361,7 @@ export class Hypervisor {
     if (from === to) return;
     const u8 = d.mem.u8;
     u8.copyWithin(to * PAGE_SIZE, from * PAGE_SIZE, (from + 1) * PAGE_SIZE);
-    u8.fill(0, from * PAGE_SIZE, (from + 1) * PAGE_SIZE);
+    zeroBytes(u8, from * PAGE_SIZE, (from + 1) * PAGE_SIZE);
   }
 
   private addToPhysmap(caller: Domain, op: H.xen_add_to_physmap): number {
@@ -393,7 +393,7 @@ export class Hypervisor {
       if (idx < nr) {
         this.relocate(d, d.ctl[D.grantFrames + idx] ?? gpfn, gpfn);
       } else {
-        d.mem.u8.fill(0, gpfn * PAGE_SIZE, (gpfn + 1) * PAGE_SIZE);
+        zeroBytes(d.mem.u8, gpfn * PAGE_SIZE, (gpfn + 1) * PAGE_SIZE);
       }
       d.ctl[D.grantFrames + idx] = gpfn;
       if (idx === nr) Atomics.store(d.ctl, D.nrGrantFrames, nr + 1);

@@ -3,7 +3,7 @@
 // physical address of 0 never names a real page.
 
 import { XenError } from '../errors.js';
-import { MemoryViews, PAGE_SIZE } from '../hypervisor/page.js';
+import { MemoryViews, PAGE_SIZE, zeroBytes } from '../hypervisor/page.js';
 
 export class PhysMem {
   private readonly used: Uint8Array;
@@ -36,7 +36,7 @@ export class PhysMem {
       this.used.fill(1, start, start + count);
       this.freePages -= count;
       this.next = start + count >= n ? 1 : start + count;
-      this.mem.u8.fill(0, start * PAGE_SIZE, (start + count) * PAGE_SIZE);
+      zeroBytes(this.mem.u8, start * PAGE_SIZE, (start + count) * PAGE_SIZE);
       return start;
     }
     throw new XenError('ENOMEM', `no run of ${count} free pages`);
