@@ -54,8 +54,14 @@ async function meet(n, peer, timeoutMs = 60000) {
   let ready = false;
   const hello = new Uint8Array(60);
   hello.set(peer, 0); hello.set(n.mac, 6); hello[12] = 0x88; hello[13] = 0xb6;
+  // Byte 14: 0 asks, 1 answers. Every ask is answered, not only the first:
+  // a lone answer lost while the peer's interface came up left the peer
+  // asking a side that no longer listened, until its 60 s ran out.
+  const answer = hello.slice(); answer[14] = 1;
   const off = n.onFrame((f) => {
-    if (f[12] === 0x88 && f[13] === 0xb6 && !ready) { ready = true; void n.send(hello).catch(() => {}); }
+    if (f[12] !== 0x88 || f[13] !== 0xb6) return;
+    ready = true;
+    if (f[14] === 0) void n.send(answer).catch(() => {});
   });
   const until = Date.now() + timeoutMs;
   while (!ready) {
