@@ -113,9 +113,13 @@ export class Domain {
     return domainStateNames[Atomics.load(this.ctl, D.state)] ?? 'dead';
   }
 
-  /** state === 'dead' without the name: a grant copy asks it of each side. */
+  /**
+   * state === 'dead' without the name: a grant copy asks it of each side. A
+   * plain load: a death just after the look is the same as one just before
+   * it, and the Atomics call would cost about 9 ns more on each copy.
+   */
   get dead(): boolean {
-    const s = Atomics.load(this.ctl, D.state);
+    const s = this.ctl[D.state]!;
     return !(s >= DomainState.free && s < DomainState.dead);
   }
 
