@@ -1110,13 +1110,23 @@ export class Netback implements BridgePort {
     if (badSender) pkt.origin?.packetFault(pkt, 'a TX grant could not be copied');
   }
 
-  /** With SG: one slot per piece, at the piece's own offset in the page, so the copy stays aligned. */
+  /**
+   * With SG: one slot per piece. A frame in one piece goes at the start of
+   * the page, as Linux's netback puts each slot's data (rsp->offset 0), but
+   * for the source's offset within a word, which keeps the copy aligned: a
+   * frontend that keeps a view of each buffer (xnf) then sees the same span
+   * frame after frame, where a 64-byte frame made in a dom0 header buffer
+   * would land at a new offset each time. The pieces of a longer frame keep
+   * their offsets, so that pieces that meet end to end in the sender's pages
+   * meet in the receiver's.
+   */
   private rxSg(q: NetbackQueue, pkt: Packet, frags: Frag[], n: number): void {
     const b = q.rx;
     for (let i = 0; i < n; i++) {
       const f = frags[i]!;
-      const gref = this.rxSlot(q, f.offset, f.len);
-      if (f.len > 0) this.set.pool.addCopy(b.copies, f, f.offset, this.spec.domid, gref, true, f.offset, f.len);
+      const at = n === 1 ? f.offset & 3 : f.offset;
+      const gref = this.rxSlot(q, at, f.len);
+      if (f.len > 0) this.set.pool.addCopy(b.copies, f, f.offset, this.spec.domid, gref, true, at, f.len);
       b.slotOpEnd[b.slots - 1] = b.copies.count;
       if (i === 0 && pkt.gsoType !== 0) q.rxRing!.takeRequest(q.rxReq); // the GSO extra's
     }
