@@ -19,7 +19,7 @@
 import { offsetOf } from '../abi/layout.js';
 import { sring_header } from '../abi/ring.js';
 import { XenError, assert } from '../errors.js';
-import { PAGE_SIZE } from '../hypervisor/page.js';
+import { PAGE_SHIFT, PAGE_SIZE } from '../hypervisor/page.js';
 import type { Page } from '../hypervisor/page.js';
 import { logger } from '../log.js';
 import type { Log } from '../log.js';
@@ -33,7 +33,7 @@ const PVT = offsetOf(sring_header, 'pvt');
 /** Offset of ring[0]: the header is 64 bytes. */
 export const SRING_RING_OFFSET = sring_header.size;
 
-/** Where a slot lives: one object per ring, overwritten by every slot(), readSlot(), writeSlot(), put* and take*. */
+/** Where a slot lives: one object per ring, overwritten by every slot() (and put*, take*, readSlot and writeSlot may call it). */
 export type SlotRef = {
   page: Page;
   offset: number;
@@ -121,11 +121,14 @@ class SharedRing {
    */
   readSlot(idx: number, into: Uint8Array, start = 0, end = into.length): void {
     if (end > this.entryBytes || end > into.length) this.badBuffer(end);
-    const s = this.slot(idx);
-    if (s.offset + end <= PAGE_SIZE) {
-      s.page.read(s.offset + start, into, start, end);
+    // Most slots lie within a page: no SlotRef to fill in for them.
+    const at = this.slotOffset(idx);
+    const offset = at & (PAGE_SIZE - 1);
+    if (offset + end <= PAGE_SIZE) {
+      this.pages[at >> PAGE_SHIFT]!.read(offset + start, into, start, end);
       return;
     }
+    const s = this.slot(idx);
     const p = this.refPage;
     s.page.read(s.offset, this.head[p]!);
     this.pages[p + 1]!.read(0, this.tail[p]!);
@@ -135,11 +138,13 @@ class SharedRing {
   /** Copy the first `end` bytes of `from` (all of it by default, at most entryBytes; see readSlot) into slot `idx`. */
   writeSlot(idx: number, from: Uint8Array, end = from.length): void {
     if (end > this.entryBytes || end > from.length) this.badBuffer(end);
-    const s = this.slot(idx);
-    if (s.offset + end <= PAGE_SIZE) {
-      s.page.write(s.offset, from, 0, end);
+    const at = this.slotOffset(idx);
+    const offset = at & (PAGE_SIZE - 1);
+    if (offset + end <= PAGE_SIZE) {
+      this.pages[at >> PAGE_SHIFT]!.write(offset, from, 0, end);
       return;
     }
+    const s = this.slot(idx);
     const p = this.refPage;
     // A shorter struct across the page boundary: the rest of the slot is written back as it was.
     if (end < this.entryBytes) {
